@@ -1,0 +1,132 @@
+//! A plugin's self-description, checked before anything is built from it: names end up in
+//! table names and URLs, so they are held to a strict alphabet.
+
+use serde::Serialize;
+
+use super::bindings::projection::projector::plugin::types as wit;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Descriptor {
+    pub name: String,
+    pub version: String,
+    /// Empty: every event type.
+    pub event_types: Vec<String>,
+    pub collections: Vec<CollectionSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CollectionSpec {
+    pub name: String,
+    pub indexes: Vec<String>,
+}
+
+impl Descriptor {
+    pub(crate) fn validate(raw: wit::Descriptor) -> Result<Self, String> {
+        check_name("projection name", &raw.name)?;
+        if raw.version.is_empty()
+            || raw.version.len() > 32
+            || !raw
+                .version
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        {
+            return Err(format!(
+                "version {:?} must be 1-32 characters of [A-Za-z0-9._-]",
+                raw.version
+            ));
+        }
+        let mut collections = Vec::with_capacity(raw.collections.len());
+        for c in raw.collections {
+            check_name("collection name", &c.name)?;
+            if collections
+                .iter()
+                .any(|seen: &CollectionSpec| seen.name == c.name)
+            {
+                return Err(format!("collection {:?} is declared twice", c.name));
+            }
+            for field in &c.indexes {
+                let ok = !field.is_empty()
+                    && field.len() <= 128
+                    && field.split('.').all(|part| {
+                        !part.is_empty()
+                            && part
+                                .chars()
+                                .all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+                    });
+                if !ok {
+                    return Err(format!(
+                        "index field {field:?} of collection {:?} must be a name or dotted path of [A-Za-z0-9_]",
+                        c.name
+                    ));
+                }
+            }
+            collections.push(CollectionSpec {
+                name: c.name,
+                indexes: c.indexes,
+            });
+        }
+        Ok(Self {
+            name: raw.name,
+            version: raw.version,
+            event_types: raw.event_types,
+            collections,
+        })
+    }
+
+    pub fn subscribes_to(&self, event_type: &str) -> bool {
+        self.event_types.is_empty() || self.event_types.iter().any(|t| t == event_type)
+    }
+
+    pub fn collection(&self, name: &str) -> Option<&CollectionSpec> {
+        self.collections.iter().find(|c| c.name == name)
+    }
+}
+
+fn check_name(what: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 48
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} {name:?} must be 1-48 characters of [a-z0-9_-], starting with a letter"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(name: &str, index: &str) -> wit::Descriptor {
+        wit::Descriptor {
+            name: name.into(),
+            version: "1.0.0".into(),
+            event_types: vec![],
+            collections: vec![wit::Collection {
+                name: "docs".into(),
+                indexes: vec![index.into()],
+            }],
+        }
+    }
+
+    #[test]
+    fn accepts_plain_names_and_dotted_index_paths() {
+        let d = Descriptor::validate(raw("account-balance", "owner.address.city")).unwrap();
+        assert_eq!(d.collections[0].indexes, ["owner.address.city"]);
+    }
+
+    #[test]
+    fn rejects_names_that_could_escape_a_table_name_or_url() {
+        for bad in ["", "Upper", "a b", "x;drop", "../up", "1abc"] {
+            assert!(Descriptor::validate(raw(bad, "f")).is_err(), "{bad:?}");
+        }
+        for bad in ["", "a..b", "a'b", "a-b", "$.x"] {
+            assert!(Descriptor::validate(raw("ok", bad)).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,352 @@
+//! The sandboxed WebAssembly runtime: compiles plugins once (with an on-disk cache), and runs
+//! one `handle` call per batch in a fresh store with a memory cap, a deadline and an output cap.
+
+mod bindings;
+mod cache;
+mod descriptor;
+mod host;
+mod sandbox;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use wasmtime::component::{HasSelf, Linker};
+use wasmtime::{Config, Engine, Store, Trap};
+
+use crate::event::Event;
+use bindings::projection::projector::plugin::types as wit;
+use bindings::projection::{Projection, ProjectionPre};
+pub use descriptor::{CollectionSpec, Descriptor};
+use host::HostState;
+pub use host::{BatchOutput, DocumentReader, MemoryDocuments};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Per-call limits. Every plugin call gets all of them; none can be switched off.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Linear memory a plugin instance may grow to.
+    pub memory_mb: usize,
+    /// Wall time one call (`describe` or one batch's `handle`) may take.
+    pub deadline_ms: u64,
+    /// Bytes of documents one batch may write.
+    pub max_output_mb: usize,
+    /// Log lines (the `log` import plus stdout/stderr lines) kept per call; the rest are
+    /// counted and reported as one line.
+    pub max_log_lines: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            memory_mb: 128,
+            deadline_ms: 5_000,
+            max_output_mb: 64,
+            max_log_lines: 100,
+        }
+    }
+}
+
+impl Limits {
+    fn memory_bytes(&self) -> usize {
+        self.memory_mb.saturating_mul(1 << 20)
+    }
+    fn output_bytes(&self) -> usize {
+        self.max_output_mb.saturating_mul(1 << 20)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("cannot read plugin {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin} is not a valid projector plugin: {reason}")]
+    InvalidComponent { origin: String, reason: String },
+    #[error("plugin {plugin} trapped: {message}")]
+    Trap { plugin: String, message: String },
+    #[error("plugin {plugin} exceeded its deadline of {deadline_ms} ms")]
+    DeadlineExceeded { plugin: String, deadline_ms: u64 },
+    #[error("plugin {plugin} exceeded its memory limit of {limit_mb} MiB")]
+    MemoryLimit { plugin: String, limit_mb: usize },
+    #[error("plugin {plugin} wrote more than {limit_mb} MiB of documents in one batch")]
+    OutputLimit { plugin: String, limit_mb: usize },
+    #[error("plugin {plugin} broke the contract: {message}")]
+    Contract { plugin: String, message: String },
+    #[error("plugin {plugin} failed on event #{index} of the batch (id {event_id}): {message}")]
+    Guest {
+        plugin: String,
+        index: usize,
+        event_id: String,
+        message: String,
+    },
+    #[error("plugin {plugin}: reading a document failed: {source}")]
+    State { plugin: String, source: BoxError },
+    #[error("wasm engine: {0}")]
+    Engine(String),
+}
+
+impl RuntimeError {
+    /// The index in the batch of the event that failed, when the plugin told us.
+    pub fn event_index(&self) -> Option<usize> {
+        match self {
+            Self::Guest { index, .. } => Some(*index),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RuntimeConfig {
+    pub limits: Limits,
+    /// Where compiled plugins are cached; `None` compiles on every load.
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// How often the deadline clock ticks: the deadline's precision.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// The engine and everything shared by all plugins.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    config: RuntimeConfig,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Runtime {
+    pub fn new(config: RuntimeConfig) -> Result<Self, RuntimeError> {
+        let mut wasm = Config::new();
+        wasm.wasm_component_model(true)
+            .epoch_interruption(true)
+            .cranelift_opt_level(wasmtime::OptLevel::Speed);
+        let engine = Engine::new(&wasm).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        Projection::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
+            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        spawn_epoch_ticker(&engine, ticker_stop.clone());
+        Ok(Self {
+            engine,
+            linker,
+            config,
+            ticker_stop,
+        })
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.config.limits
+    }
+
+    pub fn load_file(&self, path: &Path) -> Result<Plugin, RuntimeError> {
+        let bytes = std::fs::read(path).map_err(|source| RuntimeError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        self.load_bytes(&path.display().to_string(), &bytes)
+    }
+
+    /// Compiles (or loads from the cache), links, and asks the plugin to describe itself.
+    pub fn load_bytes(&self, origin: &str, bytes: &[u8]) -> Result<Plugin, RuntimeError> {
+        let invalid = |err: wasmtime::Error| RuntimeError::InvalidComponent {
+            origin: origin.to_owned(),
+            reason: format!("{err:#}"),
+        };
+        let (component, from_cache) = cache::load(
+            &self.engine,
+            self.config.cache_dir.as_deref(),
+            origin,
+            bytes,
+        )?;
+        let instance_pre = self.linker.instantiate_pre(&component).map_err(invalid)?;
+        let pre = ProjectionPre::new(instance_pre).map_err(invalid)?;
+        let mut plugin = Plugin {
+            name: origin.to_owned(),
+            pre,
+            engine: self.engine.clone(),
+            limits: self.config.limits.clone(),
+            descriptor: Descriptor::default(),
+            from_cache,
+        };
+        let raw = plugin.describe()?;
+        plugin.descriptor =
+            Descriptor::validate(raw).map_err(|reason| RuntimeError::InvalidComponent {
+                origin: origin.to_owned(),
+                reason,
+            })?;
+        plugin.name = plugin.descriptor.name.clone();
+        Ok(plugin)
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Advances the engine's epoch: a store whose deadline (in ticks) passes traps at its next
+/// loop back-edge or function entry. Far cheaper than fuel, and enough for a wall-time limit.
+fn spawn_epoch_ticker(engine: &Engine, stop: Arc<AtomicBool>) {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("projector-epoch".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(EPOCH_TICK);
+                match weak.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => break,
+                }
+            }
+        })
+        .map(drop)
+        .unwrap_or_else(|err| tracing::error!(error = %err, "cannot start the deadline ticker"));
+}
+
+/// A loaded projection plugin, ready to run batches. Cheap to share across threads.
+pub struct Plugin {
+    name: String,
+    pre: ProjectionPre<HostState>,
+    engine: Engine,
+    limits: Limits,
+    descriptor: Descriptor,
+    from_cache: bool,
+}
+
+impl Plugin {
+    /// Whether the compiled code came from the on-disk cache rather than a compile.
+    pub fn loaded_from_cache(&self) -> bool {
+        self.from_cache
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn descriptor(&self) -> &Descriptor {
+        &self.descriptor
+    }
+
+    fn store(&self, events: &[Event], docs: Arc<dyn DocumentReader>) -> Store<HostState> {
+        let state = HostState::new(&self.name, &self.limits, &self.descriptor, events, docs);
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        let ticks = self
+            .limits
+            .deadline_ms
+            .div_ceil(EPOCH_TICK.as_millis() as u64);
+        store.set_epoch_deadline(ticks.max(1));
+        store.epoch_deadline_trap();
+        store
+    }
+
+    fn describe(&self) -> Result<wit::Descriptor, RuntimeError> {
+        let mut store = self.store(&[], Arc::new(MemoryDocuments::default()));
+        let result = self
+            .pre
+            .instantiate(&mut store)
+            .and_then(|instance| instance.call_describe(&mut store));
+        store.data_mut().flush_logs();
+        result.map_err(|err| self.classify(&mut store, err, &[]))
+    }
+
+    /// Runs one batch: a fresh instance, one `handle` call. The documents the plugin wrote are
+    /// returned, sorted by collection and key; nothing is written anywhere on failure.
+    pub fn handle(
+        &self,
+        events: &[Event],
+        docs: Arc<dyn DocumentReader>,
+    ) -> Result<BatchOutput, RuntimeError> {
+        let mut store = self.store(events, docs);
+        let wit_events: Vec<wit::Event> = events.iter().map(to_wit).collect();
+        let result = self
+            .pre
+            .instantiate(&mut store)
+            .and_then(|instance| instance.call_handle(&mut store, &wit_events));
+        store.data_mut().flush_logs();
+        match result {
+            Ok(Ok(())) => Ok(store.into_data().into_output()),
+            Ok(Err(err)) => {
+                let index = err.event_index as usize;
+                Err(RuntimeError::Guest {
+                    plugin: self.name.clone(),
+                    event_id: events.get(index).map(|e| e.id.clone()).unwrap_or_default(),
+                    index,
+                    message: err.message,
+                })
+            }
+            Err(err) => Err(self.classify(&mut store, err, events)),
+        }
+    }
+
+    /// Names the real cause of a failed call: the host's own records first (they know why an
+    /// import refused or a grow failed), then the trap code.
+    fn classify(
+        &self,
+        store: &mut Store<HostState>,
+        err: wasmtime::Error,
+        events: &[Event],
+    ) -> RuntimeError {
+        let plugin = self.name.clone();
+        let state = store.data_mut();
+        if state.output_exceeded {
+            return RuntimeError::OutputLimit {
+                plugin,
+                limit_mb: self.limits.max_output_mb,
+            };
+        }
+        if let Some(source) = state.state_error.take() {
+            return RuntimeError::State { plugin, source };
+        }
+        if let Some(message) = state.contract_violation.take() {
+            return RuntimeError::Contract { plugin, message };
+        }
+        if state.limiter.memory_exceeded {
+            return RuntimeError::MemoryLimit {
+                plugin,
+                limit_mb: self.limits.memory_mb,
+            };
+        }
+        if let Some((index, message)) = state.panic.take() {
+            return RuntimeError::Guest {
+                plugin,
+                event_id: events.get(index).map(|e| e.id.clone()).unwrap_or_default(),
+                index,
+                message: format!("panicked: {message}"),
+            };
+        }
+        if err.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+            return RuntimeError::DeadlineExceeded {
+                plugin,
+                deadline_ms: self.limits.deadline_ms,
+            };
+        }
+        RuntimeError::Trap {
+            plugin,
+            message: format!("{err:#}"),
+        }
+    }
+}
+
+fn to_wit(event: &Event) -> wit::Event {
+    wit::Event {
+        id: event.id.clone(),
+        stream: event.stream.clone(),
+        stream_type: event.stream_type.clone(),
+        event_type: event.event_type.clone(),
+        version: event.version,
+        position: event.position,
+        timestamp_ms: event.timestamp_ms,
+        payload: event.payload_bytes().to_vec(),
+        headers: event.headers.clone(),
+    }
+}

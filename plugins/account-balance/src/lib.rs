@@ -1,0 +1,157 @@
+//! One document per account in collection `accounts`, keyed by the account's stream id.
+
+use projector_sdk::prelude::*;
+
+#[derive(Deserialize)]
+struct Opened {
+    owner: String,
+    currency: String,
+}
+
+#[derive(Deserialize)]
+struct Amount {
+    amount: i64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Account {
+    pub owner: String,
+    pub currency: String,
+    pub balance: i64,
+    pub tx_count: u64,
+    pub status: String,
+    pub last_version: u64,
+}
+
+pub struct AccountBalance;
+
+impl Projection for AccountBalance {
+    fn describe() -> Descriptor {
+        Descriptor::new("account-balance", "1.0.0")
+            .events(&["AccountOpened", "Deposited", "Withdrawn", "AccountClosed"])
+            .collection("accounts", &["owner", "status"])
+    }
+
+    fn handle(event: &Event, state: &mut State) -> Result<()> {
+        let (id, version) = (&event.stream, event.version);
+        if event.event_type == "AccountOpened" {
+            let Opened { owner, currency } = event.payload()?;
+            let account = Account {
+                owner,
+                currency,
+                balance: 0,
+                tx_count: 0,
+                status: "open".into(),
+                last_version: version,
+            };
+            state.put("accounts", id, account);
+            return Ok(());
+        }
+        let delta = match event.event_type.as_str() {
+            "Deposited" => event.payload::<Amount>()?.amount,
+            "Withdrawn" => -event.payload::<Amount>()?.amount,
+            _ => 0,
+        };
+        let found = state.update("accounts", id, |a: &mut Account| {
+            a.balance += delta;
+            a.tx_count += 1;
+            a.last_version = version;
+            if event.event_type == "AccountClosed" {
+                a.status = "closed".into();
+            }
+        })?;
+        if !found {
+            return Err(Error::msg(format!("account {id} was never opened")));
+        }
+        Ok(())
+    }
+}
+
+projector_sdk::export_projection!(AccountBalance);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use projector_sdk::serde_json::json;
+    use projector_sdk::testing::Harness;
+
+    fn opened(h: &mut Harness<AccountBalance>, id: &str) {
+        h.emit(
+            id,
+            "AccountOpened",
+            json!({"owner": "alice", "currency": "EUR"}),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn deposits_and_withdrawals_move_the_balance() {
+        let mut h = Harness::<AccountBalance>::new();
+        opened(&mut h, "acct-1");
+        let batch = [
+            h.event("acct-1", "Deposited", json!({"amount": 100})),
+            h.event("acct-1", "Withdrawn", json!({"amount": 30})),
+            h.event("acct-1", "Deposited", json!({"amount": 5})),
+        ];
+        h.apply(&batch).unwrap();
+        let account: Account = h.doc("accounts", "acct-1").unwrap();
+        assert_eq!(account.balance, 75);
+        assert_eq!(account.tx_count, 3);
+        assert_eq!(account.last_version, 4);
+        assert_eq!(account.status, "open");
+    }
+
+    #[test]
+    fn closing_marks_the_account_closed() {
+        let mut h = Harness::<AccountBalance>::new();
+        opened(&mut h, "acct-1");
+        h.emit("acct-1", "AccountClosed", json!({})).unwrap();
+        let account: Account = h.doc("accounts", "acct-1").unwrap();
+        assert_eq!(account.status, "closed");
+        assert_eq!(account.owner, "alice");
+    }
+
+    #[test]
+    fn accounts_are_independent() {
+        let mut h = Harness::<AccountBalance>::new();
+        opened(&mut h, "a");
+        opened(&mut h, "b");
+        h.emit("a", "Deposited", json!({"amount": 10})).unwrap();
+        assert_eq!(h.doc::<Account>("accounts", "a").unwrap().balance, 10);
+        assert_eq!(h.doc::<Account>("accounts", "b").unwrap().balance, 0);
+    }
+
+    #[test]
+    fn a_deposit_to_an_unknown_account_fails_the_batch_at_that_event() {
+        let mut h = Harness::<AccountBalance>::new();
+        opened(&mut h, "a");
+        let batch = [
+            h.event("a", "Deposited", json!({"amount": 10})),
+            h.event("ghost", "Deposited", json!({"amount": 10})),
+        ];
+        let err = h.apply(&batch).unwrap_err();
+        assert_eq!(err.index, 1);
+        assert!(err.message.contains("ghost was never opened"), "{err}");
+        // Nothing of the failed batch is kept.
+        assert_eq!(h.doc::<Account>("accounts", "a").unwrap().balance, 0);
+    }
+
+    #[test]
+    fn a_malformed_payload_names_the_event() {
+        let mut h = Harness::<AccountBalance>::new();
+        opened(&mut h, "a");
+        let err = h
+            .emit("a", "Deposited", json!({"amount": "lots"}))
+            .unwrap_err();
+        assert!(err.message.contains("invalid Deposited payload"), "{err}");
+    }
+
+    #[test]
+    fn unsubscribed_events_are_ignored() {
+        let mut h = Harness::<AccountBalance>::new();
+        opened(&mut h, "a");
+        h.emit("a", "NicknameChanged", json!({"nick": "x"}))
+            .unwrap();
+        assert_eq!(h.doc::<Account>("accounts", "a").unwrap().tx_count, 0);
+    }
+}

@@ -1,0 +1,189 @@
+//! Write a projector projection in plain Rust.
+//!
+//! A projection is a type implementing [`Projection`]: it describes itself and handles one
+//! event at a time against a [`State`] of JSON documents. [`export_projection!`] turns it into a
+//! WebAssembly component for the host; [`testing::Harness`] runs the very same code natively, so
+//! `cargo test` in a plugin crate needs no WASM at all.
+//!
+//! ```ignore
+//! struct Counter;
+//! impl Projection for Counter {
+//!     fn describe() -> Descriptor {
+//!         Descriptor::new("counter", "1.0.0").collection("counts", &[])
+//!     }
+//!     fn handle(event: &Event, state: &mut State) -> Result<()> {
+//!         state.upsert("counts", &event.stream, |n: &mut u64| *n += 1)
+//!     }
+//! }
+//! projector_sdk::export_projection!(Counter);
+//! ```
+
+mod event;
+pub mod log;
+mod state;
+pub mod testing;
+
+#[cfg(target_arch = "wasm32")]
+#[doc(hidden)]
+pub mod guest;
+
+pub use event::Event;
+pub use serde;
+pub use serde_json;
+pub use state::{Backend, State};
+
+/// The usual imports for a plugin crate.
+pub mod prelude {
+    pub use crate::{Descriptor, Error, Event, Projection, Result, State};
+    pub use serde::{Deserialize, Serialize};
+}
+
+/// What a projection tells the host about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Descriptor {
+    pub name: String,
+    pub version: String,
+    /// Event types to receive; empty means every type.
+    pub event_types: Vec<String>,
+    pub collections: Vec<Collection>,
+}
+
+/// A collection of documents and the JSON fields the host indexes for queries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Collection {
+    pub name: String,
+    pub indexes: Vec<String>,
+}
+
+impl Descriptor {
+    pub fn new(name: &str, version: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            version: version.to_owned(),
+            event_types: Vec::new(),
+            collections: Vec::new(),
+        }
+    }
+
+    /// Subscribe to these event types only (the default is all).
+    pub fn events(mut self, types: &[&str]) -> Self {
+        self.event_types = types.iter().map(|t| (*t).to_owned()).collect();
+        self
+    }
+
+    /// Declare a collection and the JSON fields (names or dotted paths) queries filter on.
+    pub fn collection(mut self, name: &str, indexes: &[&str]) -> Self {
+        self.collections.push(Collection {
+            name: name.to_owned(),
+            indexes: indexes.iter().map(|i| (*i).to_owned()).collect(),
+        });
+        self
+    }
+
+    /// Whether events of this type reach the projection.
+    pub fn subscribes_to(&self, event_type: &str) -> bool {
+        self.event_types.is_empty() || self.event_types.iter().any(|t| t == event_type)
+    }
+}
+
+/// A projection: folds events into documents.
+pub trait Projection {
+    fn describe() -> Descriptor;
+
+    /// Apply one event. Returning an error fails the whole batch: nothing of it is committed
+    /// and the host reports this event as the culprit.
+    fn handle(event: &Event, state: &mut State) -> Result<()>;
+}
+
+/// A plugin's error: a message for the operator. Any `std::error::Error` (a payload that does
+/// not decode, say) converts into it with `?`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error(String);
+
+impl Error {
+    pub fn msg(message: impl std::fmt::Display) -> Self {
+        Self(message.to_string())
+    }
+    pub fn message(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<E: std::error::Error> From<E> for Error {
+    fn from(err: E) -> Self {
+        Self(err.to_string())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A failed batch: the index of the event that failed and the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchError {
+    pub index: usize,
+    pub message: String,
+}
+
+impl std::fmt::Display for BatchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "event #{}: {}", self.index, self.message)
+    }
+}
+
+/// The index of the event being handled, for the panic hook to report.
+pub(crate) static CURRENT_EVENT: std::sync::atomic::AtomicU32 =
+    std::sync::atomic::AtomicU32::new(0);
+
+/// Runs `P` over one batch and flushes the documents it changed to `backend`: the single code
+/// path behind both the WASM export and the native test harness.
+pub fn run_batch<P: Projection>(
+    events: &[Event],
+    backend: &mut dyn Backend,
+) -> Result<(), BatchError> {
+    let mut state = State::new(backend);
+    for (index, event) in events.iter().enumerate() {
+        CURRENT_EVENT.store(index as u32, std::sync::atomic::Ordering::Relaxed);
+        P::handle(event, &mut state).map_err(|err| BatchError {
+            index,
+            message: format!(
+                "{} (version {} of stream {}): {}",
+                event.event_type, event.version, event.stream, err
+            ),
+        })?;
+    }
+    state.flush().map_err(|err| BatchError {
+        index: events.len().saturating_sub(1),
+        message: format!("a document could not be serialized: {err}"),
+    })
+}
+
+/// Exports a [`Projection`] as the component's `projection` world. Natively it expands to
+/// nothing, so the same crate builds and tests on the host.
+#[macro_export]
+macro_rules! export_projection {
+    ($ty:ty) => {
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            type __ProjectorGuest = $crate::guest::Adapter<$ty>;
+            $crate::guest::bindings::__export_projection!(
+                __ProjectorGuest with_types_in $crate::guest::bindings
+            );
+        };
+    };
+}
+
+/// Writes a document straight to the host, bypassing [`State`]'s per-batch buffer. Only for
+/// the host's own test fixtures; plugins use [`State`].
+#[doc(hidden)]
+pub fn guest_state_put(collection: &str, key: &str, document: &[u8]) {
+    #[cfg(target_arch = "wasm32")]
+    guest::bindings::projector::plugin::state::put(collection, key, document);
+    #[cfg(not(target_arch = "wasm32"))]
+    let _ = (collection, key, document);
+}

@@ -1,0 +1,6 @@
+//! projector's integration tests, linked into one binary (one module per feature). They run the
+//! real library and binary against real plugins compiled from `plugins/`.
+
+mod replay;
+mod runtime;
+mod support;
