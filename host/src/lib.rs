@@ -3,3 +3,10 @@
 pub mod event;
 pub mod replay;
 pub mod runtime;
+pub mod source;
+pub mod store;
+pub mod config;
+pub mod consistency;
+pub mod runner;
+pub mod api;
+pub mod serve;

@@ -1,8 +1,10 @@
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
+use projector::config::Config;
 use projector::runtime::{Limits, Runtime, RuntimeConfig};
 
 /// Runs event-sourcing projections as sandboxed WebAssembly plugins.
@@ -15,6 +17,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the pipeline and the HTTP API. With no options: SQLite in ./projector-data/, the
+    /// plugins in ./target/plugins/, on 127.0.0.1:8080.
+    Serve(ServeArgs),
     /// Run a plugin over a JSONL file of events in memory and print the read model as JSON.
     Replay {
         /// The plugin component (.wasm).
@@ -30,13 +35,32 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         batch_size: usize,
         /// Cache for compiled plugins.
-        #[arg(
-            long,
-            env = "PROJECTOR_CACHE_DIR",
-            default_value = "projector-data/cache"
-        )]
+        #[arg(long, env = "PROJECTOR_CACHE_DIR", default_value = "projector-data/cache")]
         cache_dir: PathBuf,
     },
+}
+
+/// Every option is also a setting in the config file and a `PROJECTOR_*` variable
+/// (flags win over variables, variables over the file).
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML config file [env: PROJECTOR_CONFIG]
+    #[arg(long, env = "PROJECTOR_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on [setting: listen; env: PROJECTOR_LISTEN] (default 127.0.0.1:8080)
+    #[arg(long)]
+    listen: Option<String>,
+    /// Data directory [setting: data_dir; env: PROJECTOR_DATA_DIR] (default ./projector-data)
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Database URL, sqlite://FILE [setting: database_url; env: PROJECTOR_DATABASE_URL]
+    /// (default sqlite://<data_dir>/projector.db)
+    #[arg(long)]
+    database_url: Option<String>,
+    /// Folder whose *.wasm plugins are loaded [setting: plugins; env: PROJECTOR_PLUGINS]
+    /// (default ./target/plugins)
+    #[arg(long)]
+    plugins: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,9 +69,11 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_env("PROJECTOR_LOG")
                 .unwrap_or_else(|_| "info".into()),
         )
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Serve(args) => serve(args),
         Command::Replay {
             plugin,
             events,
@@ -68,7 +94,62 @@ fn main() -> anyhow::Result<()> {
                     .with_context(|| format!("writing {}", path.display()))?,
                 None => print!("{json}"),
             }
+            Ok(())
         }
     }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    if let Some(url) = args.database_url {
+        config.database_url = url;
+    }
+    if let Some(dir) = args.plugins {
+        config.plugins = dir;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        projector::serve::serve(
+            config,
+            |addr| {
+                // Scripts and tests read this line to find the port (e.g. with --listen :0).
+                println!("projector listening on http://{addr}");
+                let _ = std::io::stdout().flush();
+            },
+            shutdown_signal(),
+        )
+        .await
+    })?;
     Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
 }

@@ -1,0 +1,67 @@
+//! `POST /events`: append one event or a list, in one transaction.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::AppState;
+use crate::source::NewEvent;
+
+pub async fn append(
+    State(app): State<AppState>,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let Json(body) = body?;
+    let events = parse(body)?;
+    let appended = app.source.append(events).await?;
+    let position = appended.last().map(|a| a.position);
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "events": appended, "position": position })),
+    ))
+}
+
+/// One event object, or `{"events": [...]}`; errors name the event's index and the field.
+fn parse(body: Value) -> Result<Vec<NewEvent>, ApiError> {
+    let (items, batch) = match body {
+        Value::Object(mut map) if map.contains_key("events") => match map.remove("events") {
+            Some(Value::Array(items)) if map.is_empty() => (items, true),
+            Some(Value::Array(_)) => {
+                return Err(ApiError::bad_request(
+                    "invalid_event",
+                    "a batch is {\"events\": [...]} with no other fields",
+                ))
+            }
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_event",
+                    "`events` must be a list of events",
+                ))
+            }
+        },
+        single @ Value::Object(_) => (vec![single], false),
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_event",
+                "the body must be an event object or {\"events\": [...]}",
+            ))
+        }
+    };
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(index, item)| {
+            serde_json::from_value::<NewEvent>(item).map_err(|err| {
+                let at = if batch {
+                    format!("events[{index}]: ")
+                } else {
+                    String::new()
+                };
+                ApiError::bad_request("invalid_event", format!("{at}{err}")).with("index", index)
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,239 @@
+//! Reading projections: their state, one document, or a filtered page of a collection, each
+//! optionally after waiting until the projection has committed past a position.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, RawQuery, State};
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::AppState;
+use crate::consistency::{self, StreamVersion};
+use crate::runner::Projection;
+use crate::store::ListQuery;
+
+/// The read-your-writes parameters, and what is left of the query string.
+#[derive(Default)]
+struct ReadParams {
+    wait_for: Vec<StreamVersion>,
+    min_position: Option<u64>,
+    timeout_ms: Option<u64>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+    filters: Vec<(String, String)>,
+}
+
+fn parse_number<T: std::str::FromStr>(name: &str, value: &str) -> Result<T, ApiError> {
+    value.parse().map_err(|_| {
+        ApiError::bad_request(
+            "invalid_parameter",
+            format!("`{name}` must be a whole number, not {value:?}"),
+        )
+    })
+}
+
+impl ReadParams {
+    fn parse(query: Option<&str>) -> Result<Self, ApiError> {
+        let mut params = Self::default();
+        for (name, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            match &*name {
+                "wait_for" => params.wait_for.push(value.parse().map_err(|reason: String| {
+                    ApiError::bad_request("invalid_parameter", format!("`wait_for`: {reason}"))
+                })?),
+                "min_position" => params.min_position = Some(parse_number(&name, &value)?),
+                "timeout_ms" => params.timeout_ms = Some(parse_number(&name, &value)?),
+                "limit" => params.limit = Some(parse_number(&name, &value)?),
+                "cursor" => params.cursor = Some(value.into_owned()),
+                _ => params.filters.push((name.into_owned(), value.into_owned())),
+            }
+        }
+        Ok(params)
+    }
+
+    /// Waits, if asked to, until `projection` has committed past what the caller needs.
+    async fn wait(&self, app: &AppState, projection: &Projection) -> Result<(), ApiError> {
+        if self.wait_for.is_empty() && self.min_position.is_none() {
+            return Ok(());
+        }
+        let http = &app.config;
+        let deadline =
+            consistency::deadline(self.timeout_ms, http.wait_timeout_ms, http.max_wait_timeout_ms);
+        let target = consistency::target_position(
+            app.source.as_ref(),
+            self.min_position,
+            &self.wait_for,
+            deadline,
+        )
+        .await?;
+        consistency::wait_for_position(projection.progress(), target, deadline).await?;
+        Ok(())
+    }
+}
+
+fn projection(app: &AppState, name: &str) -> Result<Arc<Projection>, ApiError> {
+    app.projections.get(name).cloned().ok_or_else(|| {
+        let known: Vec<&String> = app.projections.keys().collect();
+        ApiError::not_found("unknown_projection", format!("no projection named {name:?}"))
+            .with("projections", json!(known))
+    })
+}
+
+fn check_collection(projection: &Projection, collection: &str) -> Result<(), ApiError> {
+    if projection.descriptor().collection(collection).is_some() {
+        return Ok(());
+    }
+    let known: Vec<&str> = projection
+        .descriptor()
+        .collections
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    Err(ApiError::not_found(
+        "unknown_collection",
+        format!(
+            "projection {:?} has no collection {collection:?}",
+            projection.name()
+        ),
+    )
+    .with("collections", json!(known)))
+}
+
+async fn summary(app: &AppState, projection: &Projection) -> Value {
+    let head = *app.source.head().borrow();
+    let checkpoint = projection.checkpoint();
+    let health = projection.health();
+    let descriptor = projection.descriptor();
+    json!({
+        "name": descriptor.name,
+        "version": descriptor.version,
+        "status": health.status,
+        "error": health.error,
+        "retrying": health.retrying,
+        "checkpoint": checkpoint,
+        "head": head,
+        "lag": head.saturating_sub(checkpoint),
+        "event_types": descriptor.event_types,
+        "collections": descriptor.collections,
+    })
+}
+
+pub async fn list_projections(State(app): State<AppState>) -> Json<Value> {
+    let mut all = Vec::with_capacity(app.projections.len());
+    for projection in app.projections.values() {
+        all.push(summary(&app, projection).await);
+    }
+    Json(json!({ "projections": all }))
+}
+
+pub async fn get_projection(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let projection = projection(&app, &name)?;
+    Ok(Json(summary(&app, &projection).await))
+}
+
+/// How far a projection has applied one stream.
+pub async fn get_stream(
+    State(app): State<AppState>,
+    Path((name, stream)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let projection = projection(&app, &name)?;
+    let params = ReadParams::parse(query.as_deref())?;
+    params.wait(&app, &projection).await?;
+    let position = projection.checkpoint();
+    let version = app.source.version_at(&stream, position).await?;
+    Ok(Json(json!({
+        "stream": stream,
+        "applied_version": version,
+        "position": position,
+    })))
+}
+
+pub async fn get_document(
+    State(app): State<AppState>,
+    Path((name, collection, key)): Path<(String, String, String)>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let projection = projection(&app, &name)?;
+    check_collection(&projection, &collection)?;
+    let params = ReadParams::parse(query.as_deref())?;
+    if let Some((field, _)) = params.filters.first() {
+        return Err(ApiError::bad_request(
+            "invalid_parameter",
+            format!("unknown parameter `{field}` (a document read takes wait_for, min_position and timeout_ms)"),
+        ));
+    }
+    params.wait(&app, &projection).await?;
+    // Read before the document: the document is at least this fresh.
+    let position = projection.checkpoint();
+    let doc = app
+        .store
+        .document(projection.descriptor(), &collection, &key)
+        .await?
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "not_found",
+                format!("no document {key:?} in {name}/{collection}"),
+            )
+            .with("position", position)
+        })?;
+    let mut body = serde_json::to_value(&doc).unwrap_or(Value::Null);
+    body["position"] = position.into();
+    Ok(Json(body))
+}
+
+pub async fn list_documents(
+    State(app): State<AppState>,
+    Path((name, collection)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let projection = projection(&app, &name)?;
+    check_collection(&projection, &collection)?;
+    let params = ReadParams::parse(query.as_deref())?;
+    let spec = projection
+        .descriptor()
+        .collection(&collection)
+        .ok_or_else(|| ApiError::not_found("unknown_collection", collection.clone()))?;
+    for (field, _) in &params.filters {
+        if !spec.indexes.contains(field) {
+            return Err(ApiError::bad_request(
+                "invalid_filter",
+                format!("cannot filter {name}/{collection} on `{field}`: only indexed fields can be filtered"),
+            )
+            .with("indexed_fields", json!(spec.indexes)));
+        }
+    }
+    let limit = params.limit.unwrap_or(app.config.default_page_size);
+    if limit == 0 || limit > app.config.max_page_size {
+        return Err(ApiError::bad_request(
+            "invalid_parameter",
+            format!("`limit` must be 1 to {}", app.config.max_page_size),
+        ));
+    }
+    params.wait(&app, &projection).await?;
+    let position = projection.checkpoint();
+    let query = ListQuery {
+        filters: params.filters.clone(),
+        after: params.cursor.clone(),
+        // One more than asked tells whether there is a next page.
+        limit: limit + 1,
+    };
+    let mut items = app
+        .store
+        .list(projection.descriptor(), &collection, &query)
+        .await?;
+    let next_cursor = if items.len() > limit as usize {
+        items.truncate(limit as usize);
+        items.last().map(|d| d.key.clone())
+    } else {
+        None
+    };
+    Ok(Json(json!({
+        "items": items,
+        "next_cursor": next_cursor,
+        "position": position,
+    })))
+}

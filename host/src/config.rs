@@ -1,0 +1,274 @@
+//! One TOML file, overridden by `PROJECTOR_*` environment variables, overridden by flags.
+//!
+//! An environment variable names a setting by its path with `__` between sections:
+//! `PROJECTOR_LISTEN`, `PROJECTOR_RUNNER__MAX_BATCH_EVENTS`, `PROJECTOR_LIMITS__DEADLINE_MS`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::runtime::Limits;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the HTTP API listens on.
+    pub listen: String,
+    /// Where the embedded database and the compiled-plugin cache live.
+    pub data_dir: PathBuf,
+    /// `sqlite://FILE`; empty means `sqlite://<data_dir>/projector.db`.
+    pub database_url: String,
+    /// Folder of plugins: every `*.wasm` in it is loaded (not its subfolders).
+    pub plugins: PathBuf,
+    pub runner: RunnerConfig,
+    pub limits: Limits,
+    pub http: HttpConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            data_dir: "projector-data".into(),
+            database_url: String::new(),
+            plugins: "target/plugins".into(),
+            runner: RunnerConfig::default(),
+            limits: Limits::default(),
+            http: HttpConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunnerConfig {
+    /// Most events in one batch (one `handle` call, one transaction). Live traffic never waits
+    /// to fill a batch; a backlog is read in batches this big.
+    pub max_batch_events: usize,
+    /// Most bytes of events in one batch.
+    pub max_batch_bytes: usize,
+    /// Longest pause between retries after a database error.
+    pub max_retry_backoff_ms: u64,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_events: 2_000,
+            max_batch_bytes: 8 << 20,
+            max_retry_backoff_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// `timeout_ms` of a read that waits (`wait_for` / `min_position`) when it names none.
+    pub wait_timeout_ms: u64,
+    /// Cap on a read's `timeout_ms`.
+    pub max_wait_timeout_ms: u64,
+    /// Page size of a list when it names no `limit`, and the cap on `limit`.
+    pub default_page_size: u32,
+    pub max_page_size: u32,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1 << 20,
+            wait_timeout_ms: 5_000,
+            max_wait_timeout_ms: 60_000,
+            default_page_size: 100,
+            max_page_size: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("environment variable {name}={value:?}: {reason}")]
+    Env {
+        name: String,
+        value: String,
+        reason: String,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Variables with the prefix that are not settings.
+const NOT_SETTINGS: &[&str] = &["PROJECTOR_LOG", "PROJECTOR_CACHE_DIR", "PROJECTOR_PLUGINS_BUILT"];
+
+impl Config {
+    /// Defaults, then the file (if any), then the `PROJECTOR_*` variables in `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut merged = toml::Value::try_from(Config::default())
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            let from_file: toml::Value =
+                toml::from_str(&text).map_err(|e| ConfigError::File {
+                    path: path.to_owned(),
+                    reason: e.to_string(),
+                })?;
+            merge(&mut merged, from_file);
+            // Check the file alone so its errors name the file.
+            merged
+                .clone()
+                .try_into::<Config>()
+                .map_err(|e| ConfigError::File {
+                    path: path.to_owned(),
+                    reason: e.to_string(),
+                })?;
+        }
+        for (name, value) in env {
+            let Some(path) = name.strip_prefix("PROJECTOR_") else {
+                continue;
+            };
+            if NOT_SETTINGS.contains(&name.as_str()) {
+                continue;
+            }
+            let env_err = |reason: String| ConfigError::Env {
+                name: name.clone(),
+                value: value.clone(),
+                reason,
+            };
+            let keys: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+            let slot = keys
+                .iter()
+                .try_fold(&mut merged, |node, key| node.get_mut(key.as_str()))
+                .ok_or_else(|| env_err("no such setting".into()))?;
+            *slot = match slot {
+                toml::Value::Integer(_) => toml::Value::Integer(
+                    value
+                        .parse()
+                        .map_err(|e| env_err(format!("expected an integer: {e}")))?,
+                ),
+                toml::Value::Boolean(_) => toml::Value::Boolean(
+                    value
+                        .parse()
+                        .map_err(|e| env_err(format!("expected true or false: {e}")))?,
+                ),
+                toml::Value::String(_) => toml::Value::String(value.clone()),
+                _ => return Err(env_err("this setting is a section, not a value".into())),
+            };
+        }
+        let config: Config = merged
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("runner.max_batch_events", self.runner.max_batch_events as u64),
+            ("runner.max_batch_bytes", self.runner.max_batch_bytes as u64),
+            ("limits.memory_mb", self.limits.memory_mb as u64),
+            ("limits.deadline_ms", self.limits.deadline_ms),
+            ("limits.max_output_mb", self.limits.max_output_mb as u64),
+            ("http.max_page_size", u64::from(self.http.max_page_size)),
+            ("http.default_page_size", u64::from(self.http.default_page_size)),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be above 0")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The database URL, defaulting to a SQLite file in the data directory.
+    pub fn database_url(&self) -> String {
+        if self.database_url.is_empty() {
+            format!("sqlite://{}", self.data_dir.join("projector.db").display())
+        } else {
+            self.database_url.clone()
+        }
+    }
+}
+
+fn merge(base: &mut toml::Value, overlay: toml::Value) {
+    match (base, overlay) {
+        (toml::Value::Table(base), toml::Value::Table(overlay)) => {
+            for (key, value) in overlay {
+                match base.get_mut(&key) {
+                    Some(slot) => merge(slot, value),
+                    None => {
+                        base.insert(key, value);
+                    }
+                }
+            }
+        }
+        (slot, value) => *slot = value,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn env_overrides_the_file_and_nested_settings_use_double_underscores() {
+        let dir = std::env::temp_dir().join(format!("projector-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("projector.toml");
+        std::fs::write(
+            &file,
+            "listen = \"0.0.0.0:9000\"\n[runner]\nmax_batch_events = 10\n",
+        )
+        .unwrap();
+        let config = Config::load(
+            Some(&file),
+            env(&[
+                ("PROJECTOR_LISTEN", "127.0.0.1:1"),
+                ("PROJECTOR_LIMITS__DEADLINE_MS", "250"),
+                ("PROJECTOR_LOG", "debug"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.listen, "127.0.0.1:1");
+        assert_eq!(config.runner.max_batch_events, 10);
+        assert_eq!(config.limits.deadline_ms, 250);
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let err = Config::load(None, env(&[("PROJECTOR_LIMITS__DEADLINE", "5")])).unwrap_err();
+        assert!(err.to_string().contains("PROJECTOR_LIMITS__DEADLINE"), "{err}");
+        let err = Config::load(None, env(&[("PROJECTOR_HTTP__MAX_BODY_BYTES", "lots")])).unwrap_err();
+        assert!(err.to_string().contains("expected an integer"), "{err}");
+        let err = Config::load(None, env(&[("PROJECTOR_RUNNER__MAX_BATCH_EVENTS", "0")])).unwrap_err();
+        assert!(err.to_string().contains("max_batch_events"), "{err}");
+    }
+
+    #[test]
+    fn the_database_defaults_to_a_file_in_the_data_dir() {
+        let config = Config::load(None, env(&[("PROJECTOR_DATA_DIR", "/tmp/x")])).unwrap();
+        assert_eq!(config.database_url(), "sqlite:///tmp/x/projector.db");
+    }
+}

@@ -1,0 +1,147 @@
+//! `projector serve`: open the database, load the plugins, start a runner per projection and
+//! the HTTP API; stop cleanly (between batches) on shutdown.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::runner::{Projection, Runner};
+use crate::runtime::{Plugin, Runtime, RuntimeConfig, RuntimeError};
+use crate::source::outbox::SqliteOutbox;
+use crate::source::{Source, SourceError};
+use crate::store::sqlite::Sqlite;
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Plugin(#[from] RuntimeError),
+    #[error("cannot list plugins in {path}: {source}")]
+    Plugins {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("two plugins are both projection {name:?}: {first} and {second}")]
+    DuplicateProjection {
+        name: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
+    #[error("unsupported database URL {0:?} (expected sqlite://FILE)")]
+    DatabaseUrl(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+    #[error("HTTP server: {0}")]
+    Http(std::io::Error),
+}
+
+/// Every `*.wasm` directly in `dir`, in name order.
+fn plugin_files(dir: &Path) -> Result<Vec<PathBuf>, ServeError> {
+    let list_err = |source| ServeError::Plugins {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(list_err)? {
+        let path = entry.map_err(list_err)?.path();
+        if path.is_file() && path.extension().is_some_and(|e| e == "wasm") {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn load_plugins(runtime: &Runtime, dir: &Path) -> Result<Vec<Arc<Plugin>>, ServeError> {
+    let mut by_name: BTreeMap<String, (PathBuf, Arc<Plugin>)> = BTreeMap::new();
+    for path in plugin_files(dir)? {
+        let plugin = runtime.load_file(&path)?;
+        let name = plugin.name().to_owned();
+        if let Some((first, _)) = by_name.get(&name) {
+            return Err(ServeError::DuplicateProjection {
+                name,
+                first: first.clone(),
+                second: path,
+            });
+        }
+        tracing::info!(projection = %name, version = %plugin.descriptor().version, file = %path.display(), "plugin loaded");
+        by_name.insert(name, (path, Arc::new(plugin)));
+    }
+    if by_name.is_empty() {
+        tracing::warn!(dir = %dir.display(), "no plugins found: serving the event API only");
+    }
+    Ok(by_name.into_values().map(|(_, p)| p).collect())
+}
+
+/// Runs until `shutdown` completes. `on_listening` is told the bound address (useful with
+/// port 0).
+pub async fn serve(
+    config: Config,
+    on_listening: impl FnOnce(SocketAddr),
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let url = config.database_url();
+    if !url.starts_with("sqlite:") {
+        return Err(ServeError::DatabaseUrl(url));
+    }
+    let db = Sqlite::open(&url).await?;
+    let store: Arc<dyn Store> = Arc::new(db.clone());
+    let source: Arc<dyn Source> = Arc::new(SqliteOutbox::new(db).await?);
+
+    let runtime = Runtime::new(RuntimeConfig {
+        limits: config.limits.clone(),
+        cache_dir: Some(config.data_dir.join("cache")),
+    })?;
+    let plugins = load_plugins(&runtime, &config.plugins)?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut projections = BTreeMap::new();
+    let mut runners = Vec::new();
+    for plugin in plugins {
+        let checkpoint = store.register(plugin.descriptor()).await?;
+        let projection = Arc::new(Projection::new(plugin, checkpoint));
+        projections.insert(projection.name().to_owned(), projection.clone());
+        let runner = Runner::new(
+            projection,
+            store.clone(),
+            source.clone(),
+            config.runner.clone(),
+        );
+        runners.push(tokio::spawn(runner.run(stop_rx.clone())));
+    }
+
+    let app = api::router(AppState {
+        source,
+        store,
+        projections: Arc::new(projections),
+        config: Arc::new(config.http.clone()),
+    });
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.listen.clone(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(ServeError::Http)?;
+    tracing::info!(%addr, "listening");
+    on_listening(addr);
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(ServeError::Http);
+    let _ = stop_tx.send(true);
+    for runner in runners {
+        let _ = runner.await;
+    }
+    served
+}

@@ -1,0 +1,124 @@
+//! Where events come from. A [`Source`] hands runners the events after a position, in position
+//! order, and tells them when new ones arrive.
+
+pub mod outbox;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::sync::watch;
+
+use crate::event::Event;
+
+/// An event to append, as `POST /events` takes it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewEvent {
+    /// A UUID; generated when absent. Appending an id that exists is a conflict.
+    pub id: Option<String>,
+    pub stream: String,
+    pub stream_type: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub payload: Box<RawValue>,
+    /// The stream's current version the caller expects (0: the stream must not exist).
+    pub expected_version: Option<u64>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Where an appended event landed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Appended {
+    pub id: String,
+    pub stream: String,
+    pub version: u64,
+    pub position: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("event source: {context}: {source}")]
+    Database {
+        context: String,
+        source: sqlx::Error,
+    },
+    #[error("event at position {position} is malformed: {reason}")]
+    Malformed { position: u64, reason: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    #[error("stream {stream} is at version {current}, not the expected {expected}")]
+    VersionConflict {
+        stream: String,
+        expected: u64,
+        current: u64,
+    },
+    #[error("an event with id {id} already exists")]
+    DuplicateId { id: String },
+    #[error("events[{index}]: {reason}")]
+    Invalid { index: usize, reason: String },
+    #[error("this source does not accept appends")]
+    Unsupported,
+    #[error(transparent)]
+    Source(#[from] SourceError),
+}
+
+/// The seam between the pipeline and an event source (the outbox; Kafka later).
+#[async_trait]
+pub trait Source: Send + Sync {
+    /// Events with a position above `after`, in position order: at most `max_events`, and
+    /// stopping after the event that crosses `max_bytes`.
+    async fn read(
+        &self,
+        after: u64,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Event>, SourceError>;
+
+    /// The newest position known; changes whenever events arrive.
+    fn head(&self) -> watch::Receiver<u64>;
+
+    /// The position of a stream's version, if it has been appended.
+    async fn position_of(&self, stream: &str, version: u64) -> Result<Option<u64>, SourceError>;
+
+    /// The stream's newest version at or below `position` (0: none).
+    async fn version_at(&self, stream: &str, position: u64) -> Result<u64, SourceError>;
+
+    /// Appends events atomically: all or none.
+    async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>, AppendError> {
+        let _ = events;
+        Err(AppendError::Unsupported)
+    }
+}
+
+/// Checks what can be checked before touching the database.
+pub(crate) fn validate(events: &[NewEvent]) -> Result<(), AppendError> {
+    if events.is_empty() {
+        return Err(AppendError::Invalid {
+            index: 0,
+            reason: "no events to append".into(),
+        });
+    }
+    for (index, e) in events.iter().enumerate() {
+        let invalid = |reason: String| AppendError::Invalid { index, reason };
+        for (field, value, max) in [
+            ("stream", &e.stream, 256),
+            ("stream_type", &e.stream_type, 128),
+            ("type", &e.event_type, 128),
+        ] {
+            if value.is_empty() || value.len() > max {
+                return Err(invalid(format!("`{field}` must be 1 to {max} bytes")));
+            }
+        }
+        if let Some(id) = &e.id {
+            if uuid::Uuid::parse_str(id).is_err() {
+                return Err(invalid(format!("`id` {id:?} is not a UUID")));
+            }
+        }
+    }
+    Ok(())
+}
