@@ -1,6 +1,8 @@
 //! projector's integration tests, linked into one binary (one module per feature). They run the
 //! real library and binary against real plugins compiled from `plugins/`.
 
+mod bad_input;
+mod pipeline;
 mod replay;
 mod runtime;
 mod support;

@@ -65,3 +65,184 @@ impl Events {
         }
     }
 }
+
+/// A fresh folder under the system temp dir.
+pub fn tempdir(prefix: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("projector-{prefix}-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+/// A plugins folder holding the named example plugins and fixtures.
+pub fn plugin_set(examples: &[&str], fixtures: &[&str]) -> PathBuf {
+    let dir = tempdir("plugins");
+    for name in examples {
+        std::fs::copy(plugin_path(name), dir.join(format!("{name}.wasm"))).unwrap();
+    }
+    for name in fixtures {
+        std::fs::copy(fixture_path(name), dir.join(format!("{name}.wasm"))).unwrap();
+    }
+    dir
+}
+
+/// The real `projector serve` binary as a child process, on a free port.
+pub struct Server {
+    child: std::process::Child,
+    pub base: String,
+    pub data_dir: PathBuf,
+    pub plugins: PathBuf,
+    env: Vec<(String, String)>,
+    _stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Server {
+    pub fn start(plugins: &Path) -> Self {
+        Self::start_with(plugins, &tempdir("data"), &[])
+    }
+
+    pub fn start_with(plugins: &Path, data_dir: &Path, env: &[(&str, &str)]) -> Self {
+        use std::io::BufRead;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data_dir.join("server.log"))
+            .expect("open server log");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_projector"));
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .arg("--plugins")
+            .arg(plugins)
+            .stdout(std::process::Stdio::piped())
+            .stderr(log);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("start projector serve");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("read the listening line");
+        let base = line
+            .trim()
+            .strip_prefix("projector listening on ")
+            .unwrap_or_else(|| {
+                let log = std::fs::read_to_string(data_dir.join("server.log")).unwrap_or_default();
+                panic!("server did not start: {line:?}\n{log}")
+            })
+            .to_owned();
+        Self {
+            child,
+            base,
+            data_dir: data_dir.to_owned(),
+            plugins: plugins.to_owned(),
+            env: env.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect(),
+            _stdout: stdout,
+        }
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Kills this server and starts another on the same data and plugins.
+    pub fn restart(&mut self) {
+        self.kill();
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let next = Self::start_with(&self.plugins.clone(), &self.data_dir.clone(), &env);
+        *self = next;
+    }
+
+    pub fn api(&self) -> Api {
+        Api {
+            base: self.base.clone(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .expect("POST");
+        Self::decode(response).await
+    }
+
+    pub async fn post_raw(&self, path: &str, body: &str) -> (u16, serde_json::Value) {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .expect("POST");
+        Self::decode(response).await
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("GET");
+        Self::decode(response).await
+    }
+
+    async fn decode(response: reqwest::Response) -> (u16, serde_json::Value) {
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("body");
+        let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+        (status, body)
+    }
+
+    /// Appends one event; panics unless it is accepted. Returns (version, position).
+    pub async fn append(
+        &self,
+        stream: &str,
+        event_type: &str,
+        payload: serde_json::Value,
+    ) -> (u64, u64) {
+        let (status, body) = self
+            .post(
+                "/events",
+                &serde_json::json!({
+                    "stream": stream, "stream_type": "Account", "type": event_type, "payload": payload,
+                }),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        let e = &body["events"][0];
+        (e["version"].as_u64().unwrap(), e["position"].as_u64().unwrap())
+    }
+
+    /// The projection's entry in `GET /projections`.
+    pub async fn projection(&self, name: &str) -> serde_json::Value {
+        let (status, body) = self.get(&format!("/projections/{name}")).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+}

@@ -54,13 +54,16 @@ fn parse(body: Value) -> Result<Vec<NewEvent>, ApiError> {
         .into_iter()
         .enumerate()
         .map(|(index, item)| {
-            serde_json::from_value::<NewEvent>(item).map_err(|err| {
-                let at = if batch {
-                    format!("events[{index}]: ")
-                } else {
-                    String::new()
+            serde_path_to_error::deserialize::<_, NewEvent>(item).map_err(|err| {
+                let field = err.path().to_string();
+                let at = match (batch, field.as_str()) {
+                    (true, ".") => format!("events[{index}]: "),
+                    (true, _) => format!("events[{index}].{field}: "),
+                    (false, ".") => String::new(),
+                    (false, _) => format!("{field}: "),
                 };
-                ApiError::bad_request("invalid_event", format!("{at}{err}")).with("index", index)
+                ApiError::bad_request("invalid_event", format!("{at}{}", err.inner()))
+                    .with("index", index)
             })
         })
         .collect()
