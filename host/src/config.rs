@@ -107,7 +107,11 @@ pub enum ConfigError {
 }
 
 /// Variables with the prefix that are not settings.
-const NOT_SETTINGS: &[&str] = &["PROJECTOR_LOG", "PROJECTOR_CACHE_DIR", "PROJECTOR_PLUGINS_BUILT"];
+const NOT_SETTINGS: &[&str] = &[
+    "PROJECTOR_LOG",
+    "PROJECTOR_CACHE_DIR",
+    "PROJECTOR_PLUGINS_BUILT",
+];
 
 impl Config {
     /// Defaults, then the file (if any), then the `PROJECTOR_*` variables in `env`.
@@ -122,11 +126,10 @@ impl Config {
                 path: path.to_owned(),
                 source,
             })?;
-            let from_file: toml::Value =
-                toml::from_str(&text).map_err(|e| ConfigError::File {
-                    path: path.to_owned(),
-                    reason: e.to_string(),
-                })?;
+            let from_file: toml::Value = toml::from_str(&text).map_err(|e| ConfigError::File {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })?;
             merge(&mut merged, from_file);
             // Check the file alone so its errors name the file.
             merged
@@ -178,13 +181,19 @@ impl Config {
 
     fn check(&self) -> Result<(), ConfigError> {
         let positive = [
-            ("runner.max_batch_events", self.runner.max_batch_events as u64),
+            (
+                "runner.max_batch_events",
+                self.runner.max_batch_events as u64,
+            ),
             ("runner.max_batch_bytes", self.runner.max_batch_bytes as u64),
             ("limits.memory_mb", self.limits.memory_mb as u64),
             ("limits.deadline_ms", self.limits.deadline_ms),
             ("limits.max_output_mb", self.limits.max_output_mb as u64),
             ("http.max_page_size", u64::from(self.http.max_page_size)),
-            ("http.default_page_size", u64::from(self.http.default_page_size)),
+            (
+                "http.default_page_size",
+                u64::from(self.http.default_page_size),
+            ),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -259,10 +268,15 @@ mod tests {
     #[test]
     fn mistakes_are_named() {
         let err = Config::load(None, env(&[("PROJECTOR_LIMITS__DEADLINE", "5")])).unwrap_err();
-        assert!(err.to_string().contains("PROJECTOR_LIMITS__DEADLINE"), "{err}");
-        let err = Config::load(None, env(&[("PROJECTOR_HTTP__MAX_BODY_BYTES", "lots")])).unwrap_err();
+        assert!(
+            err.to_string().contains("PROJECTOR_LIMITS__DEADLINE"),
+            "{err}"
+        );
+        let err =
+            Config::load(None, env(&[("PROJECTOR_HTTP__MAX_BODY_BYTES", "lots")])).unwrap_err();
         assert!(err.to_string().contains("expected an integer"), "{err}");
-        let err = Config::load(None, env(&[("PROJECTOR_RUNNER__MAX_BATCH_EVENTS", "0")])).unwrap_err();
+        let err =
+            Config::load(None, env(&[("PROJECTOR_RUNNER__MAX_BATCH_EVENTS", "0")])).unwrap_err();
         assert!(err.to_string().contains("max_batch_events"), "{err}");
     }
 

@@ -135,26 +135,47 @@ mod tests {
             5,
             Instant::now() + Duration::from_secs(10),
         ));
-        tx.send_replace(Progress { position: 3, failed: false });
+        tx.send_replace(Progress {
+            position: 3,
+            failed: false,
+        });
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
-        tx.send_replace(Progress { position: 7, failed: false });
+        tx.send_replace(Progress {
+            position: 7,
+            failed: false,
+        });
         assert_eq!(waiter.await.unwrap().unwrap(), 7);
     }
 
     #[tokio::test]
     async fn a_waiter_times_out_with_the_position_reached() {
-        let (tx, rx) = watch::channel(Progress { position: 2, failed: false });
+        let (tx, rx) = watch::channel(Progress {
+            position: 2,
+            failed: false,
+        });
         let err = wait_for_position(rx, 5, Instant::now() + Duration::from_millis(20))
             .await
             .unwrap_err();
-        assert!(matches!(err, WaitError::Timeout { reached: 2, target: 5 }), "{err}");
+        assert!(
+            matches!(
+                err,
+                WaitError::Timeout {
+                    reached: 2,
+                    target: 5
+                }
+            ),
+            "{err}"
+        );
         drop(tx);
     }
 
     #[tokio::test]
     async fn a_failed_projection_answers_at_once() {
-        let (_tx, rx) = watch::channel(Progress { position: 2, failed: true });
+        let (_tx, rx) = watch::channel(Progress {
+            position: 2,
+            failed: true,
+        });
         let err = wait_for_position(rx, 5, Instant::now() + Duration::from_secs(10))
             .await
             .unwrap_err();

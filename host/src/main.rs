@@ -35,7 +35,11 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         batch_size: usize,
         /// Cache for compiled plugins.
-        #[arg(long, env = "PROJECTOR_CACHE_DIR", default_value = "projector-data/cache")]
+        #[arg(
+            long,
+            env = "PROJECTOR_CACHE_DIR",
+            default_value = "projector-data/cache"
+        )]
         cache_dir: PathBuf,
     },
 }

@@ -33,10 +33,13 @@ pub enum ReplayError {
         path: PathBuf,
         line: usize,
         event_id: String,
-        source: RuntimeError,
+        source: Box<RuntimeError>,
     },
     #[error("{path}: plugin failed on a batch: {source}")]
-    Batch { path: PathBuf, source: RuntimeError },
+    Batch {
+        path: PathBuf,
+        source: Box<RuntimeError>,
+    },
     #[error("plugin wrote a document that is not JSON: {collection}/{key}: {reason}")]
     Document {
         collection: String,
@@ -137,11 +140,11 @@ pub fn replay(plugin: &Plugin, path: &Path, batch_size: usize) -> Result<ReadMod
                         path: path.to_owned(),
                         line: *line,
                         event_id: event.id.clone(),
-                        source,
+                        source: Box::new(source),
                     },
                     None => ReplayError::Batch {
                         path: path.to_owned(),
-                        source,
+                        source: Box::new(source),
                     },
                 })
             }

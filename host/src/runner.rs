@@ -203,9 +203,10 @@ impl Runner {
         }
         match self.store.commit(descriptor, &output, last).await {
             Ok(()) => {
-                self.projection
-                    .progress
-                    .send_replace(Progress { position: last, failed: false });
+                self.projection.progress.send_replace(Progress {
+                    position: last,
+                    failed: false,
+                });
                 Step::Committed
             }
             Err(err) => Step::Retry(err.to_string()),

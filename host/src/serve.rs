@@ -40,7 +40,10 @@ pub enum ServeError {
     #[error("unsupported database URL {0:?} (expected sqlite://FILE)")]
     DatabaseUrl(String),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: String, source: std::io::Error },
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("HTTP server: {0}")]
     Http(std::io::Error),
 }

@@ -12,8 +12,12 @@ async fn head(api: &Api) -> Value {
 async fn bad_appends_are_refused_with_the_reason_and_write_nothing() {
     let server = Server::start(&plugin_set(&["account-balance"], &[]));
     let api = server.api();
-    api.append("acct-1", "AccountOpened", json!({"owner": "a", "currency": "EUR"}))
-        .await;
+    api.append(
+        "acct-1",
+        "AccountOpened",
+        json!({"owner": "a", "currency": "EUR"}),
+    )
+    .await;
     let before = head(&api).await;
 
     let cases: Vec<(&str, String, u16, &str, &str)> = vec![
@@ -35,12 +39,19 @@ async fn bad_appends_are_refused_with_the_reason_and_write_nothing() {
         assert_eq!(got, status, "{what}: {reply}");
         assert_eq!(reply["error"]["code"], code, "{what}: {reply}");
         let message = reply["error"]["message"].as_str().unwrap_or_default();
-        assert!(message.contains(mention), "{what}: {message:?} should mention {mention:?}");
+        assert!(
+            message.contains(mention),
+            "{what}: {message:?} should mention {mention:?}"
+        );
     }
     // The server answers an oversized body before reading it and closes that connection;
     // a new client avoids reusing it.
     let api = server.api();
-    assert_eq!(head(&api).await, before, "a refused request wrote something");
+    assert_eq!(
+        head(&api).await,
+        before,
+        "a refused request wrote something"
+    );
 
     // A duplicate id is a conflict.
     let id = uuid::Uuid::new_v4().to_string();
@@ -58,23 +69,68 @@ async fn bad_reads_name_what_was_wrong() {
     let cases = [
         ("/projections/nope", 404, "unknown_projection"),
         ("/projections/nope/accounts/a", 404, "unknown_projection"),
-        ("/projections/account-balance/cards/a", 404, "unknown_collection"),
-        ("/projections/account-balance/accounts/missing", 404, "not_found"),
-        ("/projections/account-balance/accounts/a?wait_for=acct-1", 400, "invalid_parameter"),
-        ("/projections/account-balance/accounts/a?wait_for=acct-1@x", 400, "invalid_parameter"),
-        ("/projections/account-balance/accounts/a?min_position=-1", 400, "invalid_parameter"),
-        ("/projections/account-balance/accounts/a?colour=red", 400, "invalid_parameter"),
-        ("/projections/account-balance/accounts?balance=1", 400, "invalid_filter"),
-        ("/projections/account-balance/accounts?limit=0", 400, "invalid_parameter"),
-        ("/projections/account-balance/accounts?limit=100000", 400, "invalid_parameter"),
-        ("/projections/account-balance/accounts/a?min_position=99&timeout_ms=50", 504, "wait_timeout"),
+        (
+            "/projections/account-balance/cards/a",
+            404,
+            "unknown_collection",
+        ),
+        (
+            "/projections/account-balance/accounts/missing",
+            404,
+            "not_found",
+        ),
+        (
+            "/projections/account-balance/accounts/a?wait_for=acct-1",
+            400,
+            "invalid_parameter",
+        ),
+        (
+            "/projections/account-balance/accounts/a?wait_for=acct-1@x",
+            400,
+            "invalid_parameter",
+        ),
+        (
+            "/projections/account-balance/accounts/a?min_position=-1",
+            400,
+            "invalid_parameter",
+        ),
+        (
+            "/projections/account-balance/accounts/a?colour=red",
+            400,
+            "invalid_parameter",
+        ),
+        (
+            "/projections/account-balance/accounts?balance=1",
+            400,
+            "invalid_filter",
+        ),
+        (
+            "/projections/account-balance/accounts?limit=0",
+            400,
+            "invalid_parameter",
+        ),
+        (
+            "/projections/account-balance/accounts?limit=100000",
+            400,
+            "invalid_parameter",
+        ),
+        (
+            "/projections/account-balance/accounts/a?min_position=99&timeout_ms=50",
+            504,
+            "wait_timeout",
+        ),
         ("/nowhere", 404, "no_route"),
     ];
     for (path, status, code) in cases {
         let (got, body) = api.get(path).await;
         assert_eq!(got, status, "{path}: {body}");
         assert_eq!(body["error"]["code"], code, "{path}: {body}");
-        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{path}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{path}: {body}"
+        );
     }
     let (_, body) = api
         .get("/projections/account-balance/accounts/a?min_position=99&timeout_ms=50")

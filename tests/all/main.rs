@@ -4,5 +4,7 @@
 mod bad_input;
 mod pipeline;
 mod replay;
+mod restart;
 mod runtime;
+mod seed;
 mod support;

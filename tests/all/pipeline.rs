@@ -8,9 +8,15 @@ use crate::support::{plugin_set, Server};
 async fn a_read_with_wait_for_sees_the_append_it_names() {
     let server = Server::start(&plugin_set(&["account-balance"], &[]));
     let api = server.api();
-    api.append("acct-1", "AccountOpened", json!({"owner": "alice", "currency": "EUR"}))
+    api.append(
+        "acct-1",
+        "AccountOpened",
+        json!({"owner": "alice", "currency": "EUR"}),
+    )
+    .await;
+    let (version, _) = api
+        .append("acct-1", "Deposited", json!({"amount": 25}))
         .await;
-    let (version, _) = api.append("acct-1", "Deposited", json!({"amount": 25})).await;
     let (status, body) = api
         .get(&format!(
             "/projections/account-balance/accounts/acct-1?wait_for=acct-1@{version}"
@@ -27,7 +33,11 @@ async fn min_position_waits_for_the_position_returned_by_the_append() {
     let server = Server::start(&plugin_set(&["account-balance"], &[]));
     let api = server.api();
     let (_, position) = api
-        .append("acct-9", "AccountOpened", json!({"owner": "zoe", "currency": "USD"}))
+        .append(
+            "acct-9",
+            "AccountOpened",
+            json!({"owner": "zoe", "currency": "USD"}),
+        )
         .await;
     let (status, body) = api
         .get(&format!(
@@ -80,8 +90,12 @@ async fn per_stream_order_holds_across_concurrent_appends_to_50_streams() {
 async fn a_stale_expected_version_is_a_conflict_that_writes_nothing() {
     let server = Server::start(&plugin_set(&["account-balance"], &[]));
     let api = server.api();
-    api.append("acct-1", "AccountOpened", json!({"owner": "a", "currency": "EUR"}))
-        .await;
+    api.append(
+        "acct-1",
+        "AccountOpened",
+        json!({"owner": "a", "currency": "EUR"}),
+    )
+    .await;
     let head_before = api.projection("account-balance").await["head"].clone();
     // The first event is fine on its own; the second's expectation is stale, so neither lands.
     let (status, body) = api
@@ -120,13 +134,18 @@ async fn lists_filter_on_indexed_fields_and_paginate_with_a_cursor() {
     for i in 0..7 {
         let owner = if i % 2 == 0 { "even" } else { "odd" };
         (_, last) = api
-            .append(&format!("acct-{i}"), "AccountOpened", json!({"owner": owner, "currency": "EUR"}))
+            .append(
+                &format!("acct-{i}"),
+                "AccountOpened",
+                json!({"owner": owner, "currency": "EUR"}),
+            )
             .await;
     }
     let mut keys = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
-        let mut path = format!("/projections/account-balance/accounts?owner=even&limit=2&min_position={last}");
+        let mut path =
+            format!("/projections/account-balance/accounts?owner=even&limit=2&min_position={last}");
         if let Some(c) = &cursor {
             path.push_str(&format!("&cursor={c}"));
         }
@@ -149,8 +168,12 @@ async fn a_failing_plugin_stops_only_its_own_projection() {
     let server = Server::start(&plugin_set(&["account-balance"], &["misbehave"]));
     let api = server.api();
     let (_, boom) = api.append("poison", "Panic", json!({})).await;
-    api.append("acct-1", "AccountOpened", json!({"owner": "a", "currency": "EUR"}))
-        .await;
+    api.append(
+        "acct-1",
+        "AccountOpened",
+        json!({"owner": "a", "currency": "EUR"}),
+    )
+    .await;
 
     // The healthy projection goes on past the poison event.
     let (status, body) = api
@@ -160,7 +183,9 @@ async fn a_failing_plugin_stops_only_its_own_projection() {
 
     // The failing one reports why and where, and waiting on it answers at once.
     let (status, body) = api
-        .get(&format!("/projections/misbehave/out/x?min_position={boom}&timeout_ms=30000"))
+        .get(&format!(
+            "/projections/misbehave/out/x?min_position={boom}&timeout_ms=30000"
+        ))
         .await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "projection_failed");
@@ -183,7 +208,9 @@ async fn events_a_projection_does_not_subscribe_to_still_move_its_checkpoint() {
     let api = server.api();
     let (_, position) = api.append("cart-1", "ItemAdded", json!({"sku": "x"})).await;
     let (status, body) = api
-        .get(&format!("/projections/account-balance/_streams/cart-1?min_position={position}"))
+        .get(&format!(
+            "/projections/account-balance/_streams/cart-1?min_position={position}"
+        ))
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["applied_version"], 1);

@@ -121,7 +121,9 @@ impl Server {
         let mut child = command.spawn().expect("start projector serve");
         let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
-        stdout.read_line(&mut line).expect("read the listening line");
+        stdout
+            .read_line(&mut line)
+            .expect("read the listening line");
         let base = line
             .trim()
             .strip_prefix("projector listening on ")
@@ -135,7 +137,10 @@ impl Server {
             base,
             data_dir: data_dir.to_owned(),
             plugins: plugins.to_owned(),
-            env: env.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
             _stdout: stdout,
         }
     }
@@ -149,7 +154,11 @@ impl Server {
     /// Kills this server and starts another on the same data and plugins.
     pub fn restart(&mut self) {
         self.kill();
-        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         let next = Self::start_with(&self.plugins.clone(), &self.data_dir.clone(), &env);
         *self = next;
     }
@@ -159,10 +168,6 @@ impl Server {
             base: self.base.clone(),
             http: reqwest::Client::new(),
         }
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.data_dir.join("server.log")).unwrap_or_default()
     }
 }
 
@@ -236,7 +241,10 @@ impl Api {
             .await;
         assert_eq!(status, 201, "{body}");
         let e = &body["events"][0];
-        (e["version"].as_u64().unwrap(), e["position"].as_u64().unwrap())
+        (
+            e["version"].as_u64().unwrap(),
+            e["position"].as_u64().unwrap(),
+        )
     }
 
     /// The projection's entry in `GET /projections`.

@@ -107,9 +107,11 @@ impl From<AppendError> for ApiError {
             AppendError::Invalid { index, .. } => {
                 Self::bad_request("invalid_event", message).with("index", index)
             }
-            AppendError::Unsupported => {
-                Self::new(StatusCode::METHOD_NOT_ALLOWED, "append_unsupported", message)
-            }
+            AppendError::Unsupported => Self::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "append_unsupported",
+                message,
+            ),
             AppendError::Source(err) => err.into(),
         }
     }
@@ -129,11 +131,13 @@ impl From<WaitError> for ApiError {
                     .with("stream", stream)
                     .with("version", version)
             }
-            WaitError::Failed { reached, target } => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "projection_failed", message)
-                    .with("position", reached)
-                    .with("target", target)
-            }
+            WaitError::Failed { reached, target } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "projection_failed",
+                message,
+            )
+            .with("position", reached)
+            .with("target", target),
             WaitError::Source(err) => err.into(),
         }
     }

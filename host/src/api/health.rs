@@ -23,7 +23,9 @@ pub async fn readyz(State(app): State<AppState>) -> (StatusCode, Json<Value>) {
         if health.status == ProjectionStatus::Failed {
             problems.push(json!({ "component": format!("projection {}", projection.name()), "error": health.error }));
         } else if let Some(error) = health.retrying {
-            problems.push(json!({ "component": format!("projection {}", projection.name()), "error": error }));
+            problems.push(
+                json!({ "component": format!("projection {}", projection.name()), "error": error }),
+            );
         }
     }
     if problems.is_empty() {

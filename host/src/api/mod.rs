@@ -34,9 +34,18 @@ pub fn router(state: AppState) -> Router {
         .route("/events", post(events::append))
         .route("/projections", get(query::list_projections))
         .route("/projections/{name}", get(query::get_projection))
-        .route("/projections/{name}/_streams/{stream}", get(query::get_stream))
-        .route("/projections/{name}/{collection}", get(query::list_documents))
-        .route("/projections/{name}/{collection}/{key}", get(query::get_document))
+        .route(
+            "/projections/{name}/_streams/{stream}",
+            get(query::get_stream),
+        )
+        .route(
+            "/projections/{name}/{collection}",
+            get(query::list_documents),
+        )
+        .route(
+            "/projections/{name}/{collection}/{key}",
+            get(query::get_document),
+        )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .fallback(|| async {

@@ -38,9 +38,11 @@ impl ReadParams {
         let mut params = Self::default();
         for (name, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
             match &*name {
-                "wait_for" => params.wait_for.push(value.parse().map_err(|reason: String| {
-                    ApiError::bad_request("invalid_parameter", format!("`wait_for`: {reason}"))
-                })?),
+                "wait_for" => params
+                    .wait_for
+                    .push(value.parse().map_err(|reason: String| {
+                        ApiError::bad_request("invalid_parameter", format!("`wait_for`: {reason}"))
+                    })?),
                 "min_position" => params.min_position = Some(parse_number(&name, &value)?),
                 "timeout_ms" => params.timeout_ms = Some(parse_number(&name, &value)?),
                 "limit" => params.limit = Some(parse_number(&name, &value)?),
@@ -57,8 +59,11 @@ impl ReadParams {
             return Ok(());
         }
         let http = &app.config;
-        let deadline =
-            consistency::deadline(self.timeout_ms, http.wait_timeout_ms, http.max_wait_timeout_ms);
+        let deadline = consistency::deadline(
+            self.timeout_ms,
+            http.wait_timeout_ms,
+            http.max_wait_timeout_ms,
+        );
         let target = consistency::target_position(
             app.source.as_ref(),
             self.min_position,
@@ -74,8 +79,11 @@ impl ReadParams {
 fn projection(app: &AppState, name: &str) -> Result<Arc<Projection>, ApiError> {
     app.projections.get(name).cloned().ok_or_else(|| {
         let known: Vec<&String> = app.projections.keys().collect();
-        ApiError::not_found("unknown_projection", format!("no projection named {name:?}"))
-            .with("projections", json!(known))
+        ApiError::not_found(
+            "unknown_projection",
+            format!("no projection named {name:?}"),
+        )
+        .with("projections", json!(known))
     })
 }
 

@@ -179,9 +179,7 @@ impl Source for SqliteOutbox {
                 }
             }
             let version = current + 1;
-            let id = event
-                .id
-                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            let id = event.id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
             let headers: Vec<(&String, &String)> = event.headers.iter().collect();
             let headers = serde_json::to_string(&headers).unwrap_or_else(|_| "[]".into());
             let position: i64 = sqlx::query_scalar(

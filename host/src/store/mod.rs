@@ -118,11 +118,21 @@ pub trait Store: Send + Sync {
 pub fn table_name(projection: &Descriptor, collection: &str) -> String {
     let fold = |s: &str| -> String {
         s.chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
             .collect()
     };
     let digest = Sha256::digest(
-        format!("{}\0{}\0{}", projection.name, projection.version, collection).as_bytes(),
+        format!(
+            "{}\0{}\0{}",
+            projection.name, projection.version, collection
+        )
+        .as_bytes(),
     );
     format!(
         "rm_{}_{}_{}_{:02x}{:02x}{:02x}{:02x}",

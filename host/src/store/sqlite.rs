@@ -10,9 +10,7 @@ use serde_json::value::RawValue;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, SqlitePool};
 
-use super::{
-    now_ms, table_name, Document, ListQuery, ProjectionStatus, Store, StoreError,
-};
+use super::{now_ms, table_name, Document, ListQuery, ProjectionStatus, Store, StoreError};
 use crate::runtime::{BatchOutput, Descriptor};
 
 const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../../migrations/sqlite/0001_init.sql"))];
@@ -203,14 +201,13 @@ impl Store for Sqlite {
             for (key, doc) in writes {
                 match doc {
                     Some(doc) => {
-                        let text = std::str::from_utf8(doc).map_err(|e| {
-                            StoreError::InvalidDocument {
+                        let text =
+                            std::str::from_utf8(doc).map_err(|e| StoreError::InvalidDocument {
                                 projection: projection.name.clone(),
                                 collection: collection.clone(),
                                 key: key.clone(),
                                 reason: e.to_string(),
-                            }
-                        })?;
+                            })?;
                         puts.push((key.as_str(), text));
                     }
                     None => deletes.push(key.as_str()),
@@ -308,7 +305,8 @@ impl Store for Sqlite {
             let expr = json_path(field);
             // A query string has no types: "42" matches the number 42 and the string "42",
             // "true" the boolean; each alternative is an equality the expression index serves.
-            sql.push(format!(" AND ({expr} = ")).push_bind(value.clone());
+            sql.push(format!(" AND ({expr} = "))
+                .push_bind(value.clone());
             if let Ok(n) = value.parse::<i64>() {
                 sql.push(format!(" OR {expr} = ")).push_bind(n);
             } else if let Ok(x) = value.parse::<f64>() {
@@ -321,7 +319,8 @@ impl Store for Sqlite {
         if let Some(after) = &query.after {
             sql.push(" AND key > ").push_bind(after.clone());
         }
-        sql.push(" ORDER BY key LIMIT ").push_bind(i64::from(query.limit));
+        sql.push(" ORDER BY key LIMIT ")
+            .push_bind(i64::from(query.limit));
         let rows = sql
             .build()
             .fetch_all(&self.read)

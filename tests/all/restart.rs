@@ -1,0 +1,136 @@
+//! Invariant 2: a batch's documents and the checkpoint commit together, so a SIGKILL at any
+//! moment leaves a prefix of the stream applied and a restart goes on from there.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
+use crate::support::{plugin_path, plugin_set, tempdir, Api, Server};
+
+const ACCOUNTS: usize = 100;
+const OPS_PER_ACCOUNT: usize = 49;
+
+async fn all_documents(api: &Api, min_position: u64) -> BTreeMap<String, Value> {
+    let mut docs = BTreeMap::new();
+    let mut cursor = String::new();
+    loop {
+        let (status, body) = api
+            .get(&format!(
+                "/projections/account-balance/accounts?limit=1000&min_position={min_position}&timeout_ms=60000{cursor}"
+            ))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        for item in body["items"].as_array().unwrap() {
+            docs.insert(
+                item["key"].as_str().unwrap().to_owned(),
+                item["document"].clone(),
+            );
+        }
+        match body["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => return docs,
+        }
+    }
+}
+
+#[tokio::test]
+async fn sigkill_mid_catch_up_ten_times_loses_and_repeats_nothing() {
+    let seed: u64 = rand::random();
+    println!("seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let data = tempdir("restart");
+
+    // Fill the outbox with no projection running, so the projection starts with a backlog.
+    let no_plugins = plugin_set(&[], &[]);
+    let writer = Server::start_with(&no_plugins, &data, &[]);
+    let api = writer.api();
+    let mut lines = Vec::new();
+    let mut events = Vec::new();
+    for a in 0..ACCOUNTS {
+        events.push(json!({"stream": format!("acct-{a:03}"), "stream_type": "Account",
+            "type": "AccountOpened", "payload": {"owner": format!("owner-{a}"), "currency": "EUR"}}));
+    }
+    for i in 0..ACCOUNTS * OPS_PER_ACCOUNT {
+        let kind = if rng.next_u32() % 3 == 0 {
+            "Withdrawn"
+        } else {
+            "Deposited"
+        };
+        let amount = 1 + rng.next_u32() % 100;
+        events.push(
+            json!({"stream": format!("acct-{:03}", i % ACCOUNTS), "stream_type": "Account",
+            "type": kind, "payload": {"amount": amount}}),
+        );
+    }
+    let mut head = 0;
+    for chunk in events.chunks(500) {
+        let (status, body) = api.post("/events", &json!({ "events": chunk })).await;
+        assert_eq!(status, 201, "{body}");
+        head = body["position"].as_u64().unwrap();
+    }
+    for e in &events {
+        lines.push(e.to_string());
+    }
+    drop(writer);
+
+    // Small batches: many commits, so the kills land between and during them.
+    let env = [("PROJECTOR_RUNNER__MAX_BATCH_EVENTS", "40")];
+    let plugins = plugin_set(&["account-balance"], &[]);
+    let mut server = Server::start_with(&plugins, &data, &env);
+    let mut mid_catch_up = 0;
+    for round in 0..10 {
+        tokio::time::sleep(Duration::from_millis(5 + u64::from(rng.next_u32() % 60))).await;
+        let checkpoint = server.api().projection("account-balance").await["checkpoint"]
+            .as_u64()
+            .unwrap();
+        server.kill();
+        println!("round {round}: killed at checkpoint {checkpoint} of {head}");
+        if checkpoint > 0 && checkpoint < head {
+            mid_catch_up += 1;
+        }
+        server.restart();
+    }
+    assert!(
+        mid_catch_up >= 3,
+        "only {mid_catch_up} of 10 kills landed mid-catch-up"
+    );
+
+    let served = all_documents(&server.api(), head).await;
+    assert_eq!(served.len(), ACCOUNTS);
+    for (key, doc) in &served {
+        assert_eq!(doc["tx_count"], OPS_PER_ACCOUNT as u64, "{key}: {doc}");
+        assert_eq!(
+            doc["last_version"],
+            OPS_PER_ACCOUNT as u64 + 1,
+            "{key}: {doc}"
+        );
+    }
+
+    // The same events in one uninterrupted run.
+    let file = data.join("events.jsonl");
+    let mut out = std::fs::File::create(&file).unwrap();
+    for line in &lines {
+        writeln!(out, "{line}").unwrap();
+    }
+    let replay = std::process::Command::new(env!("CARGO_BIN_EXE_projector"))
+        .args(["replay", "--plugin"])
+        .arg(plugin_path("account-balance"))
+        .arg("--events")
+        .arg(&file)
+        .arg("--cache-dir")
+        .arg(data.join("cache"))
+        .output()
+        .unwrap();
+    assert!(
+        replay.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    let expected: Value = serde_json::from_slice(&replay.stdout).unwrap();
+    let expected: BTreeMap<String, Value> =
+        serde_json::from_value(expected["accounts"].clone()).unwrap();
+    assert_eq!(served, expected);
+}
