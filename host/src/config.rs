@@ -49,6 +49,9 @@ pub struct RunnerConfig {
     pub max_batch_bytes: usize,
     /// Longest pause between retries after a database error.
     pub max_retry_backoff_ms: u64,
+    /// Committed documents kept in memory per projection, so a batch reads them without a
+    /// query.
+    pub cached_documents: usize,
 }
 
 impl Default for RunnerConfig {
@@ -57,6 +60,7 @@ impl Default for RunnerConfig {
             max_batch_events: 2_000,
             max_batch_bytes: 8 << 20,
             max_retry_backoff_ms: 5_000,
+            cached_documents: 100_000,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! waiters answered at once); a database error is retried with backoff forever, since the
 //! batch is intact and the database usually comes back; shutdown stops between batches.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -14,15 +15,18 @@ use tokio::sync::watch;
 use crate::config::RunnerConfig;
 use crate::consistency::Progress;
 use crate::event::Event;
-use crate::runtime::{BatchOutput, BoxError, Descriptor, DocumentReader, Plugin, RuntimeError};
+use crate::runtime::{
+    BatchHandler, BatchOutput, BoxError, Descriptor, DocumentReader, RuntimeError,
+};
 use crate::source::Source;
 use crate::store::{ProjectionStatus, Store};
 
 /// A projection as the rest of the host sees it: its plugin, its progress, its health.
 pub struct Projection {
-    pub plugin: Arc<Plugin>,
+    pub plugin: Arc<dyn BatchHandler>,
     progress: watch::Sender<Progress>,
     health: Mutex<Health>,
+    documents: Arc<Mutex<DocumentCache>>,
 }
 
 /// The health of a projection, as `GET /projections` shows it.
@@ -36,9 +40,12 @@ pub struct Health {
 }
 
 impl Projection {
-    pub fn new(plugin: Arc<Plugin>, checkpoint: u64) -> Self {
+    pub fn new(plugin: Arc<dyn BatchHandler>, checkpoint: u64) -> Self {
         Self {
             plugin,
+            // A projection that starts from position 0 has empty tables: the cache then holds
+            // every document there is, and a miss needs no query.
+            documents: Arc::new(Mutex::new(DocumentCache::new(checkpoint == 0))),
             progress: watch::Sender::new(Progress {
                 position: checkpoint,
                 failed: false,
@@ -203,6 +210,11 @@ impl Runner {
         }
         match self.store.commit(descriptor, &output, last).await {
             Ok(()) => {
+                self.projection
+                    .documents
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .apply(&output, self.config.cached_documents);
                 self.projection.progress.send_replace(Progress {
                     position: last,
                     failed: false,
@@ -219,6 +231,8 @@ impl Runner {
             store: self.store.clone(),
             descriptor: self.projection.descriptor().clone(),
             runtime: tokio::runtime::Handle::current(),
+            cache: self.projection.documents.clone(),
+            capacity: self.config.cached_documents,
         });
         let first = events.first().map(|e| e.position).unwrap_or(0);
         let result = tokio::task::spawn_blocking(move || {
@@ -259,12 +273,60 @@ fn check_documents(output: &BatchOutput) -> Result<(), String> {
     Ok(())
 }
 
-/// `state.get` for a plugin in the pipeline: the committed document, read from the store on
-/// the plugin's (blocking) thread.
+/// Committed documents, as the store has them, so a catch-up does not query the store for every
+/// document a batch touches. Bounded: when full it is dropped whole and refilled from misses.
+struct DocumentCache {
+    docs: HashMap<(String, String), Option<Arc<[u8]>>>,
+    /// Whether every committed document is in `docs` (so a miss means "no document").
+    complete: bool,
+}
+
+impl DocumentCache {
+    fn new(complete: bool) -> Self {
+        Self {
+            docs: HashMap::new(),
+            complete,
+        }
+    }
+
+    fn get(&self, collection: &str, key: &str) -> Option<Option<Arc<[u8]>>> {
+        // A tuple key cannot be looked up by borrowed parts; the allocation is far cheaper
+        // than the query it saves.
+        match self.docs.get(&(collection.to_owned(), key.to_owned())) {
+            Some(doc) => Some(doc.clone()),
+            None if self.complete => Some(None),
+            None => None,
+        }
+    }
+
+    fn insert(&mut self, collection: &str, key: &str, doc: Option<Arc<[u8]>>, capacity: usize) {
+        if self.docs.len() >= capacity {
+            self.docs.clear();
+            self.complete = false;
+        }
+        self.docs
+            .insert((collection.to_owned(), key.to_owned()), doc);
+    }
+
+    /// Applies a committed batch.
+    fn apply(&mut self, output: &BatchOutput, capacity: usize) {
+        for (collection, writes) in &output.writes {
+            for (key, doc) in writes {
+                let doc = doc.as_deref().map(Arc::from);
+                self.insert(collection, key, doc, capacity);
+            }
+        }
+    }
+}
+
+/// `state.get` for a plugin in the pipeline: the committed document, from the cache or read
+/// from the store on the plugin's (blocking) thread.
 struct StoreReader {
     store: Arc<dyn Store>,
     descriptor: Descriptor,
     runtime: tokio::runtime::Handle,
+    cache: Arc<Mutex<DocumentCache>>,
+    capacity: usize,
 }
 
 impl DocumentReader for StoreReader {
@@ -272,9 +334,15 @@ impl DocumentReader for StoreReader {
         if self.descriptor.collection(collection).is_none() {
             return Ok(None);
         }
+        let cache = || self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(doc) = cache().get(collection, key) {
+            return Ok(doc.map(|d| d.to_vec()));
+        }
         let doc = self
             .runtime
-            .block_on(self.store.document(&self.descriptor, collection, key))?;
-        Ok(doc.map(|d| d.json.get().as_bytes().to_vec()))
+            .block_on(self.store.document(&self.descriptor, collection, key))?
+            .map(|d| Arc::<[u8]>::from(d.json.get().as_bytes()));
+        cache().insert(collection, key, doc.clone(), self.capacity);
+        Ok(doc.map(|d| d.to_vec()))
     }
 }

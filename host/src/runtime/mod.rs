@@ -212,6 +212,31 @@ fn spawn_epoch_ticker(engine: &Engine, stop: Arc<AtomicBool>) {
         .unwrap_or_else(|err| tracing::error!(error = %err, "cannot start the deadline ticker"));
 }
 
+/// What a runner drives: something that describes itself and turns a batch of events into
+/// document writes. The WASM [`Plugin`] is the product's; the benchmark puts the same logic
+/// compiled natively behind it to measure what the sandbox costs.
+pub trait BatchHandler: Send + Sync {
+    fn descriptor(&self) -> &Descriptor;
+    fn handle(
+        &self,
+        events: &[Event],
+        docs: Arc<dyn DocumentReader>,
+    ) -> Result<BatchOutput, RuntimeError>;
+}
+
+impl BatchHandler for Plugin {
+    fn descriptor(&self) -> &Descriptor {
+        &self.descriptor
+    }
+    fn handle(
+        &self,
+        events: &[Event],
+        docs: Arc<dyn DocumentReader>,
+    ) -> Result<BatchOutput, RuntimeError> {
+        Plugin::handle(self, events, docs)
+    }
+}
+
 /// A loaded projection plugin, ready to run batches. Cheap to share across threads.
 pub struct Plugin {
     name: String,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::value::RawValue;
-use sqlx::Row;
+use sqlx::{QueryBuilder, Row};
 use tokio::sync::watch;
 
 use super::{validate, AppendError, Appended, NewEvent, Source, SourceError};
@@ -17,6 +17,9 @@ use crate::store::sqlite::Sqlite;
 /// How often the head is re-read in case another process wrote to the file. Appends through
 /// this process wake runners at once; this is only the fallback.
 const FALLBACK_POLL: Duration = Duration::from_secs(1);
+
+/// Rows or values per multi-row statement (8 binds a row: well under SQLite's bind limit).
+const ROWS_PER_STATEMENT: usize = 500;
 
 pub struct SqliteOutbox {
     db: Sqlite,
@@ -152,65 +155,109 @@ impl Source for SqliteOutbox {
             .begin()
             .await
             .map_err(db_err("beginning an append"))?;
-        let mut versions: HashMap<String, u64> = HashMap::new();
-        let mut appended = Vec::with_capacity(events.len());
-        for event in events {
-            let current = match versions.get(&event.stream) {
-                Some(v) => *v,
-                None => {
-                    let v: i64 = sqlx::query_scalar(
-                        "SELECT COALESCE(MAX(version), 0) FROM outbox WHERE stream = ?",
-                    )
-                    .bind(&event.stream)
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(db_err("reading a stream's version"))?;
-                    v as u64
+        // Current versions of every stream in the request, a few statements for the lot.
+        let mut versions: HashMap<&str, u64> = HashMap::new();
+        let mut streams: Vec<&str> = events.iter().map(|e| e.stream.as_str()).collect();
+        streams.sort_unstable();
+        streams.dedup();
+        for chunk in streams.chunks(ROWS_PER_STATEMENT) {
+            let mut sql =
+                QueryBuilder::new("SELECT stream, MAX(version) FROM outbox WHERE stream IN (");
+            let mut list = sql.separated(", ");
+            for stream in chunk {
+                list.push_bind(*stream);
+            }
+            sql.push(") GROUP BY stream");
+            let rows = sql
+                .build()
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_err("reading stream versions"))?;
+            for row in rows {
+                let stream: String = row.get(0);
+                if let Some(s) = chunk.iter().find(|s| **s == stream) {
+                    versions.insert(s, row.get::<i64, _>(1) as u64);
                 }
-            };
+            }
+        }
+        // Caller-chosen ids must be new, in the log and within the request.
+        let given: Vec<&str> = events.iter().filter_map(|e| e.id.as_deref()).collect();
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = given.iter().find(|id| !seen.insert(**id)) {
+            return Err(AppendError::DuplicateId {
+                id: (*dup).to_owned(),
+            });
+        }
+        for chunk in given.chunks(ROWS_PER_STATEMENT) {
+            let mut sql = QueryBuilder::new("SELECT id FROM outbox WHERE id IN (");
+            let mut list = sql.separated(", ");
+            for id in chunk {
+                list.push_bind(*id);
+            }
+            sql.push(") LIMIT 1");
+            if let Some(row) = sql
+                .build()
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err("checking event ids"))?
+            {
+                return Err(AppendError::DuplicateId { id: row.get(0) });
+            }
+        }
+        let mut rows = Vec::with_capacity(events.len());
+        for event in &events {
+            let current = versions.entry(event.stream.as_str()).or_insert(0);
             if let Some(expected) = event.expected_version {
-                if expected != current {
-                    // Dropping `tx` rolls back the request's earlier events too.
+                if expected != *current {
+                    // Dropping `tx` rolls back; nothing of the request is written.
                     return Err(AppendError::VersionConflict {
-                        stream: event.stream,
+                        stream: event.stream.clone(),
                         expected,
-                        current,
+                        current: *current,
                     });
                 }
             }
-            let version = current + 1;
-            let id = event.id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            *current += 1;
+            let id = event
+                .id
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
             let headers: Vec<(&String, &String)> = event.headers.iter().collect();
             let headers = serde_json::to_string(&headers).unwrap_or_else(|_| "[]".into());
-            let position: i64 = sqlx::query_scalar(
-                "INSERT INTO outbox (id, stream, stream_type, event_type, version, payload, headers, timestamp_ms) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING position",
-            )
-            .bind(&id)
-            .bind(&event.stream)
-            .bind(&event.stream_type)
-            .bind(&event.event_type)
-            .bind(version as i64)
-            .bind(event.payload.get())
-            .bind(headers)
-            .bind(now)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|err| match &err {
-                sqlx::Error::Database(db)
-                    if db.is_unique_violation() && db.message().contains("outbox.id") =>
-                {
-                    AppendError::DuplicateId { id: id.clone() }
-                }
-                _ => db_err("appending an event")(err).into(),
-            })?;
-            versions.insert(event.stream.clone(), version);
-            appended.push(Appended {
-                id,
-                stream: event.stream,
-                version,
-                position: position as u64,
+            rows.push((id, *current, headers, event));
+        }
+        let mut appended = Vec::with_capacity(rows.len());
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            let mut sql = QueryBuilder::new(
+                "INSERT INTO outbox (id, stream, stream_type, event_type, version, payload, headers, timestamp_ms) ",
+            );
+            sql.push_values(chunk, |mut row, (id, version, headers, event)| {
+                row.push_bind(id.as_str())
+                    .push_bind(event.stream.as_str())
+                    .push_bind(event.stream_type.as_str())
+                    .push_bind(event.event_type.as_str())
+                    .push_bind(*version as i64)
+                    .push_bind(event.payload.get())
+                    .push_bind(headers.as_str())
+                    .push_bind(now);
             });
+            sql.push(" RETURNING position");
+            let positions = sql
+                .build()
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_err("appending events"))?;
+            // RETURNING's row order is unspecified; positions are assigned in VALUES order.
+            let mut positions: Vec<i64> = positions.iter().map(|r| r.get(0)).collect();
+            positions.sort_unstable();
+            for ((id, version, _, event), position) in chunk.iter().zip(positions) {
+                appended.push(Appended {
+                    id: id.clone(),
+                    stream: event.stream.clone(),
+                    version: *version,
+                    position: position as u64,
+                });
+            }
         }
         tx.commit().await.map_err(db_err("committing an append"))?;
         if let Some(last) = appended.last() {

@@ -13,7 +13,7 @@ struct Amount {
     amount: i64,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 pub struct Account {
     pub owner: String,
     pub currency: String,
@@ -34,25 +34,26 @@ impl Projection for AccountBalance {
 
     fn handle(event: &Event, state: &mut State) -> Result<()> {
         let (id, version) = (&event.stream, event.version);
-        if event.event_type == "AccountOpened" {
-            let Opened { owner, currency } = event.payload()?;
-            let account = Account {
-                owner,
-                currency,
-                balance: 0,
-                tx_count: 0,
-                status: "open".into(),
-                last_version: version,
-            };
-            state.put("accounts", id, account);
-            return Ok(());
-        }
         let delta = match event.event_type.as_str() {
+            "AccountOpened" => {
+                let Opened { owner, currency } = event.payload()?;
+                let status = "open".into();
+                let last_version = version;
+                let account = Account {
+                    owner,
+                    currency,
+                    status,
+                    last_version,
+                    ..Default::default()
+                };
+                state.put("accounts", id, account);
+                return Ok(());
+            }
             "Deposited" => event.payload::<Amount>()?.amount,
             "Withdrawn" => -event.payload::<Amount>()?.amount,
             _ => 0,
         };
-        let found = state.update("accounts", id, |a: &mut Account| {
+        let opened = state.update("accounts", id, |a: &mut Account| {
             a.balance += delta;
             a.tx_count += 1;
             a.last_version = version;
@@ -60,10 +61,9 @@ impl Projection for AccountBalance {
                 a.status = "closed".into();
             }
         })?;
-        if !found {
-            return Err(Error::msg(format!("account {id} was never opened")));
-        }
-        Ok(())
+        opened
+            .then_some(())
+            .ok_or_else(|| Error::msg(format!("account {id} was never opened")))
     }
 }
 
