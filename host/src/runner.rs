@@ -94,12 +94,28 @@ pub struct Runner {
     config: RunnerConfig,
 }
 
-enum Step {
-    Committed,
-    Idle,
+/// Why a stage did not produce its result.
+enum Problem {
+    /// Transient (a database error): try again after a pause.
     Retry(String),
+    /// The plugin's fault: stop this projection.
     Fail(String),
 }
+
+/// A batch the plugin has handled: its documents are in the cache, not yet committed.
+struct Handled {
+    output: BatchOutput,
+    last: u64,
+}
+
+/// Exponential backoff between retries, reset by the next success.
+struct Backoff {
+    delay: Duration,
+    max: Duration,
+    failing: bool,
+}
+
+const FIRST_RETRY: Duration = Duration::from_millis(50);
 
 impl Runner {
     pub fn new(
@@ -117,115 +133,205 @@ impl Runner {
     }
 
     /// Runs until `shutdown` turns true or the plugin fails.
+    ///
+    /// A pipeline of three stages: while batch N commits, batch N+1 is handled (its reads see
+    /// N's documents through the cache) and batch N+2 is read. Only one commit is in flight, and
+    /// the checkpoint is published only once its commit is durable.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let name = self.projection.name().to_owned();
         let mut head = self.source.head();
-        let mut backoff = Duration::from_millis(50);
-        let max_backoff = Duration::from_millis(self.config.max_retry_backoff_ms.max(50));
-        tracing::info!(projection = %name, checkpoint = self.projection.checkpoint(), "runner started");
-        loop {
-            if *shutdown.borrow() {
+        let mut backoff = Backoff {
+            delay: FIRST_RETRY,
+            max: Duration::from_millis(self.config.max_retry_backoff_ms).max(FIRST_RETRY),
+            failing: false,
+        };
+        // Events up to here are handled: committed, or in `pending`.
+        let mut handled_to = self.projection.checkpoint();
+        let mut pending: Option<Handled> = None;
+        let mut prefetched: Option<Vec<Event>> = None;
+        tracing::info!(projection = %name, checkpoint = handled_to, "runner started");
+        while !*shutdown.borrow() {
+            let events = match prefetched.take() {
+                Some(events) if !events.is_empty() => events,
+                // Caught up: commit what is pending without another read first.
+                Some(_) if pending.is_some() => Vec::new(),
+                _ => {
+                    // Marked seen before reading, so an append after the read still wakes us.
+                    head.borrow_and_update();
+                    match self.read(handled_to).await {
+                        Ok(events) => events,
+                        Err(error) => {
+                            self.pause(&mut backoff, error, &mut shutdown).await;
+                            continue;
+                        }
+                    }
+                }
+            };
+            if events.is_empty() && pending.is_none() {
+                tokio::select! {
+                    _ = head.changed() => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            let last = events.last().map(|e| e.position);
+            let mut stop = shutdown.clone();
+            let commit = async {
+                match pending.take() {
+                    Some(batch) => self.commit(batch, &mut backoff, &mut stop).await,
+                    None => true,
+                }
+            };
+            let handle = async {
+                match last {
+                    Some(last) => Some(self.process(events, last).await),
+                    None => None,
+                }
+            };
+            let read_next = async {
+                match last {
+                    Some(last) => self.read(last).await.ok(),
+                    None => None,
+                }
+            };
+            let (committed, handled, next) = tokio::join!(commit, handle, read_next);
+            if !committed {
                 break;
             }
-            // Seen before reading, so an append that lands after the read still wakes us.
-            head.borrow_and_update();
-            match self.step().await {
-                Step::Committed => {
-                    if backoff > Duration::from_millis(50) {
-                        tracing::info!(projection = %name, "recovered");
-                        self.projection.update_health(|h| h.retrying = None);
-                        backoff = Duration::from_millis(50);
-                    }
+            match handled {
+                None => {}
+                Some(Ok(batch)) => {
+                    self.projection
+                        .documents
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .apply(&batch.output, self.config.cached_documents);
+                    handled_to = batch.last;
+                    pending = Some(batch);
+                    prefetched = next;
                 }
-                Step::Idle => {
-                    tokio::select! {
-                        _ = head.changed() => {}
-                        _ = shutdown.changed() => {}
-                    }
+                Some(Err(Problem::Retry(error))) => {
+                    self.pause(&mut backoff, error, &mut shutdown).await;
                 }
-                Step::Retry(error) => {
-                    tracing::warn!(projection = %name, error = %error, retry_in_ms = backoff.as_millis() as u64, "batch not committed, retrying");
-                    self.projection.update_health(|h| h.retrying = Some(error));
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.changed() => {}
-                    }
-                    backoff = (backoff * 2).min(max_backoff);
-                }
-                Step::Fail(error) => {
-                    tracing::error!(projection = %name, checkpoint = self.projection.checkpoint(), error = %error, "projection failed and stopped");
-                    self.projection.update_health(|h| {
-                        h.status = ProjectionStatus::Failed;
-                        h.error = Some(error.clone());
-                        h.retrying = None;
-                    });
-                    self.projection.progress.send_modify(|p| p.failed = true);
-                    if let Err(err) = self
-                        .store
-                        .set_status(&name, ProjectionStatus::Failed, Some(&error))
-                        .await
-                    {
-                        tracing::warn!(projection = %name, error = %err, "could not record the failure");
-                    }
+                Some(Err(Problem::Fail(error))) => {
+                    self.fail(error).await;
                     return;
                 }
             }
         }
+        if let Some(batch) = pending.take() {
+            // Shutting down: one attempt, so a clean stop leaves nothing to redo.
+            let (_, mut stopped) = watch::channel(true);
+            self.commit(batch, &mut backoff, &mut stopped).await;
+        }
         tracing::info!(projection = %name, checkpoint = self.projection.checkpoint(), "runner stopped");
     }
 
-    async fn step(&self) -> Step {
-        let checkpoint = self.projection.checkpoint();
-        let events = match self
-            .source
+    async fn read(&self, after: u64) -> Result<Vec<Event>, String> {
+        self.source
             .read(
-                checkpoint,
+                after,
                 self.config.max_batch_events,
                 self.config.max_batch_bytes,
             )
             .await
+            .map_err(|err| err.to_string())
+    }
+
+    /// Commits a handled batch, retrying database errors until it succeeds; `false` if
+    /// shutdown came first.
+    async fn commit(
+        &self,
+        batch: Handled,
+        backoff: &mut Backoff,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        loop {
+            match self
+                .store
+                .commit(self.projection.descriptor(), &batch.output, batch.last)
+                .await
+            {
+                Ok(()) => {
+                    self.projection.progress.send_replace(Progress {
+                        position: batch.last,
+                        failed: false,
+                    });
+                    if backoff.failing {
+                        tracing::info!(projection = %self.projection.name(), "recovered");
+                        self.projection.update_health(|h| h.retrying = None);
+                        backoff.failing = false;
+                        backoff.delay = FIRST_RETRY;
+                    }
+                    return true;
+                }
+                Err(err) => {
+                    if !self.pause(backoff, err.to_string(), shutdown).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits out a transient error; `false` if shutdown came first.
+    async fn pause(
+        &self,
+        backoff: &mut Backoff,
+        error: String,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        tracing::warn!(projection = %self.projection.name(), error = %error, retry_in_ms = backoff.delay.as_millis() as u64, "batch not committed, retrying");
+        self.projection.update_health(|h| h.retrying = Some(error));
+        backoff.failing = true;
+        let delay = backoff.delay;
+        backoff.delay = (backoff.delay * 2).min(backoff.max);
+        if *shutdown.borrow() {
+            return false;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => true,
+            _ = shutdown.changed() => false,
+        }
+    }
+
+    async fn fail(&self, error: String) {
+        let name = self.projection.name();
+        tracing::error!(projection = %name, checkpoint = self.projection.checkpoint(), error = %error, "projection failed and stopped");
+        self.projection.update_health(|h| {
+            h.status = ProjectionStatus::Failed;
+            h.error = Some(error.clone());
+            h.retrying = None;
+        });
+        self.projection.progress.send_modify(|p| p.failed = true);
+        if let Err(err) = self
+            .store
+            .set_status(name, ProjectionStatus::Failed, Some(&error))
+            .await
         {
-            Ok(events) => events,
-            Err(err) => return Step::Retry(err.to_string()),
-        };
-        let Some(last) = events.last().map(|e| e.position) else {
-            return Step::Idle;
-        };
+            tracing::warn!(projection = %name, error = %err, "could not record the failure");
+        }
+    }
+
+    /// Filters a batch to the plugin's event types and runs it; an empty filtered batch still
+    /// moves the checkpoint.
+    async fn process(&self, events: Vec<Event>, last: u64) -> Result<Handled, Problem> {
         let descriptor = self.projection.descriptor();
         let wanted: Vec<Event> = events
             .into_iter()
             .filter(|e| descriptor.subscribes_to(&e.event_type))
             .collect();
         let output = if wanted.is_empty() {
-            // Nothing for this plugin; the checkpoint still moves past these events.
             BatchOutput::default()
         } else {
-            match self.handle(wanted).await {
-                Ok(output) => output,
-                Err(step) => return step,
-            }
+            self.handle(wanted).await?
         };
-        if let Err(err) = check_documents(&output) {
-            return Step::Fail(format!("{} wrote {err}", descriptor.name));
-        }
-        match self.store.commit(descriptor, &output, last).await {
-            Ok(()) => {
-                self.projection
-                    .documents
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .apply(&output, self.config.cached_documents);
-                self.projection.progress.send_replace(Progress {
-                    position: last,
-                    failed: false,
-                });
-                Step::Committed
-            }
-            Err(err) => Step::Retry(err.to_string()),
-        }
+        check_documents(&output)
+            .map_err(|err| Problem::Fail(format!("{} wrote {err}", descriptor.name)))?;
+        Ok(Handled { output, last })
     }
 
-    async fn handle(&self, events: Vec<Event>) -> Result<BatchOutput, Step> {
+    async fn handle(&self, events: Vec<Event>) -> Result<BatchOutput, Problem> {
         let plugin = self.projection.plugin.clone();
         let reader = Arc::new(StoreReader {
             store: self.store.clone(),
@@ -243,7 +349,7 @@ impl Runner {
         match result {
             Ok((Ok(output), _)) => Ok(output),
             Ok((Err(RuntimeError::State { source, .. }), _)) => {
-                Err(Step::Retry(format!("reading a document: {source}")))
+                Err(Problem::Retry(format!("reading a document: {source}")))
             }
             Ok((Err(err), events)) => {
                 let at = err
@@ -251,9 +357,9 @@ impl Runner {
                     .and_then(|i| events.get(i))
                     .map(|e| format!(" at position {} ({}@{})", e.position, e.stream, e.version))
                     .unwrap_or_else(|| format!(" in the batch from position {first}"));
-                Err(Step::Fail(format!("{err}{at}")))
+                Err(Problem::Fail(format!("{err}{at}")))
             }
-            Err(join) => Err(Step::Fail(format!("plugin call aborted: {join}"))),
+            Err(join) => Err(Problem::Fail(format!("plugin call aborted: {join}"))),
         }
     }
 }

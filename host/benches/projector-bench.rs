@@ -1,0 +1,611 @@
+//! projector-bench: what the pipeline does per second, and what each part costs.
+//!
+//! `cargo bench -p projector --bench projector-bench [-- SCENARIO...]`, scenarios:
+//! `wasm` (plugin call micro-benchmark), `catchup`, `native` (catch-up with the same logic as
+//! native Rust: the WASM cost), `live`, `ryw` (read-your-writes seed scenario), `sweep` (batch
+//! sizes), `raw` (the same writes straight into SQLite). Default: all.
+//! Sizes: `BENCH_EVENTS` (200000), `BENCH_STREAMS` (10000), `BENCH_LIVE_SECS` (20),
+//! `BENCH_LIVE_RATE` (2000 events/s).
+//!
+//! Prints a table row and one `RESULT scenario=… events=… evps=… p50_ms=… p99_ms=…` line per
+//! scenario.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use account_balance::AccountBalance;
+use projector::config::{Config, RunnerConfig};
+use projector::event::Event;
+use projector::runner::{Projection, Runner};
+use projector::runtime::{
+    BatchHandler, BatchOutput, CollectionSpec, Descriptor, DocumentReader, Limits, MemoryDocuments,
+    Runtime, RuntimeConfig, RuntimeError,
+};
+use projector::source::outbox::SqliteOutbox;
+use projector::source::{NewEvent, Source};
+use projector::store::sqlite::Sqlite;
+use projector::store::Store;
+use serde_json::json;
+use tokio::sync::watch;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+fn plugin_file() -> PathBuf {
+    root().join("target/plugins/account-balance.wasm")
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("projector-bench-{name}-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn report(scenario: &str, events: usize, secs: f64, latencies_ms: &mut [f64], extra: &str) {
+    latencies_ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let evps = events as f64 / secs;
+    let (p50, p99, max) = (
+        percentile(latencies_ms, 0.5),
+        percentile(latencies_ms, 0.99),
+        latencies_ms.last().copied().unwrap_or(0.0),
+    );
+    println!(
+        "| {scenario:<22} | {events:>8} | {secs:>8.3} s | {evps:>12.0} ev/s | p50 {p50:>7.3} ms | p99 {p99:>7.3} ms | max {max:>7.3} ms | {extra}"
+    );
+    println!(
+        "RESULT scenario={scenario} events={events} evps={evps:.0} p50_ms={p50:.3} p99_ms={p99:.3} max_ms={max:.3} secs={secs:.3} {extra}"
+    );
+}
+
+/// A ~150-byte payload, as the targets assume.
+fn payload(kind: &str, i: usize) -> serde_json::Value {
+    match kind {
+        "AccountOpened" => json!({"owner": format!("owner-{i}"), "currency": "EUR",
+            "branch": "main-street-branch-0042", "channel": "mobile-app",
+            "reference": format!("{i:020}")}),
+        _ => json!({"amount": 1 + i % 97, "reference": format!("tx-{i:024}"),
+            "channel": "sepa-instant-transfer", "note": "monthly savings plan"}),
+    }
+}
+
+/// Event `i` of the generated log: streams round-robin, each opened by its first event.
+fn new_event(i: usize, streams: usize) -> NewEvent {
+    let stream = i % streams;
+    let kind = match (i / streams, i % 3) {
+        (0, _) => "AccountOpened",
+        (_, 0) => "Withdrawn",
+        _ => "Deposited",
+    };
+    NewEvent {
+        id: None,
+        stream: format!("acct-{stream:06}"),
+        stream_type: "Account".into(),
+        event_type: kind.into(),
+        payload: serde_json::value::to_raw_value(&payload(kind, i)).unwrap(),
+        expected_version: None,
+        headers: Default::default(),
+    }
+}
+
+/// A database file holding `events` events; each catch-up run gets a copy.
+async fn template(events: usize, streams: usize) -> PathBuf {
+    let dir = tempdir("template");
+    let file = dir.join("projector.db");
+    let url = format!("sqlite://{}", file.display());
+    let db = Sqlite::open(&url).await.unwrap();
+    let outbox = SqliteOutbox::new(db.clone()).await.unwrap();
+    let start = Instant::now();
+    for chunk in (0..events).collect::<Vec<_>>().chunks(5_000) {
+        outbox
+            .append(chunk.iter().map(|i| new_event(*i, streams)).collect())
+            .await
+            .unwrap();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!("(setup: appended {events} events over {streams} streams in {secs:.2} s, {:.0} ev/s through the append path)", events as f64 / secs);
+    db.close().await.unwrap();
+    file
+}
+
+async fn copy_of(template: &Path) -> (Sqlite, Arc<SqliteOutbox>) {
+    let dir = tempdir("run");
+    let file = dir.join("projector.db");
+    std::fs::copy(template, &file).unwrap();
+    let db = Sqlite::open(&format!("sqlite://{}", file.display()))
+        .await
+        .unwrap();
+    let outbox = Arc::new(SqliteOutbox::new(db.clone()).await.unwrap());
+    (db, outbox)
+}
+
+/// The account-balance logic compiled natively, behind the same seam as the WASM plugin.
+struct Native {
+    descriptor: Descriptor,
+}
+
+impl Native {
+    fn new() -> Self {
+        use projector_sdk::Projection as _;
+        let d = AccountBalance::describe();
+        Self {
+            descriptor: Descriptor {
+                name: d.name,
+                version: d.version,
+                event_types: d.event_types,
+                collections: d
+                    .collections
+                    .into_iter()
+                    .map(|c| CollectionSpec {
+                        name: c.name,
+                        indexes: c.indexes,
+                    })
+                    .collect(),
+            },
+        }
+    }
+}
+
+struct Collect {
+    docs: Arc<dyn DocumentReader>,
+    out: BatchOutput,
+}
+
+impl projector_sdk::Backend for Collect {
+    fn get(&mut self, collection: &str, key: &str) -> Option<Vec<u8>> {
+        if let Some(w) = self.out.writes.get(collection).and_then(|m| m.get(key)) {
+            return w.clone();
+        }
+        self.docs.get(collection, key).ok().flatten()
+    }
+    fn put(&mut self, collection: &str, key: &str, document: &[u8]) {
+        self.out
+            .writes
+            .entry(collection.to_owned())
+            .or_default()
+            .insert(key.to_owned(), Some(document.to_vec()));
+    }
+    fn delete(&mut self, collection: &str, key: &str) {
+        self.out
+            .writes
+            .entry(collection.to_owned())
+            .or_default()
+            .insert(key.to_owned(), None);
+    }
+}
+
+impl BatchHandler for Native {
+    fn descriptor(&self) -> &Descriptor {
+        &self.descriptor
+    }
+    fn handle(
+        &self,
+        events: &[Event],
+        docs: Arc<dyn DocumentReader>,
+    ) -> Result<BatchOutput, RuntimeError> {
+        // The same conversion the WASM path makes when it lowers events into the guest.
+        let events: Vec<projector_sdk::Event> = events
+            .iter()
+            .map(|e| projector_sdk::Event {
+                id: e.id.clone(),
+                stream: e.stream.clone(),
+                stream_type: e.stream_type.clone(),
+                event_type: e.event_type.clone(),
+                version: e.version,
+                position: e.position,
+                timestamp_ms: e.timestamp_ms,
+                payload: e.payload_bytes().to_vec(),
+                headers: e.headers.clone(),
+            })
+            .collect();
+        let mut backend = Collect {
+            docs,
+            out: BatchOutput::default(),
+        };
+        projector_sdk::run_batch::<AccountBalance>(&events, &mut backend).map_err(|e| {
+            RuntimeError::Guest {
+                plugin: "native".into(),
+                index: e.index,
+                event_id: String::new(),
+                message: e.message,
+            }
+        })?;
+        Ok(backend.out)
+    }
+}
+
+fn runtime() -> Runtime {
+    Runtime::new(RuntimeConfig {
+        limits: Limits::default(),
+        cache_dir: Some(root().join("target/bench-cache")),
+    })
+    .unwrap()
+}
+
+/// Runs a projection from position 0 to the head; returns seconds taken.
+async fn catch_up(template: &Path, handler: Arc<dyn BatchHandler>, max_batch: usize) -> f64 {
+    let (db, outbox) = copy_of(template).await;
+    let store: Arc<dyn Store> = Arc::new(db);
+    let head = *outbox.head().borrow();
+    let checkpoint = store.register(handler.descriptor()).await.unwrap();
+    let projection = Arc::new(Projection::new(handler, checkpoint));
+    let mut progress = projection.progress();
+    let config = RunnerConfig {
+        max_batch_events: max_batch,
+        max_batch_bytes: 64 << 20,
+        ..RunnerConfig::default()
+    };
+    let runner = Runner::new(projection.clone(), store, outbox, config);
+    let (stop, stopped) = watch::channel(false);
+    let start = Instant::now();
+    let task = tokio::spawn(runner.run(stopped));
+    progress
+        .wait_for(|p| p.position >= head || p.failed)
+        .await
+        .unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    assert!(!progress.borrow().failed, "{:?}", projection.health());
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    secs
+}
+
+async fn scenario_wasm() {
+    println!("\n## WASM plugin calls (account-balance, in memory)");
+    let cache = tempdir("cache");
+    let rt = Runtime::new(RuntimeConfig {
+        limits: Limits::default(),
+        cache_dir: Some(cache.clone()),
+    })
+    .unwrap();
+    let start = Instant::now();
+    let _compiled = rt.load_file(&plugin_file()).unwrap();
+    let compile_ms = start.elapsed().as_secs_f64() * 1e3;
+    let start = Instant::now();
+    let plugin = rt.load_file(&plugin_file()).unwrap();
+    let cached_ms = start.elapsed().as_secs_f64() * 1e3;
+    assert!(plugin.loaded_from_cache());
+    let docs = Arc::new(MemoryDocuments::default());
+    let streams = 1000;
+    let opened: Vec<Event> = (0..streams).map(|i| to_event(i, streams)).collect();
+    docs.apply(plugin.handle(&opened, docs.clone()).unwrap());
+    let rounds = 50;
+    let start = Instant::now();
+    for _ in 0..rounds {
+        plugin.handle(&[], docs.clone()).unwrap();
+    }
+    let instantiate_ms = start.elapsed().as_secs_f64() * 1e3 / rounds as f64;
+    println!("compile {compile_ms:.1} ms | load from cache {cached_ms:.2} ms | instantiate + empty call {instantiate_ms:.3} ms");
+    println!("RESULT scenario=wasm-load compile_ms={compile_ms:.1} cached_load_ms={cached_ms:.2} instantiate_ms={instantiate_ms:.3}");
+    for batch in [1usize, 100, 1000] {
+        let total = if batch == 1 { 20_000 } else { 200_000 };
+        let events: Vec<Event> = (streams..streams + total)
+            .map(|i| to_event(i, streams))
+            .collect();
+        let start = Instant::now();
+        for chunk in events.chunks(batch) {
+            plugin.handle(chunk, docs.clone()).unwrap();
+        }
+        let secs = start.elapsed().as_secs_f64();
+        report(
+            &format!("wasm-handle-batch-{batch}"),
+            total,
+            secs,
+            &mut [],
+            "",
+        );
+    }
+}
+
+fn to_event(i: usize, streams: usize) -> Event {
+    let e = new_event(i, streams);
+    Event {
+        id: format!("e{i}"),
+        stream: e.stream,
+        stream_type: e.stream_type,
+        event_type: e.event_type,
+        version: (i / streams + 1) as u64,
+        position: i as u64 + 1,
+        timestamp_ms: 1_700_000_000_000,
+        payload: e.payload,
+        headers: vec![],
+    }
+}
+
+async fn scenario_catchup(template: &Path, events: usize) -> f64 {
+    let plugin: Arc<dyn BatchHandler> = Arc::new(runtime().load_file(&plugin_file()).unwrap());
+    let secs = catch_up(template, plugin, RunnerConfig::default().max_batch_events).await;
+    report("catch-up-wasm", events, secs, &mut [], "store=sqlite");
+    secs
+}
+
+async fn scenario_native(template: &Path, events: usize, wasm_secs: Option<f64>) {
+    let secs = catch_up(
+        template,
+        Arc::new(Native::new()),
+        RunnerConfig::default().max_batch_events,
+    )
+    .await;
+    let ratio = wasm_secs
+        .map(|w| format!("wasm_over_native={:.2}", secs / w))
+        .unwrap_or_default();
+    report("catch-up-native", events, secs, &mut [], &ratio);
+}
+
+async fn scenario_sweep(template: &Path, events: usize) {
+    let plugin: Arc<dyn BatchHandler> = Arc::new(runtime().load_file(&plugin_file()).unwrap());
+    for batch in [1usize, 10, 100, 1000, 10_000] {
+        let secs = catch_up(template, plugin.clone(), batch).await;
+        report(&format!("sweep-batch-{batch}"), events, secs, &mut [], "");
+    }
+}
+
+async fn scenario_raw(template: &Path, events: usize, streams: usize) {
+    // The documents the catch-up writes, computed first (untimed), then committed batch by
+    // batch with the store's own statements: the floor under the pipeline.
+    let batch = RunnerConfig::default().max_batch_events;
+    let native = Native::new();
+    let docs = Arc::new(MemoryDocuments::default());
+    let mut outputs = Vec::new();
+    let all: Vec<Event> = (0..events).map(|i| to_event(i, streams)).collect();
+    for chunk in all.chunks(batch) {
+        let out = native.handle(chunk, docs.clone()).unwrap();
+        docs.apply(out.clone());
+        outputs.push((out, chunk.last().unwrap().position));
+    }
+    let (db, _) = copy_of(template).await;
+    db.register(native.descriptor()).await.unwrap();
+    let start = Instant::now();
+    for (out, position) in &outputs {
+        db.commit(native.descriptor(), out, *position)
+            .await
+            .unwrap();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    report("raw-sqlite-writes", events, secs, &mut [], "");
+}
+
+async fn scenario_live(secs: u64, rate: usize) {
+    let dir = tempdir("live");
+    let db = Sqlite::open(&format!("sqlite://{}", dir.join("p.db").display()))
+        .await
+        .unwrap();
+    let outbox = Arc::new(SqliteOutbox::new(db.clone()).await.unwrap());
+    let store: Arc<dyn Store> = Arc::new(db);
+    let plugin: Arc<dyn BatchHandler> = Arc::new(runtime().load_file(&plugin_file()).unwrap());
+    let checkpoint = store.register(plugin.descriptor()).await.unwrap();
+    let projection = Arc::new(Projection::new(plugin, checkpoint));
+    let runner = Runner::new(
+        projection.clone(),
+        store,
+        outbox.clone(),
+        RunnerConfig::default(),
+    );
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(runner.run(stopped));
+    let streams = 1000;
+    outbox
+        .append((0..streams).map(|i| new_event(i, streams)).collect())
+        .await
+        .unwrap();
+
+    // Appended positions waiting to be seen committed, with the time their append committed.
+    let pending: Arc<Mutex<VecDeque<(u64, Instant)>>> = Arc::default();
+    let latencies: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let monitor = {
+        let pending = pending.clone();
+        let latencies = latencies.clone();
+        let mut progress = projection.progress();
+        tokio::spawn(async move {
+            while progress.changed().await.is_ok() {
+                let now = Instant::now();
+                let position = progress.borrow_and_update().position;
+                let mut pending = pending.lock().unwrap();
+                while pending.front().is_some_and(|(p, _)| *p <= position) {
+                    let (_, at) = pending.pop_front().unwrap();
+                    latencies
+                        .lock()
+                        .unwrap()
+                        .push((now - at).as_secs_f64() * 1e3);
+                }
+            }
+        })
+    };
+    // One event per append, paced to `rate` events per second.
+    let total = rate * secs as usize;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = Instant::now();
+    for n in 0..total {
+        let due = start + interval * n as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+        let appended = outbox
+            .append(vec![new_event(streams + n, streams)])
+            .await
+            .unwrap();
+        pending
+            .lock()
+            .unwrap()
+            .push_back((appended[0].position, Instant::now()));
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let last = outbox.head().borrow().to_owned();
+    projection
+        .progress()
+        .wait_for(|p| p.position >= last)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    monitor.abort();
+    let mut lat = latencies.lock().unwrap().clone();
+    report(
+        "live-commit-to-queryable",
+        total,
+        elapsed,
+        &mut lat,
+        &format!("rate={rate}"),
+    );
+}
+
+async fn scenario_ryw() {
+    let dir = tempdir("ryw");
+    let mut config = Config::load(None, Vec::new()).unwrap();
+    config.listen = "127.0.0.1:0".into();
+    config.data_dir = dir.clone();
+    config.plugins = root().join("target/plugins");
+    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+    let (stop, mut stopped) = watch::channel(false);
+    let server = projector::serve::serve(
+        config,
+        move |addr| {
+            let _ = addr_tx.send(addr);
+        },
+        async move {
+            let _ = stopped.changed().await;
+        },
+    );
+    let client = ryw_client(addr_rx, stop);
+    let (served, ()) = tokio::join!(server, client);
+    served.unwrap();
+}
+
+async fn ryw_client(
+    addr_rx: tokio::sync::oneshot::Receiver<std::net::SocketAddr>,
+    stop: watch::Sender<bool>,
+) {
+    let base = format!("http://{}", addr_rx.await.unwrap());
+    let http = reqwest::Client::new();
+    let mut waits = Vec::new();
+    let append = |stream: String, kind: &'static str, payload: serde_json::Value| {
+        let http = http.clone();
+        let base = base.clone();
+        async move {
+            let r: serde_json::Value = http
+                .post(format!("{base}/events"))
+                .json(&json!({"stream": stream, "stream_type": "Account", "type": kind, "payload": payload}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            r["events"][0]["version"].as_u64().unwrap()
+        }
+    };
+    let start = Instant::now();
+    let mut read = async |stream: &str, version: u64| {
+        let t = Instant::now();
+        let r = http
+            .get(format!(
+                "{base}/projections/account-balance/accounts/{stream}?wait_for={stream}@{version}"
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        waits.push(t.elapsed().as_secs_f64() * 1e3);
+    };
+    for a in 0..100 {
+        let id = format!("acct-{a}");
+        let v = append(id.clone(), "AccountOpened", payload("AccountOpened", a)).await;
+        read(&id, v).await;
+    }
+    for op in 0..1000 {
+        let id = format!("acct-{}", (op * 37) % 100);
+        let v = append(id.clone(), "Deposited", payload("Deposited", op)).await;
+        read(&id, v).await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    stop.send(true).unwrap();
+    report(
+        "read-your-writes-seed",
+        1100,
+        secs,
+        &mut waits,
+        "latency=read_with_wait",
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wants = |s: &str| args.is_empty() || args.iter().any(|a| a == s || a == "all");
+    let events = env_usize("BENCH_EVENTS", 200_000);
+    let streams = env_usize("BENCH_STREAMS", 10_000);
+    println!(
+        "projector-bench: {} cores, {events} events over {streams} streams, load {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+    if wants("wasm") {
+        scenario_wasm().await;
+    }
+    let needs_template = ["catchup", "native", "sweep", "raw"]
+        .iter()
+        .any(|s| wants(s));
+    if needs_template {
+        println!("\n## Catch-up on SQLite");
+        let template = template(events, streams).await;
+        let mut wasm_secs = None;
+        if wants("catchup") || wants("native") {
+            wasm_secs = Some(scenario_catchup(&template, events).await);
+        }
+        if wants("native") {
+            scenario_native(&template, events, wasm_secs).await;
+        }
+        if wants("raw") {
+            scenario_raw(&template, events, streams).await;
+        }
+        if wants("sweep") {
+            let sweep_events = env_usize("BENCH_SWEEP_EVENTS", 20_000).min(events);
+            let small = template_for_sweep(sweep_events, streams.min(sweep_events)).await;
+            scenario_sweep(&small, sweep_events).await;
+        }
+    }
+    if wants("live") {
+        println!("\n## Live latency");
+        scenario_live(
+            env_usize("BENCH_LIVE_SECS", 20) as u64,
+            env_usize("BENCH_LIVE_RATE", 2_000),
+        )
+        .await;
+    }
+    if wants("ryw") {
+        println!("\n## Read-your-writes (seed scenario over HTTP)");
+        scenario_ryw().await;
+    }
+}
+
+async fn template_for_sweep(events: usize, streams: usize) -> PathBuf {
+    template(events, streams).await
+}
