@@ -352,9 +352,16 @@ async fn scenario_native(template: &Path, events: usize, wasm_secs: Option<f64>)
     report("catch-up-native", events, secs, &mut [], &ratio);
 }
 
-async fn scenario_sweep(template: &Path, events: usize) {
+/// Batch sizes 1 and 10 run over a smaller log (`small`), the rest over the full one.
+async fn scenario_sweep(small: (&Path, usize), full: (&Path, usize)) {
     let plugin: Arc<dyn BatchHandler> = Arc::new(runtime().load_file(&plugin_file()).unwrap());
-    for batch in [1usize, 10, 100, 1000, 10_000] {
+    let sizes = std::env::var("BENCH_SWEEP_SIZES")
+        .unwrap_or_else(|_| "1,10,100,1000,2000,5000,10000".into());
+    for batch in sizes
+        .split(',')
+        .filter_map(|s| s.trim().parse::<usize>().ok())
+    {
+        let (template, events) = if batch < 100 { small } else { full };
         let secs = catch_up(template, plugin.clone(), batch).await;
         report(&format!("sweep-batch-{batch}"), events, secs, &mut [], "");
     }
@@ -575,21 +582,21 @@ async fn main() {
         .any(|s| wants(s));
     if needs_template {
         println!("\n## Catch-up on SQLite");
-        let template = template(events, streams).await;
+        let full = template(events, streams).await;
         let mut wasm_secs = None;
         if wants("catchup") || wants("native") {
-            wasm_secs = Some(scenario_catchup(&template, events).await);
+            wasm_secs = Some(scenario_catchup(&full, events).await);
         }
         if wants("native") {
-            scenario_native(&template, events, wasm_secs).await;
+            scenario_native(&full, events, wasm_secs).await;
         }
         if wants("raw") {
-            scenario_raw(&template, events, streams).await;
+            scenario_raw(&full, events, streams).await;
         }
         if wants("sweep") {
-            let sweep_events = env_usize("BENCH_SWEEP_EVENTS", 20_000).min(events);
-            let small = template_for_sweep(sweep_events, streams.min(sweep_events)).await;
-            scenario_sweep(&small, sweep_events).await;
+            let small_events = env_usize("BENCH_SWEEP_SMALL_EVENTS", 20_000).min(events);
+            let small = template(small_events, streams.min(small_events / 10).max(1)).await;
+            scenario_sweep((&small, small_events), (&full, events)).await;
         }
     }
     if wants("live") {
@@ -604,8 +611,4 @@ async fn main() {
         println!("\n## Read-your-writes (seed scenario over HTTP)");
         scenario_ryw().await;
     }
-}
-
-async fn template_for_sweep(events: usize, streams: usize) -> PathBuf {
-    template(events, streams).await
 }
