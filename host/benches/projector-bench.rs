@@ -200,22 +200,22 @@ impl BatchHandler for Native {
     }
     fn handle(
         &self,
-        events: &[Event],
+        events: Vec<Event>,
         docs: Arc<dyn DocumentReader>,
     ) -> Result<BatchOutput, RuntimeError> {
         // The same conversion the WASM path makes when it lowers events into the guest.
         let events: Vec<projector_sdk::Event> = events
-            .iter()
+            .into_iter()
             .map(|e| projector_sdk::Event {
-                id: e.id.clone(),
-                stream: e.stream.clone(),
-                stream_type: e.stream_type.clone(),
-                event_type: e.event_type.clone(),
+                id: e.id,
+                stream: e.stream,
+                stream_type: e.stream_type,
+                event_type: e.event_type,
                 version: e.version,
                 position: e.position,
                 timestamp_ms: e.timestamp_ms,
-                payload: e.payload_bytes().to_vec(),
-                headers: e.headers.clone(),
+                payload: Box::<str>::from(e.payload).into_string().into_bytes(),
+                headers: e.headers,
             })
             .collect();
         let mut backend = Collect {
@@ -227,6 +227,7 @@ impl BatchHandler for Native {
                 plugin: "native".into(),
                 index: e.index,
                 event_id: String::new(),
+                at: String::new(),
                 message: e.message,
             }
         })?;
@@ -288,11 +289,11 @@ async fn scenario_wasm() {
     let docs = Arc::new(MemoryDocuments::default());
     let streams = 1000;
     let opened: Vec<Event> = (0..streams).map(|i| to_event(i, streams)).collect();
-    docs.apply(plugin.handle(&opened, docs.clone()).unwrap());
+    docs.apply(plugin.handle(opened, docs.clone()).unwrap());
     let rounds = 50;
     let start = Instant::now();
     for _ in 0..rounds {
-        plugin.handle(&[], docs.clone()).unwrap();
+        plugin.handle(Vec::new(), docs.clone()).unwrap();
     }
     let instantiate_ms = start.elapsed().as_secs_f64() * 1e3 / rounds as f64;
     println!("compile {compile_ms:.1} ms | load from cache {cached_ms:.2} ms | instantiate + empty call {instantiate_ms:.3} ms");
@@ -302,8 +303,9 @@ async fn scenario_wasm() {
         let events: Vec<Event> = (streams..streams + total)
             .map(|i| to_event(i, streams))
             .collect();
+        let batches: Vec<Vec<Event>> = events.chunks(batch).map(<[Event]>::to_vec).collect();
         let start = Instant::now();
-        for chunk in events.chunks(batch) {
+        for chunk in batches {
             plugin.handle(chunk, docs.clone()).unwrap();
         }
         let secs = start.elapsed().as_secs_f64();
@@ -376,7 +378,7 @@ async fn scenario_raw(template: &Path, events: usize, streams: usize) {
     let mut outputs = Vec::new();
     let all: Vec<Event> = (0..events).map(|i| to_event(i, streams)).collect();
     for chunk in all.chunks(batch) {
-        let out = native.handle(chunk, docs.clone()).unwrap();
+        let out = native.handle(chunk.to_vec(), docs.clone()).unwrap();
         docs.apply(out.clone());
         outputs.push((out, chunk.last().unwrap().position));
     }

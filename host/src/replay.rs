@@ -132,7 +132,7 @@ pub fn replay(plugin: &Plugin, path: &Path, batch_size: usize) -> Result<ReadMod
     let docs = Arc::new(MemoryDocuments::default());
     for chunk in events.chunks(batch_size.max(1)) {
         let batch: Vec<Event> = chunk.iter().map(|(_, e)| e.clone()).collect();
-        match plugin.handle(&batch, docs.clone()) {
+        match plugin.handle(batch, docs.clone()) {
             Ok(output) => docs.apply(output),
             Err(source) => {
                 return Err(match source.event_index().and_then(|i| chunk.get(i)) {

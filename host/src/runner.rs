@@ -341,24 +341,17 @@ impl Runner {
             capacity: self.config.cached_documents,
         });
         let first = events.first().map(|e| e.position).unwrap_or(0);
-        let result = tokio::task::spawn_blocking(move || {
-            let result = plugin.handle(&events, reader);
-            (result, events)
-        })
-        .await;
+        let result = tokio::task::spawn_blocking(move || plugin.handle(events, reader)).await;
         match result {
-            Ok((Ok(output), _)) => Ok(output),
-            Ok((Err(RuntimeError::State { source, .. }), _)) => {
+            Ok(Ok(output)) => Ok(output),
+            Ok(Err(RuntimeError::State { source, .. })) => {
                 Err(Problem::Retry(format!("reading a document: {source}")))
             }
-            Ok((Err(err), events)) => {
-                let at = err
-                    .event_index()
-                    .and_then(|i| events.get(i))
-                    .map(|e| format!(" at position {} ({}@{})", e.position, e.stream, e.version))
-                    .unwrap_or_else(|| format!(" in the batch from position {first}"));
-                Err(Problem::Fail(format!("{err}{at}")))
-            }
+            // A guest error names its event; anything else is pinned to the batch.
+            Ok(Err(err @ RuntimeError::Guest { .. })) => Err(Problem::Fail(err.to_string())),
+            Ok(Err(err)) => Err(Problem::Fail(format!(
+                "{err} (batch from position {first})"
+            ))),
             Err(join) => Err(Problem::Fail(format!("plugin call aborted: {join}"))),
         }
     }

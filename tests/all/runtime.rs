@@ -32,7 +32,7 @@ fn docs() -> Arc<MemoryDocuments> {
 fn assert_still_works(plugin: &Plugin) {
     let mut ev = Events::default();
     let out = plugin
-        .handle(&[ev.next("s", "Count", json!({}))], docs())
+        .handle(vec![ev.next("s", "Count", json!({}))], docs())
         .expect("a normal batch succeeds after the failure");
     assert_eq!(out.writes["out"]["s"].as_deref(), Some(&b"1"[..]));
 }
@@ -47,7 +47,7 @@ fn an_infinite_loop_is_stopped_at_the_deadline() {
     let mut ev = Events::default();
     let start = Instant::now();
     let err = plugin
-        .handle(&[ev.next("s", "Loop", json!({}))], docs())
+        .handle(vec![ev.next("s", "Loop", json!({}))], docs())
         .unwrap_err();
     let took = start.elapsed();
     assert!(
@@ -75,7 +75,7 @@ fn a_memory_bomb_hits_the_memory_limit() {
     });
     let mut ev = Events::default();
     let err = plugin
-        .handle(&[ev.next("s", "Bomb", json!({}))], docs())
+        .handle(vec![ev.next("s", "Bomb", json!({}))], docs())
         .unwrap_err();
     assert!(
         matches!(err, RuntimeError::MemoryLimit { limit_mb: 32, .. }),
@@ -94,7 +94,7 @@ fn a_panic_names_the_event_that_caused_it() {
         ev.next("c", "Panic", json!({})),
         ev.next("d", "Count", json!({})),
     ];
-    let err = plugin.handle(&batch, docs()).unwrap_err();
+    let err = plugin.handle(batch.to_vec(), docs()).unwrap_err();
     match &err {
         RuntimeError::Guest {
             index,
@@ -117,7 +117,7 @@ fn files_environment_and_sockets_are_out_of_reach() {
     let (_rt, plugin) = misbehave(Limits::default());
     let mut ev = Events::default();
     let out = plugin
-        .handle(&[ev.next("s", "Escape", json!({}))], docs())
+        .handle(vec![ev.next("s", "Escape", json!({}))], docs())
         .expect("attempts fail inside the guest, the call itself succeeds");
     let report: serde_json::Value =
         serde_json::from_slice(out.writes["out"]["s"].as_ref().unwrap()).unwrap();
@@ -140,7 +140,7 @@ fn oversized_output_is_refused() {
     });
     let mut ev = Events::default();
     let err = plugin
-        .handle(&[ev.next("s", "Flood", json!({}))], docs())
+        .handle(vec![ev.next("s", "Flood", json!({}))], docs())
         .unwrap_err();
     assert!(
         matches!(err, RuntimeError::OutputLimit { limit_mb: 16, .. }),
@@ -154,7 +154,7 @@ fn a_chatty_plugin_is_rate_limited_not_failed() {
     let (_rt, plugin) = misbehave(Limits::default());
     let mut ev = Events::default();
     plugin
-        .handle(&[ev.next("s", "Chatter", json!({}))], docs())
+        .handle(vec![ev.next("s", "Chatter", json!({}))], docs())
         .expect("printing 10,000 lines is allowed; the host drops the excess");
 }
 
@@ -167,7 +167,7 @@ fn clocks_and_randomness_are_virtual_and_repeatable() {
             ev.next("a", "Count", json!({})),
             ev.next("a", "Clock", json!({})),
         ];
-        let out = plugin.handle(&batch, docs()).unwrap();
+        let out = plugin.handle(batch.to_vec(), docs()).unwrap();
         let doc: serde_json::Value =
             serde_json::from_slice(out.writes["out"]["a-2"].as_ref().unwrap()).unwrap();
         (batch[1].timestamp_ms, doc)
@@ -207,13 +207,13 @@ fn account_balance_folds_a_batch() {
         ev.next("acct-1", "Withdrawn", json!({"amount": 40})),
     ];
     let docs = docs();
-    let out = plugin.handle(&batch, docs.clone()).unwrap();
+    let out = plugin.handle(batch.to_vec(), docs.clone()).unwrap();
     assert_eq!(out.documents(), 2, "one write per document, not per event");
     docs.apply(out);
     // The next batch reads the committed document through the reader.
     let out = plugin
         .handle(
-            &[ev.next("acct-1", "Deposited", json!({"amount": 5}))],
+            vec![ev.next("acct-1", "Deposited", json!({"amount": 5}))],
             docs.clone(),
         )
         .unwrap();
@@ -237,7 +237,7 @@ fn a_guest_error_carries_the_index_and_message() {
         ),
         ev.next("a", "Deposited", json!({"amount": "ten"})),
     ];
-    let err = plugin.handle(&batch, docs()).unwrap_err();
+    let err = plugin.handle(batch.to_vec(), docs()).unwrap_err();
     assert_eq!(err.event_index(), Some(1));
     assert!(
         err.to_string().contains("invalid Deposited payload"),

@@ -79,11 +79,13 @@ pub enum RuntimeError {
     OutputLimit { plugin: String, limit_mb: usize },
     #[error("plugin {plugin} broke the contract: {message}")]
     Contract { plugin: String, message: String },
-    #[error("plugin {plugin} failed on event #{index} of the batch (id {event_id}): {message}")]
+    #[error("plugin {plugin} failed on event #{index} of the batch ({at}): {message}")]
     Guest {
         plugin: String,
         index: usize,
         event_id: String,
+        /// Where the event sits: its id, position, stream and version.
+        at: String,
         message: String,
     },
     #[error("plugin {plugin}: reading a document failed: {source}")]
@@ -217,9 +219,10 @@ fn spawn_epoch_ticker(engine: &Engine, stop: Arc<AtomicBool>) {
 /// compiled natively behind it to measure what the sandbox costs.
 pub trait BatchHandler: Send + Sync {
     fn descriptor(&self) -> &Descriptor;
+    /// Takes the batch by value: the events move into the call instead of being copied.
     fn handle(
         &self,
-        events: &[Event],
+        events: Vec<Event>,
         docs: Arc<dyn DocumentReader>,
     ) -> Result<BatchOutput, RuntimeError>;
 }
@@ -230,7 +233,7 @@ impl BatchHandler for Plugin {
     }
     fn handle(
         &self,
-        events: &[Event],
+        events: Vec<Event>,
         docs: Arc<dyn DocumentReader>,
     ) -> Result<BatchOutput, RuntimeError> {
         Plugin::handle(self, events, docs)
@@ -288,11 +291,11 @@ impl Plugin {
     /// returned, sorted by collection and key; nothing is written anywhere on failure.
     pub fn handle(
         &self,
-        events: &[Event],
+        events: Vec<Event>,
         docs: Arc<dyn DocumentReader>,
     ) -> Result<BatchOutput, RuntimeError> {
-        let mut store = self.store(events, docs);
-        let wit_events: Vec<wit::Event> = events.iter().map(to_wit).collect();
+        let mut store = self.store(&events, docs);
+        let wit_events: Vec<wit::Event> = events.into_iter().map(to_wit).collect();
         let result = self
             .pre
             .instantiate(&mut store)
@@ -302,14 +305,16 @@ impl Plugin {
             Ok(Ok(())) => Ok(store.into_data().into_output()),
             Ok(Err(err)) => {
                 let index = err.event_index as usize;
+                let (event_id, at) = locate(&wit_events, index);
                 Err(RuntimeError::Guest {
                     plugin: self.name.clone(),
-                    event_id: events.get(index).map(|e| e.id.clone()).unwrap_or_default(),
+                    event_id,
+                    at,
                     index,
                     message: err.message,
                 })
             }
-            Err(err) => Err(self.classify(&mut store, err, events)),
+            Err(err) => Err(self.classify(&mut store, err, &wit_events)),
         }
     }
 
@@ -319,7 +324,7 @@ impl Plugin {
         &self,
         store: &mut Store<HostState>,
         err: wasmtime::Error,
-        events: &[Event],
+        events: &[wit::Event],
     ) -> RuntimeError {
         let plugin = self.name.clone();
         let state = store.data_mut();
@@ -342,9 +347,11 @@ impl Plugin {
             };
         }
         if let Some((index, message)) = state.panic.take() {
+            let (event_id, at) = locate(events, index);
             return RuntimeError::Guest {
                 plugin,
-                event_id: events.get(index).map(|e| e.id.clone()).unwrap_or_default(),
+                event_id,
+                at,
                 index,
                 message: format!("panicked: {message}"),
             };
@@ -362,16 +369,30 @@ impl Plugin {
     }
 }
 
-fn to_wit(event: &Event) -> wit::Event {
+/// The id of the batch's event `index`, and a description of where it sits.
+fn locate(events: &[wit::Event], index: usize) -> (String, String) {
+    match events.get(index) {
+        Some(e) => (
+            e.id.clone(),
+            format!(
+                "id {}, position {}, {}@{}",
+                e.id, e.position, e.stream, e.version
+            ),
+        ),
+        None => (String::new(), "no such event in the batch".into()),
+    }
+}
+
+fn to_wit(event: Event) -> wit::Event {
     wit::Event {
-        id: event.id.clone(),
-        stream: event.stream.clone(),
-        stream_type: event.stream_type.clone(),
-        event_type: event.event_type.clone(),
+        id: event.id,
+        stream: event.stream,
+        stream_type: event.stream_type,
+        event_type: event.event_type,
         version: event.version,
         position: event.position,
         timestamp_ms: event.timestamp_ms,
-        payload: event.payload_bytes().to_vec(),
-        headers: event.headers.clone(),
+        payload: Box::<str>::from(event.payload).into_string().into_bytes(),
+        headers: event.headers,
     }
 }

@@ -96,9 +96,12 @@ impl Source for SqliteOutbox {
             let malformed = |reason: String| SourceError::Malformed { position, reason };
             let payload = RawValue::from_string(row.get(6))
                 .map_err(|e| malformed(format!("payload is not JSON: {e}")))?;
-            let headers: String = row.get(7);
-            let headers = serde_json::from_str(&headers)
-                .map_err(|e| malformed(format!("headers are not a list of pairs: {e}")))?;
+            let headers: &str = row.get(7);
+            let headers = match headers {
+                "[]" => Vec::new(),
+                _ => serde_json::from_str(headers)
+                    .map_err(|e| malformed(format!("headers are not a list of pairs: {e}")))?,
+            };
             let event = Event {
                 position,
                 id: row.get(1),
