@@ -112,6 +112,7 @@ pub enum ConfigError {
 
 /// Variables with the prefix that are not settings.
 const NOT_SETTINGS: &[&str] = &[
+    "PROJECTOR_CONFIG",
     "PROJECTOR_LOG",
     "PROJECTOR_CACHE_DIR",
     "PROJECTOR_PLUGINS_BUILT",
@@ -260,6 +261,7 @@ mod tests {
                 ("PROJECTOR_LISTEN", "127.0.0.1:1"),
                 ("PROJECTOR_LIMITS__DEADLINE_MS", "250"),
                 ("PROJECTOR_LOG", "debug"),
+                ("PROJECTOR_CONFIG", "/names/the/file/not/a/setting.toml"),
                 ("HOME", "/root"),
             ]),
         )

@@ -5,8 +5,11 @@
 //! WebAssembly component for the host; [`testing::Harness`] runs the very same code natively, so
 //! `cargo test` in a plugin crate needs no WASM at all.
 //!
-//! ```ignore
+//! ```
+//! use projector_sdk::prelude::*;
+//!
 //! struct Counter;
+//!
 //! impl Projection for Counter {
 //!     fn describe() -> Descriptor {
 //!         Descriptor::new("counter", "1.0.0").collection("counts", &[])
@@ -16,6 +19,12 @@
 //!     }
 //! }
 //! projector_sdk::export_projection!(Counter);
+//!
+//! // The same code, natively, in a test:
+//! let mut h = projector_sdk::testing::Harness::<Counter>::new();
+//! h.emit("cart-1", "ItemAdded", serde_json::json!({})).unwrap();
+//! h.emit("cart-1", "ItemAdded", serde_json::json!({})).unwrap();
+//! assert_eq!(h.doc::<u64>("counts", "cart-1"), Some(2));
 //! ```
 
 mod event;

@@ -1,10 +1,5 @@
 //! Run a projection natively, against an in-memory state, in a plugin crate's `cargo test`.
-//!
-//! ```ignore
-//! let mut h = Harness::<AccountBalance>::new();
-//! h.emit("acct-1", "AccountOpened", json!({"owner": "alice", "currency": "EUR"})).unwrap();
-//! let doc: serde_json::Value = h.doc("accounts", "acct-1").unwrap();
-//! ```
+//! The crate's top-level example shows a whole test.
 
 use std::collections::{BTreeMap, HashMap};
 use std::marker::PhantomData;
