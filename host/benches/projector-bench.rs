@@ -3,7 +3,8 @@
 //! `cargo bench -p projector --bench projector-bench [-- SCENARIO...]`, scenarios:
 //! `wasm` (plugin call micro-benchmark), `catchup`, `native` (catch-up with the same logic as
 //! native Rust: the WASM cost), `live`, `ryw` (read-your-writes seed scenario), `sweep` (batch
-//! sizes), `raw` (the same writes straight into SQLite). Default: all.
+//! sizes), `raw` (the same writes straight into SQLite), `read` (the outbox read stage alone).
+//! Default: all.
 //! Sizes: `BENCH_EVENTS` (200000), `BENCH_STREAMS` (10000), `BENCH_LIVE_SECS` (20),
 //! `BENCH_LIVE_RATE` (2000 events/s).
 //!
@@ -394,6 +395,24 @@ async fn scenario_raw(template: &Path, events: usize, streams: usize) {
     report("raw-sqlite-writes", events, secs, &mut [], "");
 }
 
+/// Reading the whole outbox in runner-sized batches, nothing else: the read stage's cost.
+async fn scenario_read(template: &Path, events: usize) {
+    let (_db, outbox) = copy_of(template).await;
+    let batch = RunnerConfig::default().max_batch_events;
+    let start = Instant::now();
+    let mut after = 0;
+    let mut seen = 0;
+    loop {
+        let read = outbox.read(after, batch, 64 << 20).await.unwrap();
+        let Some(last) = read.last() else { break };
+        after = last.position;
+        seen += read.len();
+    }
+    assert_eq!(seen, events);
+    let secs = start.elapsed().as_secs_f64();
+    report("outbox-read", events, secs, &mut [], "");
+}
+
 async fn scenario_live(secs: u64, rate: usize) {
     let dir = tempdir("live");
     let db = Sqlite::open(&format!("sqlite://{}", dir.join("p.db").display()))
@@ -579,7 +598,7 @@ async fn main() {
     if wants("wasm") {
         scenario_wasm().await;
     }
-    let needs_template = ["catchup", "native", "sweep", "raw"]
+    let needs_template = ["catchup", "native", "sweep", "raw", "read"]
         .iter()
         .any(|s| wants(s));
     if needs_template {
@@ -594,6 +613,9 @@ async fn main() {
         }
         if wants("raw") {
             scenario_raw(&full, events, streams).await;
+        }
+        if wants("read") {
+            scenario_read(&full, events).await;
         }
         if wants("sweep") {
             let small_events = env_usize("BENCH_SWEEP_SMALL_EVENTS", 20_000).min(events);
