@@ -372,8 +372,13 @@ fn check_documents(output: &BatchOutput) -> Result<(), String> {
     Ok(())
 }
 
-/// Committed documents, as the store has them, so a catch-up does not query the store for every
-/// document a batch touches. Bounded: when full it is dropped whole and refilled from misses.
+/// Documents as the store has them or is about to: the committed ones, plus those of the one
+/// handled batch whose commit is in flight. Bounded.
+///
+/// Why it is never stale: a batch's documents go in (`apply`) before the next batch is handled,
+/// and only `apply` evicts, at a moment when the previous commit is durable; so what eviction
+/// drops is in the database, and the in-flight batch's documents are always here. A read-through
+/// (`remember`) never evicts: it would drop documents not yet committed.
 struct DocumentCache {
     docs: HashMap<(String, String), Option<Arc<[u8]>>>,
     /// Whether every committed document is in `docs` (so a miss means "no document").
@@ -398,21 +403,24 @@ impl DocumentCache {
         }
     }
 
-    fn insert(&mut self, collection: &str, key: &str, doc: Option<Arc<[u8]>>, capacity: usize) {
-        if self.docs.len() >= capacity {
+    /// Keeps a document read from the store, if there is room.
+    fn remember(&mut self, collection: &str, key: &str, doc: Option<Arc<[u8]>>, capacity: usize) {
+        if self.docs.len() < capacity {
+            self.docs
+                .insert((collection.to_owned(), key.to_owned()), doc);
+        }
+    }
+
+    /// Takes in a handled batch's documents. Call only when no other commit is in flight.
+    fn apply(&mut self, output: &BatchOutput, capacity: usize) {
+        if self.docs.len() + output.documents() > capacity {
             self.docs.clear();
             self.complete = false;
         }
-        self.docs
-            .insert((collection.to_owned(), key.to_owned()), doc);
-    }
-
-    /// Applies a committed batch.
-    fn apply(&mut self, output: &BatchOutput, capacity: usize) {
         for (collection, writes) in &output.writes {
             for (key, doc) in writes {
                 let doc = doc.as_deref().map(Arc::from);
-                self.insert(collection, key, doc, capacity);
+                self.docs.insert((collection.clone(), key.clone()), doc);
             }
         }
     }
@@ -441,7 +449,7 @@ impl DocumentReader for StoreReader {
             .runtime
             .block_on(self.store.document(&self.descriptor, collection, key))?
             .map(|d| Arc::<[u8]>::from(d.json.get().as_bytes()));
-        cache().insert(collection, key, doc.clone(), self.capacity);
+        cache().remember(collection, key, doc.clone(), self.capacity);
         Ok(doc.map(|d| d.to_vec()))
     }
 }
