@@ -48,7 +48,7 @@ enum Command {
 /// (flags win over variables, variables over the file).
 #[derive(Args)]
 struct ServeArgs {
-    /// TOML config file [env: PROJECTOR_CONFIG]
+    /// TOML config file; every setting is in the README
     #[arg(long, env = "PROJECTOR_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on [setting: listen; env: PROJECTOR_LISTEN] (default 127.0.0.1:8080)
