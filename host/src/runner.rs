@@ -15,15 +15,17 @@ use tokio::sync::watch;
 use crate::config::RunnerConfig;
 use crate::consistency::Progress;
 use crate::event::Event;
+use crate::metrics::ProjectionMetrics;
 use crate::runtime::{
     BatchHandler, BatchOutput, BoxError, Descriptor, DocumentReader, RuntimeError,
 };
-use crate::source::Source;
+use crate::source::{Source, SourceError};
 use crate::store::{ProjectionStatus, Store};
 
 /// A projection as the rest of the host sees it: its plugin, its progress, its health.
 pub struct Projection {
     pub plugin: Arc<dyn BatchHandler>,
+    pub metrics: ProjectionMetrics,
     progress: watch::Sender<Progress>,
     health: Mutex<Health>,
     documents: Arc<Mutex<DocumentCache>>,
@@ -43,6 +45,7 @@ impl Projection {
     pub fn new(plugin: Arc<dyn BatchHandler>, checkpoint: u64) -> Self {
         Self {
             plugin,
+            metrics: ProjectionMetrics::default(),
             // A projection that starts from position 0 has empty tables: the cache then holds
             // every document there is, and a miss needs no query.
             documents: Arc::new(Mutex::new(DocumentCache::new(checkpoint == 0))),
@@ -84,6 +87,16 @@ impl Projection {
 
     fn update_health(&self, change: impl FnOnce(&mut Health)) {
         change(&mut self.health.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    /// Stopped for good: the status says why, and waiters are answered at once.
+    fn mark_failed(&self, error: &str) {
+        self.update_health(|h| {
+            h.status = ProjectionStatus::Failed;
+            h.error = Some(error.to_owned());
+            h.retrying = None;
+        });
+        self.progress.send_modify(|p| p.failed = true);
     }
 }
 
@@ -160,9 +173,13 @@ impl Runner {
                     head.borrow_and_update();
                     match self.read(handled_to).await {
                         Ok(events) => events,
-                        Err(error) => {
+                        Err(Problem::Retry(error)) => {
                             self.pause(&mut backoff, error, &mut shutdown).await;
                             continue;
+                        }
+                        Err(Problem::Fail(error)) => {
+                            self.fail(error).await;
+                            return;
                         }
                     }
                 }
@@ -227,7 +244,7 @@ impl Runner {
         tracing::info!(projection = %name, checkpoint = self.projection.checkpoint(), "runner stopped");
     }
 
-    async fn read(&self, after: u64) -> Result<Vec<Event>, String> {
+    async fn read(&self, after: u64) -> Result<Vec<Event>, Problem> {
         self.source
             .read(
                 after,
@@ -235,7 +252,12 @@ impl Runner {
                 self.config.max_batch_bytes,
             )
             .await
-            .map_err(|err| err.to_string())
+            .map_err(|err| match err {
+                // The row will not get better by waiting: stop and say where it is (parking
+                // it as a dead letter is the failure-isolation work still to come).
+                SourceError::Malformed { .. } => Problem::Fail(err.to_string()),
+                SourceError::Database { .. } => Problem::Retry(err.to_string()),
+            })
     }
 
     /// Commits a handled batch, retrying database errors until it succeeds; `false` if
@@ -247,12 +269,17 @@ impl Runner {
         shutdown: &mut watch::Receiver<bool>,
     ) -> bool {
         loop {
+            let start = std::time::Instant::now();
             match self
                 .store
                 .commit(self.projection.descriptor(), &batch.output, batch.last)
                 .await
             {
                 Ok(()) => {
+                    let metrics = &self.projection.metrics;
+                    ProjectionMetrics::add_time(&metrics.commit_micros, start.elapsed());
+                    ProjectionMetrics::add(&metrics.batches, 1);
+                    ProjectionMetrics::add(&metrics.documents, batch.output.documents() as u64);
                     self.projection.progress.send_replace(Progress {
                         position: batch.last,
                         failed: false,
@@ -282,6 +309,7 @@ impl Runner {
         shutdown: &mut watch::Receiver<bool>,
     ) -> bool {
         tracing::warn!(projection = %self.projection.name(), error = %error, retry_in_ms = backoff.delay.as_millis() as u64, "batch not committed, retrying");
+        ProjectionMetrics::add(&self.projection.metrics.retries, 1);
         self.projection.update_health(|h| h.retrying = Some(error));
         backoff.failing = true;
         let delay = backoff.delay;
@@ -298,18 +326,18 @@ impl Runner {
     async fn fail(&self, error: String) {
         let name = self.projection.name();
         tracing::error!(projection = %name, checkpoint = self.projection.checkpoint(), error = %error, "projection failed and stopped");
-        self.projection.update_health(|h| {
-            h.status = ProjectionStatus::Failed;
-            h.error = Some(error.clone());
-            h.retrying = None;
-        });
-        self.projection.progress.send_modify(|p| p.failed = true);
-        if let Err(err) = self
-            .store
-            .set_status(name, ProjectionStatus::Failed, Some(&error))
-            .await
-        {
-            tracing::warn!(projection = %name, error = %err, "could not record the failure");
+        record_failure(&self.projection, self.store.as_ref(), &error).await;
+    }
+
+    /// [`Runner::run`] in a task of its own, watched: should the runner panic (a bug), its
+    /// projection is marked failed with the reason instead of silently standing still.
+    pub async fn run_supervised(self, shutdown: watch::Receiver<bool>) {
+        let projection = self.projection.clone();
+        let store = self.store.clone();
+        if let Err(err) = tokio::spawn(self.run(shutdown)).await {
+            let error = format!("the runner crashed: {err}");
+            tracing::error!(projection = %projection.name(), error = %error, "projection failed and stopped");
+            record_failure(&projection, store.as_ref(), &error).await;
         }
     }
 
@@ -341,7 +369,11 @@ impl Runner {
             capacity: self.config.cached_documents,
         });
         let first = events.first().map(|e| e.position).unwrap_or(0);
+        let metrics = &self.projection.metrics;
+        ProjectionMetrics::add(&metrics.events, events.len() as u64);
+        let start = std::time::Instant::now();
         let result = tokio::task::spawn_blocking(move || plugin.handle(events, reader)).await;
+        ProjectionMetrics::add_time(&metrics.plugin_micros, start.elapsed());
         match result {
             Ok(Ok(output)) => Ok(output),
             Ok(Err(RuntimeError::State { source, .. })) => {
@@ -357,19 +389,61 @@ impl Runner {
     }
 }
 
+async fn record_failure(projection: &Projection, store: &dyn Store, error: &str) {
+    projection.mark_failed(error);
+    if let Err(err) = store
+        .set_status(projection.name(), ProjectionStatus::Failed, Some(error))
+        .await
+    {
+        tracing::warn!(projection = %projection.name(), error = %err, "could not record the failure");
+    }
+}
+
 /// Plugins write bytes; the read model serves JSON. A document that is not JSON is the
 /// plugin's bug and is refused before it reaches a table.
 fn check_documents(output: &BatchOutput) -> Result<(), String> {
     for (collection, docs) in &output.writes {
-        for (key, doc) in docs {
-            if let Some(doc) = doc {
-                if let Err(err) = serde_json::from_slice::<&serde_json::value::RawValue>(doc) {
-                    return Err(format!("{collection}/{key}, which is not JSON: {err}"));
-                }
+        for (key, doc) in docs.iter().filter_map(|(k, d)| Some((k, d.as_ref()?))) {
+            if let Err(err) = serde_json::from_slice::<&serde_json::value::RawValue>(doc) {
+                return Err(format!("{collection}/{key}, which is not JSON: {err}"));
+            }
+            if nesting(doc) > MAX_NESTING {
+                return Err(format!(
+                    "{collection}/{key}, which nests deeper than {MAX_NESTING} levels"
+                ));
             }
         }
     }
     Ok(())
+}
+
+/// The deepest nesting a store accepts (SQLite's JSONB limit is 1000).
+const MAX_NESTING: usize = 1000;
+
+/// How deeply arrays and objects nest in valid JSON text.
+fn nesting(json: &[u8]) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0, false, false);
+    for &b in json {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 /// Documents as the store has them or is about to: the committed ones, plus those of the one
@@ -451,5 +525,34 @@ impl DocumentReader for StoreReader {
             .map(|d| Arc::<[u8]>::from(d.json.get().as_bytes()));
         cache().remember(collection, key, doc.clone(), self.capacity);
         Ok(doc.map(|d| d.to_vec()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nesting_counts_brackets_outside_strings() {
+        assert_eq!(nesting(br#"{"a": [1, {"b": "]]]{{{\\\"["}]}"#), 3);
+        assert_eq!(nesting(b"42"), 0);
+        let deep = format!("{}{}", "[".repeat(1001), "]".repeat(1001));
+        assert_eq!(nesting(deep.as_bytes()), 1001);
+    }
+
+    #[test]
+    fn documents_too_deep_for_the_store_are_the_plugins_fault() {
+        let mut output = BatchOutput::default();
+        let deep = format!("{}{}", "[".repeat(1001), "]".repeat(1001));
+        output
+            .writes
+            .entry("c".into())
+            .or_default()
+            .insert("k".into(), Some(deep.into_bytes()));
+        let err = check_documents(&output).unwrap_err();
+        assert!(
+            err.contains("c/k") && err.contains("deeper than 1000"),
+            "{err}"
+        );
     }
 }

@@ -120,7 +120,7 @@ pub async fn serve(
             source.clone(),
             config.runner.clone(),
         );
-        runners.push(tokio::spawn(runner.run(stop_rx.clone())));
+        runners.push(tokio::spawn(runner.run_supervised(stop_rx.clone())));
     }
 
     let app = api::router(AppState {

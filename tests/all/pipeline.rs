@@ -218,3 +218,81 @@ async fn events_a_projection_does_not_subscribe_to_still_move_its_checkpoint() {
     assert_eq!(projection["checkpoint"], position);
     assert_eq!(projection["lag"], 0);
 }
+
+#[tokio::test]
+async fn metrics_report_progress_per_projection() {
+    let server = Server::start(&plugin_set(&["account-balance"], &[]));
+    let api = server.api();
+    api.append(
+        "acct-1",
+        "AccountOpened",
+        json!({"owner": "a", "currency": "EUR"}),
+    )
+    .await;
+    let (_, position) = api
+        .append("acct-1", "Deposited", json!({"amount": 3}))
+        .await;
+    let (status, _) = api
+        .get(&format!(
+            "/projections/account-balance/accounts/acct-1?min_position={position}"
+        ))
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = api.get("/metrics").await;
+    assert_eq!(status, 200);
+    let text = body.as_str().expect("metrics are text");
+    for line in [
+        format!("projector_head_position {position}"),
+        format!("projector_checkpoint_position{{projection=\"account-balance\"}} {position}"),
+        "projector_lag_events{projection=\"account-balance\"} 0".to_owned(),
+        "projector_projection_up{projection=\"account-balance\"} 1".to_owned(),
+        "projector_events_total{projection=\"account-balance\"} 2".to_owned(),
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_row_from_another_writer_fails_the_projection_with_its_position() {
+    let server = Server::start(&plugin_set(&["account-balance"], &[]));
+    let api = server.api();
+    api.append(
+        "acct-1",
+        "AccountOpened",
+        json!({"owner": "a", "currency": "EUR"}),
+    )
+    .await;
+    // Another process writes the outbox directly, with a payload that is not JSON.
+    let url = format!(
+        "sqlite://{}",
+        server.data_dir.join("projector.db").display()
+    );
+    let db = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO outbox (id, stream, stream_type, event_type, version, payload, headers, timestamp_ms) \
+         VALUES ('bad-1', 'acct-2', 'Account', 'AccountOpened', 1, '{oops', '[]', 0)",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    db.close().await;
+    // The fallback poll (1 s) finds the row; the projection stops there and says why.
+    let (status, body) = api
+        .get("/projections/account-balance/accounts/acct-2?min_position=2&timeout_ms=10000")
+        .await;
+    assert_eq!(status, 503, "{body}");
+    let projection = api.projection("account-balance").await;
+    assert_eq!(projection["status"], "failed", "{projection}");
+    let error = projection["error"].as_str().unwrap();
+    assert!(
+        error.contains("position 2") && error.contains("not JSON"),
+        "{error}"
+    );
+    assert_eq!(
+        projection["checkpoint"], 1,
+        "everything before the bad row was applied"
+    );
+}

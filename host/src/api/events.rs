@@ -16,7 +16,18 @@ pub async fn append(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let Json(body) = body?;
     let events = parse(body)?;
-    let appended = app.source.append(events).await?;
+    // In its own task: a client that hangs up mid-commit must not cancel the wake-up of the
+    // runners that follows the commit.
+    let source = app.source.clone();
+    let appended = tokio::spawn(async move { source.append(events).await })
+        .await
+        .map_err(|err| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "append_aborted",
+                format!("the append task failed: {err}"),
+            )
+        })??;
     let position = appended.last().map(|a| a.position);
     Ok((
         StatusCode::CREATED,

@@ -3,6 +3,7 @@
 mod error;
 mod events;
 mod health;
+mod metrics;
 mod query;
 
 use std::collections::BTreeMap;
@@ -48,6 +49,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/metrics", get(metrics::metrics))
         .fallback(|| async {
             ApiError::not_found("no_route", "no such endpoint; see the README for the API")
         })

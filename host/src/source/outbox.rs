@@ -117,23 +117,33 @@ impl SqliteOutbox {
         .map_err(db_err("reading the outbox"))?;
         let mut events = Vec::with_capacity(rows.len());
         for row in rows {
-            let position = row.get::<i64, _>(0) as u64;
+            let position = row
+                .try_get::<i64, _>(0)
+                .map_err(db_err("reading an outbox position"))? as u64;
             let malformed = |reason: String| SourceError::Malformed { position, reason };
-            let payload = RawValue::from_string(row.get(6))
+            // Another process may have written any SQLite type in any column: no panics here.
+            let text = |i: usize| {
+                row.try_get::<String, _>(i)
+                    .map_err(|e| malformed(format!("column {i} is not text: {e}")))
+            };
+            let int = |i: usize| {
+                row.try_get::<i64, _>(i)
+                    .map_err(|e| malformed(format!("column {i} is not an integer: {e}")))
+            };
+            let payload = RawValue::from_string(text(6)?)
                 .map_err(|e| malformed(format!("payload is not JSON: {e}")))?;
-            let headers: &str = row.get(7);
-            let headers = serde_json::from_str(headers)
+            let headers = serde_json::from_str(&text(7)?)
                 .map_err(|e| malformed(format!("headers are not a list of pairs: {e}")))?;
             events.push(Event {
                 position,
-                id: row.get(1),
-                stream: row.get(2),
-                stream_type: row.get(3),
-                event_type: row.get(4),
-                version: row.get::<i64, _>(5) as u64,
+                id: text(1)?,
+                stream: text(2)?,
+                stream_type: text(3)?,
+                event_type: text(4)?,
+                version: int(5)? as u64,
                 payload,
                 headers,
-                timestamp_ms: row.get::<i64, _>(8) as u64,
+                timestamp_ms: int(8)? as u64,
             });
         }
         Ok(events)
@@ -395,6 +405,23 @@ mod tests {
         let tail = outbox.read(1, 1, usize::MAX).await.unwrap();
         assert_eq!(tail.len(), 1);
         assert_eq!(tail[0].position, 2);
+    }
+
+    #[tokio::test]
+    async fn a_row_with_a_wrongly_typed_column_is_named_not_a_panic() {
+        let (db, outbox) = outbox().await;
+        sqlx::query(
+            "INSERT INTO outbox (id, stream, stream_type, event_type, version, payload, headers, timestamp_ms) \
+             VALUES ('x', 'b', 'T', 'Happened', 'one', x'7b7d', '[]', 0)",
+        )
+        .execute(&db.write)
+        .await
+        .unwrap();
+        let err = outbox.read(0, 10, usize::MAX).await.unwrap_err();
+        assert!(
+            matches!(&err, SourceError::Malformed { position: 1, .. }),
+            "{err}"
+        );
     }
 
     #[tokio::test]

@@ -1,0 +1,102 @@
+//! `GET /metrics`: Prometheus text format, one family per line group.
+
+use std::fmt::Write;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+
+use super::AppState;
+use crate::metrics::ProjectionMetrics;
+use crate::store::ProjectionStatus;
+
+pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
+    let head = *app.source.head().borrow();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP projector_head_position Newest position in the event source."
+    );
+    let _ = writeln!(out, "# TYPE projector_head_position gauge");
+    let _ = writeln!(out, "projector_head_position {head}");
+    type Reading = fn(&crate::runner::Projection, u64) -> String;
+    let families: [(&str, &str, &str, Reading); 10] = [
+        (
+            "projector_checkpoint_position",
+            "gauge",
+            "Position the projection has committed.",
+            |p, _| p.checkpoint().to_string(),
+        ),
+        (
+            "projector_lag_events",
+            "gauge",
+            "Head position minus checkpoint.",
+            |p, head| head.saturating_sub(p.checkpoint()).to_string(),
+        ),
+        (
+            "projector_projection_up",
+            "gauge",
+            "1 while the projection runs, 0 once it has failed.",
+            |p, _| u8::from(p.health().status == ProjectionStatus::Running).to_string(),
+        ),
+        (
+            "projector_batches_total",
+            "counter",
+            "Batches committed.",
+            |p, _| ProjectionMetrics::get(&p.metrics.batches).to_string(),
+        ),
+        (
+            "projector_events_total",
+            "counter",
+            "Events handed to the plugin.",
+            |p, _| ProjectionMetrics::get(&p.metrics.events).to_string(),
+        ),
+        (
+            "projector_documents_written_total",
+            "counter",
+            "Documents written or deleted.",
+            |p, _| ProjectionMetrics::get(&p.metrics.documents).to_string(),
+        ),
+        (
+            "projector_plugin_seconds_total",
+            "counter",
+            "Time spent inside the plugin.",
+            |p, _| seconds(ProjectionMetrics::get(&p.metrics.plugin_micros)),
+        ),
+        (
+            "projector_commit_seconds_total",
+            "counter",
+            "Time spent committing batches.",
+            |p, _| seconds(ProjectionMetrics::get(&p.metrics.commit_micros)),
+        ),
+        (
+            "projector_retries_total",
+            "counter",
+            "Reads or commits retried after a database error.",
+            |p, _| ProjectionMetrics::get(&p.metrics.retries).to_string(),
+        ),
+        (
+            "projector_retrying",
+            "gauge",
+            "1 while the projection is retrying after a database error.",
+            |p, _| u8::from(p.health().retrying.is_some()).to_string(),
+        ),
+    ];
+    for (name, kind, help, read) in families {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for projection in app.projections.values() {
+            let _ = writeln!(
+                out,
+                "{name}{{projection=\"{}\"}} {}",
+                projection.name(),
+                read(projection, head)
+            );
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+fn seconds(micros: u64) -> String {
+    format!("{:.6}", micros as f64 / 1e6)
+}
