@@ -220,7 +220,9 @@ impl Source for SqliteOutbox {
         let mut tx = self
             .db
             .write
-            .begin()
+            // IMMEDIATE: take the write lock before reading versions, so another process's
+            // append cannot slip in between the check and the insert.
+            .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(db_err("beginning an append"))?;
         // Current versions of every stream in the request, a few statements for the lot.

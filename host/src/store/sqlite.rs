@@ -211,7 +211,7 @@ impl Store for Sqlite {
         let now = now_ms();
         let mut tx = self
             .write
-            .begin()
+            .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(StoreError::db("beginning a batch"))?;
         for (collection, writes) in &output.writes {
