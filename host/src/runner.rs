@@ -187,7 +187,8 @@ impl Runner {
             if events.is_empty() && pending.is_none() {
                 tokio::select! {
                     _ = head.changed() => {}
-                    _ = shutdown.changed() => {}
+                    // A dropped shutdown sender means shutdown too (and must not spin).
+                    changed = shutdown.changed() => if changed.is_err() { break },
                 }
                 continue;
             }
@@ -319,7 +320,7 @@ impl Runner {
         }
         tokio::select! {
             _ = tokio::time::sleep(delay) => true,
-            _ = shutdown.changed() => false,
+            changed = shutdown.changed() => changed.is_ok() && !*shutdown.borrow(),
         }
     }
 
