@@ -12,12 +12,7 @@ async fn head(api: &Api) -> Value {
 async fn bad_appends_are_refused_with_the_reason_and_write_nothing() {
     let server = Server::start(&plugin_set(&["account-balance"], &[]));
     let api = server.api();
-    api.append(
-        "acct-1",
-        "AccountOpened",
-        json!({"owner": "a", "currency": "EUR"}),
-    )
-    .await;
+    api.open_account("acct-1", "a").await;
     let before = head(&api).await;
 
     let cases: Vec<(&str, String, u16, &str, &str)> = vec![

@@ -8,12 +8,7 @@ use crate::support::{plugin_set, Server};
 async fn a_read_with_wait_for_sees_the_append_it_names() {
     let server = Server::start(&plugin_set(&["account-balance"], &[]));
     let api = server.api();
-    api.append(
-        "acct-1",
-        "AccountOpened",
-        json!({"owner": "alice", "currency": "EUR"}),
-    )
-    .await;
+    api.open_account("acct-1", "alice").await;
     let (version, _) = api
         .append("acct-1", "Deposited", json!({"amount": 25}))
         .await;
@@ -90,12 +85,7 @@ async fn per_stream_order_holds_across_concurrent_appends_to_50_streams() {
 async fn a_stale_expected_version_is_a_conflict_that_writes_nothing() {
     let server = Server::start(&plugin_set(&["account-balance"], &[]));
     let api = server.api();
-    api.append(
-        "acct-1",
-        "AccountOpened",
-        json!({"owner": "a", "currency": "EUR"}),
-    )
-    .await;
+    api.open_account("acct-1", "a").await;
     let head_before = api.projection("account-balance").await["head"].clone();
     // The first event is fine on its own; the second's expectation is stale, so neither lands.
     let (status, body) = api
@@ -133,13 +123,7 @@ async fn lists_filter_on_indexed_fields_and_paginate_with_a_cursor() {
     let mut last = 0;
     for i in 0..7 {
         let owner = if i % 2 == 0 { "even" } else { "odd" };
-        (_, last) = api
-            .append(
-                &format!("acct-{i}"),
-                "AccountOpened",
-                json!({"owner": owner, "currency": "EUR"}),
-            )
-            .await;
+        (_, last) = api.open_account(&format!("acct-{i}"), owner).await;
     }
     let mut keys = Vec::new();
     let mut cursor: Option<String> = None;
@@ -168,12 +152,7 @@ async fn a_failing_plugin_stops_only_its_own_projection() {
     let server = Server::start(&plugin_set(&["account-balance"], &["misbehave"]));
     let api = server.api();
     let (_, boom) = api.append("poison", "Panic", json!({})).await;
-    api.append(
-        "acct-1",
-        "AccountOpened",
-        json!({"owner": "a", "currency": "EUR"}),
-    )
-    .await;
+    api.open_account("acct-1", "a").await;
 
     // The healthy projection goes on past the poison event.
     let (status, body) = api
@@ -223,12 +202,7 @@ async fn events_a_projection_does_not_subscribe_to_still_move_its_checkpoint() {
 async fn metrics_report_progress_per_projection() {
     let server = Server::start(&plugin_set(&["account-balance"], &[]));
     let api = server.api();
-    api.append(
-        "acct-1",
-        "AccountOpened",
-        json!({"owner": "a", "currency": "EUR"}),
-    )
-    .await;
+    api.open_account("acct-1", "a").await;
     let (_, position) = api
         .append("acct-1", "Deposited", json!({"amount": 3}))
         .await;
@@ -259,12 +233,7 @@ async fn metrics_report_progress_per_projection() {
 async fn a_malformed_row_from_another_writer_fails_the_projection_with_its_position() {
     let server = Server::start(&plugin_set(&["account-balance"], &[]));
     let api = server.api();
-    api.append(
-        "acct-1",
-        "AccountOpened",
-        json!({"owner": "a", "currency": "EUR"}),
-    )
-    .await;
+    api.open_account("acct-1", "a").await;
     // Another process writes the outbox directly, with a payload that is not JSON.
     let url = format!(
         "sqlite://{}",

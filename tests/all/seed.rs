@@ -14,13 +14,7 @@ async fn every_read_sees_its_own_write_and_none_times_out() {
     let mut balances: HashMap<String, i64> = HashMap::new();
     for a in 0..100 {
         let id = format!("acct-{a}");
-        let (version, _) = api
-            .append(
-                &id,
-                "AccountOpened",
-                json!({"owner": format!("o{a}"), "currency": "EUR"}),
-            )
-            .await;
+        let (version, _) = api.open_account(&id, &format!("o{a}")).await;
         let (status, body) = api
             .get(&format!(
                 "/projections/account-balance/accounts/{id}?wait_for={id}@{version}"

@@ -247,6 +247,16 @@ impl Api {
         )
     }
 
+    /// Opens an account (an `AccountOpened` in EUR); returns (version, position).
+    pub async fn open_account(&self, stream: &str, owner: &str) -> (u64, u64) {
+        self.append(
+            stream,
+            "AccountOpened",
+            serde_json::json!({"owner": owner, "currency": "EUR"}),
+        )
+        .await
+    }
+
     /// The projection's entry in `GET /projections`.
     pub async fn projection(&self, name: &str) -> serde_json::Value {
         let (status, body) = self.get(&format!("/projections/{name}")).await;
