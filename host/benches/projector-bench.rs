@@ -416,10 +416,12 @@ async fn scenario_raw(template: &Path, events: usize, streams: usize) {
     let (db, _) = copy_of(template).await;
     db.register(native.descriptor()).await.unwrap();
     let start = Instant::now();
+    let mut from = 0;
     for (out, position) in &outputs {
-        db.commit(native.descriptor(), out, *position)
+        db.commit(native.descriptor(), out, from, *position)
             .await
             .unwrap();
+        from = *position;
     }
     let secs = start.elapsed().as_secs_f64();
     report("raw-sqlite-writes", events, secs, &mut [], "");

@@ -16,13 +16,16 @@ pub struct Config {
     pub listen: String,
     /// Where the embedded database and the compiled-plugin cache live.
     pub data_dir: PathBuf,
-    /// `sqlite://FILE`; empty means `sqlite://<data_dir>/projector.db`.
+    /// `sqlite://FILE` or `postgres://USER:PASSWORD@HOST:PORT/DB`; empty means
+    /// `sqlite://<data_dir>/projector.db`.
     pub database_url: String,
     /// Folder of plugins: every `*.wasm` in it is loaded (not its subfolders).
     pub plugins: PathBuf,
     pub runner: RunnerConfig,
     pub limits: Limits,
     pub http: HttpConfig,
+    pub postgres: PostgresConfig,
+    pub outbox: OutboxConfig,
 }
 
 impl Default for Config {
@@ -35,6 +38,8 @@ impl Default for Config {
             runner: RunnerConfig::default(),
             limits: Limits::default(),
             http: HttpConfig::default(),
+            postgres: PostgresConfig::default(),
+            outbox: OutboxConfig::default(),
         }
     }
 }
@@ -87,6 +92,79 @@ impl Default for HttpConfig {
             max_wait_timeout_ms: 60_000,
             default_page_size: 100,
             max_page_size: 1_000,
+        }
+    }
+}
+
+/// Settings used when `database_url` is a PostgreSQL URL.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Schema of projector's catalog and read-model tables (created if missing).
+    pub schema: String,
+    /// Most connections in the pool (readers, commits, appends).
+    pub max_connections: u32,
+    /// Connections kept open when idle.
+    pub min_connections: u32,
+    /// How long a request waits for a free connection before failing.
+    pub acquire_timeout_ms: u64,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            schema: "projector".into(),
+            max_connections: 16,
+            min_connections: 2,
+            acquire_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// The application's outbox table on PostgreSQL. The defaults are Debezium's outbox columns,
+/// so projector reads an outbox a team already has; optional columns are used where present.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutboxConfig {
+    /// The table, optionally schema-qualified (`app.outbox`). Created if missing.
+    pub table: String,
+    pub id_column: String,
+    /// The stream (aggregate) id.
+    pub stream_column: String,
+    pub stream_type_column: String,
+    pub type_column: String,
+    pub payload_column: String,
+    /// Per-stream version (optional: without it versions read as 0 and appends cannot use
+    /// `expected_version`).
+    pub version_column: String,
+    /// A JSON array of `[key, value]` pairs (optional).
+    pub headers_column: String,
+    /// A `timestamptz` (optional: without it events carry timestamp 0).
+    pub timestamp_column: String,
+    /// Added by projector, with the trigger that fills it (see the README: outbox positions).
+    pub position_column: String,
+    /// Install a trigger that notifies projector when a transaction inserts into the outbox.
+    /// Without it, rows from other writers are seen at the next poll.
+    pub notify_trigger: bool,
+    /// How often the outbox is polled for rows no notification announced.
+    pub poll_interval_ms: u64,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            table: "outbox".into(),
+            id_column: "id".into(),
+            stream_column: "aggregateid".into(),
+            stream_type_column: "aggregatetype".into(),
+            type_column: "type".into(),
+            payload_column: "payload".into(),
+            version_column: "version".into(),
+            headers_column: "headers".into(),
+            timestamp_column: "created_at".into(),
+            position_column: "position".into(),
+            notify_trigger: true,
+            poll_interval_ms: 1_000,
         }
     }
 }
@@ -196,6 +274,11 @@ impl Config {
             ("limits.max_output_mb", self.limits.max_output_mb as u64),
             ("http.max_page_size", u64::from(self.http.max_page_size)),
             (
+                "postgres.max_connections",
+                u64::from(self.postgres.max_connections),
+            ),
+            ("outbox.poll_interval_ms", self.outbox.poll_interval_ms),
+            (
                 "http.default_page_size",
                 u64::from(self.http.default_page_size),
             ),
@@ -204,6 +287,32 @@ impl Config {
             if value == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be above 0")));
             }
+        }
+        let o = &self.outbox;
+        let names = [
+            ("postgres.schema", &self.postgres.schema),
+            ("outbox.id_column", &o.id_column),
+            ("outbox.stream_column", &o.stream_column),
+            ("outbox.stream_type_column", &o.stream_type_column),
+            ("outbox.type_column", &o.type_column),
+            ("outbox.payload_column", &o.payload_column),
+            ("outbox.version_column", &o.version_column),
+            ("outbox.headers_column", &o.headers_column),
+            ("outbox.timestamp_column", &o.timestamp_column),
+            ("outbox.position_column", &o.position_column),
+        ];
+        for (name, value) in names {
+            if !is_identifier(value) {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} {value:?} is not an SQL identifier ([A-Za-z_][A-Za-z0-9_]*, at most 63 bytes)"
+                )));
+            }
+        }
+        if !o.table.split('.').all(is_identifier) || o.table.split('.').count() > 2 {
+            return Err(ConfigError::Invalid(format!(
+                "outbox.table {:?} is not TABLE or SCHEMA.TABLE of SQL identifiers",
+                o.table
+            )));
         }
         Ok(())
     }
@@ -216,6 +325,16 @@ impl Config {
             self.database_url.clone()
         }
     }
+}
+
+/// A plain SQL identifier: safe to quote and splice into statements.
+pub fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    s.len() <= 63
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 fn merge(base: &mut toml::Value, overlay: toml::Value) {

@@ -20,7 +20,7 @@ use crate::runtime::{
     BatchHandler, BatchOutput, BoxError, Descriptor, DocumentReader, RuntimeError,
 };
 use crate::source::{Source, SourceError};
-use crate::store::{ProjectionStatus, Store};
+use crate::store::{ProjectionStatus, Store, StoreError};
 
 /// A projection as the rest of the host sees it: its plugin, its progress, its health.
 pub struct Projection {
@@ -89,6 +89,34 @@ impl Projection {
         change(&mut self.health.lock().unwrap_or_else(PoisonError::into_inner));
     }
 
+    /// Takes the projection up (again) at `checkpoint`: after a lease is won, the documents
+    /// cached before may be stale (another instance ran meanwhile).
+    fn resume_at(&self, checkpoint: u64) {
+        *self.documents.lock().unwrap_or_else(PoisonError::into_inner) =
+            DocumentCache::new(checkpoint == 0);
+        self.update_health(|h| {
+            h.status = ProjectionStatus::Running;
+            h.retrying = None;
+        });
+        self.progress.send_replace(Progress {
+            position: checkpoint,
+            failed: false,
+        });
+    }
+
+    /// Another instance runs it: follow its checkpoint so reads that wait still get answered.
+    fn follow(&self, checkpoint: u64) {
+        self.update_health(|h| {
+            h.status = ProjectionStatus::Standby;
+            h.retrying = None;
+        });
+        self.progress.send_if_modified(|p| {
+            let moved = checkpoint > p.position;
+            p.position = p.position.max(checkpoint);
+            moved
+        });
+    }
+
     /// Stopped for good: the status says why, and waiters are answered at once.
     fn mark_failed(&self, error: &str) {
         self.update_health(|h| {
@@ -118,7 +146,118 @@ enum Problem {
 /// A batch the plugin has handled: its documents are in the cache, not yet committed.
 struct Handled {
     output: BatchOutput,
+    /// The checkpoint the batch follows, and the one it moves to.
+    from: u64,
     last: u64,
+}
+
+/// Why [`Runner::run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    /// Shutdown was asked for.
+    Stopped,
+    /// The projection failed (its status says why).
+    Failed,
+    /// Another instance moved the checkpoint: this one must stand by.
+    Fenced,
+}
+
+/// How a commit attempt ended.
+enum Committed {
+    Yes,
+    /// Shutdown came first.
+    Stopped,
+    Fenced,
+}
+
+/// How often a standby instance tries to take a projection over (and reads its checkpoint).
+const STANDBY_POLL: Duration = Duration::from_millis(500);
+
+/// Runs `projection` whenever this instance holds its lease (one instance at a time across
+/// a cluster); stands by, following the active instance's checkpoint, while another holds it.
+/// Returns on shutdown.
+pub async fn run_with_lease(
+    projection: Arc<Projection>,
+    store: Arc<dyn Store>,
+    source: Arc<dyn Source>,
+    config: RunnerConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let name = projection.name().to_owned();
+    let mut standing_by = false;
+    let mut backoff = FIRST_RETRY;
+    let max_backoff = Duration::from_millis(config.max_retry_backoff_ms).max(FIRST_RETRY);
+    while !*shutdown.borrow() {
+        let taken = async {
+            let lease = store.try_lease(&name).await?;
+            match lease {
+                Some(lease) => Ok(Some((lease, store.checkpoint(projection.descriptor()).await?))),
+                None => Ok::<_, StoreError>(None),
+            }
+        };
+        let pause = match taken.await {
+            Ok(Some((mut lease, checkpoint))) => {
+                backoff = FIRST_RETRY;
+                if std::mem::take(&mut standing_by) {
+                    tracing::info!(projection = %name, checkpoint, "lease taken: this instance runs the projection now");
+                }
+                projection.resume_at(checkpoint);
+                let (stop_tx, stop_rx) = watch::channel(false);
+                let runner = Runner::new(projection.clone(), store.clone(), source.clone(), config.clone());
+                let run = runner.run_supervised(stop_rx);
+                tokio::pin!(run);
+                let end = tokio::select! {
+                    end = &mut run => end,
+                    _ = lease.lost() => {
+                        let _ = stop_tx.send(true);
+                        run.await;
+                        RunEnd::Fenced
+                    }
+                    _ = shutdown.changed() => {
+                        let _ = stop_tx.send(true);
+                        run.await
+                    }
+                };
+                match end {
+                    RunEnd::Stopped => return,
+                    RunEnd::Failed => {
+                        // Another instance would fail on the same event: keep the lease until
+                        // an operator acts (or shutdown).
+                        while shutdown.changed().await.is_ok() && !*shutdown.borrow() {}
+                        return;
+                    }
+                    RunEnd::Fenced => {
+                        tracing::warn!(projection = %name, "lease lost: standing by");
+                        standing_by = true;
+                        STANDBY_POLL
+                    }
+                }
+            }
+            Ok(None) => {
+                backoff = FIRST_RETRY;
+                if !standing_by {
+                    tracing::info!(projection = %name, "another instance runs this projection: standing by");
+                    standing_by = true;
+                }
+                match store.checkpoint(projection.descriptor()).await {
+                    Ok(checkpoint) => projection.follow(checkpoint),
+                    Err(err) => projection.update_health(|h| h.retrying = Some(err.to_string())),
+                }
+                STANDBY_POLL
+            }
+            Err(err) => {
+                tracing::warn!(projection = %name, error = %err, retry_in_ms = backoff.as_millis() as u64, "cannot take the projection's lease, retrying");
+                projection.update_health(|h| h.retrying = Some(err.to_string()));
+                let pause = backoff;
+                backoff = (backoff * 2).min(max_backoff);
+                pause
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            changed = shutdown.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 /// Exponential backoff between retries, reset by the next success.
@@ -150,7 +289,7 @@ impl Runner {
     /// A pipeline of three stages: while batch N commits, batch N+1 is handled (its reads see
     /// N's documents through the cache) and batch N+2 is read. Only one commit is in flight, and
     /// the checkpoint is published only once its commit is durable.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> RunEnd {
         let name = self.projection.name().to_owned();
         let mut head = self.source.head();
         let mut backoff = Backoff {
@@ -179,7 +318,7 @@ impl Runner {
                         }
                         Err(Problem::Fail(error)) => {
                             self.fail(error).await;
-                            return;
+                            return RunEnd::Failed;
                         }
                     }
                 }
@@ -197,12 +336,13 @@ impl Runner {
             let commit = async {
                 match pending.take() {
                     Some(batch) => self.commit(batch, &mut backoff, &mut stop).await,
-                    None => true,
+                    None => Committed::Yes,
                 }
             };
+            let from = handled_to;
             let handle = async {
                 match last {
-                    Some(last) => Some(self.process(events, last).await),
+                    Some(last) => Some(self.process(events, from, last).await),
                     None => None,
                 }
             };
@@ -213,8 +353,10 @@ impl Runner {
                 }
             };
             let (committed, handled, next) = tokio::join!(commit, handle, read_next);
-            if !committed {
-                break;
+            match committed {
+                Committed::Yes => {}
+                Committed::Stopped => break,
+                Committed::Fenced => return RunEnd::Fenced,
             }
             match handled {
                 None => {}
@@ -233,16 +375,19 @@ impl Runner {
                 }
                 Some(Err(Problem::Fail(error))) => {
                     self.fail(error).await;
-                    return;
+                    return RunEnd::Failed;
                 }
             }
         }
         if let Some(batch) = pending.take() {
             // Shutting down: one attempt, so a clean stop leaves nothing to redo.
             let (_, mut stopped) = watch::channel(true);
-            self.commit(batch, &mut backoff, &mut stopped).await;
+            if let Committed::Fenced = self.commit(batch, &mut backoff, &mut stopped).await {
+                return RunEnd::Fenced;
+            }
         }
         tracing::info!(projection = %name, checkpoint = self.projection.checkpoint(), "runner stopped");
+        RunEnd::Stopped
     }
 
     async fn read(&self, after: u64) -> Result<Vec<Event>, Problem> {
@@ -256,24 +401,31 @@ impl Runner {
             .map_err(|err| match err {
                 // The row will not get better by waiting: stop and say where it is (parking
                 // it as a dead letter is the failure-isolation work still to come).
-                SourceError::Malformed { .. } => Problem::Fail(err.to_string()),
+                SourceError::Malformed { .. } | SourceError::Setup(_) => {
+                    Problem::Fail(err.to_string())
+                }
                 SourceError::Database { .. } => Problem::Retry(err.to_string()),
             })
     }
 
-    /// Commits a handled batch, retrying database errors until it succeeds; `false` if
-    /// shutdown came first.
+    /// Commits a handled batch, retrying database errors until it succeeds, shutdown comes
+    /// or the checkpoint turns out to have moved under it.
     async fn commit(
         &self,
         batch: Handled,
         backoff: &mut Backoff,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> bool {
+    ) -> Committed {
         loop {
             let start = std::time::Instant::now();
             match self
                 .store
-                .commit(self.projection.descriptor(), &batch.output, batch.last)
+                .commit(
+                    self.projection.descriptor(),
+                    &batch.output,
+                    batch.from,
+                    batch.last,
+                )
                 .await
             {
                 Ok(()) => {
@@ -291,11 +443,15 @@ impl Runner {
                         backoff.failing = false;
                         backoff.delay = FIRST_RETRY;
                     }
-                    return true;
+                    return Committed::Yes;
+                }
+                Err(err @ StoreError::Fenced { .. }) => {
+                    tracing::warn!(projection = %self.projection.name(), error = %err, "batch dropped: standing by");
+                    return Committed::Fenced;
                 }
                 Err(err) => {
                     if !self.pause(backoff, err.to_string(), shutdown).await {
-                        return false;
+                        return Committed::Stopped;
                     }
                 }
             }
@@ -332,19 +488,23 @@ impl Runner {
 
     /// [`Runner::run`] in a task of its own, watched: should the runner panic (a bug), its
     /// projection is marked failed with the reason instead of silently standing still.
-    pub async fn run_supervised(self, shutdown: watch::Receiver<bool>) {
+    pub async fn run_supervised(self, shutdown: watch::Receiver<bool>) -> RunEnd {
         let projection = self.projection.clone();
         let store = self.store.clone();
-        if let Err(err) = tokio::spawn(self.run(shutdown)).await {
-            let error = format!("the runner crashed: {err}");
-            tracing::error!(projection = %projection.name(), error = %error, "projection failed and stopped");
-            record_failure(&projection, store.as_ref(), &error).await;
+        match tokio::spawn(self.run(shutdown)).await {
+            Ok(end) => end,
+            Err(err) => {
+                let error = format!("the runner crashed: {err}");
+                tracing::error!(projection = %projection.name(), error = %error, "projection failed and stopped");
+                record_failure(&projection, store.as_ref(), &error).await;
+                RunEnd::Failed
+            }
         }
     }
 
     /// Filters a batch to the plugin's event types and runs it; an empty filtered batch still
     /// moves the checkpoint.
-    async fn process(&self, events: Vec<Event>, last: u64) -> Result<Handled, Problem> {
+    async fn process(&self, events: Vec<Event>, from: u64, last: u64) -> Result<Handled, Problem> {
         let descriptor = self.projection.descriptor();
         let wanted: Vec<Event> = events
             .into_iter()
@@ -357,7 +517,7 @@ impl Runner {
         };
         check_documents(&output)
             .map_err(|err| Problem::Fail(format!("{} wrote {err}", descriptor.name)))?;
-        Ok(Handled { output, last })
+        Ok(Handled { output, from, last })
     }
 
     async fn handle(&self, events: Vec<Event>) -> Result<BatchOutput, Problem> {

@@ -11,10 +11,12 @@ use tokio::sync::watch;
 
 use crate::api::{self, AppState};
 use crate::config::Config;
-use crate::runner::{Projection, Runner};
+use crate::runner::{run_with_lease, Projection};
 use crate::runtime::{Plugin, Runtime, RuntimeConfig, RuntimeError};
 use crate::source::outbox::SqliteOutbox;
+use crate::source::pg_outbox::PgOutbox;
 use crate::source::{Source, SourceError};
+use crate::store::postgres::{redact, Postgres};
 use crate::store::sqlite::Sqlite;
 use crate::store::{Store, StoreError};
 
@@ -37,7 +39,7 @@ pub enum ServeError {
         first: PathBuf,
         second: PathBuf,
     },
-    #[error("unsupported database URL {0:?} (expected sqlite://FILE)")]
+    #[error("unsupported database URL {0:?} (expected sqlite://FILE or postgres://USER@HOST/DB)")]
     DatabaseUrl(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -94,12 +96,19 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let url = config.database_url();
-    if !url.starts_with("sqlite:") {
-        return Err(ServeError::DatabaseUrl(url));
-    }
-    let db = Sqlite::open(&url).await?;
-    let store: Arc<dyn Store> = Arc::new(db.clone());
-    let source: Arc<dyn Source> = Arc::new(SqliteOutbox::new(db).await?);
+    let (store, source): (Arc<dyn Store>, Arc<dyn Source>) = if url.starts_with("sqlite:") {
+        let db = Sqlite::open(&url).await?;
+        (Arc::new(db.clone()), Arc::new(SqliteOutbox::new(db).await?))
+    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        let db = Postgres::open(&url, &config.postgres).await?;
+        tracing::info!(database = %redact(&url), outbox = %config.outbox.table, "using PostgreSQL");
+        (
+            Arc::new(db.clone()),
+            Arc::new(PgOutbox::open(db, &config.outbox).await?),
+        )
+    } else {
+        return Err(ServeError::DatabaseUrl(redact(&url)));
+    };
 
     let runtime = Runtime::new(RuntimeConfig {
         limits: config.limits.clone(),
@@ -114,13 +123,13 @@ pub async fn serve(
         let checkpoint = store.register(plugin.descriptor()).await?;
         let projection = Arc::new(Projection::new(plugin, checkpoint));
         projections.insert(projection.name().to_owned(), projection.clone());
-        let runner = Runner::new(
+        runners.push(tokio::spawn(run_with_lease(
             projection,
             store.clone(),
             source.clone(),
             config.runner.clone(),
-        );
-        runners.push(tokio::spawn(runner.run_supervised(stop_rx.clone())));
+            stop_rx.clone(),
+        )));
     }
 
     let app = api::router(AppState {

@@ -2,6 +2,7 @@
 //! order, and tells them when new ones arrive.
 
 pub mod outbox;
+pub mod pg_outbox;
 
 use std::collections::BTreeMap;
 
@@ -45,8 +46,14 @@ pub enum SourceError {
         context: String,
         source: sqlx::Error,
     },
-    #[error("event at position {position} is malformed: {reason}")]
-    Malformed { position: u64, reason: String },
+    #[error("the outbox row at position {position}{} is malformed: {reason}", id.as_ref().map(|id| format!(" (id {id})")).unwrap_or_default())]
+    Malformed {
+        position: u64,
+        id: Option<String>,
+        reason: String,
+    },
+    #[error("cannot use the outbox: {0}")]
+    Setup(String),
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -120,7 +120,12 @@ impl SqliteOutbox {
             let position = row
                 .try_get::<i64, _>(0)
                 .map_err(db_err("reading an outbox position"))? as u64;
-            let malformed = |reason: String| SourceError::Malformed { position, reason };
+            let id = row.try_get::<String, _>(1).ok();
+            let malformed = |reason: String| SourceError::Malformed {
+                position,
+                id: id.clone(),
+                reason,
+            };
             // Another process may have written any SQLite type in any column: no panics here.
             let text = |i: usize| {
                 row.try_get::<String, _>(i)
@@ -440,7 +445,7 @@ mod tests {
         .unwrap();
         let err = outbox.read(0, 10, usize::MAX).await.unwrap_err();
         assert!(
-            matches!(&err, SourceError::Malformed { position: 2, reason } if reason.contains("payload is not JSON")),
+            matches!(&err, SourceError::Malformed { position: 2, reason, .. } if reason.contains("payload is not JSON")),
             "{err}"
         );
     }

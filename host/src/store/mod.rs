@@ -1,11 +1,13 @@
 //! Where read models live. A [`Store`] keeps each projection version's documents and its
 //! checkpoint, and commits a batch's documents and the checkpoint in one transaction.
 
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use tokio::sync::watch;
 
 use crate::runtime::{BatchOutput, Descriptor};
 
@@ -25,6 +27,10 @@ pub enum StoreError {
         key: String,
         reason: String,
     },
+    /// The checkpoint is not where this runner left it: another instance ran the projection
+    /// meanwhile. The batch is dropped, not committed twice.
+    #[error("the checkpoint of {projection} moved away from {expected}: another instance runs it")]
+    Fenced { projection: String, expected: u64 },
 }
 
 impl StoreError {
@@ -61,6 +67,9 @@ pub struct ListQuery {
 pub enum ProjectionStatus {
     Running,
     Failed,
+    /// Another instance holds the projection's lease; this one serves reads and waits to take
+    /// over. Never stored.
+    Standby,
 }
 
 impl ProjectionStatus {
@@ -68,6 +77,7 @@ impl ProjectionStatus {
         match self {
             Self::Running => "running",
             Self::Failed => "failed",
+            Self::Standby => "standby",
         }
     }
 }
@@ -79,13 +89,22 @@ pub trait Store: Send + Sync {
     /// active version, and returns its checkpoint.
     async fn register(&self, projection: &Descriptor) -> Result<u64, StoreError>;
 
-    /// Writes a batch's documents and moves the checkpoint to `checkpoint`, atomically.
+    /// The projection version's committed position.
+    async fn checkpoint(&self, projection: &Descriptor) -> Result<u64, StoreError>;
+
+    /// Writes a batch's documents and moves the checkpoint from `from` to `to`, atomically.
+    /// [`StoreError::Fenced`] if the checkpoint is no longer at `from`.
     async fn commit(
         &self,
         projection: &Descriptor,
         output: &BatchOutput,
-        checkpoint: u64,
+        from: u64,
+        to: u64,
     ) -> Result<(), StoreError>;
+
+    /// Tries to become the one instance that runs `projection`; `None` while another holds
+    /// it. Held until the [`Lease`] is dropped or its connection dies.
+    async fn try_lease(&self, projection: &str) -> Result<Option<Lease>, StoreError>;
 
     async fn set_status(
         &self,
@@ -110,6 +129,38 @@ pub trait Store: Send + Sync {
 
     /// Whether the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// The right to run one projection, held until dropped.
+pub struct Lease {
+    lost: watch::Receiver<bool>,
+    _hold: Box<dyn Send + Sync>,
+}
+
+impl Lease {
+    /// `lost` turns true when the lease is gone (its connection died); `hold` is dropped with
+    /// the lease, releasing it.
+    pub fn new(lost: watch::Receiver<bool>, hold: impl Send + Sync + 'static) -> Self {
+        Self {
+            lost,
+            _hold: Box::new(hold),
+        }
+    }
+
+    /// A lease that is never lost (one process owns the database).
+    pub fn exclusive() -> Self {
+        let (tx, rx) = watch::channel(false);
+        Self::new(rx, tx)
+    }
+
+    /// Resolves once the lease is lost.
+    pub async fn lost(&mut self) {
+        while !*self.lost.borrow_and_update() {
+            if self.lost.changed().await.is_err() {
+                return;
+            }
+        }
+    }
 }
 
 /// The table of one collection of one projection version. Names are validated to

@@ -10,7 +10,9 @@ use serde_json::value::RawValue;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, SqlitePool};
 
-use super::{now_ms, table_name, Document, ListQuery, ProjectionStatus, Store, StoreError};
+use super::{
+    now_ms, table_name, Document, Lease, ListQuery, ProjectionStatus, Store, StoreError,
+};
 use crate::runtime::{BatchOutput, Descriptor};
 
 const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../../migrations/sqlite/0001_init.sql"))];
@@ -206,7 +208,8 @@ impl Store for Sqlite {
         &self,
         projection: &Descriptor,
         output: &BatchOutput,
-        checkpoint: u64,
+        from: u64,
+        to: u64,
     ) -> Result<(), StoreError> {
         let now = now_ms();
         let mut tx = self
@@ -269,19 +272,44 @@ impl Store for Sqlite {
                     .map_err(StoreError::db(format!("deleting documents from {table}")))?;
             }
         }
-        sqlx::query(
-            "UPDATE checkpoints SET position = ?, updated_at = ? WHERE projection = ? AND version = ?",
+        let moved = sqlx::query(
+            "UPDATE checkpoints SET position = ?, updated_at = ? \
+             WHERE projection = ? AND version = ? AND position = ?",
         )
-        .bind(checkpoint as i64)
+        .bind(to as i64)
         .bind(now)
         .bind(&projection.name)
         .bind(&projection.version)
+        .bind(from as i64)
         .execute(&mut *tx)
         .await
         .map_err(StoreError::db("moving the checkpoint"))?;
+        if moved.rows_affected() != 1 {
+            return Err(StoreError::Fenced {
+                projection: projection.name.clone(),
+                expected: from,
+            });
+        }
         tx.commit()
             .await
             .map_err(StoreError::db("committing a batch"))
+    }
+
+    async fn checkpoint(&self, projection: &Descriptor) -> Result<u64, StoreError> {
+        let position: Option<i64> = sqlx::query_scalar(
+            "SELECT position FROM checkpoints WHERE projection = ? AND version = ?",
+        )
+        .bind(&projection.name)
+        .bind(&projection.version)
+        .fetch_optional(&self.read)
+        .await
+        .map_err(StoreError::db("reading the checkpoint"))?;
+        Ok(position.unwrap_or(0) as u64)
+    }
+
+    async fn try_lease(&self, _projection: &str) -> Result<Option<Lease>, StoreError> {
+        // One process owns the file (a second one writing to it is fenced at commit).
+        Ok(Some(Lease::exclusive()))
     }
 
     async fn set_status(

@@ -1,0 +1,785 @@
+//! The application's outbox table on PostgreSQL, read directly: no CDC, no broker.
+//!
+//! # Positions, and why no late-committing row is ever skipped
+//!
+//! A sequence or identity column does not order an outbox: transaction T1 takes id 10, T2
+//! takes id 11 and commits first, a reader passes 11, then T1 commits 10 behind it and the row
+//! is never read. projector therefore orders rows by the transaction that wrote them and reads
+//! only what no running transaction can still add to:
+//!
+//! - a `BEFORE INSERT` trigger sets each row's position to `xid8 << 20 | n`, where `xid8` is
+//!   the writing transaction's 64-bit id (`pg_current_xact_id()`) and `n` counts the rows that
+//!   transaction has inserted (1, 2, ...), so positions follow the transaction id, then
+//!   insertion order within it;
+//! - a reader only reads positions below `xmin << 20`, where `xmin` is the oldest transaction
+//!   still running in its snapshot (`pg_snapshot_xmin(pg_current_snapshot())`). Every
+//!   transaction below `xmin` has committed or aborted, and every transaction that starts
+//!   later gets a larger id, so no row can ever appear below a position already read.
+//!
+//! The cost: a committed row waits while an older transaction (one that has written anything,
+//! anywhere in the cluster) is still open; the watcher re-reads the watermark every few
+//! milliseconds until it moves. Positions are sparse tokens, not counts. A transaction may insert
+//! at most 2^20 - 1 outbox rows, and transaction ids must stay below 2^43 (8.8 trillion).
+//!
+//! Rows are announced by `NOTIFY` (a statement trigger, and the append path), with a slow poll
+//! for writers that bypass both.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::value::RawValue;
+use sqlx::postgres::{PgListener, PgRow};
+use sqlx::Row;
+use tokio::sync::{watch, Notify};
+
+use super::{validate, AppendError, Appended, NewEvent, Source, SourceError};
+use crate::config::OutboxConfig;
+use crate::event::Event;
+use crate::store::postgres::Postgres;
+
+/// Bits of a position that count rows within one transaction.
+const ROW_BITS: u32 = 20;
+
+/// First and longest pause before re-reading a watermark held back by an open transaction.
+const HELD_FIRST: Duration = Duration::from_millis(2);
+const HELD_MAX: Duration = Duration::from_millis(100);
+
+/// Serialises outbox DDL across instances (the same key as the store's).
+const DDL_LOCK: i64 = 0x7072_6f6a_6464_6c00;
+
+fn db_err(context: &str) -> impl FnOnce(sqlx::Error) -> SourceError + '_ {
+    move |source| SourceError::Database {
+        context: context.to_owned(),
+        source,
+    }
+}
+
+/// `"name"`, or `"schema"."name"`.
+fn quote(name: &str) -> String {
+    name.split('.')
+        .map(|part| format!("\"{part}\""))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// The statements, built once from the configured names and the columns the table has.
+struct Statements {
+    read: String,
+    head: String,
+    position_of: Option<String>,
+    version_at: Option<String>,
+    lock_streams: String,
+    versions: Option<String>,
+    existing_ids: String,
+    insert: String,
+    has_version: bool,
+}
+
+pub struct PgOutbox {
+    db: Postgres,
+    sql: Statements,
+    channel: String,
+    head: Arc<watch::Sender<u64>>,
+}
+
+impl PgOutbox {
+    /// Prepares the outbox table (creating it, or adding the position column and triggers to
+    /// an existing one) and starts watching it.
+    pub async fn open(db: Postgres, config: &OutboxConfig) -> Result<Self, SourceError> {
+        let columns = prepare(&db, config).await?;
+        let sql = statements(config, &columns);
+        let channel = channel_name(&config.table);
+        let initial = read_head(&db, &sql.head).await?.safe;
+        let head = Arc::new(watch::Sender::new(initial));
+        let outbox = Self {
+            db,
+            sql,
+            channel,
+            head,
+        };
+        outbox.watch(Duration::from_millis(config.poll_interval_ms));
+        Ok(outbox)
+    }
+
+    /// Keeps `head` at the newest safe position: on every notification, on a slow poll, and
+    /// every few milliseconds while committed rows wait behind an open transaction.
+    fn watch(&self, poll: Duration) {
+        let notified = Arc::new(Notify::new());
+        let head = Arc::downgrade(&self.head);
+        tokio::spawn(listen(
+            self.db.clone(),
+            self.channel.clone(),
+            notified.clone(),
+            head.clone(),
+        ));
+        let db = self.db.clone();
+        let sql = self.sql.head.clone();
+        tokio::spawn(async move {
+            let mut held: Option<Duration> = None;
+            let mut held_since: Option<std::time::Instant> = None;
+            loop {
+                let wait = held.unwrap_or(poll);
+                tokio::select! {
+                    _ = notified.notified() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                let Some(sender) = head.upgrade() else { break };
+                match read_head(&db, &sql).await {
+                    Ok(h) => {
+                        sender.send_if_modified(|p| raise(p, h.safe));
+                        if h.committed > h.safe {
+                            held = Some(held.map_or(HELD_FIRST, |d| (d * 2).min(HELD_MAX)));
+                            let since = *held_since.get_or_insert_with(std::time::Instant::now);
+                            if since.elapsed() > Duration::from_secs(10) {
+                                tracing::warn!(safe_position = h.safe, committed_position = h.committed, oldest_open_xid = h.xmin,
+                                    "committed outbox rows wait for an older open transaction to finish");
+                                held_since = Some(std::time::Instant::now());
+                            }
+                        } else {
+                            held = None;
+                            held_since = None;
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "reading the outbox head failed");
+                        held = None;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Forwards notifications on `channel` to `notified`; reconnects on its own after an outage
+/// (and then wakes the watcher, since notifications may have been missed).
+async fn listen(db: Postgres, channel: String, notified: Arc<Notify>, alive: Weak<watch::Sender<u64>>) {
+    let mut backoff = Duration::from_millis(100);
+    while alive.strong_count() > 0 {
+        let mut listener = match PgListener::connect_with(&db.pool).await {
+            Ok(listener) => listener,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot LISTEN for outbox notifications; polling meanwhile");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        if let Err(err) = listener.listen(&channel).await {
+            tracing::warn!(error = %err, "cannot LISTEN for outbox notifications; polling meanwhile");
+            tokio::time::sleep(backoff).await;
+            continue;
+        }
+        backoff = Duration::from_millis(100);
+        notified.notify_one();
+        loop {
+            // `try_recv` returns None when the connection drops; the next call reconnects.
+            match listener.try_recv().await {
+                Ok(Some(_)) => notified.notify_one(),
+                Ok(None) => {
+                    tracing::warn!("outbox notification connection lost; reconnecting");
+                    notified.notify_one();
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "outbox notifications failed; reconnecting");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    break;
+                }
+            }
+            if alive.strong_count() == 0 {
+                return;
+            }
+        }
+    }
+}
+
+fn raise(head: &mut u64, position: u64) -> bool {
+    if position > *head {
+        *head = position;
+        true
+    } else {
+        false
+    }
+}
+
+struct Head {
+    /// The newest position no open transaction can add below.
+    safe: u64,
+    /// The newest committed position (above `safe` while an older transaction is open).
+    committed: u64,
+    xmin: i64,
+}
+
+async fn read_head(db: &Postgres, sql: &str) -> Result<Head, SourceError> {
+    let row = sqlx::query(sql)
+        .fetch_one(&db.pool)
+        .await
+        .map_err(db_err("reading the outbox head"))?;
+    let get = |i: usize| -> Result<i64, SourceError> {
+        row.try_get::<Option<i64>, _>(i)
+            .map(Option::unwrap_or_default)
+            .map_err(db_err("reading the outbox head"))
+    };
+    Ok(Head {
+        safe: get(0)? as u64,
+        committed: get(1)? as u64,
+        xmin: get(2)?,
+    })
+}
+
+fn channel_name(table: &str) -> String {
+    let mut channel = format!("projector_{}", table.replace('.', "_"));
+    channel.truncate(63);
+    channel
+}
+
+/// The optional columns the table has, and the types that change how they are read.
+struct Columns {
+    version: bool,
+    headers: bool,
+    /// `Some(true)`: a timestamp type; `Some(false)`: an integer of milliseconds.
+    timestamp: Option<bool>,
+    id_is_uuid: bool,
+}
+
+/// Creates the table if missing; otherwise checks the required columns and adds the position
+/// column; installs the triggers. One instance at a time (DDL lock).
+async fn prepare(db: &Postgres, c: &OutboxConfig) -> Result<Columns, SourceError> {
+    let table = quote(&c.table);
+    let mut tx = db.pool.begin().await.map_err(db_err("preparing the outbox"))?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(DDL_LOCK)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err("locking for DDL"))?;
+    let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+        .bind(&table)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_err("looking for the outbox table"))?;
+    if exists.is_none() {
+        let ddl = format!(
+            "CREATE TABLE {table} (\
+             \"{id}\" uuid PRIMARY KEY, \
+             \"{stream_type}\" text NOT NULL, \
+             \"{stream}\" text NOT NULL, \
+             \"{ty}\" text NOT NULL, \
+             \"{payload}\" jsonb, \
+             \"{version}\" bigint, \
+             \"{headers}\" jsonb NOT NULL DEFAULT '[]', \
+             \"{ts}\" timestamptz NOT NULL DEFAULT now(), \
+             \"{pos}\" bigint)",
+            id = c.id_column,
+            stream_type = c.stream_type_column,
+            stream = c.stream_column,
+            ty = c.type_column,
+            payload = c.payload_column,
+            version = c.version_column,
+            headers = c.headers_column,
+            ts = c.timestamp_column,
+            pos = c.position_column,
+        );
+        sqlx::query(&ddl)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err("creating the outbox table"))?;
+        tracing::info!(table = %c.table, "created the outbox table");
+    }
+    let rows = sqlx::query(
+        "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute \
+         WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped",
+    )
+    .bind(&table)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db_err("reading the outbox columns"))?;
+    let mut types: HashMap<String, String> = HashMap::new();
+    for row in rows {
+        let name: String = row.try_get(0).map_err(db_err("reading the outbox columns"))?;
+        let ty: String = row.try_get(1).map_err(db_err("reading the outbox columns"))?;
+        types.insert(name, ty);
+    }
+    for (setting, column) in [
+        ("outbox.id_column", &c.id_column),
+        ("outbox.stream_column", &c.stream_column),
+        ("outbox.stream_type_column", &c.stream_type_column),
+        ("outbox.type_column", &c.type_column),
+        ("outbox.payload_column", &c.payload_column),
+    ] {
+        if !types.contains_key(column.as_str()) {
+            return Err(SourceError::Setup(format!(
+                "the outbox table {} has no column {column:?} ({setting})",
+                c.table
+            )));
+        }
+    }
+    let pos = &c.position_column;
+    if !types.contains_key(pos.as_str()) {
+        // An existing outbox: its rows are numbered once, in (timestamp, id) order, below any
+        // position a transaction can get from now on.
+        let order = if types.contains_key(c.timestamp_column.as_str()) {
+            format!("\"{}\", \"{}\"", c.timestamp_column, c.id_column)
+        } else {
+            format!("\"{}\"", c.id_column)
+        };
+        sqlx::raw_sql(&format!(
+            "ALTER TABLE {table} ADD COLUMN \"{pos}\" bigint; \
+             UPDATE {table} AS o SET \"{pos}\" = n.rn FROM \
+             (SELECT ctid, row_number() OVER (ORDER BY {order}) AS rn FROM {table}) AS n \
+             WHERE o.ctid = n.ctid"
+        ))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err("adding the position column to the outbox"))?;
+        tracing::info!(table = %c.table, column = %pos, "added the position column to the outbox");
+    }
+    let bare = c.table.rsplit('.').next().unwrap_or(&c.table);
+    let prefix = match c.table.rsplit_once('.') {
+        Some((schema, _)) => format!("\"{schema}\"."),
+        None => String::new(),
+    };
+    let position_fn = format!("{prefix}\"{bare}_projector_position\"");
+    let notify_fn = format!("{prefix}\"{bare}_projector_notify\"");
+    let channel = channel_name(&c.table);
+    let mut ddl = format!(
+        "CREATE UNIQUE INDEX IF NOT EXISTS \"{bare}_projector_position\" ON {table} (\"{pos}\"); \
+         CREATE OR REPLACE FUNCTION {position_fn}() RETURNS trigger LANGUAGE plpgsql AS $fn$ \
+         DECLARE xid bigint := pg_current_xact_id()::text::bigint; n bigint; \
+         BEGIN \
+           n := coalesce(nullif(current_setting('projector.outbox_rows', true), ''), '0')::bigint + 1; \
+           IF n >= {max_rows} THEN RAISE EXCEPTION 'projector: a transaction may insert at most {max_rows_1} outbox rows'; END IF; \
+           IF xid >= {max_xid} THEN RAISE EXCEPTION 'projector: transaction id % is beyond the outbox position range', xid; END IF; \
+           PERFORM set_config('projector.outbox_rows', n::text, true); \
+           NEW.\"{pos}\" := (xid << {ROW_BITS}) | n; \
+           RETURN NEW; \
+         END $fn$; \
+         CREATE OR REPLACE FUNCTION {notify_fn}() RETURNS trigger LANGUAGE plpgsql AS $fn$ \
+         BEGIN PERFORM pg_notify('{channel}', ''); RETURN NULL; END $fn$;",
+        max_rows = 1u64 << ROW_BITS,
+        max_rows_1 = (1u64 << ROW_BITS) - 1,
+        max_xid = 1u64 << (63 - ROW_BITS),
+    );
+    if let Some(true) = types.get(c.version_column.as_str()).map(|_| true) {
+        ddl.push_str(&format!(
+            "CREATE UNIQUE INDEX IF NOT EXISTS \"{bare}_projector_stream_version\" \
+             ON {table} (\"{}\", \"{}\");",
+            c.stream_column, c.version_column
+        ));
+    }
+    sqlx::raw_sql(&ddl)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err("installing the outbox position trigger"))?;
+    let triggers: Vec<String> = sqlx::query_scalar(
+        "SELECT tgname::text FROM pg_trigger WHERE tgrelid = $1::regclass AND NOT tgisinternal",
+    )
+    .bind(&table)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db_err("reading the outbox triggers"))?;
+    let has = |name: &str| triggers.iter().any(|t| t == name);
+    let mut ddl = String::new();
+    if !has("projector_position") {
+        ddl.push_str(&format!(
+            "CREATE TRIGGER projector_position BEFORE INSERT ON {table} \
+             FOR EACH ROW EXECUTE FUNCTION {position_fn}();"
+        ));
+    }
+    match (c.notify_trigger, has("projector_notify")) {
+        (true, false) => ddl.push_str(&format!(
+            "CREATE TRIGGER projector_notify AFTER INSERT ON {table} \
+             FOR EACH STATEMENT EXECUTE FUNCTION {notify_fn}();"
+        )),
+        (false, true) => ddl.push_str(&format!("DROP TRIGGER projector_notify ON {table};")),
+        _ => {}
+    }
+    if !ddl.is_empty() {
+        sqlx::raw_sql(&ddl)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err("installing the outbox triggers"))?;
+    }
+    tx.commit().await.map_err(db_err("preparing the outbox"))?;
+    let timestamp = types.get(c.timestamp_column.as_str()).and_then(|ty| {
+        if ty.starts_with("timestamp") {
+            Some(true)
+        } else if matches!(ty.as_str(), "bigint" | "integer") {
+            Some(false)
+        } else {
+            tracing::warn!(column = %c.timestamp_column, r#type = %ty, "the outbox timestamp column is neither a timestamp nor an integer: events carry timestamp 0");
+            None
+        }
+    });
+    Ok(Columns {
+        version: types.contains_key(c.version_column.as_str()),
+        headers: types.contains_key(c.headers_column.as_str()),
+        timestamp,
+        id_is_uuid: types.get(c.id_column.as_str()).is_some_and(|t| t == "uuid"),
+    })
+}
+
+fn statements(c: &OutboxConfig, columns: &Columns) -> Statements {
+    let t = quote(&c.table);
+    let q = |name: &str| format!("\"{name}\"");
+    let (pos, id, stream, stream_type, ty, payload) = (
+        q(&c.position_column),
+        q(&c.id_column),
+        q(&c.stream_column),
+        q(&c.stream_type_column),
+        q(&c.type_column),
+        q(&c.payload_column),
+    );
+    let version = columns
+        .version
+        .then(|| q(&c.version_column))
+        .unwrap_or_else(|| "NULL::bigint".into());
+    let headers = if columns.headers {
+        format!("{}::text", q(&c.headers_column))
+    } else {
+        "NULL::text".into()
+    };
+    let timestamp = match columns.timestamp {
+        Some(true) => format!(
+            "(extract(epoch FROM {}) * 1000)::bigint",
+            q(&c.timestamp_column)
+        ),
+        Some(false) => format!("{}::bigint", q(&c.timestamp_column)),
+        None => "0::bigint".into(),
+    };
+    // Evaluated once per statement (an InitPlan): every transaction below it has finished.
+    let watermark =
+        format!("(SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint << {ROW_BITS})");
+    let id_array = if columns.id_is_uuid { "uuid[]" } else { "text[]" };
+    let mut insert_columns = vec![id.clone(), stream_type.clone(), stream.clone(), ty.clone()];
+    insert_columns.push(payload.clone());
+    let mut selected = vec![
+        "i".to_owned(),
+        "st".to_owned(),
+        "s".to_owned(),
+        "ty".to_owned(),
+        "p::jsonb".to_owned(),
+    ];
+    if columns.version {
+        insert_columns.push(q(&c.version_column));
+        selected.push("v".into());
+    }
+    if columns.headers {
+        insert_columns.push(q(&c.headers_column));
+        selected.push("h::jsonb".into());
+    }
+    Statements {
+        read: format!(
+            "SELECT {pos}, {id}::text, {stream}, {stream_type}, {ty}, {payload}::text, \
+             {version}, {headers}, {timestamp} FROM {t} \
+             WHERE {pos} > $1 AND {pos} < {watermark} ORDER BY {pos} LIMIT $2"
+        ),
+        head: format!(
+            "SELECT (SELECT max({pos}) FROM {t} WHERE {pos} < w.limit_position), \
+             (SELECT max({pos}) FROM {t}), w.xmin FROM \
+             (SELECT x AS xmin, x << {ROW_BITS} AS limit_position FROM \
+             (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS x) AS s) AS w"
+        ),
+        position_of: columns.version.then(|| {
+            format!("SELECT {pos} FROM {t} WHERE {stream} = $1 AND {version} = $2")
+        }),
+        version_at: columns.version.then(|| {
+            format!(
+                "SELECT COALESCE(MAX({version}), 0) FROM {t} WHERE {stream} = $1 AND {pos} <= $2"
+            )
+        }),
+        // Appends to one stream queue up (keys in a fixed order: no deadlocks), so versions
+        // are read and written without a race between two appends.
+        lock_streams: format!(
+            "SELECT pg_advisory_xact_lock(hashtext('{t}'), hashtext(s)) \
+             FROM (SELECT DISTINCT s FROM UNNEST($1::text[]) AS s ORDER BY 1) AS l"
+        ),
+        versions: columns.version.then(|| {
+            format!(
+                "SELECT {stream}, MAX({version}) FROM {t} WHERE {stream} = ANY($1::text[]) \
+                 GROUP BY {stream}"
+            )
+        }),
+        existing_ids: format!("SELECT {id}::text FROM {t} WHERE {id} = ANY($1::{id_array}) LIMIT 1"),
+        insert: format!(
+            "INSERT INTO {t} ({}) SELECT {} FROM UNNEST($1::{id_array}, $2::text[], $3::text[], \
+             $4::text[], $5::text[], $6::bigint[], $7::text[]) WITH ORDINALITY \
+             AS u(i, st, s, ty, p, v, h, n) ORDER BY n RETURNING {id}::text, {pos}",
+            insert_columns.join(", "),
+            selected.join(", "),
+        ),
+        has_version: columns.version,
+    }
+}
+
+fn event_from_row(row: &PgRow) -> Result<Event, SourceError> {
+    let position = row
+        .try_get::<Option<i64>, _>(0)
+        .map_err(db_err("reading an outbox position"))?
+        .unwrap_or_default() as u64;
+    let id = row.try_get::<Option<String>, _>(1).ok().flatten();
+    let malformed = |reason: String| SourceError::Malformed {
+        position,
+        id: id.clone(),
+        reason,
+    };
+    let text = |i: usize, what: &str| -> Result<String, SourceError> {
+        match row.try_get::<Option<String>, _>(i) {
+            Ok(Some(value)) => Ok(value),
+            Ok(None) => Err(malformed(format!("{what} is NULL"))),
+            Err(e) => Err(malformed(format!("{what} is not text: {e}"))),
+        }
+    };
+    let payload = RawValue::from_string(text(5, "the payload")?)
+        .map_err(|e| malformed(format!("the payload is not JSON: {e}")))?;
+    let headers = match row
+        .try_get::<Option<String>, _>(7)
+        .map_err(|e| malformed(format!("the headers are not text: {e}")))?
+    {
+        None => Vec::new(),
+        Some(text) => parse_headers(&text).map_err(malformed)?,
+    };
+    let version = row
+        .try_get::<Option<i64>, _>(6)
+        .map_err(|e| malformed(format!("the version is not an integer: {e}")))?
+        .unwrap_or(0);
+    Ok(Event {
+        position,
+        id: text(1, "the id")?,
+        stream: text(2, "the stream (aggregate id)")?,
+        stream_type: text(3, "the stream type (aggregate type)")?,
+        event_type: text(4, "the event type")?,
+        version: version.max(0) as u64,
+        payload,
+        headers,
+        timestamp_ms: row
+            .try_get::<Option<i64>, _>(8)
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+            .max(0) as u64,
+    })
+}
+
+/// Headers as `[["k", "v"], ...]` (what projector writes) or `{"k": "v"}`.
+fn parse_headers(text: &str) -> Result<Vec<(String, String)>, String> {
+    if let Ok(pairs) = serde_json::from_str::<Vec<(String, String)>>(text) {
+        return Ok(pairs);
+    }
+    serde_json::from_str::<std::collections::BTreeMap<String, String>>(text)
+        .map(|map| map.into_iter().collect())
+        .map_err(|e| format!("the headers are neither [[key, value], ...] nor {{key: value}}: {e}"))
+}
+
+#[async_trait]
+impl Source for PgOutbox {
+    async fn read(
+        &self,
+        after: u64,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Event>, SourceError> {
+        let rows = sqlx::query(&self.sql.read)
+            .bind(after as i64)
+            .bind(max_events as i64)
+            .fetch_all(&self.db.pool)
+            .await
+            .map_err(db_err("reading the outbox"))?;
+        let mut events = Vec::with_capacity(rows.len());
+        let mut bytes = 0;
+        for row in &rows {
+            let event = event_from_row(row)?;
+            bytes += event.size_hint();
+            events.push(event);
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(events)
+    }
+
+    fn head(&self) -> watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+
+    async fn position_of(&self, stream: &str, version: u64) -> Result<Option<u64>, SourceError> {
+        let Some(sql) = &self.sql.position_of else {
+            return Ok(None);
+        };
+        let position: Option<Option<i64>> = sqlx::query_scalar(sql)
+            .bind(stream)
+            .bind(version as i64)
+            .fetch_optional(&self.db.pool)
+            .await
+            .map_err(db_err("looking up a stream version"))?;
+        Ok(position.flatten().map(|p| p as u64))
+    }
+
+    async fn version_at(&self, stream: &str, position: u64) -> Result<u64, SourceError> {
+        let Some(sql) = &self.sql.version_at else {
+            return Ok(0);
+        };
+        let version: i64 = sqlx::query_scalar(sql)
+            .bind(stream)
+            .bind(position as i64)
+            .fetch_one(&self.db.pool)
+            .await
+            .map_err(db_err("reading a stream's version"))?;
+        Ok(version as u64)
+    }
+
+    async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>, AppendError> {
+        validate(&events)?;
+        if !self.sql.has_version {
+            if let Some(index) = events.iter().position(|e| e.expected_version.is_some()) {
+                return Err(AppendError::Invalid {
+                    index,
+                    reason: "`expected_version` needs a version column in the outbox table \
+                             (outbox.version_column)"
+                        .into(),
+                });
+            }
+        }
+        let mut tx = self
+            .db
+            .pool
+            .begin()
+            .await
+            .map_err(db_err("beginning an append"))?;
+        let streams: Vec<&str> = events.iter().map(|e| e.stream.as_str()).collect();
+        sqlx::query(&self.sql.lock_streams)
+            .bind(&streams)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err("locking the streams"))?;
+        let mut versions: HashMap<String, u64> = HashMap::new();
+        if let Some(sql) = &self.sql.versions {
+            let rows = sqlx::query(sql)
+                .bind(&streams)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_err("reading stream versions"))?;
+            for row in rows {
+                let stream: String = row.try_get(0).map_err(db_err("reading stream versions"))?;
+                let version: Option<i64> =
+                    row.try_get(1).map_err(db_err("reading stream versions"))?;
+                versions.insert(stream, version.unwrap_or(0).max(0) as u64);
+            }
+        }
+        let given: Vec<&str> = events.iter().filter_map(|e| e.id.as_deref()).collect();
+        let mut seen = HashSet::new();
+        if let Some(dup) = given.iter().find(|id| !seen.insert(**id)) {
+            return Err(AppendError::DuplicateId {
+                id: (*dup).to_owned(),
+            });
+        }
+        if !given.is_empty() {
+            let existing: Option<String> = sqlx::query_scalar(&self.sql.existing_ids)
+                .bind(&given)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err("checking event ids"))?;
+            if let Some(id) = existing {
+                return Err(AppendError::DuplicateId { id });
+            }
+        }
+        let n = events.len();
+        let (mut ids, mut stream_types, mut types, mut payloads, mut vers, mut headers) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for event in &events {
+            let current = versions.entry(event.stream.clone()).or_insert(0);
+            if let Some(expected) = event.expected_version {
+                if expected != *current {
+                    return Err(AppendError::VersionConflict {
+                        stream: event.stream.clone(),
+                        expected,
+                        current: *current,
+                    });
+                }
+            }
+            *current += 1;
+            ids.push(
+                event
+                    .id
+                    .clone()
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            );
+            stream_types.push(event.stream_type.as_str());
+            types.push(event.event_type.as_str());
+            payloads.push(event.payload.get());
+            vers.push(if self.sql.has_version {
+                *current as i64
+            } else {
+                0
+            });
+            let pairs: Vec<(&String, &String)> = event.headers.iter().collect();
+            headers.push(serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".into()));
+        }
+        let rows = sqlx::query(&self.sql.insert)
+            .bind(&ids)
+            .bind(&stream_types)
+            .bind(&streams)
+            .bind(&types)
+            .bind(&payloads)
+            .bind(&vers)
+            .bind(&headers)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err("appending events"))?;
+        let mut positions: HashMap<String, u64> = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let id: String = row.try_get(0).map_err(db_err("appending events"))?;
+            let position: i64 = row.try_get(1).map_err(db_err("appending events"))?;
+            positions.insert(id, position as u64);
+        }
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(&self.channel)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err("notifying the runners"))?;
+        tx.commit().await.map_err(db_err("committing an append"))?;
+        Ok(events
+            .iter()
+            .zip(ids)
+            .zip(vers)
+            .map(|((event, id), version)| Appended {
+                position: positions.get(&id).copied().unwrap_or_default(),
+                id,
+                stream: event.stream.clone(),
+                version: version.max(0) as u64,
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_read_as_pairs_or_an_object() {
+        assert_eq!(
+            parse_headers(r#"[["a", "1"], ["b", "2"]]"#).unwrap(),
+            [("a".into(), "1".into()), ("b".into(), "2".into())]
+        );
+        assert_eq!(
+            parse_headers(r#"{"b": "2", "a": "1"}"#).unwrap(),
+            [("a".into(), "1".into()), ("b".into(), "2".into())]
+        );
+        assert!(parse_headers("[1]").unwrap_err().contains("headers"));
+    }
+
+    #[test]
+    fn names_are_quoted_part_by_part() {
+        assert_eq!(quote("outbox"), "\"outbox\"");
+        assert_eq!(quote("app.outbox"), "\"app\".\"outbox\"");
+        assert_eq!(channel_name("app.outbox"), "projector_app_outbox");
+    }
+}
