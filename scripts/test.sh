@@ -11,6 +11,12 @@ bash scripts/build-plugins.sh
 echo "== plugin crates, natively (cargo test) =="
 cargo test --manifest-path plugins/Cargo.toml --target-dir target --workspace --quiet
 
+echo "== PostgreSQL: a throwaway cluster for the tests =="
+pg_dir="$(mktemp -d "${TMPDIR:-/tmp}/projector-pg.XXXXXX")"
+export PROJECTOR_TEST_POSTGRES="$(bash scripts/pg-test-cluster.sh start "$pg_dir")"
+trap 'bash scripts/pg-test-cluster.sh stop "$pg_dir"; rm -rf "$pg_dir"' EXIT
+echo "cluster at $PROJECTOR_TEST_POSTGRES ($pg_dir)"
+
 echo "== host: unit and integration tests =="
 export PROJECTOR_PLUGINS_BUILT=1
 if command -v cargo-nextest >/dev/null 2>&1; then

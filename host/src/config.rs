@@ -194,6 +194,7 @@ const NOT_SETTINGS: &[&str] = &[
     "PROJECTOR_LOG",
     "PROJECTOR_CACHE_DIR",
     "PROJECTOR_PLUGINS_BUILT",
+    "PROJECTOR_TEST_POSTGRES",
 ];
 
 impl Config {

@@ -2,230 +2,238 @@
 
 use serde_json::json;
 
-use crate::support::{plugin_set, Server};
+use crate::support::{on_both_stores, plugin_set, Server};
 
-#[tokio::test]
-async fn a_read_with_wait_for_sees_the_append_it_names() {
-    let server = Server::start(&plugin_set(&["account-balance"], &[]));
-    let api = server.api();
-    api.open_account("acct-1", "alice").await;
-    let (version, _) = api
-        .append("acct-1", "Deposited", json!({"amount": 25}))
-        .await;
-    let (status, body) = api
-        .get(&format!(
-            "/projections/account-balance/accounts/acct-1?wait_for=acct-1@{version}"
-        ))
-        .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["document"]["balance"], 25);
-    assert_eq!(body["document"]["last_version"], version);
-    assert!(body["position"].as_u64().unwrap() >= 2);
-}
-
-#[tokio::test]
-async fn min_position_waits_for_the_position_returned_by_the_append() {
-    let server = Server::start(&plugin_set(&["account-balance"], &[]));
-    let api = server.api();
-    let (_, position) = api
-        .append(
-            "acct-9",
-            "AccountOpened",
-            json!({"owner": "zoe", "currency": "USD"}),
-        )
-        .await;
-    let (status, body) = api
-        .get(&format!(
-            "/projections/account-balance/accounts/acct-9?min_position={position}"
-        ))
-        .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["document"]["owner"], "zoe");
-}
-
-#[tokio::test]
-async fn per_stream_order_holds_across_concurrent_appends_to_50_streams() {
-    let server = Server::start(&plugin_set(&[], &["misbehave"]));
-    let api = server.api();
-    let writers: Vec<_> = (0..50)
-        .map(|s| {
-            let api = api.clone();
-            tokio::spawn(async move {
-                let stream = format!("stream-{s}");
-                for v in 0..20u64 {
-                    let (status, body) = api
-                        .post(
-                            "/events",
-                            &json!({"stream": stream, "stream_type": "T", "type": "Seq",
-                                    "payload": {"n": v}, "expected_version": v}),
-                        )
-                        .await;
-                    assert_eq!(status, 201, "{body}");
-                }
-            })
-        })
-        .collect();
-    for writer in writers {
-        writer.await.unwrap();
-    }
-    for s in 0..50 {
+on_both_stores! {
+    async fn a_read_with_wait_for_sees_the_append_it_names(backend) {
+        let server = Server::on(&backend, &plugin_set(&["account-balance"], &[]));
+        let api = server.api();
+        api.open_account("acct-1", "alice").await;
+        let (version, _) = api
+            .append("acct-1", "Deposited", json!({"amount": 25}))
+            .await;
         let (status, body) = api
             .get(&format!(
-                "/projections/misbehave/out/seq-stream-{s}?wait_for=stream-{s}@20"
+                "/projections/account-balance/accounts/acct-1?wait_for=acct-1@{version}"
             ))
             .await;
         assert_eq!(status, 200, "{body}");
-        assert_eq!(body["document"], json!({"count": 20, "last_version": 20}));
+        assert_eq!(body["document"]["balance"], 25);
+        assert_eq!(body["document"]["last_version"], version);
+        assert!(body["position"].as_u64().unwrap() >= 2);
     }
-    let projection = api.projection("misbehave").await;
-    assert_eq!(projection["status"], "running", "{projection}");
 }
 
-#[tokio::test]
-async fn a_stale_expected_version_is_a_conflict_that_writes_nothing() {
-    let server = Server::start(&plugin_set(&["account-balance"], &[]));
-    let api = server.api();
-    api.open_account("acct-1", "a").await;
-    let head_before = api.projection("account-balance").await["head"].clone();
-    // The first event is fine on its own; the second's expectation is stale, so neither lands.
-    let (status, body) = api
-        .post(
-            "/events",
-            &json!({"events": [
-                {"stream": "acct-2", "stream_type": "Account", "type": "AccountOpened",
-                 "payload": {"owner": "b", "currency": "EUR"}, "expected_version": 0},
-                {"stream": "acct-1", "stream_type": "Account", "type": "Deposited",
-                 "payload": {"amount": 5}, "expected_version": 0},
-            ]}),
-        )
-        .await;
-    assert_eq!(status, 409, "{body}");
-    assert_eq!(body["error"]["code"], "version_conflict");
-    assert_eq!(body["error"]["current_version"], 1);
-    assert_eq!(body["error"]["stream"], "acct-1");
-    assert_eq!(api.projection("account-balance").await["head"], head_before);
-    // acct-2 does not exist: expecting version 0 still succeeds.
-    let (status, body) = api
-        .post(
-            "/events",
-            &json!({"stream": "acct-2", "stream_type": "Account", "type": "AccountOpened",
-                    "payload": {"owner": "b", "currency": "EUR"}, "expected_version": 0}),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    assert_eq!(body["events"][0]["version"], 1);
-}
-
-#[tokio::test]
-async fn lists_filter_on_indexed_fields_and_paginate_with_a_cursor() {
-    let server = Server::start(&plugin_set(&["account-balance"], &[]));
-    let api = server.api();
-    let mut last = 0;
-    for i in 0..7 {
-        let owner = if i % 2 == 0 { "even" } else { "odd" };
-        (_, last) = api.open_account(&format!("acct-{i}"), owner).await;
-    }
-    let mut keys = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let mut path =
-            format!("/projections/account-balance/accounts?owner=even&limit=2&min_position={last}");
-        if let Some(c) = &cursor {
-            path.push_str(&format!("&cursor={c}"));
-        }
-        let (status, body) = api.get(&path).await;
+on_both_stores! {
+    async fn min_position_waits_for_the_position_returned_by_the_append(backend) {
+        let server = Server::on(&backend, &plugin_set(&["account-balance"], &[]));
+        let api = server.api();
+        let (_, position) = api
+            .append(
+                "acct-9",
+                "AccountOpened",
+                json!({"owner": "zoe", "currency": "USD"}),
+            )
+            .await;
+        let (status, body) = api
+            .get(&format!(
+                "/projections/account-balance/accounts/acct-9?min_position={position}"
+            ))
+            .await;
         assert_eq!(status, 200, "{body}");
-        for item in body["items"].as_array().unwrap() {
-            assert_eq!(item["document"]["owner"], "even");
-            keys.push(item["key"].as_str().unwrap().to_owned());
-        }
-        match body["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_owned()),
-            None => break,
-        }
+        assert_eq!(body["document"]["owner"], "zoe");
     }
-    assert_eq!(keys, ["acct-0", "acct-2", "acct-4", "acct-6"]);
 }
 
-#[tokio::test]
-async fn a_failing_plugin_stops_only_its_own_projection() {
-    let server = Server::start(&plugin_set(&["account-balance"], &["misbehave"]));
-    let api = server.api();
-    let (_, boom) = api.append("poison", "Panic", json!({})).await;
-    api.open_account("acct-1", "a").await;
-
-    // The healthy projection goes on past the poison event.
-    let (status, body) = api
-        .get("/projections/account-balance/accounts/acct-1?wait_for=acct-1@1")
-        .await;
-    assert_eq!(status, 200, "{body}");
-
-    // The failing one reports why and where, and waiting on it answers at once.
-    let (status, body) = api
-        .get(&format!(
-            "/projections/misbehave/out/x?min_position={boom}&timeout_ms=30000"
-        ))
-        .await;
-    assert_eq!(status, 503, "{body}");
-    assert_eq!(body["error"]["code"], "projection_failed");
-    let misbehave = api.projection("misbehave").await;
-    assert_eq!(misbehave["status"], "failed", "{misbehave}");
-    let error = misbehave["error"].as_str().unwrap();
-    assert!(error.contains("asked to panic"), "{error}");
-    assert!(error.contains(&format!("position {boom}")), "{error}");
-    assert_eq!(api.projection("account-balance").await["status"], "running");
-    let (status, body) = api.get("/readyz").await;
-    assert_eq!(status, 503, "{body}");
-    assert!(body.to_string().contains("misbehave"), "{body}");
-    let (status, _) = api.get("/healthz").await;
-    assert_eq!(status, 200);
+on_both_stores! {
+    async fn per_stream_order_holds_across_concurrent_appends_to_50_streams(backend) {
+        let server = Server::on(&backend, &plugin_set(&[], &["misbehave"]));
+        let api = server.api();
+        let writers: Vec<_> = (0..50)
+            .map(|s| {
+                let api = api.clone();
+                tokio::spawn(async move {
+                    let stream = format!("stream-{s}");
+                    for v in 0..20u64 {
+                        let (status, body) = api
+                            .post(
+                                "/events",
+                                &json!({"stream": stream, "stream_type": "T", "type": "Seq",
+                                        "payload": {"n": v}, "expected_version": v}),
+                            )
+                            .await;
+                        assert_eq!(status, 201, "{body}");
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        for s in 0..50 {
+            let (status, body) = api
+                .get(&format!(
+                    "/projections/misbehave/out/seq-stream-{s}?wait_for=stream-{s}@20"
+                ))
+                .await;
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["document"], json!({"count": 20, "last_version": 20}));
+        }
+        let projection = api.projection("misbehave").await;
+        assert_eq!(projection["status"], "running", "{projection}");
+    }
 }
 
-#[tokio::test]
-async fn events_a_projection_does_not_subscribe_to_still_move_its_checkpoint() {
-    let server = Server::start(&plugin_set(&["account-balance"], &[]));
-    let api = server.api();
-    let (_, position) = api.append("cart-1", "ItemAdded", json!({"sku": "x"})).await;
-    let (status, body) = api
-        .get(&format!(
-            "/projections/account-balance/_streams/cart-1?min_position={position}"
-        ))
-        .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["applied_version"], 1);
-    let projection = api.projection("account-balance").await;
-    assert_eq!(projection["checkpoint"], position);
-    assert_eq!(projection["lag"], 0);
+on_both_stores! {
+    async fn a_stale_expected_version_is_a_conflict_that_writes_nothing(backend) {
+        let server = Server::on(&backend, &plugin_set(&["account-balance"], &[]));
+        let api = server.api();
+        api.open_account("acct-1", "a").await;
+        let head_before = api.projection("account-balance").await["head"].clone();
+        // The first event is fine on its own; the second's expectation is stale, so neither lands.
+        let (status, body) = api
+            .post(
+                "/events",
+                &json!({"events": [
+                    {"stream": "acct-2", "stream_type": "Account", "type": "AccountOpened",
+                     "payload": {"owner": "b", "currency": "EUR"}, "expected_version": 0},
+                    {"stream": "acct-1", "stream_type": "Account", "type": "Deposited",
+                     "payload": {"amount": 5}, "expected_version": 0},
+                ]}),
+            )
+            .await;
+        assert_eq!(status, 409, "{body}");
+        assert_eq!(body["error"]["code"], "version_conflict");
+        assert_eq!(body["error"]["current_version"], 1);
+        assert_eq!(body["error"]["stream"], "acct-1");
+        assert_eq!(api.projection("account-balance").await["head"], head_before);
+        // acct-2 does not exist: expecting version 0 still succeeds.
+        let (status, body) = api
+            .post(
+                "/events",
+                &json!({"stream": "acct-2", "stream_type": "Account", "type": "AccountOpened",
+                        "payload": {"owner": "b", "currency": "EUR"}, "expected_version": 0}),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        assert_eq!(body["events"][0]["version"], 1);
+    }
 }
 
-#[tokio::test]
-async fn metrics_report_progress_per_projection() {
-    let server = Server::start(&plugin_set(&["account-balance"], &[]));
-    let api = server.api();
-    api.open_account("acct-1", "a").await;
-    let (_, position) = api
-        .append("acct-1", "Deposited", json!({"amount": 3}))
-        .await;
-    let (status, _) = api
-        .get(&format!(
-            "/projections/account-balance/accounts/acct-1?min_position={position}"
-        ))
-        .await;
-    assert_eq!(status, 200);
-    let (status, body) = api.get("/metrics").await;
-    assert_eq!(status, 200);
-    let text = body.as_str().expect("metrics are text");
-    for line in [
-        format!("projector_head_position {position}"),
-        format!("projector_checkpoint_position{{projection=\"account-balance\"}} {position}"),
-        "projector_lag_events{projection=\"account-balance\"} 0".to_owned(),
-        "projector_projection_up{projection=\"account-balance\"} 1".to_owned(),
-        "projector_events_total{projection=\"account-balance\"} 2".to_owned(),
-    ] {
-        assert!(
-            text.lines().any(|l| l == line),
-            "missing {line:?} in\n{text}"
-        );
+on_both_stores! {
+    async fn lists_filter_on_indexed_fields_and_paginate_with_a_cursor(backend) {
+        let server = Server::on(&backend, &plugin_set(&["account-balance"], &[]));
+        let api = server.api();
+        let mut last = 0;
+        for i in 0..7 {
+            let owner = if i % 2 == 0 { "even" } else { "odd" };
+            (_, last) = api.open_account(&format!("acct-{i}"), owner).await;
+        }
+        let mut keys = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut path =
+                format!("/projections/account-balance/accounts?owner=even&limit=2&min_position={last}");
+            if let Some(c) = &cursor {
+                path.push_str(&format!("&cursor={c}"));
+            }
+            let (status, body) = api.get(&path).await;
+            assert_eq!(status, 200, "{body}");
+            for item in body["items"].as_array().unwrap() {
+                assert_eq!(item["document"]["owner"], "even");
+                keys.push(item["key"].as_str().unwrap().to_owned());
+            }
+            match body["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => break,
+            }
+        }
+        assert_eq!(keys, ["acct-0", "acct-2", "acct-4", "acct-6"]);
+    }
+}
+
+on_both_stores! {
+    async fn a_failing_plugin_stops_only_its_own_projection(backend) {
+        let server = Server::on(&backend, &plugin_set(&["account-balance"], &["misbehave"]));
+        let api = server.api();
+        let (_, boom) = api.append("poison", "Panic", json!({})).await;
+        api.open_account("acct-1", "a").await;
+
+        // The healthy projection goes on past the poison event.
+        let (status, body) = api
+            .get("/projections/account-balance/accounts/acct-1?wait_for=acct-1@1")
+            .await;
+        assert_eq!(status, 200, "{body}");
+
+        // The failing one reports why and where, and waiting on it answers at once.
+        let (status, body) = api
+            .get(&format!(
+                "/projections/misbehave/out/x?min_position={boom}&timeout_ms=30000"
+            ))
+            .await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["error"]["code"], "projection_failed");
+        let misbehave = api.projection("misbehave").await;
+        assert_eq!(misbehave["status"], "failed", "{misbehave}");
+        let error = misbehave["error"].as_str().unwrap();
+        assert!(error.contains("asked to panic"), "{error}");
+        assert!(error.contains(&format!("position {boom}")), "{error}");
+        assert_eq!(api.projection("account-balance").await["status"], "running");
+        let (status, body) = api.get("/readyz").await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.to_string().contains("misbehave"), "{body}");
+        let (status, _) = api.get("/healthz").await;
+        assert_eq!(status, 200);
+    }
+}
+
+on_both_stores! {
+    async fn events_a_projection_does_not_subscribe_to_still_move_its_checkpoint(backend) {
+        let server = Server::on(&backend, &plugin_set(&["account-balance"], &[]));
+        let api = server.api();
+        let (_, position) = api.append("cart-1", "ItemAdded", json!({"sku": "x"})).await;
+        let (status, body) = api
+            .get(&format!(
+                "/projections/account-balance/_streams/cart-1?min_position={position}"
+            ))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["applied_version"], 1);
+        let projection = api.projection("account-balance").await;
+        assert_eq!(projection["checkpoint"], position);
+        assert_eq!(projection["lag"], 0);
+    }
+}
+
+on_both_stores! {
+    async fn metrics_report_progress_per_projection(backend) {
+        let server = Server::on(&backend, &plugin_set(&["account-balance"], &[]));
+        let api = server.api();
+        api.open_account("acct-1", "a").await;
+        let (_, position) = api
+            .append("acct-1", "Deposited", json!({"amount": 3}))
+            .await;
+        let (status, _) = api
+            .get(&format!(
+                "/projections/account-balance/accounts/acct-1?min_position={position}"
+            ))
+            .await;
+        assert_eq!(status, 200);
+        let (status, body) = api.get("/metrics").await;
+        assert_eq!(status, 200);
+        let text = body.as_str().expect("metrics are text");
+        for line in [
+            format!("projector_head_position {position}"),
+            format!("projector_checkpoint_position{{projection=\"account-balance\"}} {position}"),
+            "projector_lag_events{projection=\"account-balance\"} 0".to_owned(),
+            "projector_projection_up{projection=\"account-balance\"} 1".to_owned(),
+            "projector_events_total{projection=\"account-balance\"} 2".to_owned(),
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
     }
 }
 

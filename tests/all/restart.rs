@@ -8,10 +8,19 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-use crate::support::{plugin_path, plugin_set, tempdir, Api, Server};
+use crate::support::{on_both_stores, plugin_path, plugin_set, tempdir, Api, Backend, Server};
 
-const ACCOUNTS: usize = 100;
-const OPS_PER_ACCOUNT: usize = 49;
+/// How much history a test builds: accounts opened, then operations round-robin over them.
+#[derive(Clone, Copy)]
+struct Scale {
+    accounts: usize,
+    ops_per_account: usize,
+}
+
+const SMALL: Scale = Scale {
+    accounts: 100,
+    ops_per_account: 49,
+};
 
 async fn all_documents(api: &Api, min_position: u64) -> BTreeMap<String, Value> {
     let mut docs = BTreeMap::new();
@@ -38,15 +47,20 @@ async fn all_documents(api: &Api, min_position: u64) -> BTreeMap<String, Value> 
 
 /// Fills the outbox of `data` (no projection running) with accounts opened and operations on
 /// them; returns the events as JSONL lines and the head position.
-async fn fill_outbox(data: &std::path::Path, rng: &mut rand::rngs::StdRng) -> (Vec<String>, u64) {
-    let writer = Server::start_with(&plugin_set(&[], &[]), data, &[]);
+async fn fill_outbox(
+    backend: &Backend,
+    data: &std::path::Path,
+    scale: Scale,
+    rng: &mut rand::rngs::StdRng,
+) -> (Vec<String>, u64) {
+    let writer = Server::start_on(backend, &plugin_set(&[], &[]), data, &[]);
     let api = writer.api();
     let mut events = Vec::new();
-    for a in 0..ACCOUNTS {
+    for a in 0..scale.accounts {
         events.push(json!({"stream": format!("acct-{a:03}"), "stream_type": "Account",
             "type": "AccountOpened", "payload": {"owner": format!("owner-{a}"), "currency": "EUR"}}));
     }
-    for i in 0..ACCOUNTS * OPS_PER_ACCOUNT {
+    for i in 0..scale.accounts * scale.ops_per_account {
         let kind = if rng.next_u32().is_multiple_of(3) {
             "Withdrawn"
         } else {
@@ -54,7 +68,7 @@ async fn fill_outbox(data: &std::path::Path, rng: &mut rand::rngs::StdRng) -> (V
         };
         let amount = 1 + rng.next_u32() % 100;
         events.push(
-            json!({"stream": format!("acct-{:03}", i % ACCOUNTS), "stream_type": "Account",
+            json!({"stream": format!("acct-{:03}", i % scale.accounts), "stream_type": "Account",
             "type": kind, "payload": {"amount": amount}}),
         );
     }
@@ -92,33 +106,56 @@ fn replayed(data: &std::path::Path, lines: &[String]) -> BTreeMap<String, Value>
     serde_json::from_value(expected["accounts"].clone()).unwrap()
 }
 
-fn assert_every_event_applied_once(served: &BTreeMap<String, Value>) {
-    assert_eq!(served.len(), ACCOUNTS);
+fn assert_every_event_applied_once(served: &BTreeMap<String, Value>, scale: Scale) {
+    assert_eq!(served.len(), scale.accounts);
     for (key, doc) in served {
-        assert_eq!(doc["tx_count"], OPS_PER_ACCOUNT as u64, "{key}: {doc}");
+        assert_eq!(doc["tx_count"], scale.ops_per_account as u64, "{key}: {doc}");
         assert_eq!(
             doc["last_version"],
-            OPS_PER_ACCOUNT as u64 + 1,
+            scale.ops_per_account as u64 + 1,
             "{key}: {doc}"
         );
     }
 }
 
+on_both_stores! {
+    async fn sigkill_mid_catch_up_ten_times_loses_and_repeats_nothing(backend) {
+        // Small batches: many commits, so the kills land between and during them.
+        sigkill_ten_times(&backend, SMALL, "40", 5..65).await;
+    }
+}
+
+/// The PostgreSQL acceptance run: 100,000 events, default batches.
 #[tokio::test]
-async fn sigkill_mid_catch_up_ten_times_loses_and_repeats_nothing() {
+async fn postgres_sigkill_ten_times_during_a_100k_event_catch_up() {
+    let scale = Scale {
+        accounts: 1000,
+        ops_per_account: 99,
+    };
+    sigkill_ten_times(&Backend::postgres().await, scale, "2000", 100..1500).await;
+}
+
+/// Kills the server `delay_ms` (random in the range) after each start, ten times, then checks
+/// the final read model against a replay.
+async fn sigkill_ten_times(
+    backend: &Backend,
+    scale: Scale,
+    batch: &str,
+    delay_ms: std::ops::Range<u32>,
+) {
     let seed: u64 = rand::random();
     println!("seed {seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let data = tempdir("restart");
-    let (lines, head) = fill_outbox(&data, &mut rng).await;
+    let (lines, head) = fill_outbox(backend, &data, scale, &mut rng).await;
 
-    // Small batches: many commits, so the kills land between and during them.
-    let env = [("PROJECTOR_RUNNER__MAX_BATCH_EVENTS", "40")];
+    let env = [("PROJECTOR_RUNNER__MAX_BATCH_EVENTS", batch)];
     let plugins = plugin_set(&["account-balance"], &[]);
-    let mut server = Server::start_with(&plugins, &data, &env);
+    let mut server = Server::start_on(backend, &plugins, &data, &env);
     let mut mid_catch_up = 0;
     for round in 0..10 {
-        tokio::time::sleep(Duration::from_millis(5 + u64::from(rng.next_u32() % 60))).await;
+        let delay = delay_ms.start + rng.next_u32() % (delay_ms.end - delay_ms.start);
+        tokio::time::sleep(Duration::from_millis(u64::from(delay))).await;
         let checkpoint = server.api().projection("account-balance").await["checkpoint"]
             .as_u64()
             .unwrap();
@@ -135,25 +172,27 @@ async fn sigkill_mid_catch_up_ten_times_loses_and_repeats_nothing() {
     );
 
     let served = all_documents(&server.api(), head).await;
-    assert_every_event_applied_once(&served);
+    assert_every_event_applied_once(&served, scale);
     assert_eq!(served, replayed(&data, &lines));
 }
 
-/// The runner handles batch N+1 while N commits, reading N's documents from its cache; a cache
-/// far smaller than the working set is dropped and refilled all the time, and must never
-/// serve a stale document. Batches of 60 over 100 round-robin accounts make consecutive
-/// batches share accounts, so a document of the batch still committing is read again.
-#[tokio::test]
-async fn a_tiny_document_cache_changes_nothing_but_speed() {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let data = tempdir("tiny-cache");
-    let (lines, head) = fill_outbox(&data, &mut rng).await;
-    let env = [
-        ("PROJECTOR_RUNNER__MAX_BATCH_EVENTS", "60"),
-        ("PROJECTOR_RUNNER__CACHED_DOCUMENTS", "7"),
-    ];
-    let server = Server::start_with(&plugin_set(&["account-balance"], &[]), &data, &env);
-    let served = all_documents(&server.api(), head).await;
-    assert_every_event_applied_once(&served);
-    assert_eq!(served, replayed(&data, &lines));
+on_both_stores! {
+    /// The runner handles batch N+1 while N commits, reading N's documents from its cache; a cache
+    /// far smaller than the working set is dropped and refilled all the time, and must never
+    /// serve a stale document. Batches of 60 over 100 round-robin accounts make consecutive
+    /// batches share accounts, so a document of the batch still committing is read again.
+    async fn a_tiny_document_cache_changes_nothing_but_speed(backend) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let data = tempdir("tiny-cache");
+        let (lines, head) = fill_outbox(&backend, &data, SMALL, &mut rng).await;
+        let env = [
+            ("PROJECTOR_RUNNER__MAX_BATCH_EVENTS", "60"),
+            ("PROJECTOR_RUNNER__CACHED_DOCUMENTS", "7"),
+        ];
+        let server =
+            Server::start_on(&backend, &plugin_set(&["account-balance"], &[]), &data, &env);
+        let served = all_documents(&server.api(), head).await;
+        assert_every_event_applied_once(&served, SMALL);
+        assert_eq!(served, replayed(&data, &lines));
+    }
 }

@@ -85,6 +85,87 @@ pub fn plugin_set(examples: &[&str], fixtures: &[&str]) -> PathBuf {
     dir
 }
 
+/// The store a test server runs on. PostgreSQL tests share the cluster `scripts/test.sh`
+/// starts (`PROJECTOR_TEST_POSTGRES`), one fresh database each.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    Sqlite,
+    Postgres { url: String },
+}
+
+/// The admin URL of the test cluster.
+pub fn postgres_admin_url() -> String {
+    std::env::var("PROJECTOR_TEST_POSTGRES").unwrap_or_else(|_| {
+        panic!(
+            "PROJECTOR_TEST_POSTGRES is not set: run the tests with `bash scripts/test.sh`, which \
+             starts a throwaway PostgreSQL cluster, or point it at one \
+             (scripts/pg-test-cluster.sh start DIR prints the URL)"
+        )
+    })
+}
+
+/// A fresh, empty database on the cluster at `admin_url`; returns its URL.
+pub async fn create_database(admin_url: &str) -> String {
+    use sqlx::Connection;
+    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = sqlx::PgConnection::connect(admin_url)
+        .await
+        .expect("connect to the test cluster");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .expect("create a test database");
+    let _ = admin.close().await;
+    let (base, _) = admin_url.rsplit_once('/').expect("a URL with a database");
+    format!("{base}/{name}")
+}
+
+impl Backend {
+    pub async fn postgres() -> Self {
+        Self::Postgres {
+            url: create_database(&postgres_admin_url()).await,
+        }
+    }
+
+    /// The environment that points a server at this store.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Self::Sqlite => vec![],
+            Self::Postgres { url } => vec![("PROJECTOR_DATABASE_URL", url.clone())],
+        }
+    }
+
+    pub fn url(&self) -> Option<&str> {
+        match self {
+            Self::Sqlite => None,
+            Self::Postgres { url } => Some(url),
+        }
+    }
+}
+
+/// Defines each test once per store, as `name::sqlite` and `name::postgres`.
+macro_rules! on_both_stores {
+    ($(#[doc = $doc:literal])* async fn $name:ident($backend:ident) $body:block $($rest:tt)*) => {
+        $(#[doc = $doc])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            async fn run($backend: crate::support::Backend) $body
+            #[tokio::test]
+            async fn sqlite() {
+                run(crate::support::Backend::Sqlite).await
+            }
+            #[tokio::test]
+            async fn postgres() {
+                run(crate::support::Backend::postgres().await).await
+            }
+        }
+        on_both_stores! { $($rest)* }
+    };
+    () => {};
+}
+pub(crate) use on_both_stores;
+
 /// The real `projector serve` binary as a child process, on a free port.
 pub struct Server {
     child: std::process::Child,
@@ -98,6 +179,19 @@ pub struct Server {
 impl Server {
     pub fn start(plugins: &Path) -> Self {
         Self::start_with(plugins, &tempdir("data"), &[])
+    }
+
+    /// A server on `backend`, with a fresh data folder.
+    pub fn on(backend: &Backend, plugins: &Path) -> Self {
+        Self::start_on(backend, plugins, &tempdir("data"), &[])
+    }
+
+    /// A server on `backend` with extra settings in `env`.
+    pub fn start_on(backend: &Backend, plugins: &Path, data_dir: &Path, env: &[(&str, &str)]) -> Self {
+        let owned = backend.env();
+        let mut all: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        all.extend_from_slice(env);
+        Self::start_with(plugins, data_dir, &all)
     }
 
     pub fn start_with(plugins: &Path, data_dir: &Path, env: &[(&str, &str)]) -> Self {
