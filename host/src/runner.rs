@@ -53,8 +53,9 @@ impl Projection {
                 position: checkpoint,
                 failed: false,
             }),
+            // Until this instance holds the projection's lease.
             health: Mutex::new(Health {
-                status: ProjectionStatus::Running,
+                status: ProjectionStatus::Standby,
                 error: None,
                 retrying: None,
             }),

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod pipeline;
+mod postgres;
 mod replay;
 mod restart;
 mod runtime;
