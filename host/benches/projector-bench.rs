@@ -418,7 +418,7 @@ async fn scenario_raw(template: &Path, events: usize, streams: usize) {
     let start = Instant::now();
     let mut from = 0;
     for (out, position) in &outputs {
-        db.commit(native.descriptor(), out, from, *position)
+        db.commit(native.descriptor(), out, &[], from, *position)
             .await
             .unwrap();
         from = *position;

@@ -17,6 +17,8 @@ pub struct ProjectionMetrics {
     pub commit_micros: AtomicU64,
     /// Reads or commits retried after a database error.
     pub retries: AtomicU64,
+    /// Events set aside as dead letters (malformed, or parked behind one) since start.
+    pub dead_letters: AtomicU64,
 }
 
 impl ProjectionMetrics {

@@ -20,7 +20,7 @@ use crate::runtime::{
     BatchHandler, BatchOutput, BoxError, Descriptor, DocumentReader, RuntimeError,
 };
 use crate::source::{Source, SourceError};
-use crate::store::{ProjectionStatus, Store, StoreError};
+use crate::store::{DeadLetter, ProjectionStatus, Store, StoreError};
 
 /// A projection as the rest of the host sees it: its plugin, its progress, its health.
 pub struct Projection {
@@ -93,8 +93,10 @@ impl Projection {
     /// Takes the projection up (again) at `checkpoint`: after a lease is won, the documents
     /// cached before may be stale (another instance ran meanwhile).
     fn resume_at(&self, checkpoint: u64) {
-        *self.documents.lock().unwrap_or_else(PoisonError::into_inner) =
-            DocumentCache::new(checkpoint == 0);
+        *self
+            .documents
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = DocumentCache::new(checkpoint == 0);
         self.update_health(|h| {
             h.status = ProjectionStatus::Running;
             h.retrying = None;
@@ -142,11 +144,14 @@ enum Problem {
     Retry(String),
     /// The plugin's fault: stop this projection.
     Fail(String),
+    /// A malformed outbox row: set it aside and go on after it.
+    DeadLetter(DeadLetter),
 }
 
 /// A batch the plugin has handled: its documents are in the cache, not yet committed.
 struct Handled {
     output: BatchOutput,
+    dead_letters: Vec<DeadLetter>,
     /// The checkpoint the batch follows, and the one it moves to.
     from: u64,
     last: u64,
@@ -192,7 +197,10 @@ pub async fn run_with_lease(
         let taken = async {
             let lease = store.try_lease(&name).await?;
             match lease {
-                Some(lease) => Ok(Some((lease, store.checkpoint(projection.descriptor()).await?))),
+                Some(lease) => Ok(Some((
+                    lease,
+                    store.checkpoint(projection.descriptor()).await?,
+                ))),
                 None => Ok::<_, StoreError>(None),
             }
         };
@@ -204,7 +212,12 @@ pub async fn run_with_lease(
                 }
                 projection.resume_at(checkpoint);
                 let (stop_tx, stop_rx) = watch::channel(false);
-                let runner = Runner::new(projection.clone(), store.clone(), source.clone(), config.clone());
+                let runner = Runner::new(
+                    projection.clone(),
+                    store.clone(),
+                    source.clone(),
+                    config.clone(),
+                );
                 let run = runner.run_supervised(stop_rx);
                 tokio::pin!(run);
                 let end = tokio::select! {
@@ -298,6 +311,25 @@ impl Runner {
             max: Duration::from_millis(self.config.max_retry_backoff_ms).max(FIRST_RETRY),
             failing: false,
         };
+        // Streams parked behind a dead letter, with its position: their events are set aside
+        // too, so a stream's order is never broken.
+        let mut parked = loop {
+            match self
+                .store
+                .parked_streams(self.projection.descriptor())
+                .await
+            {
+                Ok(parked) => break parked,
+                Err(err) => {
+                    if !self
+                        .pause(&mut backoff, err.to_string(), &mut shutdown)
+                        .await
+                    {
+                        return RunEnd::Stopped;
+                    }
+                }
+            }
+        };
         // Events up to here are handled: committed, or in `pending`.
         let mut handled_to = self.projection.checkpoint();
         let mut pending: Option<Handled> = None;
@@ -321,6 +353,30 @@ impl Runner {
                             self.fail(error).await;
                             return RunEnd::Failed;
                         }
+                        Err(Problem::DeadLetter(letter)) => {
+                            // Its own batch: no documents, the dead letter, the checkpoint
+                            // past it; committed after the batch in flight.
+                            tracing::error!(projection = %name, position = letter.position, event_id = ?letter.event_id, stream = ?letter.stream, reason = %letter.reason, "malformed outbox row dead-lettered; its stream is parked");
+                            if let Some(batch) = pending.take() {
+                                match self.commit(batch, &mut backoff, &mut shutdown).await {
+                                    Committed::Yes => {}
+                                    Committed::Stopped => break,
+                                    Committed::Fenced => return RunEnd::Fenced,
+                                }
+                            }
+                            if let Some(stream) = &letter.stream {
+                                parked.entry(stream.clone()).or_insert(letter.position);
+                            }
+                            let from = handled_to;
+                            handled_to = letter.position;
+                            pending = Some(Handled {
+                                output: BatchOutput::default(),
+                                from,
+                                last: letter.position,
+                                dead_letters: vec![letter],
+                            });
+                            continue;
+                        }
                     }
                 }
             };
@@ -343,7 +399,7 @@ impl Runner {
             let from = handled_to;
             let handle = async {
                 match last {
-                    Some(last) => Some(self.process(events, from, last).await),
+                    Some(last) => Some(self.process(events, &parked, from, last).await),
                     None => None,
                 }
             };
@@ -378,6 +434,11 @@ impl Runner {
                     self.fail(error).await;
                     return RunEnd::Failed;
                 }
+                // Only reads set rows aside; a batch that reached the plugin does not.
+                Some(Err(Problem::DeadLetter(letter))) => {
+                    self.fail(letter.reason).await;
+                    return RunEnd::Failed;
+                }
             }
         }
         if let Some(batch) = pending.take() {
@@ -402,9 +463,19 @@ impl Runner {
             .map_err(|err| match err {
                 // The row will not get better by waiting: stop and say where it is (parking
                 // it as a dead letter is the failure-isolation work still to come).
-                SourceError::Malformed { .. } | SourceError::Setup(_) => {
-                    Problem::Fail(err.to_string())
-                }
+                SourceError::Malformed {
+                    position,
+                    ref id,
+                    ref stream,
+                    ref reason,
+                } => Problem::DeadLetter(DeadLetter {
+                    position,
+                    event_id: id.clone(),
+                    stream: stream.clone(),
+                    reason: format!("malformed outbox row: {reason}"),
+                    parked_behind: None,
+                }),
+                SourceError::Setup(_) => Problem::Fail(err.to_string()),
                 SourceError::Database { .. } => Problem::Retry(err.to_string()),
             })
     }
@@ -424,6 +495,7 @@ impl Runner {
                 .commit(
                     self.projection.descriptor(),
                     &batch.output,
+                    &batch.dead_letters,
                     batch.from,
                     batch.last,
                 )
@@ -434,6 +506,7 @@ impl Runner {
                     ProjectionMetrics::add_time(&metrics.commit_micros, start.elapsed());
                     ProjectionMetrics::add(&metrics.batches, 1);
                     ProjectionMetrics::add(&metrics.documents, batch.output.documents() as u64);
+                    ProjectionMetrics::add(&metrics.dead_letters, batch.dead_letters.len() as u64);
                     self.projection.progress.send_replace(Progress {
                         position: batch.last,
                         failed: false,
@@ -505,11 +578,31 @@ impl Runner {
 
     /// Filters a batch to the plugin's event types and runs it; an empty filtered batch still
     /// moves the checkpoint.
-    async fn process(&self, events: Vec<Event>, from: u64, last: u64) -> Result<Handled, Problem> {
+    async fn process(
+        &self,
+        events: Vec<Event>,
+        parked: &HashMap<String, u64>,
+        from: u64,
+        last: u64,
+    ) -> Result<Handled, Problem> {
         let descriptor = self.projection.descriptor();
+        let mut dead_letters = Vec::new();
         let wanted: Vec<Event> = events
             .into_iter()
             .filter(|e| descriptor.subscribes_to(&e.event_type))
+            .filter(|e| match parked.get(&e.stream) {
+                None => true,
+                Some(&behind) => {
+                    dead_letters.push(DeadLetter {
+                        position: e.position,
+                        event_id: Some(e.id.clone()),
+                        stream: Some(e.stream.clone()),
+                        reason: format!("parked behind the dead letter at position {behind}"),
+                        parked_behind: Some(behind),
+                    });
+                    false
+                }
+            })
             .collect();
         let output = if wanted.is_empty() {
             BatchOutput::default()
@@ -518,7 +611,12 @@ impl Runner {
         };
         check_documents(&output)
             .map_err(|err| Problem::Fail(format!("{} wrote {err}", descriptor.name)))?;
-        Ok(Handled { output, from, last })
+        Ok(Handled {
+            output,
+            dead_letters,
+            from,
+            last,
+        })
     }
 
     async fn handle(&self, events: Vec<Event>) -> Result<BatchOutput, Problem> {

@@ -1,8 +1,8 @@
 //! The embedded pipeline end to end: the real binary, real plugins, SQLite.
 
-use serde_json::json;
+use serde_json::{json, Value};
 
-use crate::support::{on_both_stores, plugin_set, Server};
+use crate::support::{on_both_stores, plugin_set, Backend, Server};
 
 on_both_stores! {
     async fn a_read_with_wait_for_sees_the_append_it_names(backend) {
@@ -237,39 +237,85 @@ on_both_stores! {
     }
 }
 
-#[tokio::test]
-async fn a_malformed_row_from_another_writer_fails_the_projection_with_its_position() {
-    let server = Server::start(&plugin_set(&["account-balance"], &[]));
-    let api = server.api();
-    api.open_account("acct-1", "a").await;
-    // Another process writes the outbox directly, with a payload that is not JSON.
-    let url = format!(
-        "sqlite://{}",
-        server.data_dir.join("projector.db").display()
-    );
-    let db = sqlx::SqlitePool::connect(&url).await.unwrap();
-    sqlx::query(
-        "INSERT INTO outbox (id, stream, stream_type, event_type, version, payload, headers, timestamp_ms) \
-         VALUES ('bad-1', 'acct-2', 'Account', 'AccountOpened', 1, '{oops', '[]', 0)",
-    )
-    .execute(&db)
-    .await
-    .unwrap();
-    db.close().await;
-    // The fallback poll (1 s) finds the row; the projection stops there and says why.
-    let (status, body) = api
-        .get("/projections/account-balance/accounts/acct-2?min_position=2&timeout_ms=10000")
-        .await;
-    assert_eq!(status, 503, "{body}");
-    let projection = api.projection("account-balance").await;
-    assert_eq!(projection["status"], "failed", "{projection}");
-    let error = projection["error"].as_str().unwrap();
-    assert!(
-        error.contains("position 2") && error.contains("not JSON"),
-        "{error}"
-    );
-    assert_eq!(
-        projection["checkpoint"], 1,
-        "everything before the bad row was applied"
-    );
+/// Another process writes a row the host cannot read into the outbox (a payload that is not
+/// JSON on SQLite; a NULL payload on PostgreSQL, whose jsonb column refuses bad JSON).
+async fn write_malformed_row(backend: &Backend, server: &Server) {
+    match backend {
+        Backend::Sqlite => {
+            let url = format!(
+                "sqlite://{}",
+                server.data_dir.join("projector.db").display()
+            );
+            let db = sqlx::SqlitePool::connect(&url).await.unwrap();
+            sqlx::query(
+                "INSERT INTO outbox (id, stream, stream_type, event_type, version, payload, headers, timestamp_ms) \
+                 VALUES ('bad-1', 'acct-2', 'Account', 'AccountOpened', 1, '{oops', '[]', 0)",
+            )
+            .execute(&db)
+            .await
+            .unwrap();
+            db.close().await;
+        }
+        Backend::Postgres { url } => {
+            let status = std::process::Command::new("psql")
+                .args([url.as_str(), "-v", "ON_ERROR_STOP=1", "-qc",
+                    "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, version) \
+                     VALUES ('00000000-0000-4000-8000-0000000000b1', 'Account', 'acct-2', 'AccountOpened', NULL, 1)"])
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+    }
+}
+
+on_both_stores! {
+    /// Invariant 4 for the source: a malformed row is dead-lettered with the reason, later
+    /// events of its stream are parked behind it (across restarts), other streams go on.
+    async fn a_malformed_row_is_dead_lettered_and_its_stream_parked(backend) {
+        let data = crate::support::tempdir("malformed");
+        let plugins = plugin_set(&["account-balance"], &[]);
+        let mut server = Server::start_on(&backend, &plugins, &data, &[]);
+        let api = server.api();
+        api.open_account("acct-1", "a").await;
+        write_malformed_row(&backend, &server).await;
+        let (v2, parked_1) = api.append("acct-2", "Deposited", json!({"amount": 5})).await;
+        assert_eq!(v2, 2);
+        let (v1, _) = api.append("acct-1", "Deposited", json!({"amount": 3})).await;
+        let (status, body) = api
+            .get(&format!("/projections/account-balance/accounts/acct-1?wait_for=acct-1@{v1}"))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["document"]["balance"], 3, "other streams go on");
+        let projection = api.projection("account-balance").await;
+        assert_eq!(projection["status"], "running", "{projection}");
+
+        let (status, body) = api.get("/projections/account-balance/_dead_letters").await;
+        assert_eq!(status, 200, "{body}");
+        let items = body["items"].as_array().unwrap();
+        assert_eq!(items.len(), 2, "{body}");
+        let first = &items[0];
+        assert_eq!(first["stream"], "acct-2");
+        assert!(first["reason"].as_str().unwrap().contains("malformed outbox row"), "{first}");
+        assert!(first["event_id"].as_str().is_some_and(|id| id.contains("b")), "{first}");
+        assert_eq!(first["parked_behind"], Value::Null);
+        assert_eq!(items[1]["position"], parked_1);
+        assert_eq!(items[1]["parked_behind"], first["position"]);
+        let (status, _) = api.get("/projections/account-balance/accounts/acct-2").await;
+        assert_eq!(status, 404, "nothing of the parked stream was applied");
+
+        // Parking survives a restart.
+        server.restart();
+        let api = server.api();
+        let (_, parked_2) = api.append("acct-2", "Deposited", json!({"amount": 1})).await;
+        let (status, body) = api
+            .get(&format!("/projections/account-balance/_streams/acct-2?min_position={parked_2}"))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let (_, body) = api.get("/projections/account-balance/_dead_letters").await;
+        let items = body["items"].as_array().unwrap();
+        assert_eq!(items.len(), 3, "{body}");
+        assert_eq!(items[2]["position"], parked_2);
+        let (_, metrics) = api.get("/metrics").await;
+        assert!(metrics.as_str().unwrap().contains("projector_dead_letters_total{projection=\"account-balance\"} 1"), "{metrics}");
+    }
 }

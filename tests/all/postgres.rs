@@ -138,7 +138,9 @@ async fn twenty_writers_committing_out_of_order_for_100_rounds_lose_and_repeat_n
     }
     let projection = api.projection("misbehave").await;
     assert_eq!(projection["status"], "running", "{projection}");
-    println!("{total} rows from {WRITERS} writers over {ROUNDS} rounds, all applied once, in order");
+    println!(
+        "{total} rows from {WRITERS} writers over {ROUNDS} rounds, all applied once, in order"
+    );
 }
 
 #[tokio::test]
@@ -269,7 +271,10 @@ async fn wait_for_balance(api: &Api, stream: &str, balance: u64) -> Value {
         if status == 200 {
             return body;
         }
-        assert!(Instant::now() < deadline, "{stream} never reached {balance}: {body}");
+        assert!(
+            Instant::now() < deadline,
+            "{stream} never reached {balance}: {body}"
+        );
     }
 }
 
@@ -312,7 +317,10 @@ async fn a_standby_instance_takes_over_when_the_active_one_is_killed() {
     writer.await.unwrap();
     let body = wait_for_balance(&api_b, "acct-1", 2000).await;
     assert_eq!(body["document"]["balance"], 2000, "{body}");
-    assert_eq!(body["document"]["tx_count"], 2000, "each deposit applied once");
+    assert_eq!(
+        body["document"]["tx_count"], 2000,
+        "each deposit applied once"
+    );
 }
 
 /// The test's own cluster, so stopping it leaves the other tests alone.

@@ -109,7 +109,10 @@ fn replayed(data: &std::path::Path, lines: &[String]) -> BTreeMap<String, Value>
 fn assert_every_event_applied_once(served: &BTreeMap<String, Value>, scale: Scale) {
     assert_eq!(served.len(), scale.accounts);
     for (key, doc) in served {
-        assert_eq!(doc["tx_count"], scale.ops_per_account as u64, "{key}: {doc}");
+        assert_eq!(
+            doc["tx_count"], scale.ops_per_account as u64,
+            "{key}: {doc}"
+        );
         assert_eq!(
             doc["last_version"],
             scale.ops_per_account as u64 + 1,

@@ -177,17 +177,18 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn start(plugins: &Path) -> Self {
-        Self::start_with(plugins, &tempdir("data"), &[])
-    }
-
     /// A server on `backend`, with a fresh data folder.
     pub fn on(backend: &Backend, plugins: &Path) -> Self {
         Self::start_on(backend, plugins, &tempdir("data"), &[])
     }
 
     /// A server on `backend` with extra settings in `env`.
-    pub fn start_on(backend: &Backend, plugins: &Path, data_dir: &Path, env: &[(&str, &str)]) -> Self {
+    pub fn start_on(
+        backend: &Backend,
+        plugins: &Path,
+        data_dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Self {
         let owned = backend.env();
         let mut all: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
         all.extend_from_slice(env);

@@ -20,7 +20,7 @@ pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
     let _ = writeln!(out, "# TYPE projector_head_position gauge");
     let _ = writeln!(out, "projector_head_position {head}");
     type Reading = fn(&crate::runner::Projection, u64) -> String;
-    let families: [(&str, &str, &str, Reading); 10] = [
+    let families: [(&str, &str, &str, Reading); 11] = [
         (
             "projector_checkpoint_position",
             "gauge",
@@ -36,14 +36,20 @@ pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
         (
             "projector_projection_up",
             "gauge",
-            "1 while the projection runs, 0 once it has failed.",
-            |p, _| u8::from(p.health().status == ProjectionStatus::Running).to_string(),
+            "1 while the projection runs or stands by for another instance, 0 once it has failed.",
+            |p, _| u8::from(p.health().status != ProjectionStatus::Failed).to_string(),
         ),
         (
             "projector_batches_total",
             "counter",
             "Batches committed.",
             |p, _| ProjectionMetrics::get(&p.metrics.batches).to_string(),
+        ),
+        (
+            "projector_dead_letters_total",
+            "counter",
+            "Events set aside as dead letters since start (malformed, or parked behind one).",
+            |p, _| ProjectionMetrics::get(&p.metrics.dead_letters).to_string(),
         ),
         (
             "projector_events_total",

@@ -40,6 +40,10 @@ pub fn router(state: AppState) -> Router {
             get(query::get_stream),
         )
         .route(
+            "/projections/{name}/_dead_letters",
+            get(query::list_dead_letters),
+        )
+        .route(
             "/projections/{name}/{collection}",
             get(query::list_documents),
         )

@@ -160,6 +160,39 @@ pub async fn get_stream(
     })))
 }
 
+/// `GET /projections/{name}/_dead_letters?after=POSITION&limit=N`: the events this projection
+/// set aside, in position order.
+pub async fn list_dead_letters(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let projection = projection(&app, &name)?;
+    let mut after = 0;
+    let mut limit = app.config.default_page_size;
+    for (field, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        match &*field {
+            "after" => after = parse_number(&field, &value)?,
+            "limit" => limit = parse_number(&field, &value)?,
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_parameter",
+                    format!("unknown parameter `{field}` (dead letters take after and limit)"),
+                ))
+            }
+        }
+    }
+    let limit = limit.clamp(1, app.config.max_page_size);
+    let letters = app
+        .store
+        .dead_letters(projection.descriptor(), after, limit)
+        .await?;
+    let next = (letters.len() == limit as usize)
+        .then(|| letters.last().map(|l| l.position))
+        .flatten();
+    Ok(Json(json!({ "items": letters, "next_after": next })))
+}
+
 pub async fn get_document(
     State(app): State<AppState>,
     Path((name, collection, key)): Path<(String, String, String)>,

@@ -50,6 +50,8 @@ pub enum SourceError {
     Malformed {
         position: u64,
         id: Option<String>,
+        /// The stream, when the row names one: its later events are parked behind this one.
+        stream: Option<String>,
         reason: String,
     },
     #[error("cannot use the outbox: {0}")]
@@ -78,7 +80,9 @@ pub enum AppendError {
 #[async_trait]
 pub trait Source: Send + Sync {
     /// Events with a position above `after`, in position order: at most `max_events`, and
-    /// stopping after the event that crosses `max_bytes`.
+    /// stopping after the event that crosses `max_bytes`. A malformed row ends the batch before
+    /// it; when it is the first row, the read fails with [`SourceError::Malformed`] naming it,
+    /// so the caller can set it aside and read on after its position.
     async fn read(
         &self,
         after: u64,

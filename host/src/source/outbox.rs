@@ -117,42 +117,54 @@ impl SqliteOutbox {
         .map_err(db_err("reading the outbox"))?;
         let mut events = Vec::with_capacity(rows.len());
         for row in rows {
-            let position = row
-                .try_get::<i64, _>(0)
-                .map_err(db_err("reading an outbox position"))? as u64;
-            let id = row.try_get::<String, _>(1).ok();
-            let malformed = |reason: String| SourceError::Malformed {
-                position,
-                id: id.clone(),
-                reason,
-            };
-            // Another process may have written any SQLite type in any column: no panics here.
-            let text = |i: usize| {
-                row.try_get::<String, _>(i)
-                    .map_err(|e| malformed(format!("column {i} is not text: {e}")))
-            };
-            let int = |i: usize| {
-                row.try_get::<i64, _>(i)
-                    .map_err(|e| malformed(format!("column {i} is not an integer: {e}")))
-            };
-            let payload = RawValue::from_string(text(6)?)
-                .map_err(|e| malformed(format!("payload is not JSON: {e}")))?;
-            let headers = serde_json::from_str(&text(7)?)
-                .map_err(|e| malformed(format!("headers are not a list of pairs: {e}")))?;
-            events.push(Event {
-                position,
-                id: text(1)?,
-                stream: text(2)?,
-                stream_type: text(3)?,
-                event_type: text(4)?,
-                version: int(5)? as u64,
-                payload,
-                headers,
-                timestamp_ms: int(8)? as u64,
-            });
+            match event_from_row(&row) {
+                Ok(event) => events.push(event),
+                // Good rows before it go out first; then it is reported alone.
+                Err(SourceError::Malformed { .. }) if !events.is_empty() => break,
+                Err(err) => return Err(err),
+            }
         }
         Ok(events)
     }
+}
+
+/// One outbox row; another process may have written any SQLite type in any column: no
+/// panics here.
+fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Event, SourceError> {
+    let position = row
+        .try_get::<i64, _>(0)
+        .map_err(db_err("reading an outbox position"))? as u64;
+    let id = row.try_get::<String, _>(1).ok();
+    let stream = row.try_get::<String, _>(2).ok();
+    let malformed = |reason: String| SourceError::Malformed {
+        position,
+        id: id.clone(),
+        stream: stream.clone(),
+        reason,
+    };
+    let text = |i: usize| {
+        row.try_get::<String, _>(i)
+            .map_err(|e| malformed(format!("column {i} is not text: {e}")))
+    };
+    let int = |i: usize| {
+        row.try_get::<i64, _>(i)
+            .map_err(|e| malformed(format!("column {i} is not an integer: {e}")))
+    };
+    let payload = RawValue::from_string(text(6)?)
+        .map_err(|e| malformed(format!("payload is not JSON: {e}")))?;
+    let headers = serde_json::from_str(&text(7)?)
+        .map_err(|e| malformed(format!("headers are not a list of pairs: {e}")))?;
+    Ok(Event {
+        position,
+        id: text(1)?,
+        stream: text(2)?,
+        stream_type: text(3)?,
+        event_type: text(4)?,
+        version: int(5)? as u64,
+        payload,
+        headers,
+        timestamp_ms: int(8)? as u64,
+    })
 }
 
 /// One event as `read_packed` gets it: the columns of the outbox, in order.
@@ -443,9 +455,14 @@ mod tests {
         .execute(&db.write)
         .await
         .unwrap();
-        let err = outbox.read(0, 10, usize::MAX).await.unwrap_err();
+        // The good row before it comes out first...
+        let good = outbox.read(0, 10, usize::MAX).await.unwrap();
+        assert_eq!(good.len(), 1);
+        // ...then the bad one alone, named, with its stream.
+        let err = outbox.read(1, 10, usize::MAX).await.unwrap_err();
         assert!(
-            matches!(&err, SourceError::Malformed { position: 2, reason, .. } if reason.contains("payload is not JSON")),
+            matches!(&err, SourceError::Malformed { position: 2, reason, stream: Some(s), .. }
+                if reason.contains("payload is not JSON") && s == "b"),
             "{err}"
         );
     }

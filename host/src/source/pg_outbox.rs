@@ -154,7 +154,12 @@ impl PgOutbox {
 
 /// Forwards notifications on `channel` to `notified`; reconnects on its own after an outage
 /// (and then wakes the watcher, since notifications may have been missed).
-async fn listen(db: Postgres, channel: String, notified: Arc<Notify>, alive: Weak<watch::Sender<u64>>) {
+async fn listen(
+    db: Postgres,
+    channel: String,
+    notified: Arc<Notify>,
+    alive: Weak<watch::Sender<u64>>,
+) {
     let mut backoff = Duration::from_millis(100);
     while alive.strong_count() > 0 {
         let mut listener = match PgListener::connect_with(&db.pool).await {
@@ -248,7 +253,11 @@ struct Columns {
 /// column; installs the triggers. One instance at a time (DDL lock).
 async fn prepare(db: &Postgres, c: &OutboxConfig) -> Result<Columns, SourceError> {
     let table = quote(&c.table);
-    let mut tx = db.pool.begin().await.map_err(db_err("preparing the outbox"))?;
+    let mut tx = db
+        .pool
+        .begin()
+        .await
+        .map_err(db_err("preparing the outbox"))?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(DDL_LOCK)
         .execute(&mut *tx)
@@ -297,8 +306,12 @@ async fn prepare(db: &Postgres, c: &OutboxConfig) -> Result<Columns, SourceError
     .map_err(db_err("reading the outbox columns"))?;
     let mut types: HashMap<String, String> = HashMap::new();
     for row in rows {
-        let name: String = row.try_get(0).map_err(db_err("reading the outbox columns"))?;
-        let ty: String = row.try_get(1).map_err(db_err("reading the outbox columns"))?;
+        let name: String = row
+            .try_get(0)
+            .map_err(db_err("reading the outbox columns"))?;
+        let ty: String = row
+            .try_get(1)
+            .map_err(db_err("reading the outbox columns"))?;
         types.insert(name, ty);
     }
     for (setting, column) in [
@@ -361,7 +374,7 @@ async fn prepare(db: &Postgres, c: &OutboxConfig) -> Result<Columns, SourceError
         max_rows_1 = (1u64 << ROW_BITS) - 1,
         max_xid = 1u64 << (63 - ROW_BITS),
     );
-    if let Some(true) = types.get(c.version_column.as_str()).map(|_| true) {
+    if types.contains_key(c.version_column.as_str()) {
         ddl.push_str(&format!(
             "CREATE UNIQUE INDEX IF NOT EXISTS \"{bare}_projector_stream_version\" \
              ON {table} (\"{}\", \"{}\");",
@@ -431,10 +444,11 @@ fn statements(c: &OutboxConfig, columns: &Columns) -> Statements {
         q(&c.type_column),
         q(&c.payload_column),
     );
-    let version = columns
-        .version
-        .then(|| q(&c.version_column))
-        .unwrap_or_else(|| "NULL::bigint".into());
+    let version = if columns.version {
+        q(&c.version_column)
+    } else {
+        "NULL::bigint".into()
+    };
     let headers = if columns.headers {
         format!("{}::text", q(&c.headers_column))
     } else {
@@ -451,7 +465,11 @@ fn statements(c: &OutboxConfig, columns: &Columns) -> Statements {
     // Evaluated once per statement (an InitPlan): every transaction below it has finished.
     let watermark =
         format!("(SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint << {ROW_BITS})");
-    let id_array = if columns.id_is_uuid { "uuid[]" } else { "text[]" };
+    let id_array = if columns.id_is_uuid {
+        "uuid[]"
+    } else {
+        "text[]"
+    };
     let mut insert_columns = vec![id.clone(), stream_type.clone(), stream.clone(), ty.clone()];
     insert_columns.push(payload.clone());
     let mut selected = vec![
@@ -481,9 +499,9 @@ fn statements(c: &OutboxConfig, columns: &Columns) -> Statements {
              (SELECT x AS xmin, x << {ROW_BITS} AS limit_position FROM \
              (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS x) AS s) AS w"
         ),
-        position_of: columns.version.then(|| {
-            format!("SELECT {pos} FROM {t} WHERE {stream} = $1 AND {version} = $2")
-        }),
+        position_of: columns
+            .version
+            .then(|| format!("SELECT {pos} FROM {t} WHERE {stream} = $1 AND {version} = $2")),
         version_at: columns.version.then(|| {
             format!(
                 "SELECT COALESCE(MAX({version}), 0) FROM {t} WHERE {stream} = $1 AND {pos} <= $2"
@@ -501,7 +519,9 @@ fn statements(c: &OutboxConfig, columns: &Columns) -> Statements {
                  GROUP BY {stream}"
             )
         }),
-        existing_ids: format!("SELECT {id}::text FROM {t} WHERE {id} = ANY($1::{id_array}) LIMIT 1"),
+        existing_ids: format!(
+            "SELECT {id}::text FROM {t} WHERE {id} = ANY($1::{id_array}) LIMIT 1"
+        ),
         insert: format!(
             "INSERT INTO {t} ({}) SELECT {} FROM UNNEST($1::{id_array}, $2::text[], $3::text[], \
              $4::text[], $5::text[], $6::bigint[], $7::text[]) WITH ORDINALITY \
@@ -519,9 +539,11 @@ fn event_from_row(row: &PgRow) -> Result<Event, SourceError> {
         .map_err(db_err("reading an outbox position"))?
         .unwrap_or_default() as u64;
     let id = row.try_get::<Option<String>, _>(1).ok().flatten();
+    let stream = row.try_get::<Option<String>, _>(2).ok().flatten();
     let malformed = |reason: String| SourceError::Malformed {
         position,
         id: id.clone(),
+        stream: stream.clone(),
         reason,
     };
     let text = |i: usize, what: &str| -> Result<String, SourceError> {
@@ -589,7 +611,12 @@ impl Source for PgOutbox {
         let mut events = Vec::with_capacity(rows.len());
         let mut bytes = 0;
         for row in &rows {
-            let event = event_from_row(row)?;
+            let event = match event_from_row(row) {
+                Ok(event) => event,
+                // Good rows before it go out first; then it is reported alone.
+                Err(SourceError::Malformed { .. }) if !events.is_empty() => break,
+                Err(err) => return Err(err),
+            };
             bytes += event.size_hint();
             events.push(event);
             if bytes >= max_bytes {

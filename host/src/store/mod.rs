@@ -52,6 +52,19 @@ pub struct Document {
     pub json: Box<serde_json::value::RawValue>,
 }
 
+/// An event a projection could not take, kept with the reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeadLetter {
+    pub position: u64,
+    pub event_id: Option<String>,
+    /// The stream it belongs to, when the row names one; later events of that stream are
+    /// parked behind it.
+    pub stream: Option<String>,
+    pub reason: String,
+    /// The position of the dead letter this event is parked behind (`None`: it is the first).
+    pub parked_behind: Option<u64>,
+}
+
 /// A page of a collection: equality filters on indexed fields, key order, keyset pagination.
 #[derive(Debug, Clone, Default)]
 pub struct ListQuery {
@@ -92,15 +105,30 @@ pub trait Store: Send + Sync {
     /// The projection version's committed position.
     async fn checkpoint(&self, projection: &Descriptor) -> Result<u64, StoreError>;
 
-    /// Writes a batch's documents and moves the checkpoint from `from` to `to`, atomically.
-    /// [`StoreError::Fenced`] if the checkpoint is no longer at `from`.
+    /// Writes a batch's documents and dead letters and moves the checkpoint from `from` to
+    /// `to`, atomically. [`StoreError::Fenced`] if the checkpoint is no longer at `from`.
     async fn commit(
         &self,
         projection: &Descriptor,
         output: &BatchOutput,
+        dead_letters: &[DeadLetter],
         from: u64,
         to: u64,
     ) -> Result<(), StoreError>;
+
+    /// Streams with a dead letter, each with the position of its first one.
+    async fn parked_streams(
+        &self,
+        projection: &Descriptor,
+    ) -> Result<std::collections::HashMap<String, u64>, StoreError>;
+
+    /// Dead letters after `after`, in position order.
+    async fn dead_letters(
+        &self,
+        projection: &Descriptor,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>, StoreError>;
 
     /// Tries to become the one instance that runs `projection`; `None` while another holds
     /// it. Held until the [`Lease`] is dropped or its connection dies.

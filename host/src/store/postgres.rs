@@ -13,14 +13,22 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool, QueryBuilder, Row};
 use tokio::sync::{oneshot, watch};
 
-use super::{now_ms, table_name, Document, Lease, ListQuery, ProjectionStatus, Store, StoreError};
+use super::{
+    now_ms, table_name, DeadLetter, Document, Lease, ListQuery, ProjectionStatus, Store, StoreError,
+};
 use crate::config::PostgresConfig;
 use crate::runtime::{BatchOutput, Descriptor};
 
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    include_str!("../../../migrations/postgres/0001_init.sql"),
-)];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        include_str!("../../../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        include_str!("../../../migrations/postgres/0002_dead_letters.sql"),
+    ),
+];
 
 /// How often a held lease checks that its connection (and so the lock) is still there.
 const LEASE_CHECK: Duration = Duration::from_secs(1);
@@ -72,7 +80,11 @@ impl Postgres {
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await.map_err(StoreError::db("migrating"))?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(StoreError::db("migrating"))?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(DDL_LOCK)
             .execute(&mut *tx)
@@ -256,6 +268,7 @@ impl Store for Postgres {
         &self,
         projection: &Descriptor,
         output: &BatchOutput,
+        dead_letters: &[DeadLetter],
         from: u64,
         to: u64,
     ) -> Result<(), StoreError> {
@@ -265,6 +278,34 @@ impl Store for Postgres {
             .begin()
             .await
             .map_err(StoreError::db("beginning a batch"))?;
+        if !dead_letters.is_empty() {
+            let column = |f: fn(&DeadLetter) -> Option<String>| -> Vec<Option<String>> {
+                dead_letters.iter().map(f).collect()
+            };
+            let positions: Vec<i64> = dead_letters.iter().map(|d| d.position as i64).collect();
+            let behind: Vec<Option<i64>> = dead_letters
+                .iter()
+                .map(|d| d.parked_behind.map(|p| p as i64))
+                .collect();
+            sqlx::query(&format!(
+                "INSERT INTO {}.dead_letters (projection, version, position, event_id, stream, \
+                 reason, parked_behind, created_at) \
+                 SELECT $1, $2, p, e, s, r, b, $3 FROM UNNEST($4::bigint[], $5::text[], \
+                 $6::text[], $7::text[], $8::bigint[]) AS u(p, e, s, r, b) ON CONFLICT DO NOTHING",
+                self.schema
+            ))
+            .bind(&projection.name)
+            .bind(&projection.version)
+            .bind(now)
+            .bind(&positions)
+            .bind(column(|d| d.event_id.clone()))
+            .bind(column(|d| d.stream.clone()))
+            .bind(column(|d| Some(d.reason.clone())))
+            .bind(&behind)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::db("writing dead letters"))?;
+        }
         for (collection, writes) in &output.writes {
             let table = self.table(projection, collection);
             let mut keys = Vec::with_capacity(writes.len());
@@ -331,6 +372,68 @@ impl Store for Postgres {
         tx.commit()
             .await
             .map_err(StoreError::db("committing a batch"))
+    }
+
+    async fn parked_streams(
+        &self,
+        projection: &Descriptor,
+    ) -> Result<std::collections::HashMap<String, u64>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT stream, MIN(position) FROM {}.dead_letters WHERE projection = $1 \
+             AND version = $2 AND stream IS NOT NULL GROUP BY stream",
+            self.schema
+        ))
+        .bind(&projection.name)
+        .bind(&projection.version)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::db("reading parked streams"))?;
+        rows.iter()
+            .map(|row| {
+                let stream: String = row
+                    .try_get(0)
+                    .map_err(StoreError::db("reading parked streams"))?;
+                let position: i64 = row
+                    .try_get(1)
+                    .map_err(StoreError::db("reading parked streams"))?;
+                Ok((stream, position as u64))
+            })
+            .collect()
+    }
+
+    async fn dead_letters(
+        &self,
+        projection: &Descriptor,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT position, event_id, stream, reason, parked_behind FROM {}.dead_letters \
+             WHERE projection = $1 AND version = $2 AND position > $3 ORDER BY position LIMIT $4",
+            self.schema
+        ))
+        .bind(&projection.name)
+        .bind(&projection.version)
+        .bind(after as i64)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::db("reading dead letters"))?;
+        rows.iter()
+            .map(|row| {
+                let err = || StoreError::db("reading dead letters");
+                Ok(DeadLetter {
+                    position: row.try_get::<i64, _>(0).map_err(err())? as u64,
+                    event_id: row.try_get(1).map_err(err())?,
+                    stream: row.try_get(2).map_err(err())?,
+                    reason: row.try_get(3).map_err(err())?,
+                    parked_behind: row
+                        .try_get::<Option<i64>, _>(4)
+                        .map_err(err())?
+                        .map(|p| p as u64),
+                })
+            })
+            .collect()
     }
 
     async fn try_lease(&self, projection: &str) -> Result<Option<Lease>, StoreError> {

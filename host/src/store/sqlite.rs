@@ -11,11 +11,17 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Row, SqlitePool};
 
 use super::{
-    now_ms, table_name, Document, Lease, ListQuery, ProjectionStatus, Store, StoreError,
+    now_ms, table_name, DeadLetter, Document, Lease, ListQuery, ProjectionStatus, Store, StoreError,
 };
 use crate::runtime::{BatchOutput, Descriptor};
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../../migrations/sqlite/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../../migrations/sqlite/0001_init.sql")),
+    (
+        2,
+        include_str!("../../../migrations/sqlite/0002_dead_letters.sql"),
+    ),
+];
 
 /// Rows per multi-row statement: 4 binds each, far below SQLite's bind limit, large enough
 /// that a batch of 1000 documents is a handful of statements.
@@ -208,6 +214,7 @@ impl Store for Sqlite {
         &self,
         projection: &Descriptor,
         output: &BatchOutput,
+        dead_letters: &[DeadLetter],
         from: u64,
         to: u64,
     ) -> Result<(), StoreError> {
@@ -217,6 +224,26 @@ impl Store for Sqlite {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(StoreError::db("beginning a batch"))?;
+        for chunk in dead_letters.chunks(ROWS_PER_STATEMENT / 2) {
+            let mut sql = QueryBuilder::new(
+                "INSERT OR IGNORE INTO dead_letters (projection, version, position, event_id, \
+                 stream, reason, parked_behind, created_at) ",
+            );
+            sql.push_values(chunk, |mut row, letter| {
+                row.push_bind(&projection.name)
+                    .push_bind(&projection.version)
+                    .push_bind(letter.position as i64)
+                    .push_bind(letter.event_id.as_deref())
+                    .push_bind(letter.stream.as_deref())
+                    .push_bind(letter.reason.as_str())
+                    .push_bind(letter.parked_behind.map(|p| p as i64))
+                    .push_bind(now);
+            });
+            sql.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::db("writing dead letters"))?;
+        }
         for (collection, writes) in &output.writes {
             let table = table_name(projection, collection);
             let mut puts = Vec::with_capacity(writes.len());
@@ -305,6 +332,66 @@ impl Store for Sqlite {
         .await
         .map_err(StoreError::db("reading the checkpoint"))?;
         Ok(position.unwrap_or(0) as u64)
+    }
+
+    async fn parked_streams(
+        &self,
+        projection: &Descriptor,
+    ) -> Result<std::collections::HashMap<String, u64>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT stream, MIN(position) FROM dead_letters WHERE projection = ? AND version = ? \
+             AND stream IS NOT NULL GROUP BY stream",
+        )
+        .bind(&projection.name)
+        .bind(&projection.version)
+        .fetch_all(&self.read)
+        .await
+        .map_err(StoreError::db("reading parked streams"))?;
+        rows.iter()
+            .map(|row| {
+                let stream: String = row
+                    .try_get(0)
+                    .map_err(StoreError::db("reading parked streams"))?;
+                let position: i64 = row
+                    .try_get(1)
+                    .map_err(StoreError::db("reading parked streams"))?;
+                Ok((stream, position as u64))
+            })
+            .collect()
+    }
+
+    async fn dead_letters(
+        &self,
+        projection: &Descriptor,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT position, event_id, stream, reason, parked_behind FROM dead_letters \
+             WHERE projection = ? AND version = ? AND position > ? ORDER BY position LIMIT ?",
+        )
+        .bind(&projection.name)
+        .bind(&projection.version)
+        .bind(after as i64)
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await
+        .map_err(StoreError::db("reading dead letters"))?;
+        rows.iter()
+            .map(|row| {
+                let err = || StoreError::db("reading dead letters");
+                Ok(DeadLetter {
+                    position: row.try_get::<i64, _>(0).map_err(err())? as u64,
+                    event_id: row.try_get(1).map_err(err())?,
+                    stream: row.try_get(2).map_err(err())?,
+                    reason: row.try_get(3).map_err(err())?,
+                    parked_behind: row
+                        .try_get::<Option<i64>, _>(4)
+                        .map_err(err())?
+                        .map(|p| p as u64),
+                })
+            })
+            .collect()
     }
 
     async fn try_lease(&self, _projection: &str) -> Result<Option<Lease>, StoreError> {
