@@ -46,13 +46,13 @@ async fn all_documents(api: &Api, min_position: u64) -> BTreeMap<String, Value> 
 }
 
 /// Fills the outbox of `data` (no projection running) with accounts opened and operations on
-/// them; returns the events as JSONL lines and the head position.
+/// them; returns the events as JSONL lines and the position after each request of 500.
 async fn fill_outbox(
     backend: &Backend,
     data: &std::path::Path,
     scale: Scale,
     rng: &mut rand::rngs::StdRng,
-) -> (Vec<String>, u64) {
+) -> (Vec<String>, Vec<u64>) {
     let writer = Server::start_on(backend, &plugin_set(&[], &[]), data, &[]);
     let api = writer.api();
     let mut events = Vec::new();
@@ -72,13 +72,13 @@ async fn fill_outbox(
             "type": kind, "payload": {"amount": amount}}),
         );
     }
-    let mut head = 0;
+    let mut positions = Vec::new();
     for chunk in events.chunks(500) {
         let (status, body) = api.post("/events", &json!({ "events": chunk })).await;
         assert_eq!(status, 201, "{body}");
-        head = body["position"].as_u64().unwrap();
+        positions.push(body["position"].as_u64().unwrap());
     }
-    (events.iter().map(|e| e.to_string()).collect(), head)
+    (events.iter().map(|e| e.to_string()).collect(), positions)
 }
 
 /// The read model of one uninterrupted `projector replay` over `lines`.
@@ -124,7 +124,7 @@ fn assert_every_event_applied_once(served: &BTreeMap<String, Value>, scale: Scal
 on_both_stores! {
     async fn sigkill_mid_catch_up_ten_times_loses_and_repeats_nothing(backend) {
         // Small batches: many commits, so the kills land between and during them.
-        sigkill_ten_times(&backend, SMALL, "40", 5..65).await;
+        sigkill_ten_times(&backend, SMALL, "40").await;
     }
 }
 
@@ -135,47 +135,55 @@ async fn postgres_sigkill_ten_times_during_a_100k_event_catch_up() {
         accounts: 1000,
         ops_per_account: 99,
     };
-    sigkill_ten_times(&Backend::postgres().await, scale, "500", 10..90).await;
+    sigkill_ten_times(&Backend::postgres().await, scale, "2000").await;
 }
 
-/// Kills the server `delay_ms` (random in the range) after each start, ten times, then checks
+/// Kills the server at ten random points of its catch-up (once the checkpoint has passed a
+/// randomly chosen request's events, plus a random pause to land mid-batch too), then checks
 /// the final read model against a replay.
-async fn sigkill_ten_times(
-    backend: &Backend,
-    scale: Scale,
-    batch: &str,
-    delay_ms: std::ops::Range<u32>,
-) {
+async fn sigkill_ten_times(backend: &Backend, scale: Scale, batch: &str) {
     let seed: u64 = rand::random();
     println!("seed {seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let data = tempdir("restart");
-    let (lines, head) = fill_outbox(backend, &data, scale, &mut rng).await;
+    let (lines, positions) = fill_outbox(backend, &data, scale, &mut rng).await;
+    let head = *positions.last().unwrap();
+    let mut targets: Vec<u64> = (0..10)
+        .map(|_| positions[rng.next_u32() as usize % (positions.len() - 1)])
+        .collect();
+    targets.sort_unstable();
 
     let env = [("PROJECTOR_RUNNER__MAX_BATCH_EVENTS", batch)];
     let plugins = plugin_set(&["account-balance"], &[]);
     let mut server = Server::start_on(backend, &plugins, &data, &env);
     let mut mid_catch_up = 0;
-    for round in 0..10 {
-        // From the moment this instance runs the projection (it may first wait for the lease
-        // the killed one held).
-        while server.api().projection("account-balance").await["status"] != "running" {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let delay = delay_ms.start + rng.next_u32() % (delay_ms.end - delay_ms.start);
-        tokio::time::sleep(Duration::from_millis(u64::from(delay))).await;
-        let checkpoint = server.api().projection("account-balance").await["checkpoint"]
-            .as_u64()
-            .unwrap();
+    for (round, target) in targets.into_iter().enumerate() {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let checkpoint = loop {
+            let checkpoint = server.api().projection("account-balance").await["checkpoint"]
+                .as_u64()
+                .unwrap();
+            if checkpoint >= target {
+                break checkpoint;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "stuck at {checkpoint}"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        tokio::time::sleep(Duration::from_millis(u64::from(rng.next_u32() % 15))).await;
         server.kill();
-        println!("round {round}: killed at checkpoint {checkpoint} of {head}");
-        if checkpoint > 0 && checkpoint < head {
+        println!(
+            "round {round}: killed at checkpoint {checkpoint} (or a batch or two later) of {head}"
+        );
+        if checkpoint < head {
             mid_catch_up += 1;
         }
         server.restart();
     }
     assert!(
-        mid_catch_up >= 3,
+        mid_catch_up >= 5,
         "only {mid_catch_up} of 10 kills landed mid-catch-up"
     );
 
@@ -192,7 +200,8 @@ on_both_stores! {
     async fn a_tiny_document_cache_changes_nothing_but_speed(backend) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let data = tempdir("tiny-cache");
-        let (lines, head) = fill_outbox(&backend, &data, SMALL, &mut rng).await;
+        let (lines, positions) = fill_outbox(&backend, &data, SMALL, &mut rng).await;
+        let head = *positions.last().unwrap();
         let env = [
             ("PROJECTOR_RUNNER__MAX_BATCH_EVENTS", "60"),
             ("PROJECTOR_RUNNER__CACHED_DOCUMENTS", "7"),

@@ -772,6 +772,17 @@ impl Source for PgOutbox {
             .await
             .map_err(db_err("notifying the runners"))?;
         tx.commit().await.map_err(db_err("committing an append"))?;
+        // Wake this instance's runners now rather than after the notification's round trip,
+        // and let the caller see its append in the head (unless an older transaction is
+        // still open: then the watcher raises it once that one ends).
+        match read_head(&self.db, &self.sql.head).await {
+            Ok(h) => {
+                self.head.send_if_modified(|p| raise(p, h.safe));
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "reading the outbox head after an append failed")
+            }
+        }
         Ok(events
             .iter()
             .zip(ids)
