@@ -619,7 +619,56 @@ impl Runner {
         })
     }
 
+    /// After a restart or a takeover the cache starts empty, and a plugin reading its
+    /// documents one `get` at a time would cost a query each. Documents are most often keyed by
+    /// the stream id, so those are fetched for the whole batch in one query per collection.
+    async fn prefetch(&self, events: &[Event]) -> Result<(), Problem> {
+        let descriptor = self.projection.descriptor();
+        let cache = || {
+            self.projection
+                .documents
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+        };
+        if cache().complete {
+            return Ok(());
+        }
+        let mut streams: Vec<&str> = events.iter().map(|e| e.stream.as_str()).collect();
+        streams.sort_unstable();
+        streams.dedup();
+        for collection in &descriptor.collections {
+            let name = collection.name.as_str();
+            // Keys already cached may belong to the batch still committing: never refetched.
+            let missing: Vec<&str> = {
+                let cache = cache();
+                streams
+                    .iter()
+                    .copied()
+                    .filter(|key| cache.get(name, key).is_none())
+                    .collect()
+            };
+            if missing.is_empty() {
+                continue;
+            }
+            let found = self
+                .store
+                .documents(descriptor, name, &missing)
+                .await
+                .map_err(|err| Problem::Retry(format!("prefetching documents: {err}")))?;
+            let mut found: HashMap<String, Arc<[u8]>> = found
+                .into_iter()
+                .map(|d| (d.key, Arc::from(d.json.get().as_bytes())))
+                .collect();
+            let mut cache = cache();
+            for key in missing {
+                cache.remember(name, key, found.remove(key), self.config.cached_documents);
+            }
+        }
+        Ok(())
+    }
+
     async fn handle(&self, events: Vec<Event>) -> Result<BatchOutput, Problem> {
+        self.prefetch(&events).await?;
         let plugin = self.projection.plugin.clone();
         let reader = Arc::new(StoreReader {
             store: self.store.clone(),

@@ -148,6 +148,15 @@ pub trait Store: Send + Sync {
         key: &str,
     ) -> Result<Option<Document>, StoreError>;
 
+    /// The documents of `collection` with these keys (those that exist), in one query or a
+    /// few.
+    async fn documents(
+        &self,
+        projection: &Descriptor,
+        collection: &str,
+        keys: &[&str],
+    ) -> Result<Vec<Document>, StoreError>;
+
     async fn list(
         &self,
         projection: &Descriptor,

@@ -514,6 +514,23 @@ impl Store for Postgres {
         row.as_ref().map(document_from_row).transpose()
     }
 
+    async fn documents(
+        &self,
+        projection: &Descriptor,
+        collection: &str,
+        keys: &[&str],
+    ) -> Result<Vec<Document>, StoreError> {
+        let table = self.table(projection, collection);
+        let rows = sqlx::query(&format!(
+            "SELECT key, doc::text, version, updated_at FROM {table} WHERE key = ANY($1::text[])"
+        ))
+        .bind(keys)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::db(format!("reading {table}")))?;
+        rows.iter().map(document_from_row).collect()
+    }
+
     async fn list(
         &self,
         projection: &Descriptor,

@@ -433,6 +433,35 @@ impl Store for Sqlite {
         row.as_ref().map(document_from_row).transpose()
     }
 
+    async fn documents(
+        &self,
+        projection: &Descriptor,
+        collection: &str,
+        keys: &[&str],
+    ) -> Result<Vec<Document>, StoreError> {
+        let table = table_name(projection, collection);
+        let mut found = Vec::new();
+        for chunk in keys.chunks(ROWS_PER_STATEMENT) {
+            let mut sql = QueryBuilder::new(format!(
+                "SELECT key, json(doc), version, updated_at FROM \"{table}\" WHERE key IN ("
+            ));
+            let mut list = sql.separated(", ");
+            for key in chunk {
+                list.push_bind(*key);
+            }
+            sql.push(")");
+            let rows = sql
+                .build()
+                .fetch_all(&self.read)
+                .await
+                .map_err(StoreError::db(format!("reading {table}")))?;
+            for row in &rows {
+                found.push(document_from_row(row)?);
+            }
+        }
+        Ok(found)
+    }
+
     async fn list(
         &self,
         projection: &Descriptor,
