@@ -234,6 +234,74 @@ pub fn table_name(projection: &Descriptor, collection: &str) -> String {
     )
 }
 
+/// Decodes `key, doc (JSON text), version, updated_at`, as both stores select them.
+pub(crate) fn document_from_row<R>(row: &R) -> Result<Document, StoreError>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let err = || StoreError::db("reading a document");
+    let key: String = row.try_get(0).map_err(err())?;
+    let json: String = row.try_get(1).map_err(err())?;
+    let json = serde_json::value::RawValue::from_string(json).map_err(|e| {
+        StoreError::InvalidDocument {
+            projection: String::new(),
+            collection: String::new(),
+            key: key.clone(),
+            reason: e.to_string(),
+        }
+    })?;
+    Ok(Document {
+        key,
+        json,
+        version: row.try_get(2).map_err(err())?,
+        updated_at: row.try_get(3).map_err(err())?,
+    })
+}
+
+/// Decodes `position, event_id, stream, reason, parked_behind`, as both stores select them.
+pub(crate) fn dead_letter_from_row<R>(row: &R) -> Result<DeadLetter, StoreError>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let err = || StoreError::db("reading dead letters");
+    Ok(DeadLetter {
+        position: row.try_get::<i64, _>(0).map_err(err())? as u64,
+        event_id: row.try_get(1).map_err(err())?,
+        stream: row.try_get(2).map_err(err())?,
+        reason: row.try_get(3).map_err(err())?,
+        parked_behind: row
+            .try_get::<Option<i64>, _>(4)
+            .map_err(err())?
+            .map(|p| p as u64),
+    })
+}
+
+/// Decodes `stream, position` pairs of parked streams.
+pub(crate) fn parked_from_rows<R>(
+    rows: &[R],
+) -> Result<std::collections::HashMap<String, u64>, StoreError>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let err = || StoreError::db("reading parked streams");
+    rows.iter()
+        .map(|row| {
+            let stream: String = row.try_get(0).map_err(err())?;
+            let position: i64 = row.try_get(1).map_err(err())?;
+            Ok((stream, position as u64))
+        })
+        .collect()
+}
+
 pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

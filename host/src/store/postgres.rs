@@ -7,14 +7,14 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Connection, PgConnection, PgPool, QueryBuilder, Row};
+use sqlx::{Connection, PgConnection, PgPool, QueryBuilder};
 use tokio::sync::{oneshot, watch};
 
 use super::{
-    now_ms, table_name, DeadLetter, Document, Lease, ListQuery, ProjectionStatus, Store, StoreError,
+    dead_letter_from_row, document_from_row, now_ms, parked_from_rows, table_name, DeadLetter,
+    Document, Lease, ListQuery, ProjectionStatus, Store, StoreError,
 };
 use crate::config::PostgresConfig;
 use crate::runtime::{BatchOutput, Descriptor};
@@ -150,29 +150,6 @@ fn lease_key(projection: &str) -> i64 {
     let mut bytes = [0u8; 8];
     bytes.copy_from_slice(&digest[..8]);
     i64::from_be_bytes(bytes)
-}
-
-fn document_from_row(row: &sqlx::postgres::PgRow) -> Result<Document, StoreError> {
-    let key: String = row.try_get(0).map_err(StoreError::db("reading a key"))?;
-    let json: String = row
-        .try_get(1)
-        .map_err(StoreError::db("reading a document"))?;
-    let json = RawValue::from_string(json).map_err(|e| StoreError::InvalidDocument {
-        projection: String::new(),
-        collection: String::new(),
-        key: key.clone(),
-        reason: e.to_string(),
-    })?;
-    Ok(Document {
-        key,
-        json,
-        version: row
-            .try_get(2)
-            .map_err(StoreError::db("reading a document version"))?,
-        updated_at: row
-            .try_get(3)
-            .map_err(StoreError::db("reading a document time"))?,
-    })
 }
 
 #[async_trait]
@@ -388,17 +365,7 @@ impl Store for Postgres {
         .fetch_all(&self.pool)
         .await
         .map_err(StoreError::db("reading parked streams"))?;
-        rows.iter()
-            .map(|row| {
-                let stream: String = row
-                    .try_get(0)
-                    .map_err(StoreError::db("reading parked streams"))?;
-                let position: i64 = row
-                    .try_get(1)
-                    .map_err(StoreError::db("reading parked streams"))?;
-                Ok((stream, position as u64))
-            })
-            .collect()
+        parked_from_rows(&rows)
     }
 
     async fn dead_letters(
@@ -419,21 +386,7 @@ impl Store for Postgres {
         .fetch_all(&self.pool)
         .await
         .map_err(StoreError::db("reading dead letters"))?;
-        rows.iter()
-            .map(|row| {
-                let err = || StoreError::db("reading dead letters");
-                Ok(DeadLetter {
-                    position: row.try_get::<i64, _>(0).map_err(err())? as u64,
-                    event_id: row.try_get(1).map_err(err())?,
-                    stream: row.try_get(2).map_err(err())?,
-                    reason: row.try_get(3).map_err(err())?,
-                    parked_behind: row
-                        .try_get::<Option<i64>, _>(4)
-                        .map_err(err())?
-                        .map(|p| p as u64),
-                })
-            })
-            .collect()
+        rows.iter().map(dead_letter_from_row).collect()
     }
 
     async fn try_lease(&self, projection: &str) -> Result<Option<Lease>, StoreError> {

@@ -6,12 +6,12 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde_json::value::RawValue;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Row, SqlitePool};
+use sqlx::{QueryBuilder, SqlitePool};
 
 use super::{
-    now_ms, table_name, DeadLetter, Document, Lease, ListQuery, ProjectionStatus, Store, StoreError,
+    dead_letter_from_row, document_from_row, now_ms, parked_from_rows, table_name, DeadLetter,
+    Document, Lease, ListQuery, ProjectionStatus, Store, StoreError,
 };
 use crate::runtime::{BatchOutput, Descriptor};
 
@@ -125,23 +125,6 @@ async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
 fn json_path(field: &str) -> String {
     // Fields are validated to [A-Za-z0-9_.] (see Descriptor::validate): safe in a literal.
     format!("json_extract(doc, '$.{field}')")
-}
-
-fn document_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Document, StoreError> {
-    let key: String = row.get(0);
-    let json: String = row.get(1);
-    let json = RawValue::from_string(json).map_err(|e| StoreError::InvalidDocument {
-        projection: String::new(),
-        collection: String::new(),
-        key: key.clone(),
-        reason: e.to_string(),
-    })?;
-    Ok(Document {
-        key,
-        json,
-        version: row.get(2),
-        updated_at: row.get(3),
-    })
 }
 
 #[async_trait]
@@ -347,17 +330,7 @@ impl Store for Sqlite {
         .fetch_all(&self.read)
         .await
         .map_err(StoreError::db("reading parked streams"))?;
-        rows.iter()
-            .map(|row| {
-                let stream: String = row
-                    .try_get(0)
-                    .map_err(StoreError::db("reading parked streams"))?;
-                let position: i64 = row
-                    .try_get(1)
-                    .map_err(StoreError::db("reading parked streams"))?;
-                Ok((stream, position as u64))
-            })
-            .collect()
+        parked_from_rows(&rows)
     }
 
     async fn dead_letters(
@@ -377,21 +350,7 @@ impl Store for Sqlite {
         .fetch_all(&self.read)
         .await
         .map_err(StoreError::db("reading dead letters"))?;
-        rows.iter()
-            .map(|row| {
-                let err = || StoreError::db("reading dead letters");
-                Ok(DeadLetter {
-                    position: row.try_get::<i64, _>(0).map_err(err())? as u64,
-                    event_id: row.try_get(1).map_err(err())?,
-                    stream: row.try_get(2).map_err(err())?,
-                    reason: row.try_get(3).map_err(err())?,
-                    parked_behind: row
-                        .try_get::<Option<i64>, _>(4)
-                        .map_err(err())?
-                        .map(|p| p as u64),
-                })
-            })
-            .collect()
+        rows.iter().map(dead_letter_from_row).collect()
     }
 
     async fn try_lease(&self, _projection: &str) -> Result<Option<Lease>, StoreError> {
