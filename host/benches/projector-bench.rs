@@ -5,6 +5,11 @@
 //! native Rust: the WASM cost), `live`, `ryw` (read-your-writes seed scenario), `sweep` (batch
 //! sizes), `raw` (the same writes straight into SQLite), `read` (the outbox read stage alone).
 //! Default: all.
+//! On PostgreSQL: `pg-catchup`, `pg-native`, `pg-live`, `pg-ryw` (`pg`: all four), the same
+//! scenarios on a `PgOutbox` and the PostgreSQL store. They run on `BENCH_POSTGRES_URL` (an admin
+//! URL, `postgres://postgres@127.0.0.1:PORT/postgres`; `all` includes them only when it is set)
+//! or else on a throwaway durable cluster (`scripts/pg-test-cluster.sh start DIR --durable`),
+//! in databases the bench creates and drops.
 //! Sizes: `BENCH_EVENTS` (200000), `BENCH_STREAMS` (10000), `BENCH_LIVE_SECS` (20),
 //! `BENCH_LIVE_RATE` (2000 events/s).
 //!
@@ -13,11 +18,12 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use account_balance::AccountBalance;
-use projector::config::{Config, RunnerConfig};
+use projector::config::{Config, OutboxConfig, PostgresConfig, RunnerConfig};
 use projector::event::Event;
 use projector::runner::{Projection, Runner};
 use projector::runtime::{
@@ -25,10 +31,13 @@ use projector::runtime::{
     Runtime, RuntimeConfig, RuntimeError,
 };
 use projector::source::outbox::SqliteOutbox;
+use projector::source::pg_outbox::PgOutbox;
 use projector::source::{NewEvent, Source};
+use projector::store::postgres::Postgres;
 use projector::store::sqlite::Sqlite;
 use projector::store::Store;
 use serde_json::json;
+use sqlx::{Connection, PgConnection};
 use tokio::sync::watch;
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -116,6 +125,13 @@ async fn template(events: usize, streams: usize) -> PathBuf {
     let url = format!("sqlite://{}", file.display());
     let db = Sqlite::open(&url).await.unwrap();
     let outbox = SqliteOutbox::new(db.clone()).await.unwrap();
+    fill(&outbox, events, streams).await;
+    db.close().await.unwrap();
+    file
+}
+
+/// Appends the generated log in chunks of 5,000 through the append path, and says how fast.
+async fn fill(outbox: &dyn Source, events: usize, streams: usize) {
     let start = Instant::now();
     for chunk in (0..events).collect::<Vec<_>>().chunks(5_000) {
         outbox
@@ -125,8 +141,15 @@ async fn template(events: usize, streams: usize) -> PathBuf {
     }
     let secs = start.elapsed().as_secs_f64();
     println!("(setup: appended {events} events over {streams} streams in {secs:.2} s, {:.0} ev/s through the append path)", events as f64 / secs);
-    db.close().await.unwrap();
-    file
+}
+
+/// A PostgreSQL database holding `events` events; each catch-up run gets a copy
+/// (`CREATE DATABASE ... TEMPLATE`). Returns its name.
+async fn pg_template(cluster: &PgCluster, events: usize, streams: usize) -> String {
+    let name = cluster.create(None).await;
+    let (_store, outbox) = open(&cluster.url(&name)).await;
+    fill(outbox.as_ref(), events, streams).await;
+    name
 }
 
 async fn copy_of(template: &Path) -> (Sqlite, Arc<SqliteOutbox>) {
@@ -138,6 +161,214 @@ async fn copy_of(template: &Path) -> (Sqlite, Arc<SqliteOutbox>) {
         .unwrap();
     let outbox = Arc::new(SqliteOutbox::new(db.clone()).await.unwrap());
     (db, outbox)
+}
+
+/// A store and the outbox it reads, on `url` (`sqlite://` or `postgres://`), as `serve` opens
+/// them.
+async fn open(url: &str) -> (Arc<dyn Store>, Arc<dyn Source>) {
+    if url.starts_with("sqlite:") {
+        let db = Sqlite::open(url).await.unwrap();
+        let outbox = SqliteOutbox::new(db.clone()).await.unwrap();
+        (Arc::new(db), Arc::new(outbox))
+    } else {
+        let db = Postgres::open(url, &PostgresConfig::default())
+            .await
+            .unwrap();
+        let outbox = PgOutbox::open(db.clone(), &OutboxConfig::default())
+            .await
+            .unwrap();
+        (Arc::new(db), Arc::new(outbox))
+    }
+}
+
+/// The log the catch-up scenarios read, copied afresh for each run.
+enum Template<'a> {
+    /// A database file.
+    Sqlite(&'a Path),
+    /// A database on the cluster.
+    Postgres {
+        cluster: &'a PgCluster,
+        name: String,
+    },
+}
+
+impl Template<'_> {
+    /// Prefixed to the scenario names.
+    fn prefix(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "",
+            Self::Postgres { .. } => "pg-",
+        }
+    }
+
+    fn store(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "sqlite",
+            Self::Postgres { .. } => "postgres",
+        }
+    }
+
+    /// A fresh copy, and the PostgreSQL database to drop after the run (SQLite copies stay in
+    /// the temp dir).
+    async fn copy(&self) -> (Arc<dyn Store>, Arc<dyn Source>, Option<String>) {
+        match self {
+            Self::Sqlite(file) => {
+                let (db, outbox) = copy_of(file).await;
+                (Arc::new(db), outbox, None)
+            }
+            Self::Postgres { cluster, name } => {
+                let copy = cluster.create(Some(name)).await;
+                let (store, outbox) = open(&cluster.url(&copy)).await;
+                (store, outbox, Some(copy))
+            }
+        }
+    }
+
+    async fn discard(&self, copy: Option<String>) {
+        if let (Self::Postgres { cluster, .. }, Some(copy)) = (self, copy) {
+            cluster.drop_database(&copy).await;
+        }
+    }
+}
+
+/// The PostgreSQL the `pg-*` scenarios run on: `BENCH_POSTGRES_URL`, or a throwaway durable
+/// cluster under `target/`, stopped and removed on drop.
+struct PgCluster {
+    /// The admin URL (its database is only used to create and drop others).
+    admin: String,
+    /// The cluster this bench started.
+    dir: Option<PathBuf>,
+    next: AtomicUsize,
+}
+
+impl PgCluster {
+    fn start() -> Self {
+        if let Some(admin) = std::env::var("BENCH_POSTGRES_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+        {
+            return Self {
+                admin,
+                dir: None,
+                next: AtomicUsize::new(0),
+            };
+        }
+        let dir = root().join(format!("target/bench-pg-{}", std::process::id()));
+        let mut cluster = Self {
+            admin: String::new(),
+            dir: Some(dir.clone()),
+            next: AtomicUsize::new(0),
+        };
+        let out = pg_test_cluster("start", &dir, &["--durable"]);
+        assert!(
+            out.status.success(),
+            "scripts/pg-test-cluster.sh start failed"
+        );
+        cluster.admin = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        cluster
+    }
+
+    /// The URL of `database` on this cluster.
+    fn url(&self, database: &str) -> String {
+        let mut url = url::Url::parse(&self.admin).unwrap();
+        url.set_path(&format!("/{database}"));
+        url.to_string()
+    }
+
+    async fn admin(&self) -> PgConnection {
+        PgConnection::connect(&self.admin).await.unwrap()
+    }
+
+    async fn describe(&self) {
+        let mut admin = self.admin().await;
+        let (version, fsync, sync_commit): (String, String, String) = sqlx::query_as(
+            "SELECT current_setting('server_version'), current_setting('fsync'), \
+             current_setting('synchronous_commit')",
+        )
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        let at = match &self.dir {
+            Some(dir) => format!("throwaway cluster in {}", dir.display()),
+            None => "BENCH_POSTGRES_URL".into(),
+        };
+        println!("(PostgreSQL {version}, {at}, fsync={fsync} synchronous_commit={sync_commit})");
+        admin.close().await.unwrap();
+    }
+
+    /// Creates an empty database, or a copy of `template`; returns its name.
+    async fn create(&self, template: Option<&str>) -> String {
+        let name = format!(
+            "bench_{}_{}",
+            std::process::id(),
+            self.next.fetch_add(1, Ordering::Relaxed)
+        );
+        let sql = match template {
+            Some(template) => format!("CREATE DATABASE {name} TEMPLATE {template}"),
+            None => format!("CREATE DATABASE {name}"),
+        };
+        let mut admin = self.admin().await;
+        for attempt in 1.. {
+            if let Some(template) = template {
+                // A template must have no other sessions, and what filled it leaves some behind
+                // (pool connections, the outbox's LISTEN connection).
+                sqlx::query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE datname = $1 AND pid <> pg_backend_pid()",
+                )
+                .bind(template)
+                .execute(&mut admin)
+                .await
+                .unwrap();
+            }
+            match sqlx::raw_sql(&sql).execute(&mut admin).await {
+                Ok(_) => break,
+                Err(err) if attempt < 10 => {
+                    println!("({sql}: {err}; retrying)");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(err) => panic!("{sql}: {err}"),
+            }
+        }
+        admin.close().await.unwrap();
+        name
+    }
+
+    async fn drop_database(&self, name: &str) {
+        let mut admin = self.admin().await;
+        sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        admin.close().await.unwrap();
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.dir {
+            match pg_test_cluster("stop", dir, &[]) {
+                out if out.status.success() => {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+                _ => eprintln!(
+                    "projector-bench: could not stop the PostgreSQL cluster in {}",
+                    dir.display()
+                ),
+            }
+        }
+    }
+}
+
+fn pg_test_cluster(command: &str, dir: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("bash")
+        .arg(root().join("scripts/pg-test-cluster.sh"))
+        .arg(command)
+        .arg(dir)
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap()
 }
 
 /// The account-balance logic compiled natively, behind the same seam as the WASM plugin.
@@ -244,10 +475,14 @@ fn runtime() -> Runtime {
     .unwrap()
 }
 
-/// Runs a projection from position 0 to the head; returns seconds taken.
-async fn catch_up(template: &Path, handler: Arc<dyn BatchHandler>, max_batch: usize) -> f64 {
-    let (db, outbox) = copy_of(template).await;
-    let store: Arc<dyn Store> = Arc::new(db);
+/// Runs a projection from position 0 to the head of a copy of `template`; returns seconds
+/// taken.
+async fn catch_up(
+    template: &Template<'_>,
+    handler: Arc<dyn BatchHandler>,
+    max_batch: usize,
+) -> f64 {
+    let (store, outbox, copy) = template.copy().await;
     let head = *outbox.head().borrow();
     let checkpoint = store.register(handler.descriptor()).await.unwrap();
     let projection = Arc::new(Projection::new(handler, checkpoint));
@@ -269,6 +504,7 @@ async fn catch_up(template: &Path, handler: Arc<dyn BatchHandler>, max_batch: us
     assert!(!progress.borrow().failed, "{:?}", projection.health());
     stop.send(true).unwrap();
     task.await.unwrap();
+    template.discard(copy).await;
     secs
 }
 
@@ -337,7 +573,7 @@ fn to_event(i: usize, streams: usize) -> Event {
 
 /// Catch-up times vary ±10 % run to run on a small VM: run `BENCH_REPEAT` times (3), report
 /// the median and list every run.
-async fn median_catch_up(template: &Path, handler: Arc<dyn BatchHandler>) -> (f64, String) {
+async fn median_catch_up(template: &Template<'_>, handler: Arc<dyn BatchHandler>) -> (f64, String) {
     let mut runs = Vec::new();
     for _ in 0..env_usize("BENCH_REPEAT", 3).max(1) {
         runs.push(
@@ -358,26 +594,38 @@ async fn median_catch_up(template: &Path, handler: Arc<dyn BatchHandler>) -> (f6
     (runs[runs.len() / 2], format!("runs_s={listed}"))
 }
 
-async fn scenario_catchup(template: &Path, events: usize) -> f64 {
+/// The WASM catch-up (also when only `native` is asked for: its ratio needs it), then the
+/// native one.
+async fn catch_ups(template: &Template<'_>, events: usize, catchup: bool, native: bool) {
+    let mut wasm_secs = None;
+    if catchup || native {
+        wasm_secs = Some(scenario_catchup(template, events).await);
+    }
+    if native {
+        scenario_native(template, events, wasm_secs).await;
+    }
+}
+
+async fn scenario_catchup(template: &Template<'_>, events: usize) -> f64 {
     let plugin: Arc<dyn BatchHandler> = Arc::new(runtime().load_file(&plugin_file()).unwrap());
     let (secs, runs) = median_catch_up(template, plugin).await;
     report(
-        "catch-up-wasm",
+        &format!("{}catch-up-wasm", template.prefix()),
         events,
         secs,
         &mut [],
-        &format!("store=sqlite median {runs}"),
+        &format!("store={} median {runs}", template.store()),
     );
     secs
 }
 
-async fn scenario_native(template: &Path, events: usize, wasm_secs: Option<f64>) {
+async fn scenario_native(template: &Template<'_>, events: usize, wasm_secs: Option<f64>) {
     let (secs, runs) = median_catch_up(template, Arc::new(Native::new())).await;
     let ratio = wasm_secs
         .map(|w| format!("wasm_over_native={:.2} ", secs / w))
         .unwrap_or_default();
     report(
-        "catch-up-native",
+        &format!("{}catch-up-native", template.prefix()),
         events,
         secs,
         &mut [],
@@ -386,7 +634,7 @@ async fn scenario_native(template: &Path, events: usize, wasm_secs: Option<f64>)
 }
 
 /// Batch sizes 1 and 10 run over a smaller log (`small`), the rest over the full one.
-async fn scenario_sweep(small: (&Path, usize), full: (&Path, usize)) {
+async fn scenario_sweep(small: (&Template<'_>, usize), full: (&Template<'_>, usize)) {
     let plugin: Arc<dyn BatchHandler> = Arc::new(runtime().load_file(&plugin_file()).unwrap());
     let sizes = std::env::var("BENCH_SWEEP_SIZES")
         .unwrap_or_else(|_| "1,10,100,1000,2000,5000,10000".into());
@@ -445,13 +693,14 @@ async fn scenario_read(template: &Path, events: usize) {
     report("outbox-read", events, secs, &mut [], "");
 }
 
-async fn scenario_live(secs: u64, rate: usize) {
-    let dir = tempdir("live");
-    let db = Sqlite::open(&format!("sqlite://{}", dir.join("p.db").display()))
-        .await
-        .unwrap();
-    let outbox = Arc::new(SqliteOutbox::new(db.clone()).await.unwrap());
-    let store: Arc<dyn Store> = Arc::new(db);
+/// `rate` appends of one event per second for `secs` seconds on an empty database; latency from
+/// each append's commit to the projection's checkpoint passing its position.
+async fn scenario_live(
+    prefix: &str,
+    (store, outbox): (Arc<dyn Store>, Arc<dyn Source>),
+    secs: u64,
+    rate: usize,
+) {
     let plugin: Arc<dyn BatchHandler> = Arc::new(runtime().load_file(&plugin_file()).unwrap());
     let checkpoint = store.register(plugin.descriptor()).await.unwrap();
     let projection = Arc::new(Projection::new(plugin, checkpoint));
@@ -495,6 +744,7 @@ async fn scenario_live(secs: u64, rate: usize) {
     let total = rate * secs as usize;
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let start = Instant::now();
+    let mut last = 0;
     for n in 0..total {
         let due = start + interval * n as u32;
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
@@ -504,13 +754,10 @@ async fn scenario_live(secs: u64, rate: usize) {
             .append(vec![new_event(streams + n, streams)])
             .await
             .unwrap();
-        pending
-            .lock()
-            .unwrap()
-            .push_back((appended[0].position, Instant::now()));
+        last = appended[0].position;
+        pending.lock().unwrap().push_back((last, Instant::now()));
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let last = outbox.head().borrow().to_owned();
     projection
         .progress()
         .wait_for(|p| p.position >= last)
@@ -522,7 +769,7 @@ async fn scenario_live(secs: u64, rate: usize) {
     monitor.abort();
     let mut lat = latencies.lock().unwrap().clone();
     report(
-        "live-commit-to-queryable",
+        &format!("{prefix}live-commit-to-queryable"),
         total,
         elapsed,
         &mut lat,
@@ -530,11 +777,16 @@ async fn scenario_live(secs: u64, rate: usize) {
     );
 }
 
-async fn scenario_ryw() {
+/// The seed scenario over HTTP against `serve`, on `database_url` (default: SQLite in a temp
+/// dir).
+async fn scenario_ryw(prefix: &str, database_url: Option<String>) {
     let dir = tempdir("ryw");
     let mut config = Config::load(None, Vec::new()).unwrap();
     config.listen = "127.0.0.1:0".into();
     config.data_dir = dir.clone();
+    if let Some(url) = database_url {
+        config.database_url = url;
+    }
     config.plugins = root().join("target/plugins");
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     let (stop, mut stopped) = watch::channel(false);
@@ -547,7 +799,7 @@ async fn scenario_ryw() {
             let _ = stopped.changed().await;
         },
     );
-    let client = ryw_client(addr_rx, stop);
+    let client = ryw_client(addr_rx, stop, format!("{prefix}read-your-writes-seed"));
     let (served, ()) = tokio::join!(server, client);
     served.unwrap();
 }
@@ -555,6 +807,7 @@ async fn scenario_ryw() {
 async fn ryw_client(
     addr_rx: tokio::sync::oneshot::Receiver<std::net::SocketAddr>,
     stop: watch::Sender<bool>,
+    scenario: String,
 ) {
     let base = format!("http://{}", addr_rx.await.unwrap());
     let http = reqwest::Client::new();
@@ -600,13 +853,7 @@ async fn ryw_client(
     }
     let secs = start.elapsed().as_secs_f64();
     stop.send(true).unwrap();
-    report(
-        "read-your-writes-seed",
-        1100,
-        secs,
-        &mut waits,
-        "latency=read_with_wait",
-    );
+    report(&scenario, 1100, secs, &mut waits, "latency=read_with_wait");
 }
 
 #[tokio::main]
@@ -616,6 +863,12 @@ async fn main() {
         .filter(|a| !a.starts_with("--"))
         .collect();
     let wants = |s: &str| args.is_empty() || args.iter().any(|a| a == s || a == "all");
+    // The PostgreSQL scenarios: asked for by name or `pg`; by `all` only with a server given.
+    let pg_given = std::env::var("BENCH_POSTGRES_URL").is_ok_and(|u| !u.is_empty());
+    let wants_pg = |s: &str| {
+        args.iter().any(|a| a == s || a == "pg")
+            || (pg_given && (args.is_empty() || args.iter().any(|a| a == "all")))
+    };
     let events = env_usize("BENCH_EVENTS", 200_000);
     let streams = env_usize("BENCH_STREAMS", 10_000);
     println!(
@@ -635,36 +888,61 @@ async fn main() {
         .any(|s| wants(s));
     if needs_template {
         println!("\n## Catch-up on SQLite");
-        let full = template(events, streams).await;
-        let mut wasm_secs = None;
-        if wants("catchup") || wants("native") {
-            wasm_secs = Some(scenario_catchup(&full, events).await);
-        }
-        if wants("native") {
-            scenario_native(&full, events, wasm_secs).await;
-        }
+        let file = template(events, streams).await;
+        let full = Template::Sqlite(&file);
+        catch_ups(&full, events, wants("catchup"), wants("native")).await;
         if wants("raw") {
-            scenario_raw(&full, events, streams).await;
+            scenario_raw(&file, events, streams).await;
         }
         if wants("read") {
-            scenario_read(&full, events).await;
+            scenario_read(&file, events).await;
         }
         if wants("sweep") {
             let small_events = env_usize("BENCH_SWEEP_SMALL_EVENTS", 20_000).min(events);
-            let small = template(small_events, streams.min(small_events / 10).max(1)).await;
+            let small_file = template(small_events, streams.min(small_events / 10).max(1)).await;
+            let small = Template::Sqlite(&small_file);
             scenario_sweep((&small, small_events), (&full, events)).await;
         }
     }
+    let live_secs = env_usize("BENCH_LIVE_SECS", 20) as u64;
+    let live_rate = env_usize("BENCH_LIVE_RATE", 2_000);
     if wants("live") {
         println!("\n## Live latency");
-        scenario_live(
-            env_usize("BENCH_LIVE_SECS", 20) as u64,
-            env_usize("BENCH_LIVE_RATE", 2_000),
-        )
-        .await;
+        let url = format!("sqlite://{}", tempdir("live").join("p.db").display());
+        scenario_live("", open(&url).await, live_secs, live_rate).await;
     }
     if wants("ryw") {
         println!("\n## Read-your-writes (seed scenario over HTTP)");
-        scenario_ryw().await;
+        scenario_ryw("", None).await;
+    }
+
+    let (pg_catchup, pg_native) = (wants_pg("pg-catchup"), wants_pg("pg-native"));
+    let (pg_live, pg_ryw) = (wants_pg("pg-live"), wants_pg("pg-ryw"));
+    if pg_catchup || pg_native || pg_live || pg_ryw {
+        let cluster = PgCluster::start();
+        cluster.describe().await;
+        if pg_catchup || pg_native {
+            println!("\n## Catch-up on PostgreSQL");
+            let name = pg_template(&cluster, events, streams).await;
+            let full = Template::Postgres {
+                cluster: &cluster,
+                name: name.clone(),
+            };
+            catch_ups(&full, events, pg_catchup, pg_native).await;
+            cluster.drop_database(&name).await;
+        }
+        if pg_live {
+            println!("\n## Live latency on PostgreSQL");
+            let name = cluster.create(None).await;
+            let db = open(&cluster.url(&name)).await;
+            scenario_live("pg-", db, live_secs, live_rate).await;
+            cluster.drop_database(&name).await;
+        }
+        if pg_ryw {
+            println!("\n## Read-your-writes on PostgreSQL (seed scenario over HTTP)");
+            let name = cluster.create(None).await;
+            scenario_ryw("pg-", Some(cluster.url(&name))).await;
+            cluster.drop_database(&name).await;
+        }
     }
 }
