@@ -14,6 +14,9 @@ set -euo pipefail
 cmd="${1:?usage: pg-test-cluster.sh start|stop|url DIR [--durable]}"
 dir="${2:?usage: pg-test-cluster.sh start|stop|url DIR [--durable]}"
 mode="${3:-}"
+# postgresql.conf and pg_ctl need an absolute path.
+mkdir -p "$dir"
+dir="$(cd "$dir" && pwd)"
 
 find_bindir() {
   local candidate

@@ -46,6 +46,9 @@ const ROW_BITS: u32 = 20;
 const HELD_FIRST: Duration = Duration::from_millis(2);
 const HELD_MAX: Duration = Duration::from_millis(100);
 
+/// Tries of an append that keeps losing races for its streams' next versions.
+const MAX_APPEND_ATTEMPTS: u64 = 20;
+
 /// Serialises outbox DDL across instances (the same key as the store's).
 const DDL_LOCK: i64 = 0x7072_6f6a_6464_6c00;
 
@@ -70,10 +73,11 @@ struct Statements {
     head: String,
     position_of: Option<String>,
     version_at: Option<String>,
-    lock_streams: String,
     versions: Option<String>,
     existing_ids: String,
     insert: String,
+    /// The unique (stream, version) index: a violation means another append won the race.
+    version_index: String,
     has_version: bool,
 }
 
@@ -82,6 +86,10 @@ pub struct PgOutbox {
     sql: Statements,
     channel: String,
     head: Arc<watch::Sender<u64>>,
+    /// Wakes the head watcher (after this instance's own appends).
+    wake: Arc<Notify>,
+    /// No trigger announces inserts: appends notify themselves.
+    notify_after_append: bool,
 }
 
 impl PgOutbox {
@@ -98,6 +106,8 @@ impl PgOutbox {
             sql,
             channel,
             head,
+            wake: Arc::new(Notify::new()),
+            notify_after_append: !config.notify_trigger,
         };
         outbox.watch(Duration::from_millis(config.poll_interval_ms));
         Ok(outbox)
@@ -106,7 +116,7 @@ impl PgOutbox {
     /// Keeps `head` at the newest safe position: on every notification, on a slow poll, and
     /// every few milliseconds while committed rows wait behind an open transaction.
     fn watch(&self, poll: Duration) {
-        let notified = Arc::new(Notify::new());
+        let notified = self.wake.clone();
         let head = Arc::downgrade(&self.head);
         tokio::spawn(listen(
             self.db.clone(),
@@ -234,6 +244,11 @@ async fn read_head(db: &Postgres, sql: &str) -> Result<Head, SourceError> {
     })
 }
 
+/// The table's name without its schema.
+fn bare_table(table: &str) -> &str {
+    table.rsplit('.').next().unwrap_or(table)
+}
+
 fn channel_name(table: &str) -> String {
     let mut channel = format!("projector_{}", table.replace('.', "_"));
     channel.truncate(63);
@@ -348,7 +363,7 @@ async fn prepare(db: &Postgres, c: &OutboxConfig) -> Result<Columns, SourceError
         .map_err(db_err("adding the position column to the outbox"))?;
         tracing::info!(table = %c.table, column = %pos, "added the position column to the outbox");
     }
-    let bare = c.table.rsplit('.').next().unwrap_or(&c.table);
+    let bare = bare_table(&c.table);
     let prefix = match c.table.rsplit_once('.') {
         Some((schema, _)) => format!("\"{schema}\"."),
         None => String::new(),
@@ -479,10 +494,6 @@ fn statements(c: &OutboxConfig, columns: &Columns) -> Statements {
         "ty".to_owned(),
         "p::jsonb".to_owned(),
     ];
-    if columns.version {
-        insert_columns.push(q(&c.version_column));
-        selected.push("v".into());
-    }
     if columns.headers {
         insert_columns.push(q(&c.headers_column));
         selected.push("h::jsonb".into());
@@ -507,12 +518,6 @@ fn statements(c: &OutboxConfig, columns: &Columns) -> Statements {
                 "SELECT COALESCE(MAX({version}), 0) FROM {t} WHERE {stream} = $1 AND {pos} <= $2"
             )
         }),
-        // Appends to one stream queue up (keys in a fixed order: no deadlocks), so versions
-        // are read and written without a race between two appends.
-        lock_streams: format!(
-            "SELECT pg_advisory_xact_lock(hashtext('{t}'), hashtext(s)) \
-             FROM (SELECT DISTINCT s FROM UNNEST($1::text[]) AS s ORDER BY 1) AS l"
-        ),
         versions: columns.version.then(|| {
             format!(
                 "SELECT {stream}, MAX({version}) FROM {t} WHERE {stream} = ANY($1::text[]) \
@@ -522,13 +527,31 @@ fn statements(c: &OutboxConfig, columns: &Columns) -> Statements {
         existing_ids: format!(
             "SELECT {id}::text FROM {t} WHERE {id} = ANY($1::{id_array}) LIMIT 1"
         ),
-        insert: format!(
-            "INSERT INTO {t} ({}) SELECT {} FROM UNNEST($1::{id_array}, $2::text[], $3::text[], \
-             $4::text[], $5::text[], $6::bigint[], $7::text[]) WITH ORDINALITY \
-             AS u(i, st, s, ty, p, v, h, n) ORDER BY n RETURNING {id}::text, {pos}",
-            insert_columns.join(", "),
-            selected.join(", "),
-        ),
+        insert: if columns.version {
+            format!(
+                "WITH u AS (SELECT * FROM UNNEST($1::{id_array}, $2::text[], $3::text[], \
+                 $4::text[], $5::text[], $6::bigint[], $7::text[]) WITH ORDINALITY \
+                 AS u(i, st, s, ty, p, e, h, n)), \
+                 cur AS (SELECT d.s, COALESCE((SELECT MAX({version}) FROM {t} \
+                 WHERE {stream} = d.s), 0) AS v FROM (SELECT DISTINCT s FROM u) AS d), \
+                 numbered AS (SELECT u.*, cur.v + row_number() OVER (PARTITION BY u.s ORDER BY u.n) \
+                 AS version FROM u JOIN cur ON cur.s = u.s) \
+                 INSERT INTO {t} ({}, {version}) SELECT {}, version FROM numbered \
+                 WHERE NOT EXISTS (SELECT 1 FROM numbered WHERE e IS NOT NULL AND e <> version - 1) \
+                 ORDER BY n RETURNING {id}::text, {pos}, {version}",
+                insert_columns.join(", "),
+                selected.join(", "),
+            )
+        } else {
+            format!(
+                "INSERT INTO {t} ({}) SELECT {} FROM UNNEST($1::{id_array}, $2::text[], \
+                 $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[]) WITH ORDINALITY \
+                 AS u(i, st, s, ty, p, e, h, n) ORDER BY n RETURNING {id}::text, {pos}, NULL::bigint",
+                insert_columns.join(", "),
+                selected.join(", "),
+            )
+        },
+        version_index: format!("{}_projector_stream_version", bare_table(&c.table)),
         has_version: columns.version,
     }
 }
@@ -656,6 +679,9 @@ impl Source for PgOutbox {
         Ok(version as u64)
     }
 
+    /// One statement, so one round trip: versions are computed in SQL from the streams'
+    /// current maxima, expectations checked there (nothing is inserted unless all hold), and
+    /// the unique (stream, version) index catches two appends racing for a stream.
     async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>, AppendError> {
         validate(&events)?;
         if !self.sql.has_version {
@@ -668,132 +694,166 @@ impl Source for PgOutbox {
                 });
             }
         }
-        let mut tx = self
-            .db
-            .pool
-            .begin()
-            .await
-            .map_err(db_err("beginning an append"))?;
-        let streams: Vec<&str> = events.iter().map(|e| e.stream.as_str()).collect();
-        sqlx::query(&self.sql.lock_streams)
-            .bind(&streams)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err("locking the streams"))?;
-        let mut versions: HashMap<String, u64> = HashMap::new();
-        if let Some(sql) = &self.sql.versions {
-            let rows = sqlx::query(sql)
-                .bind(&streams)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(db_err("reading stream versions"))?;
-            for row in rows {
-                let stream: String = row.try_get(0).map_err(db_err("reading stream versions"))?;
-                let version: Option<i64> =
-                    row.try_get(1).map_err(db_err("reading stream versions"))?;
-                versions.insert(stream, version.unwrap_or(0).max(0) as u64);
-            }
-        }
-        let given: Vec<&str> = events.iter().filter_map(|e| e.id.as_deref()).collect();
         let mut seen = HashSet::new();
-        if let Some(dup) = given.iter().find(|id| !seen.insert(**id)) {
-            return Err(AppendError::DuplicateId {
-                id: (*dup).to_owned(),
-            });
+        if let Some(dup) = events
+            .iter()
+            .filter_map(|e| e.id.as_deref())
+            .find(|id| !seen.insert(*id))
+        {
+            return Err(AppendError::DuplicateId { id: dup.to_owned() });
         }
-        if !given.is_empty() {
-            let existing: Option<String> = sqlx::query_scalar(&self.sql.existing_ids)
-                .bind(&given)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db_err("checking event ids"))?;
-            if let Some(id) = existing {
-                return Err(AppendError::DuplicateId { id });
-            }
-        }
-        let n = events.len();
-        let (mut ids, mut stream_types, mut types, mut payloads, mut vers, mut headers) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        for event in &events {
-            let current = versions.entry(event.stream.clone()).or_insert(0);
-            if let Some(expected) = event.expected_version {
-                if expected != *current {
-                    return Err(AppendError::VersionConflict {
-                        stream: event.stream.clone(),
-                        expected,
-                        current: *current,
-                    });
+        let ids: Vec<String> = events
+            .iter()
+            .map(|e| {
+                e.id.clone()
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+            })
+            .collect();
+        let stream_types: Vec<&str> = events.iter().map(|e| e.stream_type.as_str()).collect();
+        let streams: Vec<&str> = events.iter().map(|e| e.stream.as_str()).collect();
+        let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+        let payloads: Vec<&str> = events.iter().map(|e| e.payload.get()).collect();
+        let expected: Vec<Option<i64>> = events
+            .iter()
+            .map(|e| e.expected_version.map(|v| v as i64))
+            .collect();
+        let headers: Vec<String> = events
+            .iter()
+            .map(|e| {
+                let pairs: Vec<(&String, &String)> = e.headers.iter().collect();
+                serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".into())
+            })
+            .collect();
+        let mut attempt = 0;
+        let rows = loop {
+            attempt += 1;
+            let inserted = sqlx::query(&self.sql.insert)
+                .bind(&ids)
+                .bind(&stream_types)
+                .bind(&streams)
+                .bind(&types)
+                .bind(&payloads)
+                .bind(&expected)
+                .bind(&headers)
+                .fetch_all(&self.db.pool)
+                .await;
+            match inserted {
+                Ok(rows) if rows.len() == events.len() => break rows,
+                // Nothing inserted: an expectation did not hold.
+                Ok(_) => match self.conflict(&events).await? {
+                    Some(conflict) => return Err(conflict),
+                    None if attempt < MAX_APPEND_ATTEMPTS => continue,
+                    None => {
+                        return Err(AppendError::Invalid {
+                            index: 0,
+                            reason: "the streams kept changing under this append; try again".into(),
+                        })
+                    }
+                },
+                Err(err) => {
+                    let unique = err
+                        .as_database_error()
+                        .filter(|e| e.code().as_deref() == Some("23505"))
+                        .map(|e| e.constraint().unwrap_or_default().to_owned());
+                    match unique {
+                        // Another append took the same version first.
+                        Some(constraint) if constraint == self.sql.version_index => {
+                            if let Some(conflict) = self.conflict(&events).await? {
+                                return Err(conflict);
+                            }
+                            if attempt < MAX_APPEND_ATTEMPTS {
+                                // Jitter, so racing appends stop colliding.
+                                let micros = rand::random::<u64>() % (200 * attempt);
+                                tokio::time::sleep(Duration::from_micros(micros)).await;
+                                continue;
+                            }
+                        }
+                        Some(_) => {
+                            if let Some(id) = self.existing_id(&ids).await? {
+                                return Err(AppendError::DuplicateId { id });
+                            }
+                        }
+                        None => {}
+                    }
+                    return Err(db_err("appending events")(err).into());
                 }
             }
-            *current += 1;
-            ids.push(
-                event
-                    .id
-                    .clone()
-                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-            );
-            stream_types.push(event.stream_type.as_str());
-            types.push(event.event_type.as_str());
-            payloads.push(event.payload.get());
-            vers.push(if self.sql.has_version {
-                *current as i64
-            } else {
-                0
-            });
-            let pairs: Vec<(&String, &String)> = event.headers.iter().collect();
-            headers.push(serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".into()));
+        };
+        if self.notify_after_append {
+            // No trigger announces inserts: tell the other instances.
+            if let Err(err) = sqlx::query("SELECT pg_notify($1, '')")
+                .bind(&self.channel)
+                .execute(&self.db.pool)
+                .await
+            {
+                tracing::warn!(error = %err, "notifying other instances of an append failed");
+            }
         }
-        let rows = sqlx::query(&self.sql.insert)
-            .bind(&ids)
-            .bind(&stream_types)
-            .bind(&streams)
-            .bind(&types)
-            .bind(&payloads)
-            .bind(&vers)
-            .bind(&headers)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_err("appending events"))?;
-        let mut positions: HashMap<String, u64> = HashMap::with_capacity(rows.len());
+        // This instance's runners need not wait for the notification's round trip.
+        self.wake.notify_one();
+        let mut placed: HashMap<String, (u64, u64)> = HashMap::with_capacity(rows.len());
         for row in rows {
             let id: String = row.try_get(0).map_err(db_err("appending events"))?;
             let position: i64 = row.try_get(1).map_err(db_err("appending events"))?;
-            positions.insert(id, position as u64);
-        }
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(&self.channel)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err("notifying the runners"))?;
-        tx.commit().await.map_err(db_err("committing an append"))?;
-        // Wake this instance's runners now rather than after the notification's round trip,
-        // and let the caller see its append in the head (unless an older transaction is
-        // still open: then the watcher raises it once that one ends).
-        match read_head(&self.db, &self.sql.head).await {
-            Ok(h) => {
-                self.head.send_if_modified(|p| raise(p, h.safe));
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "reading the outbox head after an append failed")
-            }
+            let version: Option<i64> = row.try_get(2).map_err(db_err("appending events"))?;
+            placed.insert(id, (position as u64, version.unwrap_or(0).max(0) as u64));
         }
         Ok(events
             .iter()
             .zip(ids)
-            .zip(vers)
-            .map(|((event, id), version)| Appended {
-                position: positions.get(&id).copied().unwrap_or_default(),
-                id,
-                stream: event.stream.clone(),
-                version: version.max(0) as u64,
+            .map(|(event, id)| {
+                let (position, version) = placed.get(&id).copied().unwrap_or_default();
+                Appended {
+                    position,
+                    id,
+                    stream: event.stream.clone(),
+                    version,
+                }
             })
             .collect())
+    }
+}
+
+impl PgOutbox {
+    /// The first expectation of `events` the streams' current versions break, if any.
+    async fn conflict(&self, events: &[NewEvent]) -> Result<Option<AppendError>, AppendError> {
+        let Some(sql) = &self.sql.versions else {
+            return Ok(None);
+        };
+        let streams: Vec<&str> = events.iter().map(|e| e.stream.as_str()).collect();
+        let rows = sqlx::query(sql)
+            .bind(&streams)
+            .fetch_all(&self.db.pool)
+            .await
+            .map_err(db_err("reading stream versions"))?;
+        let mut versions: HashMap<String, u64> = HashMap::new();
+        for row in rows {
+            let stream: String = row.try_get(0).map_err(db_err("reading stream versions"))?;
+            let version: Option<i64> = row.try_get(1).map_err(db_err("reading stream versions"))?;
+            versions.insert(stream, version.unwrap_or(0).max(0) as u64);
+        }
+        for event in events {
+            let current = versions.entry(event.stream.clone()).or_insert(0);
+            if let Some(expected) = event.expected_version {
+                if expected != *current {
+                    return Ok(Some(AppendError::VersionConflict {
+                        stream: event.stream.clone(),
+                        expected,
+                        current: *current,
+                    }));
+                }
+            }
+            *current += 1;
+        }
+        Ok(None)
+    }
+
+    async fn existing_id(&self, ids: &[String]) -> Result<Option<String>, AppendError> {
+        sqlx::query_scalar(&self.sql.existing_ids)
+            .bind(ids)
+            .fetch_optional(&self.db.pool)
+            .await
+            .map_err(|e| db_err("checking event ids")(e).into())
     }
 }
 
