@@ -25,7 +25,7 @@
 //! for writers that bypass both.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -90,6 +90,8 @@ pub struct PgOutbox {
     wake: Arc<Notify>,
     /// No trigger announces inserts: appends notify themselves.
     notify_after_append: bool,
+    /// Dropped with the outbox: its watcher and listener then end and free their connections.
+    _closed: watch::Sender<()>,
 }
 
 impl PgOutbox {
@@ -108,6 +110,7 @@ impl PgOutbox {
             head,
             wake: Arc::new(Notify::new()),
             notify_after_append: !config.notify_trigger,
+            _closed: watch::Sender::new(()),
         };
         outbox.watch(Duration::from_millis(config.poll_interval_ms));
         Ok(outbox)
@@ -118,12 +121,15 @@ impl PgOutbox {
     fn watch(&self, poll: Duration) {
         let notified = self.wake.clone();
         let head = Arc::downgrade(&self.head);
-        tokio::spawn(listen(
-            self.db.clone(),
-            self.channel.clone(),
-            notified.clone(),
-            head.clone(),
-        ));
+        let listening = listen(self.db.clone(), self.channel.clone(), notified.clone());
+        let mut closed = self._closed.subscribe();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = listening => {}
+                _ = closed.changed() => {}
+            }
+        });
+        let mut closed = self._closed.subscribe();
         let db = self.db.clone();
         let sql = self.sql.head.clone();
         tokio::spawn(async move {
@@ -134,6 +140,7 @@ impl PgOutbox {
                 tokio::select! {
                     _ = notified.notified() => {}
                     _ = tokio::time::sleep(wait) => {}
+                    _ = closed.changed() => break,
                 }
                 let Some(sender) = head.upgrade() else { break };
                 match read_head(&db, &sql).await {
@@ -164,14 +171,9 @@ impl PgOutbox {
 
 /// Forwards notifications on `channel` to `notified`; reconnects on its own after an outage
 /// (and then wakes the watcher, since notifications may have been missed).
-async fn listen(
-    db: Postgres,
-    channel: String,
-    notified: Arc<Notify>,
-    alive: Weak<watch::Sender<u64>>,
-) {
+async fn listen(db: Postgres, channel: String, notified: Arc<Notify>) {
     let mut backoff = Duration::from_millis(100);
-    while alive.strong_count() > 0 {
+    loop {
         let mut listener = match PgListener::connect_with(&db.pool).await {
             Ok(listener) => listener,
             Err(err) => {
@@ -202,9 +204,6 @@ async fn listen(
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                     break;
                 }
-            }
-            if alive.strong_count() == 0 {
-                return;
             }
         }
     }
