@@ -41,3 +41,12 @@ impl Event {
             + 64
     }
 }
+
+/// Whether JSON text holds the escape `\u0000` (not an escaped backslash followed by `u0000`).
+pub(crate) fn has_nul_escape(json: &[u8]) -> bool {
+    // Most documents have no backslash at all: one fast scan settles them.
+    json.contains(&b'\\')
+        && json.windows(6).enumerate().any(|(i, w)| {
+            w == b"\\u0000" && json[..i].iter().rev().take_while(|&&b| b == b'\\').count() % 2 == 0
+        })
+}

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use crate::config::RunnerConfig;
 use crate::consistency::Progress;
-use crate::event::Event;
+use crate::event::{has_nul_escape, Event};
 use crate::metrics::ProjectionMetrics;
 use crate::runtime::{
     BatchHandler, BatchOutput, BoxError, Descriptor, DocumentReader, RuntimeError,
@@ -237,7 +237,7 @@ pub async fn run_with_lease(
                     RunEnd::Failed => {
                         // Another instance would fail on the same event: keep the lease until
                         // an operator acts (or shutdown).
-                        while shutdown.changed().await.is_ok() && !*shutdown.borrow() {}
+                        while !*shutdown.borrow() && shutdown.changed().await.is_ok() {}
                         return;
                     }
                     RunEnd::Fenced => {
@@ -344,7 +344,13 @@ impl Runner {
                     // Marked seen before reading, so an append after the read still wakes us.
                     head.borrow_and_update();
                     match self.read(handled_to).await {
-                        Ok(events) => events,
+                        Ok(events) => {
+                            // Caught up and idle, no commit would clear it.
+                            if pending.is_none() {
+                                self.recovered(&mut backoff);
+                            }
+                            events
+                        }
                         Err(Problem::Retry(error)) => {
                             self.pause(&mut backoff, error, &mut shutdown).await;
                             continue;
@@ -364,8 +370,14 @@ impl Runner {
                                     Committed::Fenced => return RunEnd::Fenced,
                                 }
                             }
+                            let mut letter = letter;
                             if let Some(stream) = &letter.stream {
-                                parked.entry(stream.clone()).or_insert(letter.position);
+                                match parked.get(stream) {
+                                    Some(&behind) => letter.parked_behind = Some(behind),
+                                    None => {
+                                        parked.insert(stream.clone(), letter.position);
+                                    }
+                                }
                             }
                             let from = handled_to;
                             handled_to = letter.position;
@@ -511,12 +523,7 @@ impl Runner {
                         position: batch.last,
                         failed: false,
                     });
-                    if backoff.failing {
-                        tracing::info!(projection = %self.projection.name(), "recovered");
-                        self.projection.update_health(|h| h.retrying = None);
-                        backoff.failing = false;
-                        backoff.delay = FIRST_RETRY;
-                    }
+                    self.recovered(backoff);
                     return Committed::Yes;
                 }
                 Err(err @ StoreError::Fenced { .. }) => {
@@ -529,6 +536,16 @@ impl Runner {
                     }
                 }
             }
+        }
+    }
+
+    /// After a success: the error retried before is gone.
+    fn recovered(&self, backoff: &mut Backoff) {
+        if backoff.failing {
+            tracing::info!(projection = %self.projection.name(), "recovered");
+            self.projection.update_health(|h| h.retrying = None);
+            backoff.failing = false;
+            backoff.delay = FIRST_RETRY;
         }
     }
 
@@ -708,11 +725,20 @@ async fn record_failure(projection: &Projection, store: &dyn Store, error: &str)
     }
 }
 
-/// Plugins write bytes; the read model serves JSON. A document that is not JSON is the
-/// plugin's bug and is refused before it reaches a table.
+/// Plugins write bytes; the read model serves JSON. A document that is not JSON, or that a
+/// store cannot hold (PostgreSQL takes no NUL character in text or `jsonb`), is the plugin's
+/// bug and is refused before it reaches a table, instead of failing every commit.
 fn check_documents(output: &BatchOutput) -> Result<(), String> {
     for (collection, docs) in &output.writes {
+        if let Some(key) = docs.keys().find(|k| k.contains('\0')) {
+            return Err(format!("{collection}/{key:?}, a key with a NUL character"));
+        }
         for (key, doc) in docs.iter().filter_map(|(k, d)| Some((k, d.as_ref()?))) {
+            if has_nul_escape(doc) {
+                return Err(format!(
+                    "{collection}/{key}, which holds a NUL character (\\u0000)"
+                ));
+            }
             if let Err(err) = serde_json::from_slice::<&serde_json::value::RawValue>(doc) {
                 return Err(format!("{collection}/{key}, which is not JSON: {err}"));
             }
@@ -821,7 +847,8 @@ struct StoreReader {
 
 impl DocumentReader for StoreReader {
     fn get(&self, collection: &str, key: &str) -> Result<Option<Vec<u8>>, BoxError> {
-        if self.descriptor.collection(collection).is_none() {
+        // No store holds such a key (and PostgreSQL would refuse the query).
+        if self.descriptor.collection(collection).is_none() || key.contains('\0') {
             return Ok(None);
         }
         let cache = || self.cache.lock().unwrap_or_else(PoisonError::into_inner);
@@ -847,6 +874,14 @@ mod tests {
         assert_eq!(nesting(b"42"), 0);
         let deep = format!("{}{}", "[".repeat(1001), "]".repeat(1001));
         assert_eq!(nesting(deep.as_bytes()), 1001);
+    }
+
+    #[test]
+    fn nul_escapes_are_found_and_escaped_backslashes_are_not() {
+        assert!(has_nul_escape(br#"{"a": "x\u0000"}"#));
+        assert!(has_nul_escape(br#"{"a": "\\\u0000"}"#));
+        assert!(!has_nul_escape(br#"{"a": "\\u0000"}"#));
+        assert!(!has_nul_escape(br#"{"a": "\u0001"}"#));
     }
 
     #[test]

@@ -8,4 +8,5 @@ mod replay;
 mod restart;
 mod runtime;
 mod seed;
+mod store;
 mod support;

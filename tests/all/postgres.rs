@@ -402,3 +402,63 @@ async fn a_database_restart_is_waited_out_and_loses_nothing() {
     let log = std::fs::read_to_string(server.data_dir.join("server.log")).unwrap();
     assert!(log.contains("retrying"), "the outage is not in the log");
 }
+
+/// The lease's connection dies while the active instance is mid-catch-up (its pool stays up,
+/// so it could go on committing): it must stop and stand by, the other instance takes over,
+/// and the checkpoint fence keeps any late commit of the first from applying a batch twice.
+#[tokio::test]
+async fn an_instance_that_loses_its_lease_stands_by_and_nothing_is_applied_twice() {
+    let backend = Backend::postgres().await;
+    let url = url(&backend);
+    let plugins = plugin_set(&["account-balance"], &[]);
+    let env = [("PROJECTOR_RUNNER__MAX_BATCH_EVENTS", "50")];
+    let writer = Server::on(&backend, &plugin_set(&[], &[]));
+    let api_w = writer.api();
+    api_w.open_account("acct-1", "ann").await;
+    deposit(&api_w, "acct-1", 3000).await;
+    let a = Server::start_on(&backend, &plugins, &tempdir("lease-a"), &env);
+    let (api_a, mut status) = (a.api(), Value::Null);
+    for _ in 0..500 {
+        status = api_a.projection("account-balance").await["status"].clone();
+        if status == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(status, "running");
+    let b = Server::start_on(&backend, &plugins, &tempdir("lease-b"), &env);
+    let api_b = b.api();
+
+    // Cut the session holding A's advisory lock (the only advisory lock in this database).
+    let mut admin = PgConnection::connect(&url).await.unwrap();
+    let cut: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks \
+         WHERE locktype = 'advisory' AND granted \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(cut, [true], "one lease session cut");
+    let cut_at = Instant::now();
+    loop {
+        let a_status = api_a.projection("account-balance").await["status"].clone();
+        let b_status = api_b.projection("account-balance").await["status"].clone();
+        if a_status == "standby" && b_status == "running" {
+            break;
+        }
+        assert!(
+            cut_at.elapsed() < Duration::from_secs(15),
+            "no handover: a {a_status}, b {b_status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("handed over {:?} after the lease was cut", cut_at.elapsed());
+    let body = wait_for_balance(&api_b, "acct-1", 3000).await;
+    assert_eq!(
+        body["document"]["tx_count"], 3000,
+        "each deposit applied once"
+    );
+    let log = std::fs::read_to_string(a.data_dir.join("server.log")).unwrap();
+    assert!(log.contains("lease connection lost"), "A did not notice");
+}

@@ -106,15 +106,16 @@ pub trait Source: Send + Sync {
     }
 }
 
-/// Checks what can be checked before touching the database.
-pub(crate) fn validate(events: &[NewEvent]) -> Result<(), AppendError> {
+/// Checks what can be checked before touching the database, and writes ids in the one form
+/// the database gives back (lowercase, hyphenated).
+pub(crate) fn validate(events: &mut [NewEvent]) -> Result<(), AppendError> {
     if events.is_empty() {
         return Err(AppendError::Invalid {
             index: 0,
             reason: "no events to append".into(),
         });
     }
-    for (index, e) in events.iter().enumerate() {
+    for (index, e) in events.iter_mut().enumerate() {
         let invalid = |reason: String| AppendError::Invalid { index, reason };
         for (field, value, max) in [
             ("stream", &e.stream, 256),
@@ -125,10 +126,25 @@ pub(crate) fn validate(events: &[NewEvent]) -> Result<(), AppendError> {
                 return Err(invalid(format!("`{field}` must be 1 to {max} bytes")));
             }
         }
-        if let Some(id) = &e.id {
-            if uuid::Uuid::parse_str(id).is_err() {
-                return Err(invalid(format!("`id` {id:?} is not a UUID")));
+        if let Some(id) = &mut e.id {
+            match uuid::Uuid::parse_str(id) {
+                Ok(uuid) => *id = uuid.hyphenated().to_string(),
+                Err(_) => return Err(invalid(format!("`id` {id:?} is not a UUID"))),
             }
+        }
+        for (field, value) in [
+            ("stream", &e.stream),
+            ("stream_type", &e.stream_type),
+            ("type", &e.event_type),
+        ] {
+            if value.contains('\0') {
+                return Err(invalid(format!("`{field}` holds a NUL character")));
+            }
+        }
+        if crate::event::has_nul_escape(e.payload.get().as_bytes()) {
+            return Err(invalid(
+                "`payload` holds a NUL character (\\u0000), which PostgreSQL cannot store".into(),
+            ));
         }
     }
     Ok(())

@@ -231,8 +231,8 @@ impl Source for SqliteOutbox {
         Ok(version as u64)
     }
 
-    async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>, AppendError> {
-        validate(&events)?;
+    async fn append(&self, mut events: Vec<NewEvent>) -> Result<Vec<Appended>, AppendError> {
+        validate(&mut events)?;
         let now = now_ms();
         let mut tx = self
             .db

@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
 use sqlx::postgres::{PgListener, PgRow};
 use sqlx::Row;
 use tokio::sync::{watch, Notify};
@@ -145,9 +146,14 @@ impl PgOutbox {
                 let Some(sender) = head.upgrade() else { break };
                 match read_head(&db, &sql).await {
                     Ok(h) => {
-                        sender.send_if_modified(|p| raise(p, h.safe));
+                        let advanced = sender.send_if_modified(|p| raise(p, h.safe));
                         if h.committed > h.safe {
-                            held = Some(held.map_or(HELD_FIRST, |d| (d * 2).min(HELD_MAX)));
+                            // Short waits while the watermark moves (this instance's own
+                            // commits hold it for a moment); longer ones while it is stuck.
+                            held = Some(match held {
+                                Some(d) if !advanced => (d * 2).min(HELD_MAX),
+                                _ => HELD_FIRST,
+                            });
                             let since = *held_since.get_or_insert_with(std::time::Instant::now);
                             if since.elapsed() > Duration::from_secs(10) {
                                 tracing::warn!(safe_position = h.safe, committed_position = h.committed, oldest_open_xid = h.xmin,
@@ -243,9 +249,14 @@ async fn read_head(db: &Postgres, sql: &str) -> Result<Head, SourceError> {
     })
 }
 
-/// The table's name without its schema.
-fn bare_table(table: &str) -> &str {
-    table.rsplit('.').next().unwrap_or(table)
+/// Names projector's objects on the outbox table (indexes, functions): a hash of the table's
+/// name, so they fit PostgreSQL's 63 bytes and never collide when cut.
+fn tag(table: &str) -> String {
+    let digest = Sha256::digest(table.as_bytes());
+    format!(
+        "{:02x}{:02x}{:02x}{:02x}",
+        digest[0], digest[1], digest[2], digest[3]
+    )
 }
 
 fn channel_name(table: &str) -> String {
@@ -261,6 +272,8 @@ struct Columns {
     /// `Some(true)`: a timestamp type; `Some(false)`: an integer of milliseconds.
     timestamp: Option<bool>,
     id_is_uuid: bool,
+    /// Every column's type (`format_type`), to cast values read and written.
+    types: HashMap<String, String>,
 }
 
 /// Creates the table if missing; otherwise checks the required columns and adds the position
@@ -293,7 +306,7 @@ async fn prepare(db: &Postgres, c: &OutboxConfig) -> Result<Columns, SourceError
              \"{version}\" bigint, \
              \"{headers}\" jsonb NOT NULL DEFAULT '[]', \
              \"{ts}\" timestamptz NOT NULL DEFAULT now(), \
-             \"{pos}\" bigint)",
+             \"{pos}\" bigint NOT NULL)",
             id = c.id_column,
             stream_type = c.stream_type_column,
             stream = c.stream_column,
@@ -343,7 +356,14 @@ async fn prepare(db: &Postgres, c: &OutboxConfig) -> Result<Columns, SourceError
         }
     }
     let pos = &c.position_column;
-    if !types.contains_key(pos.as_str()) {
+    if let Some(ty) = types.get(pos.as_str()) {
+        if ty != "bigint" {
+            return Err(SourceError::Setup(format!(
+                "the outbox column {pos:?} (outbox.position_column) is {ty}, not the bigint \
+                 projector keeps positions in; name another column"
+            )));
+        }
+    } else {
         // An existing outbox: its rows are numbered once, in (timestamp, id) order, below any
         // position a transaction can get from now on.
         let order = if types.contains_key(c.timestamp_column.as_str()) {
@@ -355,23 +375,29 @@ async fn prepare(db: &Postgres, c: &OutboxConfig) -> Result<Columns, SourceError
             "ALTER TABLE {table} ADD COLUMN \"{pos}\" bigint; \
              UPDATE {table} AS o SET \"{pos}\" = n.rn FROM \
              (SELECT ctid, row_number() OVER (ORDER BY {order}) AS rn FROM {table}) AS n \
-             WHERE o.ctid = n.ctid"
+             WHERE o.ctid = n.ctid; \
+             ALTER TABLE {table} ALTER COLUMN \"{pos}\" SET NOT NULL"
         ))
         .execute(&mut *tx)
         .await
         .map_err(db_err("adding the position column to the outbox"))?;
         tracing::info!(table = %c.table, column = %pos, "added the position column to the outbox");
     }
-    let bare = bare_table(&c.table);
+    // Object names from a hash of the table's name: always within PostgreSQL's 63 bytes, and
+    // never two projector objects truncated to one name.
+    let tag = tag(&c.table);
     let prefix = match c.table.rsplit_once('.') {
         Some((schema, _)) => format!("\"{schema}\"."),
         None => String::new(),
     };
-    let position_fn = format!("{prefix}\"{bare}_projector_position\"");
-    let notify_fn = format!("{prefix}\"{bare}_projector_notify\"");
+    let position_fn = format!("{prefix}\"projector_position_{tag}\"");
+    let notify_fn = format!("{prefix}\"projector_notify_{tag}\"");
+    let position_index = format!("projector_position_{tag}");
     let channel = channel_name(&c.table);
+    // Functions are replaced without locking the table; the rest is only created when missing,
+    // since index and trigger DDL waits for the application's open transactions.
     let mut ddl = format!(
-        "CREATE UNIQUE INDEX IF NOT EXISTS \"{bare}_projector_position\" ON {table} (\"{pos}\"); \
+        "SET LOCAL lock_timeout = '10s'; \
          CREATE OR REPLACE FUNCTION {position_fn}() RETURNS trigger LANGUAGE plpgsql AS $fn$ \
          DECLARE xid bigint := pg_current_xact_id()::text::bigint; n bigint; \
          BEGIN \
@@ -388,33 +414,67 @@ async fn prepare(db: &Postgres, c: &OutboxConfig) -> Result<Columns, SourceError
         max_rows_1 = (1u64 << ROW_BITS) - 1,
         max_xid = 1u64 << (63 - ROW_BITS),
     );
-    if types.contains_key(c.version_column.as_str()) {
-        ddl.push_str(&format!(
-            "CREATE UNIQUE INDEX IF NOT EXISTS \"{bare}_projector_stream_version\" \
-             ON {table} (\"{}\", \"{}\");",
-            c.stream_column, c.version_column
-        ));
+    let qualified = |name: &str| format!("{prefix}\"{name}\"");
+    let mut missing_indexes = Vec::new();
+    for (name, columns) in [
+        (position_index.clone(), format!("\"{pos}\"")),
+        (
+            format!("projector_stream_version_{tag}"),
+            format!("\"{}\", \"{}\"", c.stream_column, c.version_column),
+        ),
+    ] {
+        if name.starts_with("projector_stream_version")
+            && !types.contains_key(c.version_column.as_str())
+        {
+            continue;
+        }
+        let found: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+            .bind(qualified(&name))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err("looking for the outbox indexes"))?;
+        if found.is_none() {
+            missing_indexes.push(format!(
+                "CREATE UNIQUE INDEX \"{name}\" ON {table} ({columns});"
+            ));
+        }
+    }
+    for index in missing_indexes {
+        ddl.push_str(&index);
     }
     sqlx::raw_sql(&ddl)
         .execute(&mut *tx)
         .await
-        .map_err(db_err("installing the outbox position trigger"))?;
-    let triggers: Vec<String> = sqlx::query_scalar(
-        "SELECT tgname::text FROM pg_trigger WHERE tgrelid = $1::regclass AND NOT tgisinternal",
+        .map_err(db_err("installing the outbox position trigger and indexes"))?;
+    let triggers: Vec<(String, String)> = sqlx::query_as(
+        "SELECT tgname::text, tgenabled::text FROM pg_trigger \
+         WHERE tgrelid = $1::regclass AND NOT tgisinternal",
     )
     .bind(&table)
     .fetch_all(&mut *tx)
     .await
     .map_err(db_err("reading the outbox triggers"))?;
-    let has = |name: &str| triggers.iter().any(|t| t == name);
+    let state = |name: &str| {
+        triggers
+            .iter()
+            .find(|(t, _)| t == name)
+            .map(|(_, enabled)| enabled.as_str())
+    };
     let mut ddl = String::new();
-    if !has("projector_position") {
+    if state("projector_position").is_none() {
         ddl.push_str(&format!(
             "CREATE TRIGGER projector_position BEFORE INSERT ON {table} \
              FOR EACH ROW EXECUTE FUNCTION {position_fn}();"
         ));
     }
-    match (c.notify_trigger, has("projector_notify")) {
+    // Fired even in replication sessions (`session_replication_role = replica`), where a plain
+    // trigger is skipped and a row would get no position.
+    if state("projector_position") != Some("A") {
+        ddl.push_str(&format!(
+            "ALTER TABLE {table} ENABLE ALWAYS TRIGGER projector_position;"
+        ));
+    }
+    match (c.notify_trigger, state("projector_notify").is_some()) {
         (true, false) => ddl.push_str(&format!(
             "CREATE TRIGGER projector_notify AFTER INSERT ON {table} \
              FOR EACH STATEMENT EXECUTE FUNCTION {notify_fn}();"
@@ -427,6 +487,22 @@ async fn prepare(db: &Postgres, c: &OutboxConfig) -> Result<Columns, SourceError
             .execute(&mut *tx)
             .await
             .map_err(db_err("installing the outbox triggers"))?;
+    }
+    // Positions carry transaction ids: rows restored from another cluster can be ahead of
+    // this one's, and new rows would then sort below rows already read.
+    let ahead: Option<i64> = sqlx::query_scalar(&format!(
+        "SELECT max(\"{pos}\") >> {ROW_BITS} FROM {table} \
+         WHERE \"{pos}\" >> {ROW_BITS} >= pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+    ))
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db_err("checking the outbox positions"))?;
+    if let Some(xid) = ahead {
+        return Err(SourceError::Setup(format!(
+            "outbox rows carry positions of transaction {xid}, ahead of this cluster's \
+             transaction ids: was the table restored from another cluster? Renumber it \
+             (UPDATE ... SET {pos} = row_number) and reset the projections' checkpoints"
+        )));
     }
     tx.commit().await.map_err(db_err("preparing the outbox"))?;
     let timestamp = types.get(c.timestamp_column.as_str()).and_then(|ty| {
@@ -444,6 +520,7 @@ async fn prepare(db: &Postgres, c: &OutboxConfig) -> Result<Columns, SourceError
         headers: types.contains_key(c.headers_column.as_str()),
         timestamp,
         id_is_uuid: types.get(c.id_column.as_str()).is_some_and(|t| t == "uuid"),
+        types,
     })
 }
 
@@ -462,6 +539,12 @@ fn statements(c: &OutboxConfig, columns: &Columns) -> Statements {
         q(&c.version_column)
     } else {
         "NULL::bigint".into()
+    };
+    // Read every column as text or bigint whatever the table declares (varchar, uuid, integer,
+    // json...), and write text into each column as its own type.
+    let as_column = |value: &str, column: &str| match columns.types.get(column) {
+        Some(ty) => format!("{value}::{ty}"),
+        None => value.to_owned(),
     };
     let headers = if columns.headers {
         format!("{}::text", q(&c.headers_column))
@@ -488,19 +571,20 @@ fn statements(c: &OutboxConfig, columns: &Columns) -> Statements {
     insert_columns.push(payload.clone());
     let mut selected = vec![
         "i".to_owned(),
-        "st".to_owned(),
-        "s".to_owned(),
-        "ty".to_owned(),
-        "p::jsonb".to_owned(),
+        as_column("st", &c.stream_type_column),
+        as_column("s", &c.stream_column),
+        as_column("ty", &c.type_column),
+        as_column("p", &c.payload_column),
     ];
     if columns.headers {
         insert_columns.push(q(&c.headers_column));
-        selected.push("h::jsonb".into());
+        selected.push(as_column("h", &c.headers_column));
     }
+    let version_value = as_column("version", &c.version_column);
     Statements {
         read: format!(
-            "SELECT {pos}, {id}::text, {stream}, {stream_type}, {ty}, {payload}::text, \
-             {version}, {headers}, {timestamp} FROM {t} \
+            "SELECT {pos}, {id}::text, {stream}::text, {stream_type}::text, {ty}::text, \
+             {payload}::text, {version}::bigint, {headers}, {timestamp} FROM {t} \
              WHERE {pos} > $1 AND {pos} < {watermark} ORDER BY {pos} LIMIT $2"
         ),
         head: format!(
@@ -511,16 +595,17 @@ fn statements(c: &OutboxConfig, columns: &Columns) -> Statements {
         ),
         position_of: columns
             .version
-            .then(|| format!("SELECT {pos} FROM {t} WHERE {stream} = $1 AND {version} = $2")),
+            .then(|| format!("SELECT {pos} FROM {t} WHERE {stream}::text = $1 AND {version} = $2")),
         version_at: columns.version.then(|| {
             format!(
-                "SELECT COALESCE(MAX({version}), 0) FROM {t} WHERE {stream} = $1 AND {pos} <= $2"
+                "SELECT COALESCE(MAX({version}), 0)::bigint FROM {t} WHERE {stream}::text = $1 \
+                 AND {pos} <= $2"
             )
         }),
         versions: columns.version.then(|| {
             format!(
-                "SELECT {stream}, MAX({version}) FROM {t} WHERE {stream} = ANY($1::text[]) \
-                 GROUP BY {stream}"
+                "SELECT {stream}::text, MAX({version})::bigint FROM {t} \
+                 WHERE {stream}::text = ANY($1::text[]) GROUP BY {stream}"
             )
         }),
         existing_ids: format!(
@@ -532,12 +617,12 @@ fn statements(c: &OutboxConfig, columns: &Columns) -> Statements {
                  $4::text[], $5::text[], $6::bigint[], $7::text[]) WITH ORDINALITY \
                  AS u(i, st, s, ty, p, e, h, n)), \
                  cur AS (SELECT d.s, COALESCE((SELECT MAX({version}) FROM {t} \
-                 WHERE {stream} = d.s), 0) AS v FROM (SELECT DISTINCT s FROM u) AS d), \
+                 WHERE {stream}::text = d.s), 0) AS v FROM (SELECT DISTINCT s FROM u) AS d), \
                  numbered AS (SELECT u.*, cur.v + row_number() OVER (PARTITION BY u.s ORDER BY u.n) \
                  AS version FROM u JOIN cur ON cur.s = u.s) \
-                 INSERT INTO {t} ({}, {version}) SELECT {}, version FROM numbered \
+                 INSERT INTO {t} ({}, {version}) SELECT {}, {version_value} FROM numbered \
                  WHERE NOT EXISTS (SELECT 1 FROM numbered WHERE e IS NOT NULL AND e <> version - 1) \
-                 ORDER BY n RETURNING {id}::text, {pos}, {version}",
+                 ORDER BY n RETURNING {id}::text, {pos}, {version}::bigint",
                 insert_columns.join(", "),
                 selected.join(", "),
             )
@@ -550,7 +635,7 @@ fn statements(c: &OutboxConfig, columns: &Columns) -> Statements {
                 selected.join(", "),
             )
         },
-        version_index: format!("{}_projector_stream_version", bare_table(&c.table)),
+        version_index: format!("projector_stream_version_{}", tag(&c.table)),
         has_version: columns.version,
     }
 }
@@ -681,8 +766,8 @@ impl Source for PgOutbox {
     /// One statement, so one round trip: versions are computed in SQL from the streams'
     /// current maxima, expectations checked there (nothing is inserted unless all hold), and
     /// the unique (stream, version) index catches two appends racing for a stream.
-    async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>, AppendError> {
-        validate(&events)?;
+    async fn append(&self, mut events: Vec<NewEvent>) -> Result<Vec<Appended>, AppendError> {
+        validate(&mut events)?;
         if !self.sql.has_version {
             if let Some(index) = events.iter().position(|e| e.expected_version.is_some()) {
                 return Err(AppendError::Invalid {

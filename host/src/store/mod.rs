@@ -201,8 +201,8 @@ impl Lease {
 }
 
 /// The table of one collection of one projection version. Names are validated to
-/// `[a-z0-9_-]` but `-`/`.` are folded to `_`, so a short hash of the exact names keeps two
-/// projections from ever sharing a table.
+/// `[a-z0-9_-]` but `-`/`.` are folded to `_` and long names are cut, so a short hash of the
+/// exact names keeps two projections from ever sharing a table.
 pub fn table_name(projection: &Descriptor, collection: &str) -> String {
     let fold = |s: &str| -> String {
         s.chars()
@@ -222,15 +222,17 @@ pub fn table_name(projection: &Descriptor, collection: &str) -> String {
         )
         .as_bytes(),
     );
-    format!(
-        "rm_{}_{}_{}_{:02x}{:02x}{:02x}{:02x}",
+    // At most 63 bytes (PostgreSQL's limit): the readable part is cut, the hash never.
+    let mut readable = format!(
+        "rm_{}_{}_{}",
         fold(&projection.name),
         fold(&projection.version),
-        fold(collection),
-        digest[0],
-        digest[1],
-        digest[2],
-        digest[3]
+        fold(collection)
+    );
+    readable.truncate(54);
+    format!(
+        "{readable}_{:02x}{:02x}{:02x}{:02x}",
+        digest[0], digest[1], digest[2], digest[3]
     )
 }
 

@@ -144,9 +144,10 @@ fn json_path(field: &str) -> String {
     format!("(doc #> '{{{}}}')", field.replace('.', ","))
 }
 
-/// The advisory-lock key of a projection's lease.
-fn lease_key(projection: &str) -> i64 {
-    let digest = Sha256::digest(format!("projector lease\0{projection}").as_bytes());
+/// The advisory-lock key of a projection's lease. Advisory locks are per database: the schema
+/// keeps two deployments sharing one database apart.
+fn lease_key(schema: &str, projection: &str) -> i64 {
+    let digest = Sha256::digest(format!("projector lease\0{schema}\0{projection}").as_bytes());
     let mut bytes = [0u8; 8];
     bytes.copy_from_slice(&digest[..8]);
     i64::from_be_bytes(bytes)
@@ -178,16 +179,18 @@ impl Store for Postgres {
                 .await
                 .map_err(StoreError::db(format!("creating {table}")))?;
             for field in &collection.indexes {
-                // Index names are at most 63 bytes: the table name carries the hash, the field
-                // gets one of its own.
+                // At most 63 bytes and unique in the schema: the table's hash (the end of its
+                // name), the field's hash, then as much of the field as fits.
                 let digest = Sha256::digest(field.as_bytes());
+                let mut readable = field.replace('.', "_");
+                readable.truncate(40);
                 let index = format!(
-                    "ix_{:02x}{:02x}{:02x}{:02x}_{}",
+                    "ix_{}_{:02x}{:02x}{:02x}{:02x}_{readable}",
+                    &bare[bare.len().saturating_sub(8)..],
                     digest[0],
                     digest[1],
                     digest[2],
                     digest[3],
-                    &bare[..bare.len().min(40)]
                 );
                 let ddl = format!(
                     "CREATE INDEX IF NOT EXISTS \"{index}\" ON {table} ({})",
@@ -390,7 +393,7 @@ impl Store for Postgres {
     }
 
     async fn try_lease(&self, projection: &str) -> Result<Option<Lease>, StoreError> {
-        let key = lease_key(projection);
+        let key = lease_key(&self.schema, projection);
         let mut conn = self
             .connect()
             .await
@@ -418,7 +421,11 @@ impl Store for Postgres {
                         return;
                     }
                     _ = tokio::time::sleep(LEASE_CHECK) => {
-                        if let Err(err) = conn.ping().await {
+                        // A half-open connection can hang a ping for minutes: bounded.
+                        let pinged = tokio::time::timeout(LEASE_CHECK * 5, conn.ping()).await;
+                        if let Err(err) = pinged.map_err(|_| "no answer within 5 s".to_owned())
+                            .and_then(|r| r.map_err(|e| e.to_string()))
+                        {
                             tracing::warn!(projection = %name, error = %err, "lease connection lost: stopping this projection's runner");
                             let _ = lost_tx.send(true);
                             return;
@@ -549,7 +556,8 @@ mod tests {
 
     #[test]
     fn lease_keys_differ_per_projection() {
-        assert_ne!(lease_key("a"), lease_key("b"));
-        assert_eq!(lease_key("a"), lease_key("a"));
+        assert_ne!(lease_key("s", "a"), lease_key("s", "b"));
+        assert_ne!(lease_key("s", "a"), lease_key("t", "a"));
+        assert_eq!(lease_key("s", "a"), lease_key("s", "a"));
     }
 }
