@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use account_balance::AccountBalance;
 use projector::config::{Config, OutboxConfig, PostgresConfig, RunnerConfig};
 use projector::event::Event;
+use projector::metrics::ProjectionMetrics;
 use projector::runner::{Projection, Runner};
 use projector::runtime::{
     BatchHandler, BatchOutput, CollectionSpec, Descriptor, DocumentReader, Limits, MemoryDocuments,
@@ -505,6 +506,15 @@ async fn catch_up(
     stop.send(true).unwrap();
     task.await.unwrap();
     template.discard(copy).await;
+    // Busy time per stage (they overlap: the runner is a pipeline).
+    let m = &projection.metrics;
+    let busy = |c: &std::sync::atomic::AtomicU64| ProjectionMetrics::get(c) as f64 / 1e6;
+    println!(
+        "  (stages busy: read {:.2} s, plugin {:.2} s, commit {:.2} s)",
+        busy(&m.read_micros),
+        busy(&m.plugin_micros),
+        busy(&m.commit_micros)
+    );
     secs
 }
 
@@ -580,7 +590,7 @@ async fn median_catch_up(template: &Template<'_>, handler: Arc<dyn BatchHandler>
             catch_up(
                 template,
                 handler.clone(),
-                RunnerConfig::default().max_batch_events,
+                env_usize("BENCH_BATCH", RunnerConfig::default().max_batch_events),
             )
             .await,
         );
@@ -648,10 +658,10 @@ async fn scenario_sweep(small: (&Template<'_>, usize), full: (&Template<'_>, usi
     }
 }
 
-async fn scenario_raw(template: &Path, events: usize, streams: usize) {
+async fn scenario_raw(template: &Template<'_>, events: usize, streams: usize) {
     // The documents the catch-up writes, computed first (untimed), then committed batch by
     // batch with the store's own statements: the floor under the pipeline.
-    let batch = RunnerConfig::default().max_batch_events;
+    let batch = env_usize("BENCH_BATCH", RunnerConfig::default().max_batch_events);
     let native = Native::new();
     let docs = Arc::new(MemoryDocuments::default());
     let mut outputs = Vec::new();
@@ -661,7 +671,7 @@ async fn scenario_raw(template: &Path, events: usize, streams: usize) {
         docs.apply(out.clone());
         outputs.push((out, chunk.last().unwrap().position));
     }
-    let (db, _) = copy_of(template).await;
+    let (db, _, copy) = template.copy().await;
     db.register(native.descriptor()).await.unwrap();
     let start = Instant::now();
     let mut from = 0;
@@ -672,12 +682,17 @@ async fn scenario_raw(template: &Path, events: usize, streams: usize) {
         from = *position;
     }
     let secs = start.elapsed().as_secs_f64();
-    report("raw-sqlite-writes", events, secs, &mut [], "");
+    let name = match template {
+        Template::Sqlite(_) => "raw-sqlite-writes",
+        Template::Postgres { .. } => "pg-raw-writes",
+    };
+    report(name, events, secs, &mut [], "");
+    template.discard(copy).await;
 }
 
 /// Reading the whole outbox in runner-sized batches, nothing else: the read stage's cost.
-async fn scenario_read(template: &Path, events: usize) {
-    let (_db, outbox) = copy_of(template).await;
+async fn scenario_read(template: &Template<'_>, events: usize) {
+    let (_store, outbox, copy) = template.copy().await;
     let batch = RunnerConfig::default().max_batch_events;
     let start = Instant::now();
     let mut after = 0;
@@ -690,7 +705,14 @@ async fn scenario_read(template: &Path, events: usize) {
     }
     assert_eq!(seen, events);
     let secs = start.elapsed().as_secs_f64();
-    report("outbox-read", events, secs, &mut [], "");
+    report(
+        &format!("{}outbox-read", template.prefix()),
+        events,
+        secs,
+        &mut [],
+        "",
+    );
+    template.discard(copy).await;
 }
 
 /// `rate` appends of one event per second for `secs` seconds on an empty database; latency from
@@ -892,10 +914,10 @@ async fn main() {
         let full = Template::Sqlite(&file);
         catch_ups(&full, events, wants("catchup"), wants("native")).await;
         if wants("raw") {
-            scenario_raw(&file, events, streams).await;
+            scenario_raw(&Template::Sqlite(&file), events, streams).await;
         }
         if wants("read") {
-            scenario_read(&file, events).await;
+            scenario_read(&Template::Sqlite(&file), events).await;
         }
         if wants("sweep") {
             let small_events = env_usize("BENCH_SWEEP_SMALL_EVENTS", 20_000).min(events);
@@ -918,10 +940,11 @@ async fn main() {
 
     let (pg_catchup, pg_native) = (wants_pg("pg-catchup"), wants_pg("pg-native"));
     let (pg_live, pg_ryw) = (wants_pg("pg-live"), wants_pg("pg-ryw"));
-    if pg_catchup || pg_native || pg_live || pg_ryw {
+    let (pg_read, pg_raw) = (wants_pg("pg-read"), wants_pg("pg-raw"));
+    if pg_catchup || pg_native || pg_live || pg_ryw || pg_read || pg_raw {
         let cluster = PgCluster::start();
         cluster.describe().await;
-        if pg_catchup || pg_native {
+        if pg_catchup || pg_native || pg_read || pg_raw {
             println!("\n## Catch-up on PostgreSQL");
             let name = pg_template(&cluster, events, streams).await;
             let full = Template::Postgres {
@@ -929,6 +952,12 @@ async fn main() {
                 name: name.clone(),
             };
             catch_ups(&full, events, pg_catchup, pg_native).await;
+            if pg_raw {
+                scenario_raw(&full, events, streams).await;
+            }
+            if pg_read {
+                scenario_read(&full, events).await;
+            }
             cluster.drop_database(&name).await;
         }
         if pg_live {

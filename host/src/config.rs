@@ -62,7 +62,7 @@ pub struct RunnerConfig {
 impl Default for RunnerConfig {
     fn default() -> Self {
         Self {
-            max_batch_events: 2_000,
+            max_batch_events: 5_000,
             max_batch_bytes: 8 << 20,
             max_retry_backoff_ms: 5_000,
             cached_documents: 100_000,
@@ -108,6 +108,11 @@ pub struct PostgresConfig {
     pub min_connections: u32,
     /// How long a request waits for a free connection before failing.
     pub acquire_timeout_ms: u64,
+    /// `synchronous_commit` of read-model commits (appends to the outbox always use the
+    /// database's own setting). `off` is safe here: a batch's documents and checkpoint commit
+    /// together, so a database crash can only lose the newest batches whole, and they are
+    /// projected again from the outbox.
+    pub synchronous_commit: String,
 }
 
 impl Default for PostgresConfig {
@@ -117,6 +122,7 @@ impl Default for PostgresConfig {
             max_connections: 16,
             min_connections: 2,
             acquire_timeout_ms: 5_000,
+            synchronous_commit: "off".into(),
         }
     }
 }
@@ -288,6 +294,14 @@ impl Config {
             if value == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be above 0")));
             }
+        }
+        if !["on", "off", "local", "remote_write", "remote_apply"]
+            .contains(&self.postgres.synchronous_commit.as_str())
+        {
+            return Err(ConfigError::Invalid(format!(
+                "postgres.synchronous_commit {:?} is not one of on, off, local, remote_write, remote_apply",
+                self.postgres.synchronous_commit
+            )));
         }
         let o = &self.outbox;
         let names = [

@@ -15,6 +15,8 @@ pub struct ProjectionMetrics {
     pub plugin_micros: AtomicU64,
     /// Time committing batches, in microseconds.
     pub commit_micros: AtomicU64,
+    /// Time reading batches from the source, in microseconds.
+    pub read_micros: AtomicU64,
     /// Reads or commits retried after a database error.
     pub retries: AtomicU64,
     /// Events set aside as dead letters (malformed, or parked behind one) since start.

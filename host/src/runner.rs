@@ -465,31 +465,34 @@ impl Runner {
     }
 
     async fn read(&self, after: u64) -> Result<Vec<Event>, Problem> {
-        self.source
+        let start = std::time::Instant::now();
+        let read = self
+            .source
             .read(
                 after,
                 self.config.max_batch_events,
                 self.config.max_batch_bytes,
             )
-            .await
-            .map_err(|err| match err {
-                // The row will not get better by waiting: stop and say where it is (parking
-                // it as a dead letter is the failure-isolation work still to come).
-                SourceError::Malformed {
-                    position,
-                    ref id,
-                    ref stream,
-                    ref reason,
-                } => Problem::DeadLetter(DeadLetter {
-                    position,
-                    event_id: id.clone(),
-                    stream: stream.clone(),
-                    reason: format!("malformed outbox row: {reason}"),
-                    parked_behind: None,
-                }),
-                SourceError::Setup(_) => Problem::Fail(err.to_string()),
-                SourceError::Database { .. } => Problem::Retry(err.to_string()),
-            })
+            .await;
+        ProjectionMetrics::add_time(&self.projection.metrics.read_micros, start.elapsed());
+        read.map_err(|err| match err {
+            // The row will not get better by waiting: stop and say where it is (parking
+            // it as a dead letter is the failure-isolation work still to come).
+            SourceError::Malformed {
+                position,
+                ref id,
+                ref stream,
+                ref reason,
+            } => Problem::DeadLetter(DeadLetter {
+                position,
+                event_id: id.clone(),
+                stream: stream.clone(),
+                reason: format!("malformed outbox row: {reason}"),
+                parked_behind: None,
+            }),
+            SourceError::Setup(_) => Problem::Fail(err.to_string()),
+            SourceError::Database { .. } => Problem::Retry(err.to_string()),
+        })
     }
 
     /// Commits a handled batch, retrying database errors until it succeeds, shutdown comes

@@ -20,7 +20,7 @@ pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
     let _ = writeln!(out, "# TYPE projector_head_position gauge");
     let _ = writeln!(out, "projector_head_position {head}");
     type Reading = fn(&crate::runner::Projection, u64) -> String;
-    let families: [(&str, &str, &str, Reading); 11] = [
+    let families: [(&str, &str, &str, Reading); 12] = [
         (
             "projector_checkpoint_position",
             "gauge",
@@ -74,6 +74,12 @@ pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
             "counter",
             "Time spent committing batches.",
             |p, _| seconds(ProjectionMetrics::get(&p.metrics.commit_micros)),
+        ),
+        (
+            "projector_read_seconds_total",
+            "counter",
+            "Time reading batches from the source.",
+            |p, _| seconds(ProjectionMetrics::get(&p.metrics.read_micros)),
         ),
         (
             "projector_retries_total",

@@ -71,6 +71,8 @@ fn quote(name: &str) -> String {
 /// The statements, built once from the configured names and the columns the table has.
 struct Statements {
     read: String,
+    /// The same read, packed by PostgreSQL into one JSON array.
+    read_packed: String,
     head: String,
     position_of: Option<String>,
     version_at: Option<String>,
@@ -553,7 +555,8 @@ fn statements(c: &OutboxConfig, columns: &Columns) -> Statements {
     };
     let timestamp = match columns.timestamp {
         Some(true) => format!(
-            "(extract(epoch FROM {}) * 1000)::bigint",
+            // date_part is a double: far cheaper per row than extract's numeric.
+            "(date_part('epoch', {}) * 1000)::bigint",
             q(&c.timestamp_column)
         ),
         Some(false) => format!("{}::bigint", q(&c.timestamp_column)),
@@ -581,11 +584,32 @@ fn statements(c: &OutboxConfig, columns: &Columns) -> Statements {
         selected.push(as_column("h", &c.headers_column));
     }
     let version_value = as_column("version", &c.version_column);
+    let as_json = |value: &str, column: &str| match columns.types.get(column).map(String::as_str) {
+        Some("jsonb" | "json") => value.to_owned(),
+        _ => format!("{value}::json"),
+    };
     Statements {
         read: format!(
             "SELECT {pos}, {id}::text, {stream}::text, {stream_type}::text, {ty}::text, \
              {payload}::text, {version}::bigint, {headers}, {timestamp} FROM {t} \
              WHERE {pos} > $1 AND {pos} < {watermark} ORDER BY {pos} LIMIT $2"
+        ),
+        // A row with a NULL where a value is required, or a payload that is not JSON, makes
+        // this statement fail or flag it: the row read then names it.
+        read_packed: format!(
+            "SELECT json_agg(json_build_array({pos}, {id}::text, {stream}::text, \
+             {stream_type}::text, {ty}::text, COALESCE({version}::bigint, 0), {payload_json}, \
+             {headers_json}, {timestamp}, ({id} IS NULL OR {stream} IS NULL OR \
+             {stream_type} IS NULL OR {ty} IS NULL OR {payload} IS NULL)) ORDER BY {pos})::text \
+             FROM (SELECT * FROM {t} WHERE {pos} > $1 AND {pos} < {watermark} \
+             ORDER BY {pos} LIMIT $2) AS b",
+            // JSON columns go in as they are (a cast to json would lex them again).
+            payload_json = as_json(&payload, &c.payload_column),
+            headers_json = if columns.headers {
+                as_json(&q(&c.headers_column), &c.headers_column)
+            } else {
+                "'[]'::json".into()
+            },
         ),
         head: format!(
             "SELECT (SELECT max({pos}) FROM {t} WHERE {pos} < w.limit_position), \
@@ -691,6 +715,78 @@ fn event_from_row(row: &PgRow) -> Result<Event, SourceError> {
     })
 }
 
+/// One row as `read_packed` gets it: the columns in order, and whether one is missing.
+#[derive(serde::Deserialize)]
+struct PackedRow(
+    u64,
+    String,
+    String,
+    String,
+    String,
+    i64,
+    Box<RawValue>,
+    Box<RawValue>,
+    i64,
+    bool,
+);
+
+impl PgOutbox {
+    /// The fast path: PostgreSQL packs the batch into one JSON array, parsed in one pass,
+    /// instead of decoding every column of every row (9 µs an event through the row decoder,
+    /// half the catch-up). `None` when a row needs the row read to be reported.
+    async fn read_packed(
+        &self,
+        after: u64,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<Option<Vec<Event>>, sqlx::Error> {
+        let packed: Option<String> = sqlx::query_scalar(&self.sql.read_packed)
+            .bind(after as i64)
+            .bind(max_events as i64)
+            .fetch_one(&self.db.pool)
+            .await?;
+        let Some(packed) = packed else {
+            return Ok(Some(Vec::new()));
+        };
+        let Ok(rows) = serde_json::from_str::<Vec<PackedRow>>(&packed) else {
+            return Ok(None);
+        };
+        let mut events = Vec::with_capacity(rows.len());
+        let mut bytes = 0;
+        for row in rows {
+            if row.9 {
+                if events.is_empty() {
+                    return Ok(None);
+                }
+                break;
+            }
+            let Ok(headers) = parse_headers(row.7.get()) else {
+                if events.is_empty() {
+                    return Ok(None);
+                }
+                break;
+            };
+            let event = Event {
+                position: row.0,
+                id: row.1,
+                stream: row.2,
+                stream_type: row.3,
+                event_type: row.4,
+                version: row.5.max(0) as u64,
+                payload: row.6,
+                headers,
+                timestamp_ms: row.8.max(0) as u64,
+            };
+            bytes += event.size_hint();
+            events.push(event);
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(Some(events))
+    }
+}
+
 /// Headers as `[["k", "v"], ...]` (what projector writes) or `{"k": "v"}`.
 fn parse_headers(text: &str) -> Result<Vec<(String, String)>, String> {
     if let Ok(pairs) = serde_json::from_str::<Vec<(String, String)>>(text) {
@@ -709,6 +805,10 @@ impl Source for PgOutbox {
         max_events: usize,
         max_bytes: usize,
     ) -> Result<Vec<Event>, SourceError> {
+        if let Ok(Some(events)) = self.read_packed(after, max_events, max_bytes).await {
+            return Ok(events);
+        }
+        // The database's error, or the malformed row, named by reading row by row.
         let rows = sqlx::query(&self.sql.read)
             .bind(after as i64)
             .bind(max_events as i64)
