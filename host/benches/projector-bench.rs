@@ -16,7 +16,7 @@
 //! Prints a table row and one `RESULT scenario=… events=… evps=… p50_ms=… p99_ms=…` line per
 //! scenario.
 
-use std::collections::VecDeque;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -741,7 +741,7 @@ async fn scenario_live(
         .unwrap();
 
     // Appended positions waiting to be seen committed, with the time their append committed.
-    let pending: Arc<Mutex<VecDeque<(u64, Instant)>>> = Arc::default();
+    let pending: Arc<Mutex<BTreeMap<u64, Instant>>> = Arc::default();
     let latencies: Arc<Mutex<Vec<f64>>> = Arc::default();
     let monitor = {
         let pending = pending.clone();
@@ -752,8 +752,9 @@ async fn scenario_live(
                 let now = Instant::now();
                 let position = progress.borrow_and_update().position;
                 let mut pending = pending.lock().unwrap();
-                while pending.front().is_some_and(|(p, _)| *p <= position) {
-                    let (_, at) = pending.pop_front().unwrap();
+                let passed: Vec<u64> = pending.range(..=position).map(|(p, _)| *p).collect();
+                for p in passed {
+                    let at = pending.remove(&p).unwrap();
                     latencies
                         .lock()
                         .unwrap()
@@ -762,22 +763,45 @@ async fn scenario_live(
             }
         })
     };
-    // One event per append, paced to `rate` events per second.
+    // One event per append at a steady `rate`, open loop: each append starts at its due time,
+    // whether or not the previous one has returned (a durable commit per append would
+    // otherwise cap a single writer below the rate).
     let total = rate * secs as usize;
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let start = Instant::now();
+    let mut writers = tokio::task::JoinSet::new();
     let mut last = 0;
     for n in 0..total {
         let due = start + interval * n as u32;
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             tokio::time::sleep(wait).await;
         }
-        let appended = outbox
-            .append(vec![new_event(streams + n, streams)])
-            .await
-            .unwrap();
-        last = appended[0].position;
-        pending.lock().unwrap().push_back((last, Instant::now()));
+        let (outbox, pending, latencies, projection) = (
+            outbox.clone(),
+            pending.clone(),
+            latencies.clone(),
+            projection.clone(),
+        );
+        writers.spawn(async move {
+            let appended = outbox
+                .append(vec![new_event(streams + n, streams)])
+                .await
+                .unwrap();
+            let position = appended[0].position;
+            let mut pending = pending.lock().unwrap();
+            if projection.checkpoint() >= position {
+                latencies.lock().unwrap().push(0.0);
+            } else {
+                pending.insert(position, Instant::now());
+            }
+            position
+        });
+        while let Some(position) = writers.try_join_next() {
+            last = last.max(position.unwrap());
+        }
+    }
+    while let Some(position) = writers.join_next().await {
+        last = last.max(position.unwrap());
     }
     let elapsed = start.elapsed().as_secs_f64();
     projection

@@ -517,6 +517,8 @@ impl Runner {
                 .await
             {
                 Ok(()) => {
+                    // Our commit held the outbox's watermark back while it ran.
+                    self.source.nudge();
                     let metrics = &self.projection.metrics;
                     ProjectionMetrics::add_time(&metrics.commit_micros, start.elapsed());
                     ProjectionMetrics::add(&metrics.batches, 1);

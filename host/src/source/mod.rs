@@ -99,6 +99,11 @@ pub trait Source: Send + Sync {
     /// The stream's newest version at or below `position` (0: none).
     async fn version_at(&self, stream: &str, position: u64) -> Result<u64, SourceError>;
 
+    /// Says that this process just committed a write transaction of its own (a batch). A source
+    /// whose head waits for open transactions to end (the PostgreSQL outbox) re-reads it now
+    /// instead of at its next timed check.
+    fn nudge(&self) {}
+
     /// Appends events atomically: all or none.
     async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>, AppendError> {
         let _ = events;

@@ -837,6 +837,10 @@ impl Source for PgOutbox {
         self.head.subscribe()
     }
 
+    fn nudge(&self) {
+        self.wake.notify_one();
+    }
+
     async fn position_of(&self, stream: &str, version: u64) -> Result<Option<u64>, SourceError> {
         let Some(sql) = &self.sql.position_of else {
             return Ok(None);
