@@ -144,8 +144,9 @@ enum Problem {
     Retry(String),
     /// The plugin's fault: stop this projection.
     Fail(String),
-    /// A malformed outbox row: set it aside and go on after it.
-    DeadLetter(DeadLetter),
+    /// A malformed outbox row: set it aside and go on after it (the letter is not kept when
+    /// the projection does not subscribe to the row's type).
+    DeadLetter(DeadLetter, bool),
 }
 
 /// A batch the plugin has handled: its documents are in the cache, not yet committed.
@@ -359,10 +360,12 @@ impl Runner {
                             self.fail(error).await;
                             return RunEnd::Failed;
                         }
-                        Err(Problem::DeadLetter(letter)) => {
+                        Err(Problem::DeadLetter(letter, wanted)) => {
                             // Its own batch: no documents, the dead letter, the checkpoint
                             // past it; committed after the batch in flight.
-                            tracing::error!(projection = %name, position = letter.position, event_id = ?letter.event_id, stream = ?letter.stream, reason = %letter.reason, "malformed outbox row dead-lettered; its stream is parked");
+                            if wanted {
+                                tracing::error!(projection = %name, position = letter.position, event_id = ?letter.event_id, stream = ?letter.stream, reason = %letter.reason, "malformed outbox row dead-lettered; its stream is parked");
+                            }
                             if let Some(batch) = pending.take() {
                                 match self.commit(batch, &mut backoff, &mut shutdown).await {
                                     Committed::Yes => {}
@@ -371,7 +374,7 @@ impl Runner {
                                 }
                             }
                             let mut letter = letter;
-                            if let Some(stream) = &letter.stream {
+                            if let Some(stream) = letter.stream.as_ref().filter(|_| wanted) {
                                 match parked.get(stream) {
                                     Some(&behind) => letter.parked_behind = Some(behind),
                                     None => {
@@ -385,7 +388,7 @@ impl Runner {
                                 output: BatchOutput::default(),
                                 from,
                                 last: letter.position,
-                                dead_letters: vec![letter],
+                                dead_letters: if wanted { vec![letter] } else { Vec::new() },
                             });
                             continue;
                         }
@@ -447,7 +450,7 @@ impl Runner {
                     return RunEnd::Failed;
                 }
                 // Only reads set rows aside; a batch that reached the plugin does not.
-                Some(Err(Problem::DeadLetter(letter))) => {
+                Some(Err(Problem::DeadLetter(letter, _))) => {
                     self.fail(letter.reason).await;
                     return RunEnd::Failed;
                 }
@@ -482,14 +485,20 @@ impl Runner {
                 position,
                 ref id,
                 ref stream,
+                ref event_type,
                 ref reason,
-            } => Problem::DeadLetter(DeadLetter {
-                position,
-                event_id: id.clone(),
-                stream: stream.clone(),
-                reason: format!("malformed outbox row: {reason}"),
-                parked_behind: None,
-            }),
+            } => Problem::DeadLetter(
+                DeadLetter {
+                    position,
+                    event_id: id.clone(),
+                    stream: stream.clone(),
+                    reason: format!("malformed outbox row: {reason}"),
+                    parked_behind: None,
+                },
+                event_type
+                    .as_ref()
+                    .is_none_or(|t| self.projection.descriptor().subscribes_to(t)),
+            ),
             SourceError::Setup(_) => Problem::Fail(err.to_string()),
             SourceError::Database { .. } => Problem::Retry(err.to_string()),
         })

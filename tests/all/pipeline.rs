@@ -270,7 +270,13 @@ on_both_stores! {
 
 /// Another process writes a row the host cannot read into the outbox (a payload that is not
 /// JSON on SQLite; a NULL payload on PostgreSQL, whose jsonb column refuses bad JSON).
-async fn write_malformed_row(backend: &Backend, server: &Server) {
+async fn write_malformed_row(
+    backend: &Backend,
+    server: &Server,
+    n: u8,
+    stream: &str,
+    event_type: &str,
+) {
     match backend {
         Backend::Sqlite => {
             let url = format!(
@@ -280,18 +286,23 @@ async fn write_malformed_row(backend: &Backend, server: &Server) {
             let db = sqlx::SqlitePool::connect(&url).await.unwrap();
             sqlx::query(
                 "INSERT INTO outbox (id, stream, stream_type, event_type, version, payload, headers, timestamp_ms) \
-                 VALUES ('bad-1', 'acct-2', 'Account', 'AccountOpened', 1, '{oops', '[]', 0)",
+                 VALUES (?, ?, 'Account', ?, 1, '{oops', '[]', 0)",
             )
+            .bind(format!("bad-{n}"))
+            .bind(stream)
+            .bind(event_type)
             .execute(&db)
             .await
             .unwrap();
             db.close().await;
         }
         Backend::Postgres { url } => {
+            let sql = format!(
+                "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, version) \
+                 VALUES ('00000000-0000-4000-8000-0000000000b{n}', 'Account', '{stream}', '{event_type}', NULL, 1)"
+            );
             let status = std::process::Command::new("psql")
-                .args([url.as_str(), "-v", "ON_ERROR_STOP=1", "-qc",
-                    "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, version) \
-                     VALUES ('00000000-0000-4000-8000-0000000000b1', 'Account', 'acct-2', 'AccountOpened', NULL, 1)"])
+                .args([url.as_str(), "-v", "ON_ERROR_STOP=1", "-qc", &sql])
                 .status()
                 .unwrap();
             assert!(status.success());
@@ -308,7 +319,9 @@ on_both_stores! {
         let mut server = Server::start_on(&backend, &plugins, &data, &[]);
         let api = server.api();
         api.open_account("acct-1", "a").await;
-        write_malformed_row(&backend, &server).await;
+        write_malformed_row(&backend, &server, 1, "acct-2", "AccountOpened").await;
+        // A malformed row of a type this projection does not take: passed by, nothing parked.
+        write_malformed_row(&backend, &server, 2, "cart-9", "ItemAdded").await;
         let (v2, parked_1) = api.append("acct-2", "Deposited", json!({"amount": 5})).await;
         assert_eq!(v2, 2);
         let (v1, _) = api.append("acct-1", "Deposited", json!({"amount": 3})).await;
@@ -320,10 +333,16 @@ on_both_stores! {
         let projection = api.projection("account-balance").await;
         assert_eq!(projection["status"], "running", "{projection}");
 
+        let (v, _) = api.open_account("cart-9", "c").await;
+        let (status, body) = api
+            .get(&format!("/projections/account-balance/accounts/cart-9?wait_for=cart-9@{v}"))
+            .await;
+        assert_eq!(status, 200, "cart-9 is not parked: {body}");
+
         let (status, body) = api.get("/projections/account-balance/_dead_letters").await;
         assert_eq!(status, 200, "{body}");
         let items = body["items"].as_array().unwrap();
-        assert_eq!(items.len(), 2, "{body}");
+        assert_eq!(items.len(), 2, "only the subscribed type's row and the one behind it: {body}");
         let first = &items[0];
         assert_eq!(first["stream"], "acct-2");
         assert!(first["reason"].as_str().unwrap().contains("malformed outbox row"), "{first}");

@@ -52,6 +52,9 @@ pub enum SourceError {
         id: Option<String>,
         /// The stream, when the row names one: its later events are parked behind this one.
         stream: Option<String>,
+        /// The event type, when readable: projections that do not subscribe to it pass the
+        /// row by.
+        event_type: Option<String>,
         reason: String,
     },
     #[error("cannot use the outbox: {0}")]

@@ -136,10 +136,12 @@ fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Event, SourceError> {
         .map_err(db_err("reading an outbox position"))? as u64;
     let id = row.try_get::<String, _>(1).ok();
     let stream = row.try_get::<String, _>(2).ok();
+    let event_type = row.try_get::<String, _>(4).ok();
     let malformed = |reason: String| SourceError::Malformed {
         position,
         id: id.clone(),
         stream: stream.clone(),
+        event_type: event_type.clone(),
         reason,
     };
     let text = |i: usize| {

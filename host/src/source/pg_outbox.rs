@@ -671,10 +671,12 @@ fn event_from_row(row: &PgRow) -> Result<Event, SourceError> {
         .unwrap_or_default() as u64;
     let id = row.try_get::<Option<String>, _>(1).ok().flatten();
     let stream = row.try_get::<Option<String>, _>(2).ok().flatten();
+    let event_type = row.try_get::<Option<String>, _>(4).ok().flatten();
     let malformed = |reason: String| SourceError::Malformed {
         position,
         id: id.clone(),
         stream: stream.clone(),
+        event_type: event_type.clone(),
         reason,
     };
     let text = |i: usize, what: &str| -> Result<String, SourceError> {
