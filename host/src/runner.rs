@@ -802,8 +802,14 @@ fn nesting(json: &[u8]) -> usize {
 /// and only `apply` evicts, at a moment when the previous commit is durable; so what eviction
 /// drops is in the database, and the in-flight batch's documents are always here. A read-through
 /// (`remember`) never evicts: it would drop documents not yet committed.
+/// One collection's cached documents by key (`None`: known not to exist).
+type CachedCollection = HashMap<String, Option<Arc<[u8]>>>;
+
 struct DocumentCache {
-    docs: HashMap<(String, String), Option<Arc<[u8]>>>,
+    /// By collection, then key: a lookup by borrowed names allocates nothing.
+    docs: HashMap<String, CachedCollection>,
+    /// Documents held, over all collections.
+    len: usize,
     /// Whether every committed document is in `docs` (so a miss means "no document").
     complete: bool,
 }
@@ -812,38 +818,46 @@ impl DocumentCache {
     fn new(complete: bool) -> Self {
         Self {
             docs: HashMap::new(),
+            len: 0,
             complete,
         }
     }
 
     fn get(&self, collection: &str, key: &str) -> Option<Option<Arc<[u8]>>> {
-        // A tuple key cannot be looked up by borrowed parts; the allocation is far cheaper
-        // than the query it saves.
-        match self.docs.get(&(collection.to_owned(), key.to_owned())) {
+        match self.docs.get(collection).and_then(|docs| docs.get(key)) {
             Some(doc) => Some(doc.clone()),
             None if self.complete => Some(None),
             None => None,
         }
     }
 
+    fn insert(&mut self, collection: &str, key: &str, doc: Option<Arc<[u8]>>) {
+        let docs = match self.docs.get_mut(collection) {
+            Some(docs) => docs,
+            None => self.docs.entry(collection.to_owned()).or_default(),
+        };
+        if docs.insert(key.to_owned(), doc).is_none() {
+            self.len += 1;
+        }
+    }
+
     /// Keeps a document read from the store, if there is room.
     fn remember(&mut self, collection: &str, key: &str, doc: Option<Arc<[u8]>>, capacity: usize) {
-        if self.docs.len() < capacity {
-            self.docs
-                .insert((collection.to_owned(), key.to_owned()), doc);
+        if self.len < capacity {
+            self.insert(collection, key, doc);
         }
     }
 
     /// Takes in a handled batch's documents. Call only when no other commit is in flight.
     fn apply(&mut self, output: &BatchOutput, capacity: usize) {
-        if self.docs.len() + output.documents() > capacity {
+        if self.len + output.documents() > capacity {
             self.docs.clear();
+            self.len = 0;
             self.complete = false;
         }
         for (collection, writes) in &output.writes {
             for (key, doc) in writes {
-                let doc = doc.as_deref().map(Arc::from);
-                self.docs.insert((collection.clone(), key.clone()), doc);
+                self.insert(collection, key, doc.as_deref().map(Arc::from));
             }
         }
     }
