@@ -675,8 +675,10 @@ async fn scenario_raw(template: &Template<'_>, events: usize, streams: usize) {
     db.register(native.descriptor()).await.unwrap();
     let start = Instant::now();
     let mut from = 0;
-    for (out, position) in &outputs {
-        db.commit(native.descriptor(), out, &[], from, *position)
+    for (n, (out, position)) in outputs.iter().enumerate() {
+        // As the runner does: durable once the head is reached.
+        let durable = n + 1 == outputs.len();
+        db.commit(native.descriptor(), out, &[], from, *position, durable)
             .await
             .unwrap();
         from = *position;

@@ -367,7 +367,7 @@ impl Runner {
                                 tracing::error!(projection = %name, position = letter.position, event_id = ?letter.event_id, stream = ?letter.stream, reason = %letter.reason, "malformed outbox row dead-lettered; its stream is parked");
                             }
                             if let Some(batch) = pending.take() {
-                                match self.commit(batch, &mut backoff, &mut shutdown).await {
+                                match self.commit(batch, true, &mut backoff, &mut shutdown).await {
                                     Committed::Yes => {}
                                     Committed::Stopped => break,
                                     Committed::Fenced => return RunEnd::Fenced,
@@ -407,7 +407,11 @@ impl Runner {
             let mut stop = shutdown.clone();
             let commit = async {
                 match pending.take() {
-                    Some(batch) => self.commit(batch, &mut backoff, &mut stop).await,
+                    // Another batch is behind this one: a catch-up commit.
+                    Some(batch) => {
+                        self.commit(batch, last.is_none(), &mut backoff, &mut stop)
+                            .await
+                    }
                     None => Committed::Yes,
                 }
             };
@@ -459,7 +463,7 @@ impl Runner {
         if let Some(batch) = pending.take() {
             // Shutting down: one attempt, so a clean stop leaves nothing to redo.
             let (_, mut stopped) = watch::channel(true);
-            if let Committed::Fenced = self.commit(batch, &mut backoff, &mut stopped).await {
+            if let Committed::Fenced = self.commit(batch, true, &mut backoff, &mut stopped).await {
                 return RunEnd::Fenced;
             }
         }
@@ -509,6 +513,7 @@ impl Runner {
     async fn commit(
         &self,
         batch: Handled,
+        durable: bool,
         backoff: &mut Backoff,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Committed {
@@ -522,6 +527,7 @@ impl Runner {
                     &batch.dead_letters,
                     batch.from,
                     batch.last,
+                    durable,
                 )
                 .await
             {

@@ -111,6 +111,34 @@ on_both_stores! {
             .await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["document"], json!({"count": 200, "last_version": 200}));
+
+        // Requests touching the same two streams in opposite orders (a transfer each way)
+        // must not deadlock each other into errors.
+        let writers: Vec<_> = (0..8)
+            .map(|w| {
+                let api = api.clone();
+                tokio::spawn(async move {
+                    let (a, b) = if w % 2 == 0 { ("x", "y") } else { ("y", "x") };
+                    for _ in 0..15 {
+                        let event = |s: &str| json!({"stream": s, "stream_type": "T", "type": "Seq", "payload": {}});
+                        let (status, body) = api
+                            .post("/events", &json!({"events": [event(a), event(b)]}))
+                            .await;
+                        assert_eq!(status, 201, "{body}");
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        for stream in ["x", "y"] {
+            let (status, body) = api
+                .get(&format!("/projections/misbehave/out/seq-{stream}?wait_for={stream}@120"))
+                .await;
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["document"], json!({"count": 120, "last_version": 120}));
+        }
     }
 }
 

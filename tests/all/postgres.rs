@@ -204,8 +204,8 @@ async fn an_existing_debezium_outbox_is_adopted_as_it_is() {
     let url = create_database(&crate::support::postgres_admin_url()).await;
     psql(
         &url,
-        "CREATE TABLE outbox (id uuid PRIMARY KEY, aggregatetype text NOT NULL, \
-         aggregateid text NOT NULL, type text NOT NULL, payload jsonb); \
+        "CREATE TABLE outbox (id uuid PRIMARY KEY, aggregatetype varchar(255) NOT NULL, \
+         aggregateid varchar(255) NOT NULL, type varchar(255) NOT NULL, payload jsonb); \
          INSERT INTO outbox VALUES \
          ('00000000-0000-4000-8000-000000000001', 'Account', 'acct-1', 'AccountOpened', '{\"owner\": \"ann\", \"currency\": \"EUR\"}'), \
          ('00000000-0000-4000-8000-000000000002', 'Account', 'acct-2', 'AccountOpened', '{\"owner\": \"bob\", \"currency\": \"EUR\"}');",
@@ -246,6 +246,16 @@ async fn an_existing_debezium_outbox_is_adopted_as_it_is() {
         .await;
     assert_eq!(status, 400, "{body}");
     assert!(body.to_string().contains("version_column"), "{body}");
+    // A stream id longer than the column takes is refused, not cut short.
+    let (status, body) = api
+        .post(
+            "/events",
+            &json!({"stream": "s".repeat(256), "stream_type": "Account", "type": "Deposited",
+                    "payload": {"amount": 1}}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("too long"), "{body}");
 }
 
 /// Appends `n` deposits to `stream` through `api`, in requests of 50.

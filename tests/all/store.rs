@@ -51,8 +51,8 @@ on_both_stores! {
         };
         assert_eq!(store.register(&descriptor).await.unwrap(), 0);
         let batch = one_document("c", "k", r#"{"n": 1}"#);
-        store.commit(&descriptor, &batch, &[], 0, 10).await.unwrap();
-        let again = store.commit(&descriptor, &batch, &[], 0, 10).await;
+        store.commit(&descriptor, &batch, &[], 0, 10, true).await.unwrap();
+        let again = store.commit(&descriptor, &batch, &[], 0, 10, true).await;
         assert!(
             matches!(again, Err(StoreError::Fenced { expected: 0, .. })),
             "{again:?}"
@@ -80,7 +80,7 @@ on_both_stores! {
         store.register(&eu).await.unwrap();
         store.register(&us).await.unwrap();
         store
-            .commit(&eu, &one_document(&format!("{long}_eu"), "k", r#"{"r": "eu"}"#), &[], 0, 1)
+            .commit(&eu, &one_document(&format!("{long}_eu"), "k", r#"{"r": "eu"}"#), &[], 0, 1, true)
             .await
             .unwrap();
         let page = store

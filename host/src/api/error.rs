@@ -112,6 +112,9 @@ impl From<AppendError> for ApiError {
                 "append_unsupported",
                 message,
             ),
+            AppendError::Contended => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "append_contended", message)
+            }
             AppendError::Source(err) => err.into(),
         }
     }

@@ -75,6 +75,8 @@ pub enum AppendError {
     Invalid { index: usize, reason: String },
     #[error("this source does not accept appends")]
     Unsupported,
+    #[error("other appends to the same streams kept winning; try again")]
+    Contended,
     #[error(transparent)]
     Source(#[from] SourceError),
 }

@@ -79,8 +79,8 @@ struct Statements {
     versions: Option<String>,
     existing_ids: String,
     insert: String,
-    /// The unique (stream, version) index: a violation means another append won the race.
-    version_index: String,
+    /// Takes the advisory locks of a set of streams, in one global order.
+    lock_streams: String,
     has_version: bool,
 }
 
@@ -326,7 +326,9 @@ async fn prepare(db: &Postgres, c: &OutboxConfig) -> Result<Columns, SourceError
         tracing::info!(table = %c.table, "created the outbox table");
     }
     let rows = sqlx::query(
-        "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute \
+        // Types without their modifiers: a cast to varchar(n) would cut a value silently,
+        // where the INSERT into the column refuses it.
+        "SELECT attname::text, format_type(atttypid, NULL) FROM pg_attribute \
          WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped",
     )
     .bind(&table)
@@ -554,12 +556,13 @@ fn statements(c: &OutboxConfig, columns: &Columns) -> Statements {
         "NULL::text".into()
     };
     let timestamp = match columns.timestamp {
+        // date_part is a double: far cheaper per row than extract's numeric; 'infinity' or
+        // NULL read as 0 rather than failing every read of the batch.
         Some(true) => format!(
-            // date_part is a double: far cheaper per row than extract's numeric.
-            "(date_part('epoch', {}) * 1000)::bigint",
-            q(&c.timestamp_column)
+            "COALESCE(CASE WHEN isfinite({ts}) THEN floor(date_part('epoch', {ts}) * 1000)::bigint END, 0)",
+            ts = q(&c.timestamp_column)
         ),
-        Some(false) => format!("{}::bigint", q(&c.timestamp_column)),
+        Some(false) => format!("COALESCE({}::bigint, 0)", q(&c.timestamp_column)),
         None => "0::bigint".into(),
     };
     // Evaluated once per statement (an InitPlan): every transaction below it has finished.
@@ -584,6 +587,14 @@ fn statements(c: &OutboxConfig, columns: &Columns) -> Statements {
         selected.push(as_column("h", &c.headers_column));
     }
     let version_value = as_column("version", &c.version_column);
+    // Streams compared in the column's own type (uuid, citext, varchar...): the index serves
+    // the lookup and equal values match however they were spelled.
+    let stream_param = as_column("$1", &c.stream_column);
+    let streams_param = match columns.types.get(&c.stream_column) {
+        Some(ty) => format!("$1::text[]::{ty}[]"),
+        None => "$1::text[]".into(),
+    };
+    let stream_of_d = as_column("d.s", &c.stream_column);
     let as_json = |value: &str, column: &str| match columns.types.get(column).map(String::as_str) {
         Some("jsonb" | "json") => value.to_owned(),
         _ => format!("{value}::json"),
@@ -606,7 +617,10 @@ fn statements(c: &OutboxConfig, columns: &Columns) -> Statements {
             // JSON columns go in as they are (a cast to json would lex them again).
             payload_json = as_json(&payload, &c.payload_column),
             headers_json = if columns.headers {
-                as_json(&q(&c.headers_column), &c.headers_column)
+                format!(
+                    "COALESCE({}, '[]')",
+                    as_json(&q(&c.headers_column), &c.headers_column)
+                )
             } else {
                 "'[]'::json".into()
             },
@@ -619,17 +633,17 @@ fn statements(c: &OutboxConfig, columns: &Columns) -> Statements {
         ),
         position_of: columns
             .version
-            .then(|| format!("SELECT {pos} FROM {t} WHERE {stream}::text = $1 AND {version} = $2")),
+            .then(|| format!("SELECT {pos} FROM {t} WHERE {stream} = {stream_param} AND {version} = $2")),
         version_at: columns.version.then(|| {
             format!(
-                "SELECT COALESCE(MAX({version}), 0)::bigint FROM {t} WHERE {stream}::text = $1 \
+                "SELECT COALESCE(MAX({version}), 0)::bigint FROM {t} WHERE {stream} = {stream_param} \
                  AND {pos} <= $2"
             )
         }),
         versions: columns.version.then(|| {
             format!(
                 "SELECT {stream}::text, MAX({version})::bigint FROM {t} \
-                 WHERE {stream}::text = ANY($1::text[]) GROUP BY {stream}"
+                 WHERE {stream} = ANY({streams_param}) GROUP BY {stream}"
             )
         }),
         existing_ids: format!(
@@ -641,7 +655,7 @@ fn statements(c: &OutboxConfig, columns: &Columns) -> Statements {
                  $4::text[], $5::text[], $6::bigint[], $7::text[]) WITH ORDINALITY \
                  AS u(i, st, s, ty, p, e, h, n)), \
                  cur AS (SELECT d.s, COALESCE((SELECT MAX({version}) FROM {t} \
-                 WHERE {stream}::text = d.s), 0) AS v FROM (SELECT DISTINCT s FROM u) AS d), \
+                 WHERE {stream} = {stream_of_d}), 0) AS v FROM (SELECT DISTINCT s FROM u) AS d), \
                  numbered AS (SELECT u.*, cur.v + row_number() OVER (PARTITION BY u.s ORDER BY u.n) \
                  AS version FROM u JOIN cur ON cur.s = u.s) \
                  INSERT INTO {t} ({}, {version}) SELECT {}, {version_value} FROM numbered \
@@ -659,7 +673,10 @@ fn statements(c: &OutboxConfig, columns: &Columns) -> Statements {
                 selected.join(", "),
             )
         },
-        version_index: format!("projector_stream_version_{}", tag(&c.table)),
+        lock_streams: format!(
+            "SELECT pg_advisory_xact_lock(hashtext('{t}'), hashtext(s)) \
+             FROM (SELECT DISTINCT s FROM UNNEST($1::text[]) AS s ORDER BY 1) AS l"
+        ),
         has_version: columns.version,
     }
 }
@@ -914,58 +931,70 @@ impl Source for PgOutbox {
                 serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".into())
             })
             .collect();
+        // First try: one statement, no locks. After a collision (a version race, a deadlock
+        // between appends touching the same streams in another order), queue behind
+        // per-stream advisory locks taken in one order, so the retry cannot collide again
+        // with another locked append.
+        let mut locked = false;
         let mut attempt = 0;
         let rows = loop {
             attempt += 1;
-            let inserted = sqlx::query(&self.sql.insert)
-                .bind(&ids)
-                .bind(&stream_types)
-                .bind(&streams)
-                .bind(&types)
-                .bind(&payloads)
-                .bind(&expected)
-                .bind(&headers)
-                .fetch_all(&self.db.pool)
-                .await;
+            if attempt > MAX_APPEND_ATTEMPTS {
+                return Err(AppendError::Contended);
+            }
+            let insert = || {
+                sqlx::query(&self.sql.insert)
+                    .bind(&ids)
+                    .bind(&stream_types)
+                    .bind(&streams)
+                    .bind(&types)
+                    .bind(&payloads)
+                    .bind(&expected)
+                    .bind(&headers)
+            };
+            let inserted = if locked {
+                self.insert_locked(&streams, insert()).await
+            } else {
+                insert().fetch_all(&self.db.pool).await
+            };
             match inserted {
                 Ok(rows) if rows.len() == events.len() => break rows,
-                // Nothing inserted: an expectation did not hold.
+                // Nothing inserted: an expectation did not hold, or a race moved a version.
                 Ok(_) => match self.conflict(&events).await? {
                     Some(conflict) => return Err(conflict),
-                    None if attempt < MAX_APPEND_ATTEMPTS => continue,
-                    None => {
-                        return Err(AppendError::Invalid {
-                            index: 0,
-                            reason: "the streams kept changing under this append; try again".into(),
-                        })
-                    }
+                    None => locked = true,
                 },
                 Err(err) => {
-                    let unique = err
-                        .as_database_error()
-                        .filter(|e| e.code().as_deref() == Some("23505"))
-                        .map(|e| e.constraint().unwrap_or_default().to_owned());
-                    match unique {
-                        // Another append took the same version first.
-                        Some(constraint) if constraint == self.sql.version_index => {
-                            if let Some(conflict) = self.conflict(&events).await? {
-                                return Err(conflict);
-                            }
-                            if attempt < MAX_APPEND_ATTEMPTS {
-                                // Jitter, so racing appends stop colliding.
-                                let micros = rand::random::<u64>() % (200 * attempt);
-                                tokio::time::sleep(Duration::from_micros(micros)).await;
-                                continue;
-                            }
-                        }
-                        Some(_) => {
+                    let (code, message) = match err.as_database_error() {
+                        Some(e) => (e.code().map(|c| c.into_owned()), e.message().to_owned()),
+                        None => (None, String::new()),
+                    };
+                    match code.as_deref() {
+                        // A unique index: a repeated id, or (any index on stream and
+                        // version) another append took the version first.
+                        Some("23505") => {
                             if let Some(id) = self.existing_id(&ids).await? {
                                 return Err(AppendError::DuplicateId { id });
                             }
+                            if let Some(conflict) = self.conflict(&events).await? {
+                                return Err(conflict);
+                            }
+                            locked = true;
                         }
-                        None => {}
+                        // Deadlock or serialization failure between racing appends.
+                        Some("40P01" | "40001") => locked = true,
+                        // A value the column cannot hold (too long, not a uuid, ...).
+                        Some(c) if c.starts_with("22") => {
+                            return Err(AppendError::Invalid {
+                                index: 0,
+                                reason: format!("the outbox table refused a value: {message}"),
+                            })
+                        }
+                        _ => return Err(db_err("appending events")(err).into()),
                     }
-                    return Err(db_err("appending events")(err).into());
+                    // Jitter, so racing appends stop colliding.
+                    let micros = rand::random::<u64>() % (200 * attempt);
+                    tokio::time::sleep(Duration::from_micros(micros)).await;
                 }
             }
         };
@@ -1005,6 +1034,23 @@ impl Source for PgOutbox {
 }
 
 impl PgOutbox {
+    /// Runs the insert in a transaction that first takes the advisory lock of each stream, in
+    /// one global order: appends to the same streams then go one after the other.
+    async fn insert_locked<'q>(
+        &self,
+        streams: &[&str],
+        insert: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<Vec<PgRow>, sqlx::Error> {
+        let mut tx = self.db.pool.begin().await?;
+        sqlx::query(&self.sql.lock_streams)
+            .bind(streams)
+            .execute(&mut *tx)
+            .await?;
+        let rows = insert.fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(rows)
+    }
+
     /// The first expectation of `events` the streams' current versions break, if any.
     async fn conflict(&self, events: &[NewEvent]) -> Result<Option<AppendError>, AppendError> {
         let Some(sql) = &self.sql.versions else {

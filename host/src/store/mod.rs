@@ -107,6 +107,9 @@ pub trait Store: Send + Sync {
 
     /// Writes a batch's documents and dead letters and moves the checkpoint from `from` to
     /// `to`, atomically. [`StoreError::Fenced`] if the checkpoint is no longer at `from`.
+    /// `durable: false` lets a store return before the commit is flushed (a catch-up batch with
+    /// more behind it: a crash can only lose such batches whole, and they are projected
+    /// again); a batch that reaches the head, where readers wait, is always durable.
     async fn commit(
         &self,
         projection: &Descriptor,
@@ -114,6 +117,7 @@ pub trait Store: Send + Sync {
         dead_letters: &[DeadLetter],
         from: u64,
         to: u64,
+        durable: bool,
     ) -> Result<(), StoreError>;
 
     /// Streams with a dead letter, each with the position of its first one.

@@ -188,8 +188,11 @@ impl Store for Postgres {
             // Each indexed field is a stored generated column with a plain index: an update
             // that leaves the indexed values alone is then HOT (no index entry written) when
             // the page has room, which the fill factor keeps.
+            let mut fields: Vec<&String> = collection.indexes.iter().collect();
+            fields.sort();
+            fields.dedup();
             let mut columns = String::new();
-            for field in &collection.indexes {
+            for field in &fields {
                 columns.push_str(&format!(
                     ", {} jsonb GENERATED ALWAYS AS {} STORED",
                     field_column(field),
@@ -205,14 +208,36 @@ impl Store for Postgres {
                 .execute(&mut *tx)
                 .await
                 .map_err(StoreError::db(format!("creating {table}")))?;
-            for field in &collection.indexes {
+            // A table made before a field was declared (or by an older projector) gets the
+            // missing columns.
+            let existing: Vec<String> = sqlx::query_scalar(
+                "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::regclass \
+                 AND attnum > 0 AND NOT attisdropped",
+            )
+            .bind(&table)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(StoreError::db(format!("reading the columns of {table}")))?;
+            for field in &fields {
+                let column = field_column(field);
+                if !existing.iter().any(|c| format!("\"{c}\"") == column) {
+                    sqlx::query(&format!(
+                        "ALTER TABLE {table} ADD COLUMN {column} jsonb GENERATED ALWAYS AS {} STORED",
+                        json_path(field)
+                    ))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::db(format!("adding {column} to {table}")))?;
+                }
+            }
+            for field in &fields {
                 // At most 63 bytes and unique in the schema: the table's hash (the end of its
                 // name), the field's hash, then as much of the field as fits.
                 let digest = Sha256::digest(field.as_bytes());
                 let mut readable = field.replace('.', "_");
-                readable.truncate(40);
+                readable.truncate(39);
                 let index = format!(
-                    "ix_{}_{:02x}{:02x}{:02x}{:02x}_{readable}",
+                    "ixg_{}_{:02x}{:02x}{:02x}{:02x}_{readable}",
                     &bare[bare.len().saturating_sub(8)..],
                     digest[0],
                     digest[1],
@@ -278,12 +303,18 @@ impl Store for Postgres {
         dead_letters: &[DeadLetter],
         from: u64,
         to: u64,
+        durable: bool,
     ) -> Result<(), StoreError> {
         let now = now_ms();
         // One round trip for both.
+        let begin = if durable {
+            "BEGIN".to_owned()
+        } else {
+            format!("BEGIN; {}", self.commit_setting)
+        };
         let mut tx = self
             .pool
-            .begin_with(format!("BEGIN; {}", self.commit_setting))
+            .begin_with(begin)
             .await
             .map_err(StoreError::db("beginning a batch"))?;
         if !dead_letters.is_empty() {

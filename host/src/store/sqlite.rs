@@ -200,6 +200,8 @@ impl Store for Sqlite {
         dead_letters: &[DeadLetter],
         from: u64,
         to: u64,
+        // WAL with synchronous=NORMAL for every commit: durable across a process crash.
+        _durable: bool,
     ) -> Result<(), StoreError> {
         let now = now_ms();
         let mut tx = self
