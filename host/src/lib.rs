@@ -4,6 +4,7 @@ pub mod api;
 pub mod config;
 pub mod consistency;
 pub mod event;
+pub mod lease;
 pub mod metrics;
 pub mod replay;
 pub mod runner;

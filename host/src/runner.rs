@@ -86,13 +86,13 @@ impl Projection {
             .clone()
     }
 
-    fn update_health(&self, change: impl FnOnce(&mut Health)) {
+    pub(crate) fn update_health(&self, change: impl FnOnce(&mut Health)) {
         change(&mut self.health.lock().unwrap_or_else(PoisonError::into_inner));
     }
 
     /// Takes the projection up (again) at `checkpoint`: after a lease is won, the documents
     /// cached before may be stale (another instance ran meanwhile).
-    fn resume_at(&self, checkpoint: u64) {
+    pub(crate) fn resume_at(&self, checkpoint: u64) {
         *self
             .documents
             .lock()
@@ -108,7 +108,7 @@ impl Projection {
     }
 
     /// Another instance runs it: follow its checkpoint so reads that wait still get answered.
-    fn follow(&self, checkpoint: u64) {
+    pub(crate) fn follow(&self, checkpoint: u64) {
         self.update_health(|h| {
             h.status = ProjectionStatus::Standby;
             h.retrying = None;
@@ -144,9 +144,12 @@ enum Problem {
     Retry(String),
     /// The plugin's fault: stop this projection.
     Fail(String),
-    /// A malformed outbox row: set it aside and go on after it (the letter is not kept when
-    /// the projection does not subscribe to the row's type).
-    DeadLetter(DeadLetter, bool),
+    /// A malformed outbox row: set it aside and go on after it (the letter is kept only when
+    /// the projection subscribes to the row's type, or the type is unreadable).
+    DeadLetter {
+        letter: DeadLetter,
+        subscribed: bool,
+    },
 }
 
 /// A batch the plugin has handled: its documents are in the cache, not yet committed.
@@ -177,104 +180,6 @@ enum Committed {
     Fenced,
 }
 
-/// How often a standby instance tries to take a projection over (and reads its checkpoint).
-const STANDBY_POLL: Duration = Duration::from_millis(500);
-
-/// Runs `projection` whenever this instance holds its lease (one instance at a time across
-/// a cluster); stands by, following the active instance's checkpoint, while another holds it.
-/// Returns on shutdown.
-pub async fn run_with_lease(
-    projection: Arc<Projection>,
-    store: Arc<dyn Store>,
-    source: Arc<dyn Source>,
-    config: RunnerConfig,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let name = projection.name().to_owned();
-    let mut standing_by = false;
-    let mut backoff = FIRST_RETRY;
-    let max_backoff = Duration::from_millis(config.max_retry_backoff_ms).max(FIRST_RETRY);
-    while !*shutdown.borrow() {
-        let taken = async {
-            let lease = store.try_lease(&name).await?;
-            match lease {
-                Some(lease) => Ok(Some((
-                    lease,
-                    store.checkpoint(projection.descriptor()).await?,
-                ))),
-                None => Ok::<_, StoreError>(None),
-            }
-        };
-        let pause = match taken.await {
-            Ok(Some((mut lease, checkpoint))) => {
-                backoff = FIRST_RETRY;
-                if std::mem::take(&mut standing_by) {
-                    tracing::info!(projection = %name, checkpoint, "lease taken: this instance runs the projection now");
-                }
-                projection.resume_at(checkpoint);
-                let (stop_tx, stop_rx) = watch::channel(false);
-                let runner = Runner::new(
-                    projection.clone(),
-                    store.clone(),
-                    source.clone(),
-                    config.clone(),
-                );
-                let run = runner.run_supervised(stop_rx);
-                tokio::pin!(run);
-                let end = tokio::select! {
-                    end = &mut run => end,
-                    _ = lease.lost() => {
-                        let _ = stop_tx.send(true);
-                        run.await;
-                        RunEnd::Fenced
-                    }
-                    _ = shutdown.changed() => {
-                        let _ = stop_tx.send(true);
-                        run.await
-                    }
-                };
-                match end {
-                    RunEnd::Stopped => return,
-                    RunEnd::Failed => {
-                        // Another instance would fail on the same event: keep the lease until
-                        // an operator acts (or shutdown).
-                        while !*shutdown.borrow() && shutdown.changed().await.is_ok() {}
-                        return;
-                    }
-                    RunEnd::Fenced => {
-                        tracing::warn!(projection = %name, "lease lost: standing by");
-                        standing_by = true;
-                        STANDBY_POLL
-                    }
-                }
-            }
-            Ok(None) => {
-                backoff = FIRST_RETRY;
-                if !standing_by {
-                    tracing::info!(projection = %name, "another instance runs this projection: standing by");
-                    standing_by = true;
-                }
-                match store.checkpoint(projection.descriptor()).await {
-                    Ok(checkpoint) => projection.follow(checkpoint),
-                    Err(err) => projection.update_health(|h| h.retrying = Some(err.to_string())),
-                }
-                STANDBY_POLL
-            }
-            Err(err) => {
-                tracing::warn!(projection = %name, error = %err, retry_in_ms = backoff.as_millis() as u64, "cannot take the projection's lease, retrying");
-                projection.update_health(|h| h.retrying = Some(err.to_string()));
-                let pause = backoff;
-                backoff = (backoff * 2).min(max_backoff);
-                pause
-            }
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
-            changed = shutdown.changed() => if changed.is_err() { return },
-        }
-    }
-}
-
 /// Exponential backoff between retries, reset by the next success.
 struct Backoff {
     delay: Duration,
@@ -282,7 +187,7 @@ struct Backoff {
     failing: bool,
 }
 
-const FIRST_RETRY: Duration = Duration::from_millis(50);
+pub(crate) const FIRST_RETRY: Duration = Duration::from_millis(50);
 
 impl Runner {
     pub fn new(
@@ -360,7 +265,10 @@ impl Runner {
                             self.fail(error).await;
                             return RunEnd::Failed;
                         }
-                        Err(Problem::DeadLetter(letter, wanted)) => {
+                        Err(Problem::DeadLetter {
+                            letter,
+                            subscribed: wanted,
+                        }) => {
                             // Its own batch: no documents, the dead letter, the checkpoint
                             // past it; committed after the batch in flight.
                             if wanted {
@@ -454,7 +362,7 @@ impl Runner {
                     return RunEnd::Failed;
                 }
                 // Only reads set rows aside; a batch that reached the plugin does not.
-                Some(Err(Problem::DeadLetter(letter, _))) => {
+                Some(Err(Problem::DeadLetter { letter, .. })) => {
                     self.fail(letter.reason).await;
                     return RunEnd::Failed;
                 }
@@ -491,18 +399,18 @@ impl Runner {
                 ref stream,
                 ref event_type,
                 ref reason,
-            } => Problem::DeadLetter(
-                DeadLetter {
+            } => Problem::DeadLetter {
+                letter: DeadLetter {
                     position,
                     event_id: id.clone(),
                     stream: stream.clone(),
                     reason: format!("malformed outbox row: {reason}"),
                     parked_behind: None,
                 },
-                event_type
+                subscribed: event_type
                     .as_ref()
                     .is_none_or(|t| self.projection.descriptor().subscribes_to(t)),
-            ),
+            },
             SourceError::Setup(_) => Problem::Fail(err.to_string()),
             SourceError::Database { .. } => Problem::Retry(err.to_string()),
         })

@@ -11,7 +11,8 @@ use tokio::sync::watch;
 
 use crate::api::{self, AppState};
 use crate::config::Config;
-use crate::runner::{run_with_lease, Projection};
+use crate::lease::run_with_lease;
+use crate::runner::Projection;
 use crate::runtime::{Plugin, Runtime, RuntimeConfig, RuntimeError};
 use crate::source::outbox::SqliteOutbox;
 use crate::source::pg_outbox::PgOutbox;
