@@ -20,6 +20,16 @@ pub struct CollectionSpec {
     pub indexes: Vec<String>,
 }
 
+impl CollectionSpec {
+    /// The indexed fields, each once, sorted: the order stores keep their columns in.
+    pub fn fields(&self) -> Vec<&str> {
+        let mut fields: Vec<&str> = self.indexes.iter().map(String::as_str).collect();
+        fields.sort_unstable();
+        fields.dedup();
+        fields
+    }
+}
+
 impl Descriptor {
     pub(crate) fn validate(raw: wit::Descriptor) -> Result<Self, String> {
         check_name("projection name", &raw.name)?;

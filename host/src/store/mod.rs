@@ -1,6 +1,7 @@
 //! Where read models live. A [`Store`] keeps each projection version's documents and its
 //! checkpoint, and commits a batch's documents and the checkpoint in one transaction.
 
+mod fields;
 pub mod postgres;
 pub mod sqlite;
 
@@ -237,6 +238,15 @@ pub fn table_name(projection: &Descriptor, collection: &str) -> String {
     format!(
         "{readable}_{:02x}{:02x}{:02x}{:02x}",
         digest[0], digest[1], digest[2], digest[3]
+    )
+}
+
+/// The column holding a declared field's value (`f_` and a hash of the field), quoted.
+pub(crate) fn field_column(field: &str) -> String {
+    let digest = Sha256::digest(field.as_bytes());
+    format!(
+        "\"f_{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}\"",
+        digest[0], digest[1], digest[2], digest[3], digest[4], digest[5]
     )
 }
 

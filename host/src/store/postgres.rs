@@ -13,8 +13,8 @@ use sqlx::{Connection, PgConnection, PgPool, QueryBuilder};
 use tokio::sync::{oneshot, watch};
 
 use super::{
-    dead_letter_from_row, document_from_row, now_ms, parked_from_rows, table_name, DeadLetter,
-    Document, Lease, ListQuery, ProjectionStatus, Store, StoreError,
+    dead_letter_from_row, document_from_row, field_column, now_ms, parked_from_rows, table_name,
+    DeadLetter, Document, Lease, ListQuery, ProjectionStatus, Store, StoreError,
 };
 use crate::config::PostgresConfig;
 use crate::runtime::{BatchOutput, Descriptor};
@@ -150,15 +150,6 @@ fn json_path(field: &str) -> String {
     format!("(doc #> '{{{}}}')", field.replace('.', ","))
 }
 
-/// The generated column holding a declared field's value (`f_` and a hash of the field).
-fn field_column(field: &str) -> String {
-    let digest = Sha256::digest(field.as_bytes());
-    format!(
-        "\"f_{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}\"",
-        digest[0], digest[1], digest[2], digest[3], digest[4], digest[5]
-    )
-}
-
 /// The advisory-lock key of a projection's lease. Advisory locks are per database: the schema
 /// keeps two deployments sharing one database apart.
 fn lease_key(schema: &str, projection: &str) -> i64 {
@@ -188,9 +179,7 @@ impl Store for Postgres {
             // Each indexed field is a stored generated column with a plain index: an update
             // that leaves the indexed values alone is then HOT (no index entry written) when
             // the page has room, which the fill factor keeps.
-            let mut fields: Vec<&String> = collection.indexes.iter().collect();
-            fields.sort();
-            fields.dedup();
+            let fields = collection.fields();
             let mut columns = String::new();
             for field in &fields {
                 columns.push_str(&format!(

@@ -9,9 +9,10 @@ use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, SqlitePool};
 
+use super::fields::{self, FieldValue};
 use super::{
-    dead_letter_from_row, document_from_row, now_ms, parked_from_rows, table_name, DeadLetter,
-    Document, Lease, ListQuery, ProjectionStatus, Store, StoreError,
+    dead_letter_from_row, document_from_row, field_column, now_ms, parked_from_rows, table_name,
+    DeadLetter, Document, Lease, ListQuery, ProjectionStatus, Store, StoreError,
 };
 use crate::runtime::{BatchOutput, Descriptor};
 
@@ -23,9 +24,12 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ),
 ];
 
-/// Rows per multi-row statement: 4 binds each, far below SQLite's bind limit, large enough
-/// that a batch of 1000 documents is a handful of statements.
+/// Rows per multi-row statement: large enough that a batch of 1000 documents is a handful of
+/// statements.
 const ROWS_PER_STATEMENT: usize = 500;
+
+/// Binds per statement, within SQLite's limit (32766), for collections with many fields.
+const MAX_BINDS: usize = 30_000;
 
 /// The two pools over one SQLite file.
 #[derive(Clone)]
@@ -122,10 +126,72 @@ async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn json_path(field: &str) -> String {
-    // Fields are validated to [A-Za-z0-9_.] (see Descriptor::validate): safe in a literal.
-    format!("json_extract(doc, '$.{field}')")
+/// A document to write, with the values of its collection's indexed fields.
+struct Put<'a> {
+    key: &'a str,
+    doc: &'a str,
+    values: Vec<FieldValue<'a>>,
 }
+
+/// One multi-row upsert of `rows` into `table`; returns how many rows it inserted or updated.
+///
+/// Without `changing_fields`, existing rows are updated only where every field column already
+/// holds the new value, and the columns are not set: SQLite then leaves every index alone.
+/// With it, only the rows whose field values differ are updated, columns included (what the
+/// first statement skipped).
+async fn upsert(
+    tx: &mut sqlx::SqliteConnection,
+    table: &str,
+    columns: &[String],
+    rows: &[Put<'_>],
+    now: i64,
+    changing_fields: bool,
+) -> Result<u64, StoreError> {
+    let mut sql = QueryBuilder::new(format!(
+        "INSERT INTO \"{table}\" (key, doc, version, updated_at"
+    ));
+    for column in columns {
+        sql.push(", ").push(column);
+    }
+    sql.push(") ");
+    sql.push_values(rows, |mut row, put| {
+        row.push_bind(put.key)
+            .push_bind(put.doc)
+            .push("1")
+            .push_bind(now);
+        for value in &put.values {
+            row.push_bind(value);
+        }
+    });
+    sql.push(format!(
+        " ON CONFLICT(key) DO UPDATE SET doc = excluded.doc, \
+         version = \"{table}\".version + 1, updated_at = excluded.updated_at"
+    ));
+    if !columns.is_empty() {
+        let same: Vec<String> = columns
+            .iter()
+            .map(|c| format!("\"{table}\".{c} IS excluded.{c}"))
+            .collect();
+        let same = same.join(" AND ");
+        if changing_fields {
+            for column in columns {
+                sql.push(format!(", {column} = excluded.{column}"));
+            }
+            sql.push(format!(" WHERE NOT ({same})"));
+        } else {
+            sql.push(format!(" WHERE {same}"));
+        }
+    }
+    let done = sql
+        .build()
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::db(format!("writing documents to {table}")))?;
+    Ok(done.rows_affected())
+}
+
+/// A stored document as JSON text: written as text, or as JSONB by earlier versions.
+const DOC_JSON: &str = "iif(typeof(doc) = 'text', doc, json(doc))";
 
 #[async_trait]
 impl Store for Sqlite {
@@ -137,24 +203,54 @@ impl Store for Sqlite {
             .map_err(StoreError::db("registering a projection"))?;
         for collection in &projection.collections {
             let table = table_name(projection, &collection.name);
+            let fields = collection.fields();
+            let columns: String = fields
+                .iter()
+                .map(|f| format!(", {}", field_column(f)))
+                .collect();
             let ddl = format!(
                 "CREATE TABLE IF NOT EXISTS \"{table}\" (key TEXT PRIMARY KEY, doc BLOB NOT NULL, \
-                 version INTEGER NOT NULL, updated_at INTEGER NOT NULL) WITHOUT ROWID"
+                 version INTEGER NOT NULL, updated_at INTEGER NOT NULL{columns}) WITHOUT ROWID"
             );
             sqlx::query(&ddl)
                 .execute(&mut *tx)
                 .await
                 .map_err(StoreError::db(format!("creating {table}")))?;
-            for field in &collection.indexes {
-                let index = format!("{table}_ix_{}", field.replace('.', "__"));
-                let ddl = format!(
-                    "CREATE INDEX IF NOT EXISTS \"{index}\" ON \"{table}\" ({})",
-                    json_path(field)
-                );
-                sqlx::query(&ddl)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(StoreError::db(format!("creating index {index}")))?;
+            // A table made before a field was declared (or by an older projector, which
+            // indexed expressions) gets the missing columns, filled from its documents.
+            let existing: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info(?)")
+                .bind(&table)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(StoreError::db(format!("reading the columns of {table}")))?;
+            for field in &fields {
+                let column = field_column(field);
+                if existing.iter().any(|c| format!("\"{c}\"") == column) {
+                    continue;
+                }
+                for ddl in [
+                    format!("ALTER TABLE \"{table}\" ADD COLUMN {column}"),
+                    format!("UPDATE \"{table}\" SET {column} = json_extract(doc, '$.{field}')"),
+                    format!(
+                        "DROP INDEX IF EXISTS \"{table}_ix_{}\"",
+                        field.replace('.', "__")
+                    ),
+                ] {
+                    sqlx::query(&ddl)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(StoreError::db(format!("adding {column} to {table}")))?;
+                }
+            }
+            for field in &fields {
+                let column = field_column(field);
+                let index = format!("{table}_{}", column.trim_matches('"'));
+                sqlx::query(&format!(
+                    "CREATE INDEX IF NOT EXISTS \"{index}\" ON \"{table}\" ({column})"
+                ))
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::db(format!("creating index {index}")))?;
             }
         }
         let now = now_ms();
@@ -231,45 +327,38 @@ impl Store for Sqlite {
         }
         for (collection, writes) in &output.writes {
             let table = table_name(projection, collection);
+            let fields = projection
+                .collection(collection)
+                .map(|c| c.fields())
+                .unwrap_or_default();
+            let columns: Vec<String> = fields.iter().map(|f| field_column(f)).collect();
             let mut puts = Vec::with_capacity(writes.len());
             let mut deletes = Vec::new();
             for (key, doc) in writes {
-                match doc {
-                    Some(doc) => {
-                        let text =
-                            std::str::from_utf8(doc).map_err(|e| StoreError::InvalidDocument {
-                                projection: projection.name.clone(),
-                                collection: collection.clone(),
-                                key: key.clone(),
-                                reason: e.to_string(),
-                            })?;
-                        puts.push((key.as_str(), text));
-                    }
-                    None => deletes.push(key.as_str()),
-                }
+                let Some(doc) = doc else {
+                    deletes.push(key.as_str());
+                    continue;
+                };
+                let invalid = |reason: String| StoreError::InvalidDocument {
+                    projection: projection.name.clone(),
+                    collection: collection.clone(),
+                    key: key.clone(),
+                    reason,
+                };
+                let doc = std::str::from_utf8(doc).map_err(|e| invalid(e.to_string()))?;
+                let values = fields::extract(doc, &fields).map_err(|e| invalid(e.to_string()))?;
+                puts.push(Put { key, doc, values });
             }
-            for chunk in puts.chunks(ROWS_PER_STATEMENT) {
-                let mut sql = QueryBuilder::new(format!(
-                    "INSERT INTO \"{table}\" (key, doc, version, updated_at) "
-                ));
-                // Stored as JSONB: the expression indexes then read fields without re-parsing
-                // the text of the old and the new document on every upsert.
-                sql.push_values(chunk, |mut row, (key, doc)| {
-                    row.push_bind(*key)
-                        .push("jsonb(")
-                        .push_bind_unseparated(*doc)
-                        .push_unseparated(")")
-                        .push("1")
-                        .push_bind(now);
-                });
-                sql.push(format!(
-                    " ON CONFLICT(key) DO UPDATE SET doc = excluded.doc, \
-                     version = \"{table}\".version + 1, updated_at = excluded.updated_at"
-                ));
-                sql.build()
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(StoreError::db(format!("writing documents to {table}")))?;
+            let rows = (MAX_BINDS / (3 + columns.len())).clamp(1, ROWS_PER_STATEMENT);
+            for chunk in puts.chunks(rows) {
+                // Most updates leave the indexed fields as they were: those rows (and new
+                // ones) are written without setting the field columns, so no index entry is
+                // touched. Rows whose fields changed are skipped here and updated by a second
+                // statement only when there are any.
+                let written = upsert(&mut tx, &table, &columns, chunk, now, false).await?;
+                if written < chunk.len() as u64 {
+                    upsert(&mut tx, &table, &columns, chunk, now, true).await?;
+                }
             }
             for chunk in deletes.chunks(ROWS_PER_STATEMENT) {
                 let mut sql = QueryBuilder::new(format!("DELETE FROM \"{table}\" WHERE key IN ("));
@@ -385,7 +474,7 @@ impl Store for Sqlite {
     ) -> Result<Option<Document>, StoreError> {
         let table = table_name(projection, collection);
         let row = sqlx::query(&format!(
-            "SELECT key, json(doc), version, updated_at FROM \"{table}\" WHERE key = ?"
+            "SELECT key, {DOC_JSON}, version, updated_at FROM \"{table}\" WHERE key = ?"
         ))
         .bind(key)
         .fetch_optional(&self.read)
@@ -404,7 +493,7 @@ impl Store for Sqlite {
         let mut found = Vec::new();
         for chunk in keys.chunks(ROWS_PER_STATEMENT) {
             let mut sql = QueryBuilder::new(format!(
-                "SELECT key, json(doc), version, updated_at FROM \"{table}\" WHERE key IN ("
+                "SELECT key, {DOC_JSON}, version, updated_at FROM \"{table}\" WHERE key IN ("
             ));
             let mut list = sql.separated(", ");
             for key in chunk {
@@ -431,10 +520,10 @@ impl Store for Sqlite {
     ) -> Result<Vec<Document>, StoreError> {
         let table = table_name(projection, collection);
         let mut sql = QueryBuilder::new(format!(
-            "SELECT key, json(doc), version, updated_at FROM \"{table}\" WHERE 1 = 1"
+            "SELECT key, {DOC_JSON}, version, updated_at FROM \"{table}\" WHERE 1 = 1"
         ));
         for (field, value) in &query.filters {
-            let expr = json_path(field);
+            let expr = field_column(field);
             // A query string has no types: "42" matches the number 42 and the string "42",
             // "true" the boolean; each alternative is an equality the expression index serves.
             sql.push(format!(" AND ({expr} = "))
@@ -467,5 +556,69 @@ impl Store for Sqlite {
             .await
             .map_err(StoreError::db("ping"))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::{Connection, Row};
+
+    use super::fields::{extract, FieldValue};
+
+    /// Tables filled by earlier versions (and by the column backfill) hold `json_extract`'s
+    /// values; the host's must be the same, or a filter would mean two things.
+    #[tokio::test]
+    async fn host_field_values_are_json_extracts() {
+        let mut db = sqlx::SqliteConnection::connect("sqlite::memory:")
+            .await
+            .unwrap();
+        let docs = [
+            r#"{"s":"plain","e":"tab\tquote\"uni\u00e9","i":-7,"z":0,"big":9223372036854775807}"#,
+            r#"{"huge":18446744073709551616,"r":2.5,"x":1e3,"t":true,"f":false,"n":null}"#,
+            r#"{"o":{"s":"in","deep":{"i":3}},"a":[1,"two",null],"k":1,"k":2}"#,
+            r#"[1,2,3]"#,
+            r#""just a string""#,
+        ];
+        let fields = [
+            "s",
+            "e",
+            "i",
+            "z",
+            "big",
+            "huge",
+            "r",
+            "x",
+            "t",
+            "f",
+            "n",
+            "o.s",
+            "o.deep.i",
+            "a",
+            "k",
+            "missing",
+            "o.missing",
+            "s.sub",
+        ];
+        for doc in docs {
+            let host = extract(doc, &fields).unwrap();
+            for (field, value) in fields.iter().zip(host) {
+                let row = sqlx::query(&format!(
+                    "SELECT json_extract(?1, '$.{field}') AS v, typeof(json_extract(?1, '$.{field}')) AS t"
+                ))
+                .bind(doc)
+                .fetch_one(&mut db)
+                .await
+                .unwrap();
+                let kind: String = row.get("t");
+                let expected = match kind.as_str() {
+                    "null" => FieldValue::Null,
+                    "integer" => FieldValue::Integer(row.get("v")),
+                    "real" => FieldValue::Real(row.get("v")),
+                    "text" => FieldValue::Text(row.get::<String, _>("v").into()),
+                    other => panic!("{other}"),
+                };
+                assert_eq!(value, expected, "{field} of {doc}");
+            }
+        }
     }
 }
