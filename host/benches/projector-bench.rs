@@ -75,7 +75,12 @@ fn cpu_secs() -> f64 {
         .map_or("", |(_, rest)| rest)
         .split_whitespace()
         .collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(11) + ticks(12)) / 100.0
 }
 
@@ -625,6 +630,11 @@ async fn median_catch_up(template: &Template<'_>, handler: Arc<dyn BatchHandler>
             .await,
         );
     }
+    median(runs)
+}
+
+/// The median of some runs' seconds, and every run listed (`runs_s=…`).
+fn median(mut runs: Vec<f64>) -> (f64, String) {
     let listed = runs
         .iter()
         .map(|r| format!("{r:.3}"))
@@ -718,18 +728,12 @@ async fn scenario_raw(template: &Template<'_>, events: usize, streams: usize) {
         runs.push(start.elapsed().as_secs_f64());
         template.discard(copy).await;
     }
-    let listed = runs
-        .iter()
-        .map(|r| format!("{r:.3}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    runs.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let secs = runs[runs.len() / 2];
+    let (secs, listed) = median(runs);
     let name = match template {
         Template::Sqlite(_) => "raw-sqlite-writes",
         Template::Postgres { .. } => "pg-raw-writes",
     };
-    report(name, events, secs, &mut [], &format!("median runs_s={listed}"));
+    report(name, events, secs, &mut [], &format!("median {listed}"));
 }
 
 /// Reading the whole outbox in runner-sized batches, nothing else: the read stage's cost.
