@@ -258,6 +258,48 @@ async fn an_existing_debezium_outbox_is_adopted_as_it_is() {
     assert!(body.to_string().contains("too long"), "{body}");
 }
 
+/// An outbox whose version column holds text cannot order versions (and one non-number would
+/// fail every read): refused at start with the setting to change, before anything is read.
+#[tokio::test]
+async fn an_outbox_with_a_text_version_column_is_refused_with_the_setting_to_change() {
+    use projector::config::{OutboxConfig, PostgresConfig};
+    use projector::source::pg_outbox::PgOutbox;
+    use projector::store::postgres::Postgres;
+
+    let url = create_database(&crate::support::postgres_admin_url()).await;
+    psql(
+        &url,
+        "CREATE TABLE outbox (id uuid PRIMARY KEY, aggregatetype text NOT NULL, \
+         aggregateid text NOT NULL, type text NOT NULL, payload jsonb, version text); \
+         INSERT INTO outbox VALUES (gen_random_uuid(), 'Account', 'acct-1', 'AccountOpened', \
+         '{}', 'v1');",
+    );
+    let db = Postgres::open(&url, &PostgresConfig::default())
+        .await
+        .unwrap();
+    let config = OutboxConfig::default();
+    let err = PgOutbox::open(db.clone(), &config)
+        .await
+        .err()
+        .expect("a text version column is refused");
+    let message = err.to_string();
+    assert!(
+        message.contains("outbox.version_column") && message.contains("text"),
+        "{message}"
+    );
+    // Pointed at no column, the same table runs without versions.
+    let config = OutboxConfig {
+        version_column: "no_such_column".into(),
+        ..OutboxConfig::default()
+    };
+    let outbox = PgOutbox::open(db, &config).await.unwrap();
+    let events = projector::source::Source::read(&outbox, 0, 10, 1 << 20)
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].version, 0);
+}
+
 /// Appends `n` deposits to `stream` through `api`, in requests of 50.
 async fn deposit(api: &Api, stream: &str, n: usize) {
     for chunk in 0..n.div_ceil(50) {

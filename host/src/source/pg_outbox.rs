@@ -359,6 +359,18 @@ async fn prepare(db: &Postgres, c: &OutboxConfig) -> Result<Columns, SourceError
             )));
         }
     }
+    // Versions are compared and incremented as numbers: a text column would order "9" after
+    // "10", and one non-number in it would fail every read.
+    if let Some(ty) = types.get(c.version_column.as_str()) {
+        if !matches!(ty.as_str(), "smallint" | "integer" | "bigint" | "numeric") {
+            return Err(SourceError::Setup(format!(
+                "the outbox column {:?} (outbox.version_column) is {ty}, not an integer type; \
+                 change its type, or set outbox.version_column to a column the table does not \
+                 have to run without versions",
+                c.version_column
+            )));
+        }
+    }
     let pos = &c.position_column;
     if let Some(ty) = types.get(pos.as_str()) {
         if ty != "bigint" {
