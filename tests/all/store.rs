@@ -238,3 +238,46 @@ async fn sqlite_tables_of_earlier_versions_get_field_columns_on_register() {
     );
     assert!(keys("closed").await.is_empty());
 }
+
+/// The same projection version started with a field left out and later declared again: the
+/// field's column was not kept up to date in between, so it is filled afresh from the
+/// documents, and the filter finds what the documents say.
+#[tokio::test]
+async fn sqlite_a_field_declared_again_is_refilled_not_found_stale() {
+    let file = tempdir("store").join("redeclared.db");
+    let store = Sqlite::open(&format!("sqlite://{}", file.display()))
+        .await
+        .unwrap();
+    let descriptor = |indexes: &[&str]| Descriptor {
+        name: "redeclared".into(),
+        version: "1".into(),
+        event_types: vec![],
+        collections: vec![CollectionSpec {
+            name: "c".into(),
+            indexes: indexes.iter().map(|f| f.to_string()).collect(),
+        }],
+    };
+    let (both, one) = (descriptor(&["a", "b"]), descriptor(&["a"]));
+    store.register(&both).await.unwrap();
+    let write = |b: &str| one_document("c", "k", &format!(r#"{{"a": 1, "b": "{b}"}}"#));
+    store
+        .commit(&both, &write("old"), &[], 0, 1, true)
+        .await
+        .unwrap();
+    store.register(&one).await.unwrap();
+    store
+        .commit(&one, &write("new"), &[], 1, 2, true)
+        .await
+        .unwrap();
+    store.register(&both).await.unwrap();
+    let find = |b: &str| {
+        let (store, both) = (store.clone(), both.clone());
+        let query = ListQuery {
+            filters: vec![("b".into(), b.into())],
+            limit: 10,
+            ..ListQuery::default()
+        };
+        async move { store.list(&both, "c", &query).await.unwrap().len() }
+    };
+    assert_eq!((find("new").await, find("old").await), (1, 0));
+}

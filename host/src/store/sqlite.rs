@@ -223,6 +223,23 @@ impl Store for Sqlite {
                 .fetch_all(&mut *tx)
                 .await
                 .map_err(StoreError::db(format!("reading the columns of {table}")))?;
+            // Columns of fields no longer declared are not kept up to date: dropped, so a field
+            // declared again is filled afresh rather than found stale.
+            let declared: Vec<String> = fields.iter().map(|f| field_column(f)).collect();
+            for column in &existing {
+                let quoted = format!("\"{column}\"");
+                if column.starts_with("f_") && !declared.contains(&quoted) {
+                    for ddl in [
+                        format!("DROP INDEX IF EXISTS \"{table}_{column}\""),
+                        format!("ALTER TABLE \"{table}\" DROP COLUMN {quoted}"),
+                    ] {
+                        sqlx::query(&ddl)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(StoreError::db(format!("dropping {column} from {table}")))?;
+                    }
+                }
+            }
             for field in &fields {
                 let column = field_column(field);
                 if existing.iter().any(|c| format!("\"{c}\"") == column) {
