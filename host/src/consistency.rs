@@ -50,24 +50,34 @@ pub enum WaitError {
     NotAppended { stream: String, version: u64 },
     #[error("the projection has failed at position {reached}, before position {target}")]
     Failed { reached: u64, target: u64 },
+    #[error("{stream}@{version} (position {position}) was set aside as a dead letter: {reason}")]
+    DeadLettered {
+        stream: String,
+        version: u64,
+        position: u64,
+        reason: String,
+    },
     #[error(transparent)]
     Source(#[from] SourceError),
 }
 
-/// Turns `min_position` and `wait_for` into the one position to wait for. A stream version not
-/// appended yet is waited for too (woken by appends), until `deadline`.
+/// Turns `min_position` and `wait_for` into the one position to wait for, and the position of
+/// each `wait_for` version. A stream version not appended yet is waited for too (woken by
+/// appends), until `deadline`.
 pub async fn target_position(
     source: &dyn Source,
     min_position: Option<u64>,
     wait_for: &[StreamVersion],
     deadline: Instant,
-) -> Result<u64, WaitError> {
+) -> Result<(u64, Vec<u64>), WaitError> {
     let mut target = min_position.unwrap_or(0);
+    let mut positions = Vec::with_capacity(wait_for.len());
     for wanted in wait_for {
         let mut head = source.head();
         loop {
             if let Some(position) = source.position_of(&wanted.stream, wanted.version).await? {
                 target = target.max(position);
+                positions.push(position);
                 break;
             }
             let appended = tokio::time::timeout_at(deadline, head.changed()).await;
@@ -79,7 +89,7 @@ pub async fn target_position(
             }
         }
     }
-    Ok(target)
+    Ok((target, positions))
 }
 
 /// Waits until `progress` reaches `target`; returns the position reached.

@@ -384,6 +384,14 @@ on_both_stores! {
         assert_eq!(items[1]["parked_behind"], first["position"]);
         let (status, _) = api.get("/projections/account-balance/accounts/acct-2").await;
         assert_eq!(status, 404, "nothing of the parked stream was applied");
+        // A reader waiting for the parked deposit is told it will not be applied, and why.
+        let (status, body) = api
+            .get(&format!("/projections/account-balance/accounts/acct-1?wait_for=acct-2@{v2}"))
+            .await;
+        assert_eq!(status, 409, "{body}");
+        assert_eq!(body["error"]["code"], "dead_lettered", "{body}");
+        assert_eq!(body["error"]["position"], parked_1, "{body}");
+        assert!(body["error"]["reason"].as_str().unwrap().contains("parked behind"), "{body}");
 
         // Parking survives a restart.
         server.restart();

@@ -141,6 +141,16 @@ impl From<WaitError> for ApiError {
             )
             .with("position", reached)
             .with("target", target),
+            WaitError::DeadLettered {
+                stream,
+                version,
+                position,
+                reason,
+            } => Self::new(StatusCode::CONFLICT, "dead_lettered", message)
+                .with("stream", stream)
+                .with("version", version)
+                .with("position", position)
+                .with("reason", reason),
             WaitError::Source(err) => err.into(),
         }
     }

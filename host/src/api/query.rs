@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::AppState;
-use crate::consistency::{self, StreamVersion};
+use crate::consistency::{self, StreamVersion, WaitError};
 use crate::runner::Projection;
 use crate::store::ListQuery;
 
@@ -64,7 +64,7 @@ impl ReadParams {
             http.wait_timeout_ms,
             http.max_wait_timeout_ms,
         );
-        let target = consistency::target_position(
+        let (target, positions) = consistency::target_position(
             app.source.as_ref(),
             self.min_position,
             &self.wait_for,
@@ -72,6 +72,23 @@ impl ReadParams {
         )
         .await?;
         consistency::wait_for_position(projection.progress(), target, deadline).await?;
+        // Passed is not applied: an event set aside (or parked behind one) is not in the
+        // documents, and a reader waiting for it must not take them for its write.
+        for (wanted, position) in self.wait_for.iter().zip(positions) {
+            let letters = app
+                .store
+                .dead_letters(projection.descriptor(), position.saturating_sub(1), 1)
+                .await?;
+            if let Some(letter) = letters.into_iter().find(|l| l.position == position) {
+                return Err(WaitError::DeadLettered {
+                    stream: wanted.stream.clone(),
+                    version: wanted.version,
+                    position,
+                    reason: letter.reason,
+                }
+                .into());
+            }
+        }
         Ok(())
     }
 }
