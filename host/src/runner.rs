@@ -5,7 +5,7 @@
 //! waiters answered at once); a database error is retried with backoff forever, since the
 //! batch is intact and the database usually comes back; shutdown stops between batches.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -29,6 +29,10 @@ pub struct Projection {
     progress: watch::Sender<Progress>,
     health: Mutex<Health>,
     documents: Arc<Mutex<DocumentCache>>,
+    /// Batches read but not committed yet, oldest first: the last position of each, and when
+    /// its first event was appended (ms since the epoch). The front is the oldest event the
+    /// read model does not have.
+    unapplied: Mutex<VecDeque<(u64, u64)>>,
 }
 
 /// The health of a projection, as `GET /projections` shows it.
@@ -59,6 +63,52 @@ impl Projection {
                 error: None,
                 retrying: None,
             }),
+            unapplied: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// How long ago the oldest event this projection has read but not applied was appended;
+    /// 0 when it has applied everything it has read. Events not read yet are newer still:
+    /// the runner reads as soon as the head moves.
+    pub fn lag_seconds(&self) -> f64 {
+        let oldest = self.unapplied().front().map(|&(_, appended)| appended);
+        oldest.map_or(0.0, |appended| {
+            now_ms().saturating_sub(appended) as f64 / 1000.0
+        })
+    }
+
+    fn unapplied(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, u64)>> {
+        self.unapplied
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A batch was read: remembered until a commit passes it.
+    fn read_batch(&self, events: &[Event]) {
+        let (Some(first), Some(last)) = (events.first(), events.last()) else {
+            return;
+        };
+        let mut unapplied = self.unapplied();
+        if unapplied
+            .back()
+            .is_some_and(|&(end, _)| end >= last.position)
+        {
+            return;
+        }
+        // A source without timestamps (0) counts from now, when the host first saw it.
+        let appended = if first.timestamp_ms > 0 {
+            first.timestamp_ms
+        } else {
+            now_ms()
+        };
+        unapplied.push_back((last.position, appended));
+    }
+
+    /// The checkpoint moved to `position`: batches up to it are applied.
+    fn applied_to(&self, position: u64) {
+        let mut unapplied = self.unapplied();
+        while unapplied.front().is_some_and(|&(end, _)| end <= position) {
+            unapplied.pop_front();
         }
     }
 
@@ -240,6 +290,8 @@ impl Runner {
         let mut handled_to = self.projection.checkpoint();
         let mut pending: Option<Handled> = None;
         let mut prefetched: Option<Vec<Event>> = None;
+        // What an earlier run of this projection read and never committed is read again.
+        self.projection.unapplied().clear();
         tracing::info!(projection = %name, checkpoint = handled_to, "runner started");
         while !*shutdown.borrow() {
             let events = match prefetched.take() {
@@ -390,6 +442,9 @@ impl Runner {
             )
             .await;
         ProjectionMetrics::add_time(&self.projection.metrics.read_micros, start.elapsed());
+        if let Ok(events) = &read {
+            self.projection.read_batch(events);
+        }
         read.map_err(|err| match err {
             // The row will not get better by waiting: stop and say where it is (parking
             // it as a dead letter is the failure-isolation work still to come).
@@ -440,6 +495,7 @@ impl Runner {
                 .await
             {
                 Ok(()) => {
+                    self.projection.applied_to(batch.last);
                     // Our commit held the outbox's watermark back while it ran.
                     self.source.nudge();
                     let metrics = &self.projection.metrics;
@@ -678,6 +734,11 @@ fn check_documents(output: &BatchOutput) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The wall clock in ms since the epoch (0 before it).
+fn now_ms() -> u64 {
+    crate::store::now_ms().max(0) as u64
 }
 
 /// The deepest nesting a store accepts (SQLite's JSONB limit is 1000).

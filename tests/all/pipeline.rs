@@ -243,6 +243,22 @@ on_both_stores! {
         assert!(body.to_string().contains("misbehave"), "{body}");
         let (status, _) = api.get("/healthz").await;
         assert_eq!(status, 200);
+
+        // Operators see how far behind each read model is, in time: the failed projection's
+        // oldest unapplied event ages, the healthy one has applied everything it read.
+        let lag = |text: &str, projection: &str| -> f64 {
+            let prefix = format!("projector_lag_seconds{{projection=\"{projection}\"}} ");
+            let line = text.lines().find(|l| l.starts_with(&prefix));
+            line.and_then(|l| l[prefix.len()..].parse().ok())
+                .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+        };
+        let (_, first) = api.get("/metrics").await;
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        let (_, second) = api.get("/metrics").await;
+        let (first, second) = (first.as_str().unwrap(), second.as_str().unwrap());
+        assert!(lag(second, "misbehave") >= 1.0, "{second}");
+        assert!(lag(second, "misbehave") > lag(first, "misbehave"), "{first}\n{second}");
+        assert_eq!(lag(second, "account-balance"), 0.0, "{second}");
     }
 }
 
@@ -285,6 +301,7 @@ on_both_stores! {
             format!("projector_head_position {position}"),
             format!("projector_checkpoint_position{{projection=\"account-balance\"}} {position}"),
             "projector_lag_events{projection=\"account-balance\"} 0".to_owned(),
+            "projector_lag_seconds{projection=\"account-balance\"} 0.000".to_owned(),
             "projector_projection_up{projection=\"account-balance\"} 1".to_owned(),
             "projector_events_total{projection=\"account-balance\"} 2".to_owned(),
         ] {

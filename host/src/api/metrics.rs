@@ -20,7 +20,7 @@ pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
     let _ = writeln!(out, "# TYPE projector_head_position gauge");
     let _ = writeln!(out, "projector_head_position {head}");
     type Reading = fn(&crate::runner::Projection, u64) -> String;
-    let families: [(&str, &str, &str, Reading); 12] = [
+    let families: [(&str, &str, &str, Reading); 13] = [
         (
             "projector_checkpoint_position",
             "gauge",
@@ -32,6 +32,12 @@ pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
             "gauge",
             "Head position minus checkpoint.",
             |p, head| head.saturating_sub(p.checkpoint()).to_string(),
+        ),
+        (
+            "projector_lag_seconds",
+            "gauge",
+            "Age of the oldest event read but not yet applied (0: everything read is applied).",
+            |p, _| format!("{:.3}", p.lag_seconds()),
         ),
         (
             "projector_projection_up",
