@@ -349,6 +349,19 @@ async fn a_standby_instance_takes_over_when_the_active_one_is_killed() {
     );
     // The standby follows the active one's checkpoint: reads that wait are answered there too.
     wait_for_balance(&api_b, "acct-1", 500).await;
+    // Standing by tries the lease every 500 ms on one kept session, not a new connection
+    // (a server process) each time.
+    let url = backend.url().unwrap();
+    let mut conn = PgConnection::connect(url).await.unwrap();
+    let before = sessions(&mut conn).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let after = sessions(&mut conn).await;
+    assert_eq!(
+        after - before,
+        0,
+        "sessions opened while both instances idled for 2 s"
+    );
+    conn.close().await.unwrap();
 
     // Appends keep coming through B while A dies mid-stream.
     let writer = {
@@ -373,6 +386,18 @@ async fn a_standby_instance_takes_over_when_the_active_one_is_killed() {
         body["document"]["tx_count"], 2000,
         "each deposit applied once"
     );
+}
+
+/// Sessions ever opened on the connection's database (statistics read fresh).
+async fn sessions(conn: &mut PgConnection) -> i64 {
+    sqlx::query("SELECT pg_stat_clear_snapshot()")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query_scalar("SELECT sessions FROM pg_stat_database WHERE datname = current_database()")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap()
 }
 
 /// The test's own cluster, so stopping it leaves the other tests alone.

@@ -3,7 +3,9 @@
 //! are JSONB; a batch is one transaction of set-based statements (`UNNEST` arrays), whatever
 //! its size.
 
+use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -44,6 +46,9 @@ pub struct Postgres {
     schema: String,
     /// `SET LOCAL synchronous_commit = ...` for batch commits (validated by the config).
     commit_setting: String,
+    /// Per projection, the session a standby tries the lease on: kept between tries, so
+    /// standing by costs no new connection (a server process each) every poll.
+    lease_candidates: Arc<Mutex<HashMap<String, PgConnection>>>,
 }
 
 impl Postgres {
@@ -71,6 +76,7 @@ impl Postgres {
                 "SET LOCAL synchronous_commit = {}",
                 config.synchronous_commit
             ),
+            lease_candidates: Arc::default(),
         };
         db.migrate().await?;
         Ok(db)
@@ -442,17 +448,29 @@ impl Store for Postgres {
 
     async fn try_lease(&self, projection: &str) -> Result<Option<Lease>, StoreError> {
         let key = lease_key(&self.schema, projection);
-        let mut conn = self
-            .connect()
-            .await
-            .map_err(StoreError::db("connecting for a lease"))?;
+        let cached = self
+            .lease_candidates
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(projection);
+        let mut conn = match cached {
+            Some(conn) => conn,
+            None => self
+                .connect()
+                .await
+                .map_err(StoreError::db("connecting for a lease"))?,
+        };
+        // A broken cached session fails here and is dropped: the next try connects afresh.
         let granted: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(key)
             .fetch_one(&mut conn)
             .await
             .map_err(StoreError::db("taking a lease"))?;
         if !granted {
-            let _ = conn.close().await;
+            self.lease_candidates
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(projection.to_owned(), conn);
             return Ok(None);
         }
         // The lock lives as long as this session: a task keeps the connection, checks it, and
