@@ -42,11 +42,44 @@ impl Event {
     }
 }
 
-/// Whether JSON text holds the escape `\u0000` (not an escaped backslash followed by `u0000`).
-pub(crate) fn has_nul_escape(json: &[u8]) -> bool {
+/// What in valid JSON text no store can take, if anything: the escape `\u0000` (PostgreSQL
+/// stores no NUL character) or a `\u` escape of half a UTF-16 surrogate pair (no valid
+/// Unicode; PostgreSQL's `jsonb` and Rust's JSON parsers refuse it).
+pub(crate) fn unstorable_escape(json: &[u8]) -> Option<&'static str> {
     // Most documents have no backslash at all: one fast scan settles them.
-    json.contains(&b'\\')
-        && json.windows(6).enumerate().any(|(i, w)| {
-            w == b"\\u0000" && json[..i].iter().rev().take_while(|&&b| b == b'\\').count() % 2 == 0
-        })
+    if !json.contains(&b'\\') {
+        return None;
+    }
+    let hex = |at: usize| -> Option<u16> {
+        let digits = std::str::from_utf8(json.get(at..at + 4)?).ok()?;
+        u16::from_str_radix(digits, 16).ok()
+    };
+    let mut i = 0;
+    while i < json.len() {
+        if json[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        // Outside strings a backslash is not JSON; inside, it starts exactly one escape.
+        if json.get(i + 1) != Some(&b'u') {
+            i += 2;
+            continue;
+        }
+        // Not four hex digits: not JSON, which the parser reports.
+        match hex(i + 2)? {
+            0 => return Some("a NUL character (\\u0000)"),
+            0xD800..=0xDBFF => {
+                let low = (json.get(i + 6..i + 8) == Some(b"\\u"))
+                    .then(|| hex(i + 8))
+                    .flatten();
+                if !matches!(low, Some(0xDC00..=0xDFFF)) {
+                    return Some("an unpaired UTF-16 surrogate escape");
+                }
+                i += 12;
+            }
+            0xDC00..=0xDFFF => return Some("an unpaired UTF-16 surrogate escape"),
+            _ => i += 6,
+        }
+    }
+    None
 }

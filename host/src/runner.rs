@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use crate::config::RunnerConfig;
 use crate::consistency::Progress;
-use crate::event::{has_nul_escape, Event};
+use crate::event::{unstorable_escape, Event};
 use crate::metrics::ProjectionMetrics;
 use crate::runtime::{
     BatchHandler, BatchOutput, BoxError, Descriptor, DocumentReader, RuntimeError,
@@ -159,6 +159,8 @@ impl Projection {
 
     /// Another instance runs it: follow its checkpoint so reads that wait still get answered.
     pub(crate) fn follow(&self, checkpoint: u64) {
+        // What this instance read is another's to apply now: its age is not our lag.
+        self.unapplied().clear();
         self.update_health(|h| {
             h.status = ProjectionStatus::Standby;
             h.retrying = None;
@@ -228,6 +230,8 @@ enum Committed {
     /// Shutdown came first.
     Stopped,
     Fenced,
+    /// The store refused the batch for what it holds: retrying cannot help.
+    Refused(String),
 }
 
 /// Exponential backoff between retries, reset by the next success.
@@ -331,6 +335,10 @@ impl Runner {
                                     Committed::Yes => {}
                                     Committed::Stopped => break,
                                     Committed::Fenced => return RunEnd::Fenced,
+                                    Committed::Refused(error) => {
+                                        self.fail(error).await;
+                                        return RunEnd::Failed;
+                                    }
                                 }
                             }
                             let mut letter = letter;
@@ -393,6 +401,10 @@ impl Runner {
                 Committed::Yes => {}
                 Committed::Stopped => break,
                 Committed::Fenced => return RunEnd::Fenced,
+                Committed::Refused(error) => {
+                    self.fail(error).await;
+                    return RunEnd::Failed;
+                }
             }
             match handled {
                 None => {}
@@ -423,8 +435,13 @@ impl Runner {
         if let Some(batch) = pending.take() {
             // Shutting down: one attempt, so a clean stop leaves nothing to redo.
             let (_, mut stopped) = watch::channel(true);
-            if let Committed::Fenced = self.commit(batch, true, &mut backoff, &mut stopped).await {
-                return RunEnd::Fenced;
+            match self.commit(batch, true, &mut backoff, &mut stopped).await {
+                Committed::Fenced => return RunEnd::Fenced,
+                Committed::Refused(error) => {
+                    self.fail(error).await;
+                    return RunEnd::Failed;
+                }
+                Committed::Yes | Committed::Stopped => {}
             }
         }
         tracing::info!(projection = %name, checkpoint = self.projection.checkpoint(), "runner stopped");
@@ -509,6 +526,9 @@ impl Runner {
                     });
                     self.recovered(backoff);
                     return Committed::Yes;
+                }
+                Err(err @ StoreError::InvalidDocument { .. }) => {
+                    return Committed::Refused(err.to_string());
                 }
                 Err(err @ StoreError::Fenced { .. }) => {
                     tracing::warn!(projection = %self.projection.name(), error = %err, "batch dropped: standing by");
@@ -718,10 +738,8 @@ fn check_documents(output: &BatchOutput) -> Result<(), String> {
             return Err(format!("{collection}/{key:?}, a key with a NUL character"));
         }
         for (key, doc) in docs.iter().filter_map(|(k, d)| Some((k, d.as_ref()?))) {
-            if has_nul_escape(doc) {
-                return Err(format!(
-                    "{collection}/{key}, which holds a NUL character (\\u0000)"
-                ));
+            if let Some(what) = unstorable_escape(doc) {
+                return Err(format!("{collection}/{key}, which holds {what}"));
             }
             if let Err(err) = serde_json::from_slice::<&serde_json::value::RawValue>(doc) {
                 return Err(format!("{collection}/{key}, which is not JSON: {err}"));
@@ -880,11 +898,19 @@ mod tests {
     }
 
     #[test]
-    fn nul_escapes_are_found_and_escaped_backslashes_are_not() {
-        assert!(has_nul_escape(br#"{"a": "x\u0000"}"#));
-        assert!(has_nul_escape(br#"{"a": "\\\u0000"}"#));
-        assert!(!has_nul_escape(br#"{"a": "\\u0000"}"#));
-        assert!(!has_nul_escape(br#"{"a": "\u0001"}"#));
+    fn nul_and_half_surrogate_escapes_are_found_and_escaped_backslashes_are_not() {
+        let nul = Some("a NUL character (\\u0000)");
+        let half = Some("an unpaired UTF-16 surrogate escape");
+        assert_eq!(unstorable_escape(br#"{"a": "x\u0000"}"#), nul);
+        assert_eq!(unstorable_escape(br#"{"a": "\\\u0000"}"#), nul);
+        assert_eq!(unstorable_escape(br#"{"a": "\\u0000"}"#), None);
+        assert_eq!(unstorable_escape(br#"{"a": "\u0001"}"#), None);
+        assert_eq!(unstorable_escape(br#"{"a": "\ud83d\ude00 ok"}"#), None);
+        assert_eq!(unstorable_escape(br#"{"a": "cut \ud83d"}"#), half);
+        assert_eq!(unstorable_escape(br#"{"\ud800": 1}"#), half);
+        assert_eq!(unstorable_escape(br#"{"a": "\ude00"}"#), half);
+        assert_eq!(unstorable_escape(br#"{"a": "\ud83d\u0041"}"#), half);
+        assert_eq!(unstorable_escape(br#"{"a": "\\ud800"}"#), None);
     }
 
     #[test]
@@ -901,5 +927,19 @@ mod tests {
             err.contains("c/k") && err.contains("deeper than 1000"),
             "{err}"
         );
+    }
+
+    /// A string cut inside a surrogate pair (a plugin that slices UTF-16) is JSON to a lax
+    /// parser, but neither store can keep it: refused with the document's name, not retried.
+    #[test]
+    fn documents_with_half_a_surrogate_pair_are_the_plugins_fault() {
+        let mut output = BatchOutput::default();
+        output
+            .writes
+            .entry("c".into())
+            .or_default()
+            .insert("k".into(), Some(br#"{"name": "ab\ud83d"}"#.to_vec()));
+        let err = check_documents(&output).unwrap_err();
+        assert!(err.contains("c/k") && err.contains("surrogate"), "{err}");
     }
 }

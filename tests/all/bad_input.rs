@@ -26,6 +26,8 @@ on_both_stores! {
             ("bad event in a batch", json!({"events": [
                 {"stream": "s", "stream_type": "S", "type": "T", "payload": {}},
                 {"stream": "s", "stream_type": "S", "payload": {}}]}).to_string(), 400, "invalid_event", "events[1]"),
+            ("NUL escape", r#"{"stream": "s", "stream_type": "S", "type": "T", "payload": {"a": "x\u0000"}}"#.into(), 400, "invalid_event", "NUL"),
+            ("half a surrogate pair", r#"{"stream": "s", "stream_type": "S", "type": "T", "payload": {"a": "cut \ud83d"}}"#.into(), 400, "malformed_json", "payload.a"),
             ("oversized body", format!("{{\"stream\":\"s\",\"stream_type\":\"S\",\"type\":\"T\",\"payload\":\"{}\"}}", "x".repeat(2 << 20)), 413, "body_too_large", "length limit"),
         ];
         for (what, body, status, code, mention) in cases {

@@ -237,6 +237,34 @@ async fn sqlite_tables_of_earlier_versions_get_field_columns_on_register() {
         ]
     );
     assert!(keys("closed").await.is_empty());
+
+    // An earlier version run on the file again (a rollback) writes JSONB documents without
+    // filling the columns and makes its index again; the next start brings those rows up.
+    {
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        for sql in [
+            format!(
+                "CREATE INDEX \"{table}_ix_status\" ON \"{table}\" (json_extract(doc, '$.status'))"
+            ),
+            format!(
+                "UPDATE \"{table}\" SET doc = jsonb('{{\"status\":\"closed\"}}'), version = 3 \
+                 WHERE key = 'b'"
+            ),
+            format!("INSERT INTO \"{table}\" (key, doc, version, updated_at) VALUES ('c', jsonb('{{\"status\":\"closed\"}}'), 1, 0)"),
+        ] {
+            sqlx::query(&sql).execute(&mut conn).await.unwrap();
+        }
+        conn.close().await.unwrap();
+    }
+    store.register(&descriptor).await.unwrap();
+    assert_eq!(
+        keys("closed").await,
+        [
+            ("b".into(), r#"{"status":"closed"}"#.into(), 3),
+            ("c".into(), r#"{"status":"closed"}"#.into(), 1)
+        ]
+    );
+    assert_eq!(keys("open").await.len(), 1);
 }
 
 /// The same projection version started with a field left out and later declared again: the

@@ -20,6 +20,10 @@ pub struct CollectionSpec {
     pub indexes: Vec<String>,
 }
 
+/// Index fields per collection: each is a column and an index to maintain on every write (and
+/// SQLite compares them all in one expression, whose depth it limits).
+const MAX_INDEXES: usize = 64;
+
 impl CollectionSpec {
     /// The indexed fields, each once, sorted: the order stores keep their columns in.
     pub fn fields(&self) -> Vec<&str> {
@@ -53,6 +57,13 @@ impl Descriptor {
                 .any(|seen: &CollectionSpec| seen.name == c.name)
             {
                 return Err(format!("collection {:?} is declared twice", c.name));
+            }
+            if c.indexes.len() > MAX_INDEXES {
+                return Err(format!(
+                    "collection {:?} declares {} index fields; at most {MAX_INDEXES}",
+                    c.name,
+                    c.indexes.len()
+                ));
             }
             for field in &c.indexes {
                 let ok = !field.is_empty()

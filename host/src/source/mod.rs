@@ -151,10 +151,10 @@ pub(crate) fn validate(events: &mut [NewEvent]) -> Result<(), AppendError> {
                 return Err(invalid(format!("`{field}` holds a NUL character")));
             }
         }
-        if crate::event::has_nul_escape(e.payload.get().as_bytes()) {
-            return Err(invalid(
-                "`payload` holds a NUL character (\\u0000), which PostgreSQL cannot store".into(),
-            ));
+        if let Some(what) = crate::event::unstorable_escape(e.payload.get().as_bytes()) {
+            return Err(invalid(format!(
+                "`payload` holds {what}, which the stores cannot keep"
+            )));
         }
     }
     Ok(())

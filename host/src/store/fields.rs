@@ -82,7 +82,7 @@ fn leaf(raw: &RawValue) -> Result<FieldValue<'_>, serde_json::Error> {
         }
         Some(b't') => FieldValue::Integer(1),
         Some(b'f') => FieldValue::Integer(0),
-        Some(b'{' | b'[') => FieldValue::Text(Cow::Borrowed(text)),
+        Some(b'{' | b'[') => FieldValue::Text(compact(text)),
         Some(b'n') | None => FieldValue::Null,
         Some(_) => match text.parse::<i64>() {
             Ok(n) => FieldValue::Integer(n),
@@ -91,6 +91,33 @@ fn leaf(raw: &RawValue) -> Result<FieldValue<'_>, serde_json::Error> {
                 .map_or(FieldValue::Null, FieldValue::Real),
         },
     })
+}
+
+/// JSON text without the whitespace between tokens, as `json_extract` renders an array or an
+/// object (strings, numbers and escapes stay as written, as there).
+fn compact(json: &str) -> Cow<'_, str> {
+    let spaced = |b: u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+    if !json.bytes().any(spaced) {
+        return Cow::Borrowed(json);
+    }
+    let mut out = String::with_capacity(json.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for c in json.chars() {
+        if in_string {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => in_string = false,
+                _ => {}
+            }
+        } else if c == '"' {
+            in_string = true;
+        } else if c.is_ascii() && spaced(c as u8) {
+            continue;
+        }
+        out.push(c);
+    }
+    Cow::Owned(out)
 }
 
 struct Pick<'n> {
@@ -247,7 +274,7 @@ mod tests {
 
     #[test]
     fn dotted_paths_descend_and_stop_at_non_objects() {
-        let doc = r#"{"owner":{"address":{"city":"Graz"}},"list":[{"city":"x"}],"s":"x"}"#;
+        let doc = r#"{"owner": { "address" : {"city":"Graz"}},"list":[{"city":"x"}],"s":"x"}"#;
         assert_eq!(
             values(
                 doc,
@@ -267,6 +294,12 @@ mod tests {
                 text(r#"{"address":{"city":"Graz"}}"#),
             ]
         );
+    }
+
+    #[test]
+    fn arrays_and_objects_lose_the_space_between_tokens_but_not_inside_strings() {
+        let doc = "{\"a\": [ 1,\n\t\"x y\" , {\"k\" : \"\\\" \"} ]}";
+        assert_eq!(values(doc, &["a"]), [text(r#"[1,"x y",{"k":"\" "}]"#)]);
     }
 
     #[test]

@@ -248,15 +248,43 @@ impl Store for Sqlite {
                 for ddl in [
                     format!("ALTER TABLE \"{table}\" ADD COLUMN {column}"),
                     format!("UPDATE \"{table}\" SET {column} = json_extract(doc, '$.{field}')"),
-                    format!(
-                        "DROP INDEX IF EXISTS \"{table}_ix_{}\"",
-                        field.replace('.', "__")
-                    ),
                 ] {
                     sqlx::query(&ddl)
                         .execute(&mut *tx)
                         .await
                         .map_err(StoreError::db(format!("adding {column} to {table}")))?;
+                }
+            }
+            // Expression indexes (`{table}_ix_…`) are what earlier versions made, and make
+            // again if one runs on this file after an upgrade: it then also wrote documents as
+            // JSONB without filling the columns. Those rows are brought up to date, once.
+            let indexes: Vec<String> = sqlx::query_scalar(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?",
+            )
+            .bind(&table)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(StoreError::db(format!("reading the indexes of {table}")))?;
+            let legacy: Vec<&String> = indexes
+                .iter()
+                .filter(|name| name.starts_with(&format!("{table}_ix_")))
+                .collect();
+            if !legacy.is_empty() {
+                let mut refresh = format!("UPDATE \"{table}\" SET doc = json(doc)");
+                for field in &fields {
+                    refresh.push_str(&format!(
+                        ", {} = json_extract(doc, '$.{field}')",
+                        field_column(field)
+                    ));
+                }
+                refresh.push_str(" WHERE typeof(doc) = 'blob'");
+                let mut statements = vec![refresh];
+                statements.extend(legacy.iter().map(|i| format!("DROP INDEX \"{i}\"")));
+                for sql in statements {
+                    sqlx::query(&sql)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(StoreError::db(format!("upgrading {table}")))?;
                 }
             }
             for field in &fields {
@@ -593,6 +621,7 @@ mod tests {
             r#"{"s":"plain","e":"tab\tquote\"uni\u00e9","i":-7,"z":0,"big":9223372036854775807}"#,
             r#"{"huge":18446744073709551616,"r":2.5,"x":1e3,"t":true,"f":false,"n":null}"#,
             r#"{"o":{"s":"in","deep":{"i":3}},"a":[1,"two",null],"k":1,"k":2}"#,
+            "{\"o\" : { \"s\" : \"a b\" ,\n \"deep\": {\"i\": [1, \"\\\" x\"]}}, \"a\": [ ]}",
             r#"[1,2,3]"#,
             r#""just a string""#,
         ];
