@@ -829,8 +829,13 @@ impl DocumentCache {
             Some(docs) => docs,
             None => self.docs.entry(collection.to_owned()).or_default(),
         };
-        if docs.insert(key.to_owned(), doc).is_none() {
-            self.len += 1;
+        // Most keys are cached already (a catch-up rewrites the same documents): no new key.
+        match docs.get_mut(key) {
+            Some(cached) => *cached = doc,
+            None => {
+                docs.insert(key.to_owned(), doc);
+                self.len += 1;
+            }
         }
     }
 
