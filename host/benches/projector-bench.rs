@@ -65,23 +65,29 @@ fn tempdir(name: &str) -> PathBuf {
     dir
 }
 
-/// CPU time this process has used (user + system), in seconds: on a machine this small the
-/// pipeline is bound by it, and it varies far less between runs than wall time.
-fn cpu_secs() -> f64 {
+/// A field of `/proc/self/stat`, counted after the parenthesised command name.
+fn proc_stat(field: usize) -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
     let fields: Vec<&str> = stat
         .rsplit_once(')')
         .map_or("", |(_, rest)| rest)
         .split_whitespace()
         .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
+    fields
+        .get(field)
+        .and_then(|f| f.parse::<f64>().ok())
+        .unwrap_or(0.0)
+}
+
+/// CPU time this process has used (user + system), in seconds: on a machine this small the
+/// pipeline is bound by it, and it varies less between runs than wall time.
+fn cpu_secs() -> f64 {
+    (proc_stat(11) + proc_stat(12)) / 100.0
+}
+
+/// Minor page faults so far: each costs a kernel entry and a zeroed page.
+fn page_faults() -> f64 {
+    proc_stat(7)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -528,7 +534,7 @@ async fn catch_up(
     };
     let runner = Runner::new(projection.clone(), store, outbox, config);
     let (stop, stopped) = watch::channel(false);
-    let cpu = cpu_secs();
+    let (cpu, faults) = (cpu_secs(), page_faults());
     let start = Instant::now();
     let task = tokio::spawn(runner.run(stopped));
     progress
@@ -536,7 +542,7 @@ async fn catch_up(
         .await
         .unwrap();
     let secs = start.elapsed().as_secs_f64();
-    let cpu = cpu_secs() - cpu;
+    let (cpu, faults) = (cpu_secs() - cpu, page_faults() - faults);
     assert!(!progress.borrow().failed, "{:?}", projection.health());
     stop.send(true).unwrap();
     task.await.unwrap();
@@ -545,7 +551,8 @@ async fn catch_up(
     let m = &projection.metrics;
     let busy = |c: &std::sync::atomic::AtomicU64| ProjectionMetrics::get(c) as f64 / 1e6;
     println!(
-        "  (stages busy: read {:.2} s, plugin {:.2} s, commit {:.2} s; process CPU {cpu:.2} s)",
+        "  (stages busy: read {:.2} s, plugin {:.2} s, commit {:.2} s; process CPU {cpu:.2} s, \
+         {faults} page faults)",
         busy(&m.read_micros),
         busy(&m.plugin_micros),
         busy(&m.commit_micros)

@@ -67,6 +67,34 @@ fn an_infinite_loop_is_stopped_at_the_deadline() {
     assert_still_works(&plugin);
 }
 
+/// Instances come from a fixed pool (32 slots): calls beyond it wait for a slot, none fails
+/// to instantiate. Forty calls that each hold their instance until the deadline overlap.
+#[test]
+fn more_calls_at_once_than_instance_slots_wait_for_one() {
+    let (_rt, plugin) = misbehave(Limits {
+        deadline_ms: 200,
+        ..Limits::default()
+    });
+    let plugin = Arc::new(plugin);
+    let calls: Vec<_> = (0..40)
+        .map(|i| {
+            let plugin = plugin.clone();
+            std::thread::spawn(move || {
+                let mut ev = Events::default();
+                plugin.handle(vec![ev.next(&format!("s{i}"), "Loop", json!({}))], docs())
+            })
+        })
+        .collect();
+    for call in calls {
+        let err = call.join().unwrap().unwrap_err();
+        assert!(
+            matches!(err, RuntimeError::DeadlineExceeded { .. }),
+            "{err}"
+        );
+    }
+    assert_still_works(&plugin);
+}
+
 #[test]
 fn a_memory_bomb_hits_the_memory_limit() {
     let (_rt, plugin) = misbehave(Limits {

@@ -1,5 +1,6 @@
 //! The sandboxed WebAssembly runtime: compiles plugins once (with an on-disk cache), and runs
 //! one `handle` call per batch in a fresh store with a memory cap, a deadline and an output cap.
+//! Instances come from a fixed pool whose slots keep their zeroed memory mapped between calls.
 
 mod bindings;
 mod cache;
@@ -9,12 +10,12 @@ mod sandbox;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use wasmtime::component::{HasSelf, Linker};
-use wasmtime::{Config, Engine, Store, Trap};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
 use crate::event::Event;
 use bindings::projection::projector::plugin::types as wit;
@@ -111,12 +112,22 @@ pub struct RuntimeConfig {
     pub cache_dir: Option<PathBuf>,
 }
 
+/// Plugin calls that may run at once, each in an instance slot of the engine's pool; a call
+/// beyond them waits for a slot (see [`Slots`]) instead of failing.
+const INSTANCE_SLOTS: u32 = 32;
+
+/// Guest memory a slot keeps mapped (zeroed, not returned to the kernel) between calls: a
+/// fresh instance per batch then starts without a page fault for every page the last batch
+/// touched (~1,400 faults per 5,000-event batch of `account-balance`, ~8 % of a catch-up).
+const KEEP_RESIDENT: usize = 16 << 20;
+
 /// How often the deadline clock ticks: the deadline's precision.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
 /// The engine and everything shared by all plugins.
 pub struct Runtime {
     engine: Engine,
+    slots: Arc<Slots>,
     linker: Linker<HostState>,
     config: RuntimeConfig,
     ticker_stop: Arc<AtomicBool>,
@@ -128,6 +139,16 @@ impl Runtime {
         wasm.wasm_component_model(true)
             .epoch_interruption(true)
             .cranelift_opt_level(wasmtime::OptLevel::Speed);
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(INSTANCE_SLOTS)
+            .max_memories_per_component(2)
+            .total_memories(2 * INSTANCE_SLOTS)
+            .total_core_instances(20 * INSTANCE_SLOTS)
+            .total_tables(20 * INSTANCE_SLOTS)
+            .max_memory_size(config.limits.memory_bytes())
+            .linear_memory_keep_resident(KEEP_RESIDENT)
+            .table_keep_resident(64 << 10);
+        wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&wasm).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
@@ -138,6 +159,7 @@ impl Runtime {
         spawn_epoch_ticker(&engine, ticker_stop.clone());
         Ok(Self {
             engine,
+            slots: Arc::new(Slots::new(INSTANCE_SLOTS as usize)),
             linker,
             config,
             ticker_stop,
@@ -174,6 +196,7 @@ impl Runtime {
             name: origin.to_owned(),
             pre,
             engine: self.engine.clone(),
+            slots: self.slots.clone(),
             limits: self.config.limits.clone(),
             descriptor: Descriptor::default(),
             from_cache,
@@ -192,6 +215,43 @@ impl Runtime {
 impl Drop for Runtime {
     fn drop(&mut self) {
         self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Counts the engine pool's free instance slots, so a call waits for one rather than failing
+/// to instantiate when every slot is taken.
+struct Slots {
+    free: Mutex<usize>,
+    freed: Condvar,
+}
+
+struct Slot<'a>(&'a Slots);
+
+impl Slots {
+    fn new(count: usize) -> Self {
+        Self {
+            free: Mutex::new(count),
+            freed: Condvar::new(),
+        }
+    }
+
+    fn acquire(&self) -> Slot<'_> {
+        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        while *free == 0 {
+            free = self
+                .freed
+                .wait(free)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        *free -= 1;
+        Slot(self)
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        self.0.freed.notify_one();
     }
 }
 
@@ -245,6 +305,7 @@ pub struct Plugin {
     name: String,
     pre: ProjectionPre<HostState>,
     engine: Engine,
+    slots: Arc<Slots>,
     limits: Limits,
     descriptor: Descriptor,
     from_cache: bool,
@@ -278,6 +339,8 @@ impl Plugin {
     }
 
     fn describe(&self) -> Result<wit::Descriptor, RuntimeError> {
+        // Declared before the store: dropped after it, when its instance is back in the pool.
+        let _slot = self.slots.acquire();
         let mut store = self.store(&[], Arc::new(MemoryDocuments::default()));
         let result = self
             .pre
@@ -294,6 +357,8 @@ impl Plugin {
         events: Vec<Event>,
         docs: Arc<dyn DocumentReader>,
     ) -> Result<BatchOutput, RuntimeError> {
+        // Declared before the store: dropped after it, when its instance is back in the pool.
+        let _slot = self.slots.acquire();
         let mut store = self.store(&events, docs);
         let wit_events: Vec<wit::Event> = events.into_iter().map(to_wit).collect();
         let result = self
