@@ -296,6 +296,13 @@ impl Config {
                 return Err(ConfigError::Invalid(format!("{name} must be above 0")));
             }
         }
+        // A 32-bit guest addresses 4 GiB, which is also what each pooled memory slot reserves.
+        if self.limits.memory_mb > 4096 {
+            return Err(ConfigError::Invalid(format!(
+                "limits.memory_mb {} is above 4096, all a 32-bit plugin can address",
+                self.limits.memory_mb
+            )));
+        }
         if !["on", "off", "local", "remote_write", "remote_apply"]
             .contains(&self.postgres.synchronous_commit.as_str())
         {
@@ -419,6 +426,8 @@ mod tests {
         let err =
             Config::load(None, env(&[("PROJECTOR_RUNNER__MAX_BATCH_EVENTS", "0")])).unwrap_err();
         assert!(err.to_string().contains("max_batch_events"), "{err}");
+        let err = Config::load(None, env(&[("PROJECTOR_LIMITS__MEMORY_MB", "8192")])).unwrap_err();
+        assert!(err.to_string().contains("limits.memory_mb 8192"), "{err}");
     }
 
     #[test]

@@ -85,6 +85,7 @@ pub async fn run_with_lease(
             }
             Ok(None) => {
                 backoff = FIRST_RETRY;
+                projection.stand_by();
                 if !standing_by {
                     tracing::info!(projection = %name, "another instance runs this projection: standing by");
                     standing_by = true;

@@ -159,8 +159,7 @@ impl Projection {
 
     /// Another instance runs it: follow its checkpoint so reads that wait still get answered.
     pub(crate) fn follow(&self, checkpoint: u64) {
-        // What this instance read is another's to apply now: its age is not our lag.
-        self.unapplied().clear();
+        self.stand_by();
         self.update_health(|h| {
             h.status = ProjectionStatus::Standby;
             h.retrying = None;
@@ -170,6 +169,12 @@ impl Projection {
             p.position = p.position.max(checkpoint);
             moved
         });
+    }
+
+    /// Another instance holds the lease: what this one read is the other's to apply now, and
+    /// its age is not this instance's lag.
+    pub(crate) fn stand_by(&self) {
+        self.unapplied().clear();
     }
 
     /// Stopped for good: the status says why, and waiters are answered at once.

@@ -361,6 +361,27 @@ async fn a_standby_instance_takes_over_when_the_active_one_is_killed() {
         0,
         "sessions opened while both instances idled for 2 s"
     );
+    // The kept session dies (a restart, a dropped link): the next try opens a fresh one
+    // without reporting an error.
+    let cut: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity a \
+         WHERE datname = current_database() AND application_name = 'projector' \
+         AND query LIKE '%pg_try_advisory_lock%' \
+         AND NOT EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.locktype = 'advisory')",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(cut, [true], "the standby's kept session");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let b_status = api_b.projection("account-balance").await;
+    assert_eq!(b_status["status"], "standby", "{b_status}");
+    assert_eq!(b_status["retrying"], Value::Null, "{b_status}");
+    let log = std::fs::read_to_string(b.data_dir.join("server.log")).unwrap();
+    assert!(
+        !log.contains("cannot take the projection's lease"),
+        "a dead kept session was reported instead of replaced:\n{log}"
+    );
     conn.close().await.unwrap();
 
     // Appends keep coming through B while A dies mid-stream.

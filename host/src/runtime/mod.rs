@@ -140,14 +140,22 @@ impl Runtime {
             .epoch_interruption(true)
             .cranelift_opt_level(wasmtime::OptLevel::Speed);
         let mut pool = PoolingAllocationConfig::default();
+        // Per-component maxima times the slots: a plugin beyond them is refused at load, and
+        // a loaded one can never exhaust a total while it holds a slot.
         pool.total_component_instances(INSTANCE_SLOTS)
             .max_memories_per_component(2)
             .total_memories(2 * INSTANCE_SLOTS)
+            .max_core_instances_per_component(20)
             .total_core_instances(20 * INSTANCE_SLOTS)
+            .max_tables_per_component(20)
             .total_tables(20 * INSTANCE_SLOTS)
+            .table_elements(sandbox::MAX_TABLE_ELEMENTS)
             .max_memory_size(config.limits.memory_bytes())
             .linear_memory_keep_resident(KEEP_RESIDENT)
-            .table_keep_resident(64 << 10);
+            .table_keep_resident(64 << 10)
+            // Reuse the slots already warm before touching a cold one: the memory kept
+            // resident is then bounded by the calls that ran at once, not by the pool's size.
+            .max_unused_warm_slots(0);
         wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&wasm).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);

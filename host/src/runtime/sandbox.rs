@@ -84,7 +84,7 @@ pub(crate) struct Limiter {
     pub memory_exceeded: bool,
 }
 
-const MAX_TABLE_ELEMENTS: usize = 100_000;
+pub(crate) const MAX_TABLE_ELEMENTS: usize = 100_000;
 
 impl ResourceLimiter for Limiter {
     fn memory_growing(

@@ -82,6 +82,13 @@ impl Postgres {
         Ok(db)
     }
 
+    /// A session to try a lease on.
+    async fn fresh_lease_session(&self) -> Result<PgConnection, StoreError> {
+        self.connect()
+            .await
+            .map_err(StoreError::db("connecting for a lease"))
+    }
+
     /// A new connection outside the pool (for LISTEN and leases, which hold it).
     pub(crate) async fn connect(&self) -> Result<PgConnection, sqlx::Error> {
         PgConnection::connect_with(&self.options).await
@@ -154,6 +161,28 @@ pub fn redact(url: &str) -> String {
 /// literal).
 fn json_path(field: &str) -> String {
     format!("(doc #> '{{{}}}')", field.replace('.', ","))
+}
+
+/// `pg_try_advisory_lock` on `conn`, bounded in time: a half-open connection would otherwise
+/// hang the try (and the takeover it is for) for as long as TCP keeps retransmitting.
+async fn try_advisory_lock(
+    mut conn: PgConnection,
+    key: i64,
+) -> Result<(PgConnection, bool), StoreError> {
+    let tried = tokio::time::timeout(
+        LEASE_CHECK * 5,
+        sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(key)
+            .fetch_one(&mut conn),
+    )
+    .await;
+    match tried {
+        Ok(Ok(granted)) => Ok((conn, granted)),
+        Ok(Err(err)) => Err(StoreError::db("taking a lease")(err)),
+        Err(_) => Err(StoreError::db("taking a lease")(sqlx::Error::Io(
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 5 s"),
+        ))),
+    }
 }
 
 /// The advisory-lock key of a projection's lease. Advisory locks are per database: the schema
@@ -453,19 +482,15 @@ impl Store for Postgres {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(projection);
-        let mut conn = match cached {
-            Some(conn) => conn,
-            None => self
-                .connect()
-                .await
-                .map_err(StoreError::db("connecting for a lease"))?,
+        let (mut conn, granted) = match cached {
+            // A kept session may have died meanwhile (a restart, a dropped link): then one
+            // more try on a fresh one, so standing by never reports a stale socket.
+            Some(conn) => match try_advisory_lock(conn, key).await {
+                Ok(tried) => tried,
+                Err(_) => try_advisory_lock(self.fresh_lease_session().await?, key).await?,
+            },
+            None => try_advisory_lock(self.fresh_lease_session().await?, key).await?,
         };
-        // A broken cached session fails here and is dropped: the next try connects afresh.
-        let granted: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(key)
-            .fetch_one(&mut conn)
-            .await
-            .map_err(StoreError::db("taking a lease"))?;
         if !granted {
             self.lease_candidates
                 .lock()
