@@ -190,6 +190,82 @@ async fn upsert(
     Ok(done.rows_affected())
 }
 
+/// Brings a read-model table's field columns in line with the declared fields: a table made
+/// before a field was declared (or by an older projector, which indexed expressions) gets the
+/// missing columns, filled from its documents.
+async fn upgrade_field_columns(
+    tx: &mut sqlx::SqliteConnection,
+    table: &str,
+    fields: &[&str],
+) -> Result<(), StoreError> {
+    let existing: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info(?)")
+        .bind(table)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(StoreError::db(format!("reading the columns of {table}")))?;
+    // Columns of fields no longer declared are not kept up to date: dropped, so a field
+    // declared again is filled afresh rather than found stale.
+    let declared: Vec<String> = fields.iter().map(|f| field_column(f)).collect();
+    for column in &existing {
+        let quoted = format!("\"{column}\"");
+        if column.starts_with("f_") && !declared.contains(&quoted) {
+            let drop = [
+                format!("DROP INDEX IF EXISTS \"{table}_{column}\""),
+                format!("ALTER TABLE \"{table}\" DROP COLUMN {quoted}"),
+            ];
+            execute_all(tx, drop, &format!("dropping {column} from {table}")).await?;
+        }
+    }
+    for (field, column) in fields.iter().zip(&declared) {
+        if !existing.iter().any(|c| format!("\"{c}\"") == *column) {
+            let add = [
+                format!("ALTER TABLE \"{table}\" ADD COLUMN {column}"),
+                format!("UPDATE \"{table}\" SET {column} = json_extract(doc, '$.{field}')"),
+            ];
+            execute_all(tx, add, &format!("adding {column} to {table}")).await?;
+        }
+    }
+    // Expression indexes (`{table}_ix_…`) are what earlier versions made, and make again if one
+    // runs on this file after an upgrade: it then also wrote documents as JSONB without filling
+    // the columns. Those rows are brought up to date, once.
+    let indexes: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?")
+            .bind(table)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(StoreError::db(format!("reading the indexes of {table}")))?;
+    let legacy: Vec<&String> = indexes
+        .iter()
+        .filter(|name| name.starts_with(&format!("{table}_ix_")))
+        .collect();
+    if !legacy.is_empty() {
+        let mut refresh = format!("UPDATE \"{table}\" SET doc = json(doc)");
+        for (field, column) in fields.iter().zip(&declared) {
+            refresh.push_str(&format!(", {column} = json_extract(doc, '$.{field}')"));
+        }
+        refresh.push_str(" WHERE typeof(doc) = 'blob'");
+        let mut statements = vec![refresh];
+        statements.extend(legacy.iter().map(|index| format!("DROP INDEX \"{index}\"")));
+        execute_all(tx, statements, &format!("upgrading {table}")).await?;
+    }
+    Ok(())
+}
+
+/// Runs statements in order (DDL and the like, no binds).
+async fn execute_all(
+    tx: &mut sqlx::SqliteConnection,
+    statements: impl IntoIterator<Item = String>,
+    context: &str,
+) -> Result<(), StoreError> {
+    for sql in statements {
+        sqlx::query(&sql)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::db(context.to_owned()))?;
+    }
+    Ok(())
+}
+
 /// A stored document as JSON text: written as text, or as JSONB by earlier versions.
 const DOC_JSON: &str = "iif(typeof(doc) = 'text', doc, json(doc))";
 
@@ -216,77 +292,7 @@ impl Store for Sqlite {
                 .execute(&mut *tx)
                 .await
                 .map_err(StoreError::db(format!("creating {table}")))?;
-            // A table made before a field was declared (or by an older projector, which
-            // indexed expressions) gets the missing columns, filled from its documents.
-            let existing: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info(?)")
-                .bind(&table)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(StoreError::db(format!("reading the columns of {table}")))?;
-            // Columns of fields no longer declared are not kept up to date: dropped, so a field
-            // declared again is filled afresh rather than found stale.
-            let declared: Vec<String> = fields.iter().map(|f| field_column(f)).collect();
-            for column in &existing {
-                let quoted = format!("\"{column}\"");
-                if column.starts_with("f_") && !declared.contains(&quoted) {
-                    for ddl in [
-                        format!("DROP INDEX IF EXISTS \"{table}_{column}\""),
-                        format!("ALTER TABLE \"{table}\" DROP COLUMN {quoted}"),
-                    ] {
-                        sqlx::query(&ddl)
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(StoreError::db(format!("dropping {column} from {table}")))?;
-                    }
-                }
-            }
-            for field in &fields {
-                let column = field_column(field);
-                if existing.iter().any(|c| format!("\"{c}\"") == column) {
-                    continue;
-                }
-                for ddl in [
-                    format!("ALTER TABLE \"{table}\" ADD COLUMN {column}"),
-                    format!("UPDATE \"{table}\" SET {column} = json_extract(doc, '$.{field}')"),
-                ] {
-                    sqlx::query(&ddl)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(StoreError::db(format!("adding {column} to {table}")))?;
-                }
-            }
-            // Expression indexes (`{table}_ix_…`) are what earlier versions made, and make
-            // again if one runs on this file after an upgrade: it then also wrote documents as
-            // JSONB without filling the columns. Those rows are brought up to date, once.
-            let indexes: Vec<String> = sqlx::query_scalar(
-                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?",
-            )
-            .bind(&table)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(StoreError::db(format!("reading the indexes of {table}")))?;
-            let legacy: Vec<&String> = indexes
-                .iter()
-                .filter(|name| name.starts_with(&format!("{table}_ix_")))
-                .collect();
-            if !legacy.is_empty() {
-                let mut refresh = format!("UPDATE \"{table}\" SET doc = json(doc)");
-                for field in &fields {
-                    refresh.push_str(&format!(
-                        ", {} = json_extract(doc, '$.{field}')",
-                        field_column(field)
-                    ));
-                }
-                refresh.push_str(" WHERE typeof(doc) = 'blob'");
-                let mut statements = vec![refresh];
-                statements.extend(legacy.iter().map(|i| format!("DROP INDEX \"{i}\"")));
-                for sql in statements {
-                    sqlx::query(&sql)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(StoreError::db(format!("upgrading {table}")))?;
-                }
-            }
+            upgrade_field_columns(&mut tx, &table, &fields).await?;
             for field in &fields {
                 let column = field_column(field);
                 let index = format!("{table}_{}", column.trim_matches('"'));
