@@ -159,7 +159,6 @@ impl Projection {
 
     /// Another instance runs it: follow its checkpoint so reads that wait still get answered.
     pub(crate) fn follow(&self, checkpoint: u64) {
-        self.stand_by();
         self.update_health(|h| {
             h.status = ProjectionStatus::Standby;
             h.retrying = None;
