@@ -54,15 +54,27 @@ async fn a_row_committed_late_is_seen_after_the_rows_that_committed_before_it() 
     let server = Server::on(&backend, &plugin_set(&[], &["misbehave"]));
     let api = server.api();
     let url = url(&backend);
+    let mut t0 = PgConnection::connect(&url).await.unwrap();
     let mut t1 = PgConnection::connect(&url).await.unwrap();
     let mut t2 = PgConnection::connect(&url).await.unwrap();
 
+    // T0 takes its transaction id before T1 does, and commits after T2 (T1 still open).
+    sqlx::query("BEGIN").execute(&mut t0).await.unwrap();
+    insert_seq(&mut t0, "marker", 1).await;
     sqlx::query("BEGIN").execute(&mut t1).await.unwrap();
     insert_seq(&mut t1, "slow", 1).await;
     // T2 starts after T1 and commits first: with a sequence it would take the lower id...
     insert_seq(&mut t2, "fast", 1).await;
-    // ...and a reader would pass it while T1 is open. Here it must wait for T1.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ...and a reader would pass it while T1 is open. Here it must wait for T1. T0's row
+    // sorts below T1's, so it is readable once T0 commits, after T2 did: once the
+    // projection has applied it, it has read the outbox as it stood with T2's row committed,
+    // and must have stopped short of that row.
+    sqlx::query("COMMIT").execute(&mut t0).await.unwrap();
+    let (status, body) = seq_doc(&api, "marker", "wait_for=marker@1").await;
+    assert_eq!(
+        status, 200,
+        "T0's row was not applied while T1 was open: {body}"
+    );
     let (status, body) = api
         .get("/projections/misbehave/out/seq-fast?timeout_ms=0")
         .await;

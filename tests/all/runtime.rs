@@ -179,11 +179,90 @@ fn oversized_output_is_refused() {
 
 #[test]
 fn a_chatty_plugin_is_rate_limited_not_failed() {
-    let (_rt, plugin) = misbehave(Limits::default());
+    use std::sync::Mutex;
+    use tracing_subscriber::layer::{Context, SubscriberExt};
+
+    type Logged = Vec<(String, String)>;
+    /// Every event logged on this thread, as (field, value) pairs.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<Logged>>>);
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Captured {
+        fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+            struct Fields(Vec<(String, String)>);
+            impl tracing::field::Visit for Fields {
+                fn record_debug(
+                    &mut self,
+                    field: &tracing::field::Field,
+                    value: &dyn std::fmt::Debug,
+                ) {
+                    self.0.push((field.name().to_owned(), format!("{value:?}")));
+                }
+                fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                    self.0.push((field.name().to_owned(), value.to_owned()));
+                }
+            }
+            let mut fields = Fields(Vec::new());
+            event.record(&mut fields);
+            self.0.lock().unwrap().push(fields.0);
+        }
+    }
+    let field = |event: &[(String, String)], name: &str| {
+        event
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+
+    const BUDGET: usize = 50;
+    let (_rt, plugin) = misbehave(Limits {
+        max_log_lines: BUDGET,
+        ..Limits::default()
+    });
     let mut ev = Events::default();
-    plugin
-        .handle(vec![ev.next("s", "Chatter", json!({}))], docs())
-        .expect("printing 10,000 lines is allowed; the host drops the excess");
+    for call in 0..2 {
+        // The fixture logs 10,000 lines through the `log` import and prints 10,000 more.
+        let captured = Captured::default();
+        let subscriber = tracing_subscriber::registry().with(captured.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            plugin
+                .handle(vec![ev.next("s", "Chatter", json!({}))], docs())
+                .expect("printing 10,000 lines is allowed; the host drops the excess")
+        });
+        let logged = captured.0.lock().unwrap().clone();
+        let (dropped, passed): (Vec<_>, Vec<_>) = logged
+            .iter()
+            .filter(|e| field(e, "plugin").as_deref() == Some("misbehave"))
+            .partition(|e| field(e, "dropped_lines").is_some());
+        // The budget's worth passes (the `log` calls come first; stdout is read after)...
+        let messages: Vec<String> = passed
+            .iter()
+            .map(|e| field(e, "message").unwrap_or_default())
+            .collect();
+        assert_eq!(
+            messages.len(),
+            BUDGET,
+            "call {call}: lines let through, the last {:?}",
+            messages.last()
+        );
+        let expected: Vec<String> = (0..BUDGET).map(|i| format!("log line {i}")).collect();
+        assert_eq!(messages, expected, "call {call}: the lines let through");
+        // ...and the rest is dropped, counted in one warning.
+        assert_eq!(dropped.len(), 1, "call {call}: {dropped:?}");
+        let lines: usize = field(dropped[0], "dropped_lines").unwrap().parse().unwrap();
+        let bytes: usize = field(dropped[0], "dropped_bytes").unwrap().parse().unwrap();
+        assert!(
+            lines > 10_000 - BUDGET,
+            "call {call}: {lines} lines dropped: the printed ones are missing"
+        );
+        assert!(
+            bytes > 0,
+            "call {call}: stdout past its cap was not counted"
+        );
+        assert!(
+            field(dropped[0], "message").is_some_and(|m| m.contains("dropped")),
+            "{dropped:?}"
+        );
+    }
 }
 
 #[test]

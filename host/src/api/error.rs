@@ -42,8 +42,10 @@ impl ApiError {
         self
     }
 
-    /// A failure of ours, not the caller's: logged with its cause, answered without internals.
-    fn internal(code: &'static str, err: &dyn std::error::Error) -> Self {
+    /// A failure of ours, not the caller's: logged with its whole cause chain (SQL, paths,
+    /// URLs) under a fresh request id; answered with that id and a short summary only.
+    fn internal(code: &'static str, summary: &str, err: &dyn std::error::Error) -> Self {
+        let request_id = uuid::Uuid::new_v4().to_string();
         let mut chain = err.to_string();
         let mut source = err.source();
         while let Some(cause) = source {
@@ -51,8 +53,13 @@ impl ApiError {
             chain.push_str(&cause.to_string());
             source = cause.source();
         }
-        tracing::error!(code, error = %chain, "request failed");
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, code, chain)
+        tracing::error!(request_id = %request_id, code, error = %chain, "request failed");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            code,
+            format!("{summary}; the server log has the cause under request id {request_id}"),
+        )
+        .with("request_id", request_id)
     }
 }
 
@@ -79,13 +86,35 @@ impl From<JsonRejection> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
-        Self::internal("store_unavailable", &err)
+        Self::internal("store_unavailable", "the store failed", &err)
     }
 }
 
 impl From<SourceError> for ApiError {
     fn from(err: SourceError) -> Self {
-        Self::internal("source_unavailable", &err)
+        // A row another writer stored that the request runs into (an append to its stream):
+        // named by position and id for the caller; no outage, and retrying will not help.
+        if let SourceError::Malformed {
+            position,
+            id,
+            stream,
+            ..
+        } = &err
+        {
+            let message = err.to_string();
+            tracing::warn!(
+                position,
+                id = ?id,
+                stream = ?stream,
+                error = %message,
+                "request refused: a malformed outbox row"
+            );
+            return Self::new(StatusCode::CONFLICT, "malformed_outbox_row", message)
+                .with("position", *position)
+                .with("id", id.clone())
+                .with("stream", stream.clone());
+        }
+        Self::internal("source_unavailable", "the event source failed", &err)
     }
 }
 
@@ -153,5 +182,123 @@ impl From<WaitError> for ApiError {
                 .with("reason", reason),
             WaitError::Source(err) => err.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tracing_subscriber::layer::{Context, SubscriberExt};
+    use tracing_subscriber::Layer;
+
+    use super::*;
+
+    /// One logged event: its fields and values, as text.
+    type Logged = Vec<(String, String)>;
+
+    /// The fields of every event logged while it is the default subscriber.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<Logged>>>);
+
+    impl<S: tracing::Subscriber> Layer<S> for Captured {
+        fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+            struct Fields(Vec<(String, String)>);
+            impl tracing::field::Visit for Fields {
+                fn record_debug(
+                    &mut self,
+                    field: &tracing::field::Field,
+                    value: &dyn std::fmt::Debug,
+                ) {
+                    self.0.push((field.name().to_owned(), format!("{value:?}")));
+                }
+                fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                    self.0.push((field.name().to_owned(), value.to_owned()));
+                }
+            }
+            let mut fields = Fields(Vec::new());
+            event.record(&mut fields);
+            self.0.lock().unwrap().push(fields.0);
+        }
+    }
+
+    async fn body(err: ApiError) -> (StatusCode, Value) {
+        let response = err.into_response();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    fn nested() -> StoreError {
+        StoreError::Database {
+            context: "reading \"projector\".\"p_accounts_v1\"".into(),
+            source: sqlx::Error::Io(std::io::Error::other(
+                "SELECT doc FROM secret_table: refused at /var/run/postgresql/.s.PGSQL.5432",
+            )),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_malformed_outbox_row_is_named_in_the_answer() {
+        let err = AppendError::Source(SourceError::Malformed {
+            position: 7,
+            id: Some("bad-row".into()),
+            stream: Some("acct-1".into()),
+            event_type: None,
+            reason: "its version 'abc' (text) is not a whole number".into(),
+        });
+        let (status, body) = body(ApiError::from(err)).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        assert_eq!(body["error"]["code"], "malformed_outbox_row");
+        assert_eq!(body["error"]["position"], 7);
+        assert_eq!(body["error"]["id"], "bad-row");
+        assert_eq!(body["error"]["stream"], "acct-1");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("position 7") && message.contains("bad-row"),
+            "{message}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_internal_error_answers_a_request_id_and_logs_the_cause_chain() {
+        let captured = Captured::default();
+        let subscriber = tracing_subscriber::registry().with(captured.clone());
+        let (first, second) = {
+            let _guard = tracing::subscriber::set_default(subscriber);
+            (ApiError::from(nested()), ApiError::from(nested()))
+        };
+        let (status, first) = body(first).await;
+        let (_, second) = body(second).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(first["error"]["code"], "store_unavailable");
+        let text = first.to_string();
+        for inner in ["p_accounts_v1", "secret_table", "/var/run", "communicating"] {
+            assert!(!text.contains(inner), "the body tells {inner:?}: {text}");
+        }
+        let id = first["error"]["request_id"].as_str().expect("a request_id");
+        assert!(!id.is_empty());
+        assert!(
+            first["error"]["message"].as_str().unwrap().contains(id),
+            "{first}"
+        );
+        assert_ne!(
+            Some(id),
+            second["error"]["request_id"].as_str(),
+            "two errors share a request id"
+        );
+        // The log has the whole chain, under the same id.
+        let logged = captured.0.lock().unwrap().clone();
+        let line = logged
+            .iter()
+            .find(|fields| fields.iter().any(|(k, v)| k == "request_id" && v == id))
+            .unwrap_or_else(|| panic!("no log line with request_id {id}: {logged:?}"));
+        let error = &line.iter().find(|(k, _)| k == "error").unwrap().1;
+        assert!(
+            error.contains("p_accounts_v1") && error.contains("secret_table"),
+            "{error}"
+        );
     }
 }

@@ -263,9 +263,17 @@ impl Source for SqliteOutbox {
                 .await
                 .map_err(db_err("reading stream versions"))?;
             for row in rows {
-                let stream: String = row.get(0);
-                if let Some(s) = chunk.iter().find(|s| **s == stream) {
-                    versions.insert(s, row.get::<i64, _>(1) as u64);
+                let stream: String = row.try_get(0).map_err(db_err("reading stream versions"))?;
+                let Some(s) = chunk.iter().find(|s| **s == stream) else {
+                    continue;
+                };
+                // Another writer may have stored anything in the column: a version that is
+                // not a whole number names its row rather than panicking the append.
+                match row.try_get::<i64, _>(1) {
+                    Ok(version) if version >= 0 => {
+                        versions.insert(s, version as u64);
+                    }
+                    _ => return Err(bad_version(&mut tx, s).await.into()),
                 }
             }
         }
@@ -290,7 +298,8 @@ impl Source for SqliteOutbox {
                 .await
                 .map_err(db_err("checking event ids"))?
             {
-                return Err(AppendError::DuplicateId { id: row.get(0) });
+                let id = row.try_get(0).map_err(db_err("checking event ids"))?;
+                return Err(AppendError::DuplicateId { id });
             }
         }
         let mut rows = Vec::with_capacity(events.len());
@@ -337,7 +346,11 @@ impl Source for SqliteOutbox {
                 .await
                 .map_err(db_err("appending events"))?;
             // RETURNING's row order is unspecified; positions are assigned in VALUES order.
-            let mut positions: Vec<i64> = positions.iter().map(|r| r.get(0)).collect();
+            let mut positions: Vec<i64> = positions
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()
+                .map_err(db_err("appending events"))?;
             positions.sort_unstable();
             for ((id, version, _, event), position) in chunk.iter().zip(positions) {
                 appended.push(Appended {
@@ -353,6 +366,48 @@ impl Source for SqliteOutbox {
             self.head.send_if_modified(|h| raise(h, last.position));
         }
         Ok(appended)
+    }
+}
+
+/// The error for a stream whose newest version is not a whole number: the first such row
+/// of the stream, named by position and id.
+async fn bad_version(tx: &mut sqlx::SqliteConnection, stream: &str) -> SourceError {
+    let row = sqlx::query(
+        "SELECT position, id, event_type, quote(version), typeof(version) FROM outbox \
+         WHERE stream = ? AND NOT (typeof(version) = 'integer' AND version >= 0) \
+         ORDER BY position LIMIT 1",
+    )
+    .bind(stream)
+    .fetch_optional(&mut *tx)
+    .await;
+    let row = match row {
+        Ok(Some(row)) => row,
+        Ok(None) => {
+            return SourceError::Setup(format!(
+                "the newest version of stream {stream} is not a whole number, yet no row of \
+                 it has such a version"
+            ))
+        }
+        Err(source) => {
+            return SourceError::Database {
+                context: format!("finding the row with a bad version in stream {stream}"),
+                source,
+            }
+        }
+    };
+    let (value, kind) = (
+        row.try_get::<String, _>(3).unwrap_or_default(),
+        row.try_get::<String, _>(4).unwrap_or_default(),
+    );
+    SourceError::Malformed {
+        position: row.try_get::<i64, _>(0).unwrap_or_default() as u64,
+        id: row.try_get(1).ok(),
+        stream: Some(stream.to_owned()),
+        event_type: row.try_get(2).ok(),
+        reason: format!(
+            "its version {value} ({kind}) is not a whole number, so stream {stream} cannot be \
+             appended to until the row is repaired"
+        ),
     }
 }
 
@@ -443,6 +498,44 @@ mod tests {
             matches!(&err, SourceError::Malformed { position: 1, .. }),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_stream_with_a_non_integer_version_refuses_appends_naming_the_row() {
+        let (db, outbox) = outbox().await;
+        outbox.append(vec![event("a", "{}")]).await.unwrap();
+        // Another writer, bypassing the API: a version SQLite keeps as text.
+        sqlx::query(
+            "INSERT INTO outbox (id, stream, stream_type, event_type, version, payload, headers, timestamp_ms) \
+             VALUES ('bad-row', 'a', 'T', 'Happened', 'abc', '{}', '[]', 0)",
+        )
+        .execute(&db.write)
+        .await
+        .unwrap();
+        let err = outbox.append(vec![event("a", "{}")]).await.unwrap_err();
+        match &err {
+            AppendError::Source(SourceError::Malformed {
+                position: 2,
+                id: Some(id),
+                stream: Some(stream),
+                reason,
+                ..
+            }) => {
+                assert_eq!((id.as_str(), stream.as_str()), ("bad-row", "a"));
+                assert!(reason.contains("abc"), "{reason}");
+            }
+            other => panic!("not the malformed row: {other:?}"),
+        }
+        let message = err.to_string();
+        assert!(
+            message.contains("position 2")
+                && message.contains("bad-row")
+                && message.contains("stream a"),
+            "{message}"
+        );
+        // Nothing was appended, and other streams are not held up.
+        let b = outbox.append(vec![event("b", "{}")]).await.unwrap();
+        assert_eq!((b[0].version, b[0].position), (1, 3));
     }
 
     #[tokio::test]

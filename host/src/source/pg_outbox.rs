@@ -1022,27 +1022,51 @@ impl Source for PgOutbox {
         }
         // This instance's runners need not wait for the notification's round trip.
         self.wake.notify_one();
-        let mut placed: HashMap<String, (u64, u64)> = HashMap::with_capacity(rows.len());
+        let mut returned = Vec::with_capacity(rows.len());
         for row in rows {
             let id: String = row.try_get(0).map_err(db_err("appending events"))?;
             let position: i64 = row.try_get(1).map_err(db_err("appending events"))?;
             let version: Option<i64> = row.try_get(2).map_err(db_err("appending events"))?;
-            placed.insert(id, (position as u64, version.unwrap_or(0).max(0) as u64));
+            returned.push((id, position, version));
         }
-        Ok(events
-            .iter()
-            .zip(ids)
-            .map(|(event, id)| {
-                let (position, version) = placed.get(&id).copied().unwrap_or_default();
-                Appended {
-                    position,
-                    id,
-                    stream: event.stream.clone(),
-                    version,
-                }
-            })
-            .collect())
+        Ok(place(&events, ids, returned)?)
     }
+}
+
+/// Where each appended event landed, from the rows the INSERT gave back: `(id, position,
+/// version)`, matched by id. An event whose id is in no row (a trigger or rule on the table
+/// rewrote it) is an error naming it, not position 0: the append has committed by then, but
+/// where that event is cannot be told.
+fn place(
+    events: &[NewEvent],
+    ids: Vec<String>,
+    rows: Vec<(String, i64, Option<i64>)>,
+) -> Result<Vec<Appended>, SourceError> {
+    let mut placed: HashMap<String, (u64, u64)> = rows
+        .into_iter()
+        .map(|(id, position, version)| {
+            let version = version.unwrap_or(0).max(0) as u64;
+            (id, (position as u64, version))
+        })
+        .collect();
+    events
+        .iter()
+        .zip(ids)
+        .map(|(event, id)| match placed.remove(&id) {
+            Some((position, version)) => Ok(Appended {
+                position,
+                id,
+                stream: event.stream.clone(),
+                version,
+            }),
+            None => Err(SourceError::Setup(format!(
+                "the append committed, but no row the outbox gave back has the id of event \
+                 {id} (stream {}), so its position is unknown: does a trigger or rule on the \
+                 outbox table change ids?",
+                event.stream
+            ))),
+        })
+        .collect()
 }
 
 impl PgOutbox {
@@ -1120,6 +1144,101 @@ mod tests {
             [("a".into(), "1".into()), ("b".into(), "2".into())]
         );
         assert!(parse_headers("[1]").unwrap_err().contains("headers"));
+    }
+
+    fn new_event(stream: &str) -> NewEvent {
+        serde_json::from_value(serde_json::json!({
+            "stream": stream, "stream_type": "T", "type": "Happened", "payload": {},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn appended_events_are_placed_by_id_and_an_unmatched_id_is_named() {
+        let events = [new_event("a"), new_event("b")];
+        let ids = vec!["id-1".to_owned(), "id-2".to_owned()];
+        // Rows come back in any order.
+        let rows = vec![
+            ("id-2".to_owned(), (2 << ROW_BITS) | 2, Some(1)),
+            ("id-1".to_owned(), (2 << ROW_BITS) | 1, Some(4)),
+        ];
+        let placed = place(&events, ids.clone(), rows).unwrap();
+        assert_eq!(
+            placed
+                .iter()
+                .map(|a| (a.id.as_str(), a.stream.as_str(), a.position, a.version))
+                .collect::<Vec<_>>(),
+            [
+                ("id-1", "a", (2 << ROW_BITS) | 1, 4),
+                ("id-2", "b", (2 << ROW_BITS) | 2, 1),
+            ]
+        );
+        let rows = vec![
+            ("id-1".to_owned(), (2 << ROW_BITS) | 1, Some(4)),
+            ("ID-2".to_owned(), (2 << ROW_BITS) | 2, Some(1)),
+        ];
+        let err = place(&events, ids, rows).unwrap_err().to_string();
+        assert!(
+            err.contains("event id-2") && err.contains("stream b"),
+            "{err}"
+        );
+    }
+
+    /// A fresh database on the cluster `PROJECTOR_TEST_POSTGRES` names (`scripts/test.sh`
+    /// starts one); `None` without it.
+    async fn fresh_database() -> Option<Postgres> {
+        use sqlx::Connection;
+        let Ok(admin_url) = std::env::var("PROJECTOR_TEST_POSTGRES") else {
+            eprintln!("PROJECTOR_TEST_POSTGRES is not set: skipped");
+            return None;
+        };
+        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap();
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let _ = admin.close().await;
+        let (base, _) = admin_url.rsplit_once('/').unwrap();
+        let config = crate::config::PostgresConfig::default();
+        Some(
+            Postgres::open(&format!("{base}/{name}"), &config)
+                .await
+                .unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn an_appended_id_the_table_does_not_give_back_is_an_error_naming_it() {
+        let Some(db) = fresh_database().await else {
+            return;
+        };
+        let outbox = PgOutbox::open(db.clone(), &OutboxConfig::default())
+            .await
+            .unwrap();
+        // Another party's trigger gives every row an id of its own.
+        sqlx::raw_sql(
+            "CREATE FUNCTION rewrite_id() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN NEW.id := gen_random_uuid(); RETURN NEW; END $$; \
+             CREATE TRIGGER a_rewrite_id BEFORE INSERT ON outbox \
+             FOR EACH ROW EXECUTE FUNCTION rewrite_id();",
+        )
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        let id = uuid::Uuid::new_v4().to_string();
+        let event: NewEvent = serde_json::from_value(serde_json::json!({
+            "id": id, "stream": "s", "stream_type": "T", "type": "Happened", "payload": {},
+        }))
+        .unwrap();
+        let result = outbox.append(vec![event]).await;
+        let err = match result {
+            Ok(appended) => panic!("appended without a position: {appended:?}"),
+            Err(err) => err,
+        };
+        let message = err.to_string();
+        assert!(message.contains(&id), "{message}");
+        assert!(message.contains("committed"), "{message}");
     }
 
     #[test]
