@@ -6,9 +6,14 @@ use projector::config::PostgresConfig;
 use projector::runtime::{BatchOutput, CollectionSpec, Descriptor};
 use projector::store::postgres::Postgres;
 use projector::store::sqlite::Sqlite;
-use projector::store::{ListQuery, Store, StoreError};
+use projector::store::{
+    AdminAction, Batch, DeadLetter, LetterKind, LetterState, ListQuery, ParkedStream, Store,
+    StoreError,
+};
 
-use crate::support::{on_both_stores, tempdir, Backend};
+use projector::event::Event;
+
+use crate::support::{on_both_stores, tempdir, Backend, Events};
 
 async fn open(backend: &Backend) -> Arc<dyn Store> {
     match backend {
@@ -51,8 +56,9 @@ on_both_stores! {
         };
         assert_eq!(store.register(&descriptor).await.unwrap(), 0);
         let batch = one_document("c", "k", r#"{"n": 1}"#);
-        store.commit(&descriptor, &batch, &[], 0, 10, true).await.unwrap();
-        let again = store.commit(&descriptor, &batch, &[], 0, 10, true).await;
+        let commit = Batch { output: &batch, from: 0, to: 10, durable: true, ..Default::default() };
+        store.commit(&descriptor, &commit).await.unwrap();
+        let again = store.commit(&descriptor, &commit).await;
         assert!(
             matches!(again, Err(StoreError::Fenced { expected: 0, .. })),
             "{again:?}"
@@ -79,8 +85,9 @@ on_both_stores! {
         let (eu, us) = (descriptor(&format!("{long}_eu")), descriptor(&format!("{long}_us")));
         store.register(&eu).await.unwrap();
         store.register(&us).await.unwrap();
+        let output = one_document(&format!("{long}_eu"), "k", r#"{"r": "eu"}"#);
         store
-            .commit(&eu, &one_document(&format!("{long}_eu"), "k", r#"{"r": "eu"}"#), &[], 0, 1, true)
+            .commit(&eu, &Batch { output: &output, from: 0, to: 1, durable: true, ..Default::default() })
             .await
             .unwrap();
         let page = store
@@ -120,7 +127,10 @@ on_both_stores! {
             ("b", doc("open", "Wien", 1)),
             ("c", doc("open", "Graz", 1)),
         ]);
-        store.commit(&descriptor, &first, &[], 0, 1, true).await.unwrap();
+        store
+            .commit(&descriptor, &Batch { output: &first, from: 0, to: 1, durable: true, ..Default::default() })
+            .await
+            .unwrap();
         // a: nothing indexed changes; b: status changes; c: the nested city changes; d: new.
         let second = batch(&[
             ("a", doc("open", "Graz", 2)),
@@ -128,7 +138,10 @@ on_both_stores! {
             ("c", doc("open", "Linz", 2)),
             ("d", doc("closed", "Graz", 1)),
         ]);
-        store.commit(&descriptor, &second, &[], 1, 2, true).await.unwrap();
+        store
+            .commit(&descriptor, &Batch { output: &second, from: 1, to: 2, durable: true, ..Default::default() })
+            .await
+            .unwrap();
         let keys = |filters: &[(&str, &str)]| {
             let store = store.clone();
             let descriptor = descriptor.clone();
@@ -153,6 +166,335 @@ on_both_stores! {
             let json: serde_json::Value = serde_json::from_str(found.json.get()).unwrap();
             assert_eq!(json["n"], n, "{key}");
         }
+    }
+}
+
+on_both_stores! {
+    /// A dead letter parks its stream's later events; an operator's retry (a commit that does
+    /// not move the checkpoint) releases them, resolves the letter and records the action, all
+    /// at once; and a fenced instance can do none of it.
+    async fn dead_letters_park_their_streams_until_an_operator_resolves_them(backend) {
+        let store = open(&backend).await;
+        let descriptor = Descriptor {
+            name: "letters".into(),
+            version: "1".into(),
+            event_types: vec![],
+            collections: vec![CollectionSpec { name: "c".into(), indexes: vec![] }],
+        };
+        store.register(&descriptor).await.unwrap();
+        let mut events = Events::default();
+        let a1 = events.next("a", "Failed", serde_json::json!({"n": 1, "text": "é \"x\""}));
+        let b1 = events.next("b", "Fine", serde_json::json!({"n": 1}));
+        let a2 = events.next("a", "Fine", serde_json::json!({"n": 2}));
+        let a3 = events.next("a", "Fine", serde_json::json!({"n": 3}));
+        let letter = |event: &Event, kind: LetterKind, behind: Option<u64>, reason: &str| DeadLetter {
+            position: event.position,
+            event_id: Some(event.id.clone()),
+            stream: Some(event.stream.clone()),
+            reason: reason.into(),
+            parked_behind: behind,
+            kind,
+            state: LetterState::Open,
+            resolved_at: None,
+            plugin_version: (kind == LetterKind::Plugin).then(|| "1.2.0".into()),
+            event: Some(event.clone()),
+            actions: vec![],
+        };
+        let head = letter(&a1, LetterKind::Plugin, None, "boom");
+        let parked = vec![
+            letter(&a2, LetterKind::Parked, Some(a1.position), "parked behind 1"),
+            letter(&a3, LetterKind::Parked, Some(a1.position), "parked behind 1"),
+        ];
+        let mut letters = vec![head.clone()];
+        letters.extend(parked.iter().cloned());
+        let b_doc = one_document("c", &b1.stream, r#"{"n": 1}"#);
+        store
+            .commit(&descriptor, &Batch {
+                output: &b_doc,
+                dead_letters: &letters,
+                from: 0,
+                to: a3.position,
+                durable: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+
+        assert_eq!(
+            store.parked_streams(&descriptor).await.unwrap(),
+            std::collections::HashMap::from([("a".to_owned(), a1.position)])
+        );
+        assert_eq!(
+            store.parked(&descriptor).await.unwrap(),
+            [ParkedStream { stream: "a".into(), behind: a1.position, reason: "boom".into(), events: 2 }]
+        );
+        let found = store.dead_letter(&descriptor, a1.position).await.unwrap().unwrap();
+        assert_eq!(found, head);
+        let event = found.event.as_ref().unwrap();
+        assert_eq!(
+            (event.id.as_str(), event.payload.get(), event.timestamp_ms),
+            (a1.id.as_str(), a1.payload.get(), a1.timestamp_ms)
+        );
+        assert_eq!(store.parked_behind(&descriptor, a1.position).await.unwrap(), parked);
+        assert!(store.parked_behind(&descriptor, a2.position).await.unwrap().is_empty());
+        assert!(store.dead_letter(&descriptor, b1.position).await.unwrap().is_none());
+        let listed = store.dead_letters(&descriptor, 0, 10).await.unwrap();
+        let summary = |letters: &[DeadLetter]| -> Vec<(u64, LetterKind, LetterState, usize)> {
+            letters.iter().map(|l| (l.position, l.kind, l.state, l.actions.len())).collect()
+        };
+        assert_eq!(
+            summary(&listed),
+            [
+                (1, LetterKind::Plugin, LetterState::Open, 0),
+                (3, LetterKind::Parked, LetterState::Open, 0),
+                (4, LetterKind::Parked, LetterState::Open, 0)
+            ]
+        );
+        assert_eq!(store.dead_letters(&descriptor, 1, 1).await.unwrap()[0].position, 3);
+
+        // A retry that fails again: the letter is written again with the new reason (the
+        // checkpoint stays, compared all the same), the action recorded.
+        let failed = AdminAction {
+            action: "retry".into(),
+            target: Some(a1.position),
+            at: 1_700_000_000_000,
+            outcome: "failed again: boom again".into(),
+        };
+        let again = DeadLetter { reason: "boom again".into(), ..head.clone() };
+        store
+            .commit(&descriptor, &Batch {
+                dead_letters: std::slice::from_ref(&again),
+                actions: std::slice::from_ref(&failed),
+                from: a3.position,
+                to: a3.position,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let found = store.dead_letter(&descriptor, a1.position).await.unwrap().unwrap();
+        assert_eq!((found.reason.as_str(), found.state), ("boom again", LetterState::Open));
+        assert_eq!(found.actions, std::slice::from_ref(&failed));
+
+        // The successful retry, from a checkpoint that moved: fenced, and nothing changes.
+        let a_doc = one_document("c", "a", r#"{"n": 3}"#);
+        let retried = AdminAction {
+            action: "retry".into(),
+            target: Some(a1.position),
+            at: 1_700_000_000_001,
+            outcome: "applied 3 events".into(),
+        };
+        let released = [a2.position, a3.position];
+        let retry = Batch {
+            output: &a_doc,
+            released: &released,
+            resolved: Some((a1.position, LetterState::Retried)),
+            actions: std::slice::from_ref(&retried),
+            from: a2.position,
+            to: a2.position,
+            durable: true,
+            ..Default::default()
+        };
+        let fenced = store.commit(&descriptor, &retry).await;
+        assert!(matches!(fenced, Err(StoreError::Fenced { expected: 3, .. })), "{fenced:?}");
+        assert!(store.document(&descriptor, "c", "a").await.unwrap().is_none());
+        let listed = store.dead_letters(&descriptor, 0, 10).await.unwrap();
+        assert_eq!(
+            summary(&listed),
+            [
+                (1, LetterKind::Plugin, LetterState::Open, 1),
+                (3, LetterKind::Parked, LetterState::Open, 0),
+                (4, LetterKind::Parked, LetterState::Open, 0)
+            ]
+        );
+        assert_eq!(store.parked(&descriptor).await.unwrap().len(), 1);
+        assert_eq!(store.checkpoint(&descriptor).await.unwrap(), a3.position);
+
+        // From the checkpoint where it is: all of it at once.
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        store
+            .commit(&descriptor, &Batch { from: a3.position, to: a3.position, ..retry })
+            .await
+            .unwrap();
+        assert!(store.parked(&descriptor).await.unwrap().is_empty());
+        assert!(store.parked_streams(&descriptor).await.unwrap().is_empty());
+        assert!(store.parked_behind(&descriptor, a1.position).await.unwrap().is_empty());
+        let found = store.dead_letter(&descriptor, a1.position).await.unwrap().unwrap();
+        assert_eq!(found.state, LetterState::Retried);
+        assert!(!found.is_open());
+        assert!(found.resolved_at.is_some_and(|at| at >= before), "{found:?}");
+        assert_eq!(found.actions, [failed.clone(), retried.clone()]);
+        assert!(found.event.is_some());
+        let listed = store.dead_letters(&descriptor, 0, 10).await.unwrap();
+        assert_eq!(summary(&listed), [(1, LetterKind::Plugin, LetterState::Retried, 2)]);
+        assert_eq!(listed[0].actions, [failed, retried]);
+        let doc = store.document(&descriptor, "c", "a").await.unwrap().unwrap();
+        assert_eq!(doc.json.get(), r#"{"n": 3}"#);
+        assert_eq!(store.checkpoint(&descriptor).await.unwrap(), a3.position);
+
+        // Actions on the projection itself name no letter.
+        store
+            .record_action(&descriptor, &AdminAction {
+                action: "pause".into(),
+                target: None,
+                at: 1_700_000_000_002,
+                outcome: "paused".into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(store.dead_letters(&descriptor, 0, 10).await.unwrap()[0].actions.len(), 2);
+        // A letter of another version of the projection is its own.
+        let other = Descriptor { version: "2".into(), ..descriptor.clone() };
+        store.register(&other).await.unwrap();
+        assert!(store.dead_letters(&other, 0, 10).await.unwrap().is_empty());
+    }
+
+    /// An operator's pause holds across restarts: registering the projection again (as every
+    /// start does) leaves it paused.
+    async fn a_pause_survives_registering_again(backend) {
+        let store = open(&backend).await;
+        let descriptor = Descriptor {
+            name: "pausable".into(),
+            version: "1".into(),
+            event_types: vec![],
+            collections: vec![],
+        };
+        assert!(!store.paused("pausable").await.unwrap(), "no row yet");
+        store.register(&descriptor).await.unwrap();
+        assert!(!store.paused("pausable").await.unwrap());
+        store.set_paused("pausable", true).await.unwrap();
+        assert!(store.paused("pausable").await.unwrap());
+        store.register(&descriptor).await.unwrap();
+        store
+            .register(&Descriptor { version: "2".into(), ..descriptor.clone() })
+            .await
+            .unwrap();
+        assert!(store.paused("pausable").await.unwrap());
+        assert!(!store.paused("other").await.unwrap());
+        store.set_paused("pausable", false).await.unwrap();
+        assert!(!store.paused("pausable").await.unwrap());
+    }
+
+    /// Admin commands queue per projection, oldest first, until answered.
+    async fn admin_commands_wait_for_their_answers(backend) {
+        let store = open(&backend).await;
+        let first = store.submit_command("p", r#"{"action":"pause"}"#).await.unwrap();
+        let second = store.submit_command("p", r#"{"action":"retry","position":7}"#).await.unwrap();
+        let elsewhere = store.submit_command("q", r#"{"action":"resume"}"#).await.unwrap();
+        assert!(first < second && first != elsewhere && second != elsewhere);
+        assert_eq!(
+            store.pending_commands("p").await.unwrap(),
+            [
+                (first, r#"{"action":"pause"}"#.to_owned()),
+                (second, r#"{"action":"retry","position":7}"#.to_owned())
+            ]
+        );
+        assert_eq!(store.command_answer(first).await.unwrap(), None);
+        store.answer_command(first, r#"{"ok":true}"#).await.unwrap();
+        assert_eq!(
+            store.command_answer(first).await.unwrap().as_deref(),
+            Some(r#"{"ok":true}"#)
+        );
+        assert_eq!(
+            store.pending_commands("p").await.unwrap(),
+            [(second, r#"{"action":"retry","position":7}"#.to_owned())]
+        );
+        assert_eq!(store.pending_commands("q").await.unwrap().len(), 1);
+        assert!(store.pending_commands("none").await.unwrap().is_empty());
+        assert_eq!(store.command_answer(second).await.unwrap(), None);
+        assert_eq!(store.command_answer(elsewhere + 1000).await.unwrap(), None);
+        // A fresh answer is kept while further commands come in.
+        store.submit_command("p", "{}").await.unwrap();
+        assert!(store.command_answer(first).await.unwrap().is_some());
+    }
+
+    /// A database written by the previous version (migrations 1 and 2, dead letters without
+    /// kind or state) migrates: its letters read back open, heads as malformed rows, the
+    /// rest parked behind them, and their streams stay parked.
+    async fn dead_letters_of_the_previous_schema_migrate(backend) {
+        let descriptor = Descriptor {
+            name: "old".into(),
+            version: "1".into(),
+            event_types: vec![],
+            collections: vec![],
+        };
+        let rows = "INSERT INTO {s}dead_letters (projection, version, position, event_id, stream, \
+             reason, parked_behind, created_at) VALUES \
+             ('old', '1', 5, 'e5', 's', 'not JSON', NULL, 0), \
+             ('old', '1', 7, 'e7', 's', 'parked behind 5', 5, 0), \
+             ('old', '1', 8, NULL, NULL, 'no stream', NULL, 0); \
+             INSERT INTO {s}projections (name, version, status, error, updated_at) \
+             VALUES ('old', '1', 'running', NULL, 0); \
+             INSERT INTO {s}checkpoints (projection, version, position, updated_at) \
+             VALUES ('old', '1', 9, 0)";
+        let store: Arc<dyn Store> = match &backend {
+            Backend::Sqlite => {
+                use sqlx::Connection;
+                let file = tempdir("store").join("v2.db");
+                let url = format!("sqlite://{}", file.display());
+                let options = url
+                    .parse::<sqlx::sqlite::SqliteConnectOptions>()
+                    .unwrap()
+                    .create_if_missing(true);
+                let mut conn = sqlx::SqliteConnection::connect_with(&options).await.unwrap();
+                let v2 = format!(
+                    "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, \
+                     applied_at INTEGER NOT NULL); \
+                     INSERT INTO schema_migrations VALUES (1, 0), (2, 0); {} {} {}",
+                    include_str!("../../migrations/sqlite/0001_init.sql"),
+                    include_str!("../../migrations/sqlite/0002_dead_letters.sql"),
+                    rows.replace("{s}", ""),
+                );
+                sqlx::raw_sql(&v2).execute(&mut conn).await.unwrap();
+                conn.close().await.unwrap();
+                Arc::new(Sqlite::open(&url).await.unwrap())
+            }
+            Backend::Postgres { url } => {
+                use sqlx::Connection;
+                let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+                let v2 = format!(
+                    "CREATE SCHEMA projector; \
+                     CREATE TABLE projector.schema_migrations (version bigint PRIMARY KEY, \
+                     applied_at bigint NOT NULL); \
+                     INSERT INTO projector.schema_migrations VALUES (1, 0), (2, 0); {} {} {}",
+                    include_str!("../../migrations/postgres/0001_init.sql"),
+                    include_str!("../../migrations/postgres/0002_dead_letters.sql"),
+                    rows.replace("{s}", "__SCHEMA__."),
+                )
+                .replace("__SCHEMA__", "\"projector\"");
+                sqlx::raw_sql(&v2).execute(&mut conn).await.unwrap();
+                conn.close().await.unwrap();
+                Arc::new(Postgres::open(url, &PostgresConfig::default()).await.unwrap())
+            }
+        };
+        assert_eq!(store.register(&descriptor).await.unwrap(), 9);
+        assert!(!store.paused("old").await.unwrap());
+        let listed = store.dead_letters(&descriptor, 0, 10).await.unwrap();
+        let summary: Vec<_> = listed
+            .iter()
+            .map(|l| (l.position, l.kind, l.state, l.parked_behind, l.reason.as_str(), l.event.is_none()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (5, LetterKind::Malformed, LetterState::Open, None, "not JSON", true),
+                (7, LetterKind::Parked, LetterState::Open, Some(5), "parked behind 5", true),
+                (8, LetterKind::Malformed, LetterState::Open, None, "no stream", true)
+            ]
+        );
+        assert_eq!(
+            store.parked_streams(&descriptor).await.unwrap(),
+            std::collections::HashMap::from([("s".to_owned(), 5)])
+        );
+        assert_eq!(
+            store.parked(&descriptor).await.unwrap(),
+            [ParkedStream { stream: "s".into(), behind: 5, reason: "not JSON".into(), events: 1 }]
+        );
+        let head = store.dead_letter(&descriptor, 5).await.unwrap().unwrap();
+        assert_eq!((head.event_id.as_deref(), head.resolved_at, head.plugin_version), (Some("e5"), None, None));
+        assert_eq!(store.parked_behind(&descriptor, 5).await.unwrap().len(), 1);
     }
 }
 
@@ -226,7 +568,16 @@ async fn sqlite_tables_of_earlier_versions_get_field_columns_on_register() {
     writes.insert("a".into(), Some(br#"{"status":"open","n":1}"#.to_vec()));
     writes.insert("b".into(), Some(br#"{"status":"open","n":2}"#.to_vec()));
     store
-        .commit(&descriptor, &output, &[], 0, 1, true)
+        .commit(
+            &descriptor,
+            &Batch {
+                output: &output,
+                from: 0,
+                to: 1,
+                durable: true,
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -288,13 +639,33 @@ async fn sqlite_a_field_declared_again_is_refilled_not_found_stale() {
     let (both, one) = (descriptor(&["a", "b"]), descriptor(&["a"]));
     store.register(&both).await.unwrap();
     let write = |b: &str| one_document("c", "k", &format!(r#"{{"a": 1, "b": "{b}"}}"#));
+    let old = write("old");
     store
-        .commit(&both, &write("old"), &[], 0, 1, true)
+        .commit(
+            &both,
+            &Batch {
+                output: &old,
+                from: 0,
+                to: 1,
+                durable: true,
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
     store.register(&one).await.unwrap();
+    let new = write("new");
     store
-        .commit(&one, &write("new"), &[], 1, 2, true)
+        .commit(
+            &one,
+            &Batch {
+                output: &new,
+                from: 1,
+                to: 2,
+                durable: true,
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
     store.register(&both).await.unwrap();

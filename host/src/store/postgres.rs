@@ -3,7 +3,8 @@
 //! are JSONB; a batch is one transaction of set-based statements (`UNNEST` arrays), whatever
 //! its size.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -15,11 +16,13 @@ use sqlx::{Connection, PgConnection, PgPool, QueryBuilder};
 use tokio::sync::{oneshot, watch};
 
 use super::{
-    dead_letter_from_row, document_from_row, field_column, now_ms, parked_from_rows, table_name,
-    DeadLetter, Document, Lease, ListQuery, ProjectionStatus, Store, StoreError,
+    attach_actions, dead_letter_from_row, document_from_row, event_text, field_column, now_ms,
+    parked_from_rows, parked_streams_from_rows, table_name, AdminAction, Batch, DeadLetter,
+    Document, Lease, ListQuery, ParkedStream, ProjectionStatus, Store, StoreError, ACTION_COLUMNS,
+    ANSWERED_COMMANDS_KEPT_MS, LETTER_COLUMNS,
 };
 use crate::config::PostgresConfig;
-use crate::runtime::{BatchOutput, Descriptor};
+use crate::runtime::Descriptor;
 
 const MIGRATIONS: &[(i64, &str)] = &[
     (
@@ -29,6 +32,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (
         2,
         include_str!("../../../migrations/postgres/0002_dead_letters.sql"),
+    ),
+    (
+        3,
+        include_str!("../../../migrations/postgres/0003_admin.sql"),
     ),
 ];
 
@@ -143,6 +150,198 @@ impl Postgres {
             .map_err(StoreError::db("recording a migration"))?;
         }
         tx.commit().await.map_err(StoreError::db("migrating"))
+    }
+}
+
+impl Postgres {
+    /// A batch's dead-letter bookkeeping, in its transaction: released rows removed, letters
+    /// written (replacing any at the same position), a resolved letter's state, operators'
+    /// actions. No statement for what the batch does not carry.
+    async fn write_letters(
+        &self,
+        tx: &mut PgConnection,
+        projection: &Descriptor,
+        batch: &Batch<'_>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let schema = &self.schema;
+        if !batch.released.is_empty() {
+            let positions: Vec<i64> = batch.released.iter().map(|p| *p as i64).collect();
+            sqlx::query(&format!(
+                "DELETE FROM {schema}.dead_letters WHERE projection = $1 AND version = $2 \
+                 AND position = ANY($3::bigint[])"
+            ))
+            .bind(&projection.name)
+            .bind(&projection.version)
+            .bind(&positions)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::db("releasing parked events"))?;
+        }
+        if !batch.dead_letters.is_empty() {
+            // One row per position (the last given wins): an upsert may not touch a row twice.
+            let letters: BTreeMap<u64, &DeadLetter> = batch
+                .dead_letters
+                .iter()
+                .map(|letter| (letter.position, letter))
+                .collect();
+            let letters: Vec<&DeadLetter> = letters.into_values().collect();
+            let text = |f: fn(&DeadLetter) -> Option<&str>| -> Vec<Option<String>> {
+                letters
+                    .iter()
+                    .map(|l| f(l).map(|s| pg_text(s).into_owned()))
+                    .collect()
+            };
+            let int = |f: fn(&DeadLetter) -> Option<i64>| -> Vec<Option<i64>> {
+                letters.iter().map(|l| f(l)).collect()
+            };
+            let events: Vec<Option<String>> = letters.iter().map(|l| event_text(l)).collect();
+            sqlx::query(&format!(
+                "INSERT INTO {schema}.dead_letters AS d (projection, version, position, event_id, \
+                 stream, reason, parked_behind, kind, state, resolved_at, plugin_version, event, \
+                 created_at) \
+                 SELECT $1, $2, p, e, s, r, b, k, st, ra, pv, ev, $3 FROM UNNEST($4::bigint[], \
+                 $5::text[], $6::text[], $7::text[], $8::bigint[], $9::text[], $10::text[], \
+                 $11::bigint[], $12::text[], $13::text[]) AS u(p, e, s, r, b, k, st, ra, pv, ev) \
+                 ON CONFLICT (projection, version, position) DO UPDATE SET \
+                 event_id = excluded.event_id, stream = excluded.stream, reason = excluded.reason, \
+                 parked_behind = excluded.parked_behind, kind = excluded.kind, \
+                 state = excluded.state, resolved_at = excluded.resolved_at, \
+                 plugin_version = excluded.plugin_version, event = excluded.event"
+            ))
+            .bind(&projection.name)
+            .bind(&projection.version)
+            .bind(now)
+            .bind(int(|l| Some(l.position as i64)))
+            .bind(text(|l| l.event_id.as_deref()))
+            .bind(text(|l| l.stream.as_deref()))
+            .bind(text(|l| Some(l.reason.as_str())))
+            .bind(int(|l| l.parked_behind.map(|p| p as i64)))
+            .bind(text(|l| Some(l.kind.as_str())))
+            .bind(text(|l| Some(l.state.as_str())))
+            .bind(int(|l| l.resolved_at))
+            .bind(text(|l| l.plugin_version.as_deref()))
+            .bind(&events)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::db("writing dead letters"))?;
+        }
+        if let Some((position, state)) = batch.resolved {
+            sqlx::query(&format!(
+                "UPDATE {schema}.dead_letters SET state = $1, resolved_at = $2 \
+                 WHERE projection = $3 AND version = $4 AND position = $5"
+            ))
+            .bind(state.as_str())
+            .bind(now)
+            .bind(&projection.name)
+            .bind(&projection.version)
+            .bind(position as i64)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::db("resolving a dead letter"))?;
+        }
+        self.insert_actions(tx, projection, batch.actions).await
+    }
+
+    /// Records operators' actions, in one statement.
+    async fn insert_actions(
+        &self,
+        conn: &mut PgConnection,
+        projection: &Descriptor,
+        actions: &[AdminAction],
+    ) -> Result<(), StoreError> {
+        if actions.is_empty() {
+            return Ok(());
+        }
+        let targets: Vec<Option<i64>> =
+            actions.iter().map(|a| a.target.map(|p| p as i64)).collect();
+        let names: Vec<String> = actions
+            .iter()
+            .map(|a| pg_text(&a.action).into_owned())
+            .collect();
+        let at: Vec<i64> = actions.iter().map(|a| a.at).collect();
+        let outcomes: Vec<String> = actions
+            .iter()
+            .map(|a| pg_text(&a.outcome).into_owned())
+            .collect();
+        // WITH ORDINALITY: ids follow the given order, which is the actions' order on reads.
+        sqlx::query(&format!(
+            "INSERT INTO {}.admin_actions (projection, version, target, action, at, outcome) \
+             SELECT $1, $2, t, a, w, o FROM UNNEST($3::bigint[], $4::text[], $5::bigint[], \
+             $6::text[]) WITH ORDINALITY AS u(t, a, w, o, n) ORDER BY n",
+            self.schema
+        ))
+        .bind(&projection.name)
+        .bind(&projection.version)
+        .bind(&targets)
+        .bind(&names)
+        .bind(&at)
+        .bind(&outcomes)
+        .execute(&mut *conn)
+        .await
+        .map_err(StoreError::db("recording admin actions"))?;
+        Ok(())
+    }
+
+    /// Fills the actions of `letters` (in position order) with one query.
+    async fn fill_actions(
+        &self,
+        projection: &Descriptor,
+        letters: &mut [DeadLetter],
+    ) -> Result<(), StoreError> {
+        let (Some(first), Some(last)) = (letters.first(), letters.last()) else {
+            return Ok(());
+        };
+        let rows = sqlx::query(&format!(
+            "SELECT {ACTION_COLUMNS} FROM {}.admin_actions WHERE projection = $1 \
+             AND version = $2 AND target BETWEEN $3 AND $4 ORDER BY id",
+            self.schema
+        ))
+        .bind(&projection.name)
+        .bind(&projection.version)
+        .bind(first.position as i64)
+        .bind(last.position as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::db("reading admin actions"))?;
+        attach_actions(letters, &rows)
+    }
+
+    /// Dead letters by a condition on the row (`$3` its value), in position order, with their
+    /// events and actions.
+    async fn letters_where(
+        &self,
+        projection: &Descriptor,
+        condition: &str,
+        value: i64,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {LETTER_COLUMNS}, event FROM {}.dead_letters \
+             WHERE projection = $1 AND version = $2 AND {condition} ORDER BY position",
+            self.schema
+        ))
+        .bind(&projection.name)
+        .bind(&projection.version)
+        .bind(value)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::db("reading dead letters"))?;
+        let mut letters = rows
+            .iter()
+            .map(dead_letter_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.fill_actions(projection, &mut letters).await?;
+        Ok(letters)
+    }
+}
+
+/// Text PostgreSQL can store: a NUL character (which a plugin's error message may carry) is
+/// replaced.
+fn pg_text(text: &str) -> Cow<'_, str> {
+    if text.contains('\0') {
+        Cow::Owned(text.replace('\0', "\u{fffd}"))
+    } else {
+        Cow::Borrowed(text)
     }
 }
 
@@ -320,15 +519,14 @@ impl Store for Postgres {
         Ok(position.unwrap_or(0) as u64)
     }
 
-    async fn commit(
-        &self,
-        projection: &Descriptor,
-        output: &BatchOutput,
-        dead_letters: &[DeadLetter],
-        from: u64,
-        to: u64,
-        durable: bool,
-    ) -> Result<(), StoreError> {
+    async fn commit(&self, projection: &Descriptor, batch: &Batch<'_>) -> Result<(), StoreError> {
+        let Batch {
+            output,
+            from,
+            to,
+            durable,
+            ..
+        } = *batch;
         let now = now_ms();
         // One round trip for both.
         let begin = if durable {
@@ -341,34 +539,7 @@ impl Store for Postgres {
             .begin_with(begin)
             .await
             .map_err(StoreError::db("beginning a batch"))?;
-        if !dead_letters.is_empty() {
-            let column = |f: fn(&DeadLetter) -> Option<String>| -> Vec<Option<String>> {
-                dead_letters.iter().map(f).collect()
-            };
-            let positions: Vec<i64> = dead_letters.iter().map(|d| d.position as i64).collect();
-            let behind: Vec<Option<i64>> = dead_letters
-                .iter()
-                .map(|d| d.parked_behind.map(|p| p as i64))
-                .collect();
-            sqlx::query(&format!(
-                "INSERT INTO {}.dead_letters (projection, version, position, event_id, stream, \
-                 reason, parked_behind, created_at) \
-                 SELECT $1, $2, p, e, s, r, b, $3 FROM UNNEST($4::bigint[], $5::text[], \
-                 $6::text[], $7::text[], $8::bigint[]) AS u(p, e, s, r, b) ON CONFLICT DO NOTHING",
-                self.schema
-            ))
-            .bind(&projection.name)
-            .bind(&projection.version)
-            .bind(now)
-            .bind(&positions)
-            .bind(column(|d| d.event_id.clone()))
-            .bind(column(|d| d.stream.clone()))
-            .bind(column(|d| Some(d.reason.clone())))
-            .bind(&behind)
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::db("writing dead letters"))?;
-        }
+        self.write_letters(&mut tx, projection, batch, now).await?;
         for (collection, writes) in &output.writes {
             let table = self.table(projection, collection);
             let mut keys = Vec::with_capacity(writes.len());
@@ -443,7 +614,8 @@ impl Store for Postgres {
     ) -> Result<std::collections::HashMap<String, u64>, StoreError> {
         let rows = sqlx::query(&format!(
             "SELECT stream, MIN(position) FROM {}.dead_letters WHERE projection = $1 \
-             AND version = $2 AND stream IS NOT NULL GROUP BY stream",
+             AND version = $2 AND parked_behind IS NULL AND stream IS NOT NULL \
+             AND state = 'open' GROUP BY stream",
             self.schema
         ))
         .bind(&projection.name)
@@ -454,14 +626,33 @@ impl Store for Postgres {
         parked_from_rows(&rows)
     }
 
+    async fn parked(&self, projection: &Descriptor) -> Result<Vec<ParkedStream>, StoreError> {
+        let schema = &self.schema;
+        let rows = sqlx::query(&format!(
+            "SELECT h.stream, h.position, h.reason, (SELECT COUNT(*) FROM {schema}.dead_letters p \
+             WHERE p.projection = h.projection AND p.version = h.version \
+             AND p.parked_behind = h.position) \
+             FROM {schema}.dead_letters h WHERE h.projection = $1 AND h.version = $2 \
+             AND h.parked_behind IS NULL AND h.stream IS NOT NULL AND h.state = 'open' \
+             ORDER BY h.stream COLLATE \"C\", h.position"
+        ))
+        .bind(&projection.name)
+        .bind(&projection.version)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::db("reading parked streams"))?;
+        parked_streams_from_rows(&rows)
+    }
+
     async fn dead_letters(
         &self,
         projection: &Descriptor,
         after: u64,
         limit: u32,
     ) -> Result<Vec<DeadLetter>, StoreError> {
+        // Without the events: a page of them is not worth reading for a listing.
         let rows = sqlx::query(&format!(
-            "SELECT position, event_id, stream, reason, parked_behind FROM {}.dead_letters \
+            "SELECT {LETTER_COLUMNS}, NULL::text FROM {}.dead_letters \
              WHERE projection = $1 AND version = $2 AND position > $3 ORDER BY position LIMIT $4",
             self.schema
         ))
@@ -472,7 +663,129 @@ impl Store for Postgres {
         .fetch_all(&self.pool)
         .await
         .map_err(StoreError::db("reading dead letters"))?;
-        rows.iter().map(dead_letter_from_row).collect()
+        let mut letters = rows
+            .iter()
+            .map(dead_letter_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.fill_actions(projection, &mut letters).await?;
+        Ok(letters)
+    }
+
+    async fn dead_letter(
+        &self,
+        projection: &Descriptor,
+        position: u64,
+    ) -> Result<Option<DeadLetter>, StoreError> {
+        let letters = self
+            .letters_where(projection, "position = $3", position as i64)
+            .await?;
+        Ok(letters.into_iter().next())
+    }
+
+    async fn parked_behind(
+        &self,
+        projection: &Descriptor,
+        position: u64,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        self.letters_where(projection, "parked_behind = $3", position as i64)
+            .await
+    }
+
+    async fn record_action(
+        &self,
+        projection: &Descriptor,
+        action: &AdminAction,
+    ) -> Result<(), StoreError> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(StoreError::db("recording an admin action"))?;
+        self.insert_actions(&mut conn, projection, std::slice::from_ref(action))
+            .await
+    }
+
+    async fn paused(&self, projection: &str) -> Result<bool, StoreError> {
+        let paused: Option<bool> = sqlx::query_scalar(&format!(
+            "SELECT paused FROM {}.projections WHERE name = $1",
+            self.schema
+        ))
+        .bind(projection)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(StoreError::db("reading whether the projection is paused"))?;
+        Ok(paused.unwrap_or(false))
+    }
+
+    async fn set_paused(&self, projection: &str, paused: bool) -> Result<(), StoreError> {
+        sqlx::query(&format!(
+            "UPDATE {}.projections SET paused = $1, updated_at = $2 WHERE name = $3",
+            self.schema
+        ))
+        .bind(paused)
+        .bind(now_ms())
+        .bind(projection)
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::db("pausing or resuming the projection"))?;
+        Ok(())
+    }
+
+    async fn submit_command(&self, projection: &str, command: &str) -> Result<i64, StoreError> {
+        let schema = &self.schema;
+        let now = now_ms();
+        // Answers read long ago go in the same statement; the partial index makes that a
+        // lookup of nothing mostly.
+        sqlx::query_scalar(&format!(
+            "WITH gone AS (DELETE FROM {schema}.admin_commands WHERE answered_at < $4) \
+             INSERT INTO {schema}.admin_commands (projection, command, created_at) \
+             VALUES ($1, $2, $3) RETURNING id"
+        ))
+        .bind(projection)
+        .bind(pg_text(command).as_ref())
+        .bind(now)
+        .bind(now - ANSWERED_COMMANDS_KEPT_MS)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(StoreError::db("queueing an admin command"))
+    }
+
+    async fn pending_commands(&self, projection: &str) -> Result<Vec<(i64, String)>, StoreError> {
+        sqlx::query_as(&format!(
+            "SELECT id, command FROM {}.admin_commands WHERE projection = $1 AND answer IS NULL \
+             ORDER BY id",
+            self.schema
+        ))
+        .bind(projection)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::db("reading admin commands"))
+    }
+
+    async fn answer_command(&self, id: i64, answer: &str) -> Result<(), StoreError> {
+        sqlx::query(&format!(
+            "UPDATE {}.admin_commands SET answer = $1, answered_at = $2 WHERE id = $3",
+            self.schema
+        ))
+        .bind(pg_text(answer).as_ref())
+        .bind(now_ms())
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::db("answering an admin command"))?;
+        Ok(())
+    }
+
+    async fn command_answer(&self, id: i64) -> Result<Option<String>, StoreError> {
+        let answer: Option<Option<String>> = sqlx::query_scalar(&format!(
+            "SELECT answer FROM {}.admin_commands WHERE id = $1",
+            self.schema
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(StoreError::db("reading an admin command's answer"))?;
+        Ok(answer.flatten())
     }
 
     async fn try_lease(&self, projection: &str) -> Result<Option<Lease>, StoreError> {
@@ -594,7 +907,7 @@ impl Store for Postgres {
         ));
         for (field, value) in &query.filters {
             // A query string has no types: "42" matches the number 42 and the string "42",
-            // "true" the boolean; one `= ANY` the expression index serves.
+            // "true" the boolean; one `= ANY` the field column's index serves.
             let mut candidates = vec![serde_json::Value::String(value.clone()).to_string()];
             if let Ok(n) = value.parse::<i64>() {
                 candidates.push(n.to_string());

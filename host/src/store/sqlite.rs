@@ -11,10 +11,12 @@ use sqlx::{QueryBuilder, SqlitePool};
 
 use super::fields::{self, FieldValue};
 use super::{
-    dead_letter_from_row, document_from_row, field_column, now_ms, parked_from_rows, table_name,
-    DeadLetter, Document, Lease, ListQuery, ProjectionStatus, Store, StoreError,
+    attach_actions, dead_letter_from_row, document_from_row, event_text, field_column, now_ms,
+    parked_from_rows, parked_streams_from_rows, table_name, AdminAction, Batch, DeadLetter,
+    Document, Lease, ListQuery, ParkedStream, ProjectionStatus, Store, StoreError, ACTION_COLUMNS,
+    ANSWERED_COMMANDS_KEPT_MS, LETTER_COLUMNS,
 };
-use crate::runtime::{BatchOutput, Descriptor};
+use crate::runtime::Descriptor;
 
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../../migrations/sqlite/0001_init.sql")),
@@ -22,6 +24,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         2,
         include_str!("../../../migrations/sqlite/0002_dead_letters.sql"),
     ),
+    (3, include_str!("../../../migrations/sqlite/0003_admin.sql")),
 ];
 
 /// Rows per multi-row statement: large enough that a batch of 1000 documents is a handful of
@@ -269,6 +272,158 @@ async fn execute_all(
 /// A stored document as JSON text: written as text, or as JSONB by earlier versions.
 const DOC_JSON: &str = "iif(typeof(doc) = 'text', doc, json(doc))";
 
+/// A batch's dead-letter bookkeeping, in its transaction: released rows removed, letters
+/// written (replacing any at the same position), a resolved letter's state, operators'
+/// actions. No statement for what the batch does not carry.
+async fn write_letters(
+    tx: &mut sqlx::SqliteConnection,
+    projection: &Descriptor,
+    batch: &Batch<'_>,
+    now: i64,
+) -> Result<(), StoreError> {
+    for chunk in batch.released.chunks(ROWS_PER_STATEMENT) {
+        let mut sql = QueryBuilder::new("DELETE FROM dead_letters WHERE projection = ");
+        sql.push_bind(&projection.name)
+            .push(" AND version = ")
+            .push_bind(&projection.version)
+            .push(" AND position IN (");
+        let mut positions = sql.separated(", ");
+        for position in chunk {
+            positions.push_bind(*position as i64);
+        }
+        sql.push(")");
+        sql.build()
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::db("releasing parked events"))?;
+    }
+    for chunk in batch.dead_letters.chunks(ROWS_PER_STATEMENT / 2) {
+        let events: Vec<Option<String>> = chunk.iter().map(event_text).collect();
+        let mut sql = QueryBuilder::new(
+            "INSERT INTO dead_letters (projection, version, position, event_id, stream, reason, \
+             parked_behind, kind, state, resolved_at, plugin_version, event, created_at) ",
+        );
+        sql.push_values(chunk.iter().zip(&events), |mut row, (letter, event)| {
+            row.push_bind(&projection.name)
+                .push_bind(&projection.version)
+                .push_bind(letter.position as i64)
+                .push_bind(letter.event_id.as_deref())
+                .push_bind(letter.stream.as_deref())
+                .push_bind(letter.reason.as_str())
+                .push_bind(letter.parked_behind.map(|p| p as i64))
+                .push_bind(letter.kind.as_str())
+                .push_bind(letter.state.as_str())
+                .push_bind(letter.resolved_at)
+                .push_bind(letter.plugin_version.as_deref())
+                .push_bind(event.as_deref())
+                .push_bind(now);
+        });
+        sql.push(
+            " ON CONFLICT (projection, version, position) DO UPDATE SET \
+             event_id = excluded.event_id, stream = excluded.stream, reason = excluded.reason, \
+             parked_behind = excluded.parked_behind, kind = excluded.kind, \
+             state = excluded.state, resolved_at = excluded.resolved_at, \
+             plugin_version = excluded.plugin_version, event = excluded.event",
+        );
+        sql.build()
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::db("writing dead letters"))?;
+    }
+    if let Some((position, state)) = batch.resolved {
+        sqlx::query(
+            "UPDATE dead_letters SET state = ?, resolved_at = ? \
+             WHERE projection = ? AND version = ? AND position = ?",
+        )
+        .bind(state.as_str())
+        .bind(now)
+        .bind(&projection.name)
+        .bind(&projection.version)
+        .bind(position as i64)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::db("resolving a dead letter"))?;
+    }
+    insert_actions(tx, projection, batch.actions).await
+}
+
+/// Records operators' actions.
+async fn insert_actions(
+    conn: &mut sqlx::SqliteConnection,
+    projection: &Descriptor,
+    actions: &[AdminAction],
+) -> Result<(), StoreError> {
+    for chunk in actions.chunks(ROWS_PER_STATEMENT / 2) {
+        let mut sql = QueryBuilder::new(
+            "INSERT INTO admin_actions (projection, version, target, action, at, outcome) ",
+        );
+        sql.push_values(chunk, |mut row, action| {
+            row.push_bind(&projection.name)
+                .push_bind(&projection.version)
+                .push_bind(action.target.map(|p| p as i64))
+                .push_bind(action.action.as_str())
+                .push_bind(action.at)
+                .push_bind(action.outcome.as_str());
+        });
+        sql.build()
+            .execute(&mut *conn)
+            .await
+            .map_err(StoreError::db("recording admin actions"))?;
+    }
+    Ok(())
+}
+
+impl Sqlite {
+    /// Fills the actions of `letters` (in position order) with one query.
+    async fn fill_actions(
+        &self,
+        projection: &Descriptor,
+        letters: &mut [DeadLetter],
+    ) -> Result<(), StoreError> {
+        let (Some(first), Some(last)) = (letters.first(), letters.last()) else {
+            return Ok(());
+        };
+        let rows = sqlx::query(&format!(
+            "SELECT {ACTION_COLUMNS} FROM admin_actions WHERE projection = ? AND version = ? \
+             AND target BETWEEN ? AND ? ORDER BY id"
+        ))
+        .bind(&projection.name)
+        .bind(&projection.version)
+        .bind(first.position as i64)
+        .bind(last.position as i64)
+        .fetch_all(&self.read)
+        .await
+        .map_err(StoreError::db("reading admin actions"))?;
+        attach_actions(letters, &rows)
+    }
+
+    /// Dead letters by a condition on the row (after `projection = ? AND version = ?`), in
+    /// position order, with their events and actions.
+    async fn letters_where(
+        &self,
+        projection: &Descriptor,
+        condition: &str,
+        value: i64,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {LETTER_COLUMNS}, event FROM dead_letters \
+             WHERE projection = ? AND version = ? AND {condition} ORDER BY position"
+        ))
+        .bind(&projection.name)
+        .bind(&projection.version)
+        .bind(value)
+        .fetch_all(&self.read)
+        .await
+        .map_err(StoreError::db("reading dead letters"))?;
+        let mut letters = rows
+            .iter()
+            .map(dead_letter_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.fill_actions(projection, &mut letters).await?;
+        Ok(letters)
+    }
+}
+
 #[async_trait]
 impl Store for Sqlite {
     async fn register(&self, projection: &Descriptor) -> Result<u64, StoreError> {
@@ -340,42 +495,19 @@ impl Store for Sqlite {
         Ok(checkpoint as u64)
     }
 
-    async fn commit(
-        &self,
-        projection: &Descriptor,
-        output: &BatchOutput,
-        dead_letters: &[DeadLetter],
-        from: u64,
-        to: u64,
-        // WAL with synchronous=NORMAL for every commit: durable across a process crash.
-        _durable: bool,
-    ) -> Result<(), StoreError> {
+    // WAL with synchronous=NORMAL for every commit: durable across a process crash, so
+    // `batch.durable` changes nothing here.
+    async fn commit(&self, projection: &Descriptor, batch: &Batch<'_>) -> Result<(), StoreError> {
+        let Batch {
+            output, from, to, ..
+        } = *batch;
         let now = now_ms();
         let mut tx = self
             .write
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(StoreError::db("beginning a batch"))?;
-        for chunk in dead_letters.chunks(ROWS_PER_STATEMENT / 2) {
-            let mut sql = QueryBuilder::new(
-                "INSERT OR IGNORE INTO dead_letters (projection, version, position, event_id, \
-                 stream, reason, parked_behind, created_at) ",
-            );
-            sql.push_values(chunk, |mut row, letter| {
-                row.push_bind(&projection.name)
-                    .push_bind(&projection.version)
-                    .push_bind(letter.position as i64)
-                    .push_bind(letter.event_id.as_deref())
-                    .push_bind(letter.stream.as_deref())
-                    .push_bind(letter.reason.as_str())
-                    .push_bind(letter.parked_behind.map(|p| p as i64))
-                    .push_bind(now);
-            });
-            sql.build()
-                .execute(&mut *tx)
-                .await
-                .map_err(StoreError::db("writing dead letters"))?;
-        }
+        write_letters(&mut tx, projection, batch, now).await?;
         for (collection, writes) in &output.writes {
             let table = table_name(projection, collection);
             let fields = projection
@@ -465,7 +597,7 @@ impl Store for Sqlite {
     ) -> Result<std::collections::HashMap<String, u64>, StoreError> {
         let rows = sqlx::query(
             "SELECT stream, MIN(position) FROM dead_letters WHERE projection = ? AND version = ? \
-             AND stream IS NOT NULL GROUP BY stream",
+             AND parked_behind IS NULL AND stream IS NOT NULL AND state = 'open' GROUP BY stream",
         )
         .bind(&projection.name)
         .bind(&projection.version)
@@ -475,16 +607,34 @@ impl Store for Sqlite {
         parked_from_rows(&rows)
     }
 
+    async fn parked(&self, projection: &Descriptor) -> Result<Vec<ParkedStream>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT h.stream, h.position, h.reason, (SELECT COUNT(*) FROM dead_letters p \
+             WHERE p.projection = h.projection AND p.version = h.version \
+             AND p.parked_behind = h.position) \
+             FROM dead_letters h WHERE h.projection = ? AND h.version = ? \
+             AND h.parked_behind IS NULL AND h.stream IS NOT NULL AND h.state = 'open' \
+             ORDER BY h.stream, h.position",
+        )
+        .bind(&projection.name)
+        .bind(&projection.version)
+        .fetch_all(&self.read)
+        .await
+        .map_err(StoreError::db("reading parked streams"))?;
+        parked_streams_from_rows(&rows)
+    }
+
     async fn dead_letters(
         &self,
         projection: &Descriptor,
         after: u64,
         limit: u32,
     ) -> Result<Vec<DeadLetter>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT position, event_id, stream, reason, parked_behind FROM dead_letters \
-             WHERE projection = ? AND version = ? AND position > ? ORDER BY position LIMIT ?",
-        )
+        // Without the events: a page of them is not worth reading for a listing.
+        let rows = sqlx::query(&format!(
+            "SELECT {LETTER_COLUMNS}, NULL FROM dead_letters \
+             WHERE projection = ? AND version = ? AND position > ? ORDER BY position LIMIT ?"
+        ))
         .bind(&projection.name)
         .bind(&projection.version)
         .bind(after as i64)
@@ -492,7 +642,118 @@ impl Store for Sqlite {
         .fetch_all(&self.read)
         .await
         .map_err(StoreError::db("reading dead letters"))?;
-        rows.iter().map(dead_letter_from_row).collect()
+        let mut letters = rows
+            .iter()
+            .map(dead_letter_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.fill_actions(projection, &mut letters).await?;
+        Ok(letters)
+    }
+
+    async fn dead_letter(
+        &self,
+        projection: &Descriptor,
+        position: u64,
+    ) -> Result<Option<DeadLetter>, StoreError> {
+        let letters = self
+            .letters_where(projection, "position = ?", position as i64)
+            .await?;
+        Ok(letters.into_iter().next())
+    }
+
+    async fn parked_behind(
+        &self,
+        projection: &Descriptor,
+        position: u64,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        self.letters_where(projection, "parked_behind = ?", position as i64)
+            .await
+    }
+
+    async fn record_action(
+        &self,
+        projection: &Descriptor,
+        action: &AdminAction,
+    ) -> Result<(), StoreError> {
+        let mut conn = self
+            .write
+            .acquire()
+            .await
+            .map_err(StoreError::db("recording an admin action"))?;
+        insert_actions(&mut conn, projection, std::slice::from_ref(action)).await
+    }
+
+    async fn paused(&self, projection: &str) -> Result<bool, StoreError> {
+        let paused: Option<bool> =
+            sqlx::query_scalar("SELECT paused FROM projections WHERE name = ?")
+                .bind(projection)
+                .fetch_optional(&self.read)
+                .await
+                .map_err(StoreError::db("reading whether the projection is paused"))?;
+        Ok(paused.unwrap_or(false))
+    }
+
+    async fn set_paused(&self, projection: &str, paused: bool) -> Result<(), StoreError> {
+        sqlx::query("UPDATE projections SET paused = ?, updated_at = ? WHERE name = ?")
+            .bind(paused)
+            .bind(now_ms())
+            .bind(projection)
+            .execute(&self.write)
+            .await
+            .map_err(StoreError::db("pausing or resuming the projection"))?;
+        Ok(())
+    }
+
+    async fn submit_command(&self, projection: &str, command: &str) -> Result<i64, StoreError> {
+        let now = now_ms();
+        // Answers read long ago go; the partial index makes this a lookup of nothing mostly.
+        sqlx::query("DELETE FROM admin_commands WHERE answered_at < ?")
+            .bind(now - ANSWERED_COMMANDS_KEPT_MS)
+            .execute(&self.write)
+            .await
+            .map_err(StoreError::db("removing answered admin commands"))?;
+        sqlx::query_scalar(
+            "INSERT INTO admin_commands (projection, command, created_at) VALUES (?, ?, ?) \
+             RETURNING id",
+        )
+        .bind(projection)
+        .bind(command)
+        .bind(now)
+        .fetch_one(&self.write)
+        .await
+        .map_err(StoreError::db("queueing an admin command"))
+    }
+
+    async fn pending_commands(&self, projection: &str) -> Result<Vec<(i64, String)>, StoreError> {
+        sqlx::query_as(
+            "SELECT id, command FROM admin_commands WHERE projection = ? AND answer IS NULL \
+             ORDER BY id",
+        )
+        .bind(projection)
+        .fetch_all(&self.read)
+        .await
+        .map_err(StoreError::db("reading admin commands"))
+    }
+
+    async fn answer_command(&self, id: i64, answer: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE admin_commands SET answer = ?, answered_at = ? WHERE id = ?")
+            .bind(answer)
+            .bind(now_ms())
+            .bind(id)
+            .execute(&self.write)
+            .await
+            .map_err(StoreError::db("answering an admin command"))?;
+        Ok(())
+    }
+
+    async fn command_answer(&self, id: i64) -> Result<Option<String>, StoreError> {
+        let answer: Option<Option<String>> =
+            sqlx::query_scalar("SELECT answer FROM admin_commands WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.read)
+                .await
+                .map_err(StoreError::db("reading an admin command's answer"))?;
+        Ok(answer.flatten())
     }
 
     async fn try_lease(&self, _projection: &str) -> Result<Option<Lease>, StoreError> {
@@ -576,7 +837,8 @@ impl Store for Sqlite {
         for (field, value) in &query.filters {
             let expr = field_column(field);
             // A query string has no types: "42" matches the number 42 and the string "42",
-            // "true" the boolean; each alternative is an equality the expression index serves.
+            // "true" the boolean; each alternative is an equality the field column's index
+            // serves.
             sql.push(format!(" AND ({expr} = "))
                 .push_bind(value.clone());
             if let Ok(n) = value.parse::<i64>() {
