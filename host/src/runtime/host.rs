@@ -85,7 +85,11 @@ pub(crate) struct HostState {
     pub output_exceeded: bool,
     pub state_error: Option<BoxError>,
     pub contract_violation: Option<String>,
-    pub panic: Option<(usize, String)>,
+    pub panic: Option<(u32, String)>,
+    /// The event the guest said it is on (`log.begin-event`, contract 0.1.1): where a call
+    /// was when the host cut it short. `None` before the first event, once the guest is past
+    /// its events, and always for a plugin built against 0.1.0.
+    pub current_event: Option<usize>,
 }
 
 /// Bytes of stdout/stderr kept per call; past it output is counted, not stored.
@@ -126,6 +130,7 @@ impl HostState {
             state_error: None,
             contract_violation: None,
             panic: None,
+            current_event: None,
         }
     }
 
@@ -245,7 +250,12 @@ impl log::Host for HostState {
     }
 
     fn report_panic(&mut self, event_index: u32, message: String) -> wasmtime::Result<()> {
-        self.panic = Some((event_index as usize, message));
+        self.panic = Some((event_index, message));
+        Ok(())
+    }
+
+    fn begin_event(&mut self, event_index: u32) -> wasmtime::Result<()> {
+        self.current_event = (event_index != u32::MAX).then_some(event_index as usize);
         Ok(())
     }
 }

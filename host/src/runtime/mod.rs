@@ -4,6 +4,7 @@
 
 mod bindings;
 mod cache;
+mod check;
 mod descriptor;
 mod host;
 mod sandbox;
@@ -61,6 +62,13 @@ impl Limits {
     }
 }
 
+/// A failure of a plugin call or of loading a plugin.
+///
+/// When the host cuts a call short (deadline, memory cap, output cap, a trap, a broken
+/// contract), `at` is the event the call was on: the index in the batch the guest last gave to
+/// `log.begin-event` (contract 0.1.1), `None` for a plugin on 0.1.0 (which never calls it),
+/// before the first event and after the last. `event` then says where that event sits (id,
+/// position, stream@version), for the message; it is empty when `at` is `None`.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error("cannot read plugin {path}: {source}")]
@@ -70,17 +78,47 @@ pub enum RuntimeError {
     },
     #[error("{origin} is not a valid projector plugin: {reason}")]
     InvalidComponent { origin: String, reason: String },
-    #[error("plugin {plugin} trapped: {message}")]
-    Trap { plugin: String, message: String },
-    #[error("plugin {plugin} exceeded its deadline of {deadline_ms} ms")]
-    DeadlineExceeded { plugin: String, deadline_ms: u64 },
-    #[error("plugin {plugin} exceeded its memory limit of {limit_mb} MiB")]
-    MemoryLimit { plugin: String, limit_mb: usize },
-    #[error("plugin {plugin} wrote more than {limit_mb} MiB of documents in one batch")]
-    OutputLimit { plugin: String, limit_mb: usize },
-    #[error("plugin {plugin} broke the contract: {message}")]
-    Contract { plugin: String, message: String },
-    #[error("plugin {plugin} failed on event #{index} of the batch ({at}): {message}")]
+    #[error("plugin {plugin} trapped{}: {message}", on_event(.at, .event))]
+    Trap {
+        plugin: String,
+        message: String,
+        at: Option<usize>,
+        event: String,
+    },
+    #[error("plugin {plugin} exceeded its deadline of {deadline_ms} ms{}", on_event(.at, .event))]
+    DeadlineExceeded {
+        plugin: String,
+        deadline_ms: u64,
+        at: Option<usize>,
+        event: String,
+    },
+    #[error("plugin {plugin} exceeded its memory limit of {limit_mb} MiB{}", on_event(.at, .event))]
+    MemoryLimit {
+        plugin: String,
+        limit_mb: usize,
+        at: Option<usize>,
+        event: String,
+    },
+    #[error(
+        "plugin {plugin} wrote more than {limit_mb} MiB of documents in one batch{}",
+        on_event(.at, .event)
+    )]
+    OutputLimit {
+        plugin: String,
+        limit_mb: usize,
+        at: Option<usize>,
+        event: String,
+    },
+    #[error("plugin {plugin} broke the contract{}: {message}", on_event(.at, .event))]
+    Contract {
+        plugin: String,
+        message: String,
+        at: Option<usize>,
+        event: String,
+    },
+    /// The guest named the failure: an error it returned, or a panic it reported. `index` is
+    /// [`WHOLE_BATCH`] when it blamed the batch as a whole, no single event.
+    #[error("plugin {plugin} failed {}: {message}", guest_failed_on(*.index, .at))]
     Guest {
         plugin: String,
         index: usize,
@@ -89,19 +127,81 @@ pub enum RuntimeError {
         at: String,
         message: String,
     },
+    /// The batch's documents include one no store can keep; which event wrote it is unknown.
+    #[error("plugin {plugin} wrote {message}")]
+    Output { plugin: String, message: String },
     #[error("plugin {plugin}: reading a document failed: {source}")]
     State { plugin: String, source: BoxError },
     #[error("wasm engine: {0}")]
     Engine(String),
 }
 
+/// The event index a guest gives for a failure of the batch as a whole (`u32::MAX`, as the
+/// contract spells it): in a `handle-error`, a panic report or `log.begin-event`.
+pub const WHOLE_BATCH: usize = u32::MAX as usize;
+
+/// Whose fault a failed call is, decided once where the failure is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Deterministic, the plugin's or the event's: running the same events again fails
+    /// again, so isolate the event. `at` is the event (index in the batch) when known;
+    /// `named` says the guest itself named it (an error it returned, a panic), while `false`
+    /// means the host only knows where the call was when it cut it short (deadline, memory,
+    /// output cap, trap, broken contract): a limit can be reached by many events together, so
+    /// confirm such an event by running it alone.
+    Plugin { at: Option<usize>, named: bool },
+    /// Not the event's fault (reading a document failed, the engine, reading the plugin's
+    /// file): try again.
+    Host,
+}
+
 impl RuntimeError {
-    /// The index in the batch of the event that failed, when the plugin told us.
+    /// The index in the batch of the event that failed, when the plugin told us (an error it
+    /// returned or a panic); `None` when it blamed the batch as a whole.
     pub fn event_index(&self) -> Option<usize> {
         match self {
-            Self::Guest { index, .. } => Some(*index),
+            Self::Guest { index, .. } if *index != WHOLE_BATCH => Some(*index),
             _ => None,
         }
+    }
+
+    /// Whose fault the failure is, and which event it points at.
+    pub fn fault(&self) -> Fault {
+        match self {
+            Self::Guest { .. } => Fault::Plugin {
+                at: self.event_index(),
+                named: true,
+            },
+            Self::Trap { at, .. }
+            | Self::DeadlineExceeded { at, .. }
+            | Self::MemoryLimit { at, .. }
+            | Self::OutputLimit { at, .. }
+            | Self::Contract { at, .. } => Fault::Plugin {
+                at: *at,
+                named: false,
+            },
+            Self::InvalidComponent { .. } | Self::Output { .. } => Fault::Plugin {
+                at: None,
+                named: false,
+            },
+            Self::Read { .. } | Self::State { .. } | Self::Engine(_) => Fault::Host,
+        }
+    }
+}
+
+/// " on event #i of the batch (where it sits)", or nothing when the event is not known.
+fn on_event(at: &Option<usize>, event: &str) -> String {
+    match at {
+        Some(index) => format!(" on event #{index} of the batch ({event})"),
+        None => String::new(),
+    }
+}
+
+fn guest_failed_on(index: usize, at: &str) -> String {
+    if index == WHOLE_BATCH {
+        "on the batch as a whole".to_owned()
+    } else {
+        format!("on event #{index} of the batch ({at})")
     }
 }
 
@@ -164,7 +264,13 @@ impl Runtime {
         Projection::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let ticker_stop = Arc::new(AtomicBool::new(false));
-        spawn_epoch_ticker(&engine, ticker_stop.clone());
+        // Without the ticker no call would ever reach its deadline: refuse to run at all.
+        spawn_epoch_ticker(&engine, ticker_stop.clone()).map_err(|err| {
+            RuntimeError::Engine(format!(
+                "cannot start the deadline ticker thread ({err}): plugin calls would run \
+                 without a deadline"
+            ))
+        })?;
         Ok(Self {
             engine,
             slots: Arc::new(Slots::new(INSTANCE_SLOTS as usize)),
@@ -265,7 +371,8 @@ impl Drop for Slot<'_> {
 
 /// Advances the engine's epoch: a store whose deadline (in ticks) passes traps at its next
 /// loop back-edge or function entry. Far cheaper than fuel, and enough for a wall-time limit.
-fn spawn_epoch_ticker(engine: &Engine, stop: Arc<AtomicBool>) {
+/// Fails when the thread cannot be started.
+fn spawn_epoch_ticker(engine: &Engine, stop: Arc<AtomicBool>) -> std::io::Result<()> {
     let weak = engine.weak();
     std::thread::Builder::new()
         .name("projector-epoch".into())
@@ -279,7 +386,6 @@ fn spawn_epoch_ticker(engine: &Engine, stop: Arc<AtomicBool>) {
             }
         })
         .map(drop)
-        .unwrap_or_else(|err| tracing::error!(error = %err, "cannot start the deadline ticker"));
 }
 
 /// What a runner drives: something that describes itself and turns a batch of events into
@@ -287,12 +393,21 @@ fn spawn_epoch_ticker(engine: &Engine, stop: Arc<AtomicBool>) {
 /// compiled natively behind it to measure what the sandbox costs.
 pub trait BatchHandler: Send + Sync {
     fn descriptor(&self) -> &Descriptor;
-    /// Takes the batch by value: the events move into the call instead of being copied.
+    /// Takes the batch by value: the events move into the call instead of being copied. On
+    /// failure they come back, so the caller can run them again (isolating a bad event)
+    /// without having kept a copy of every batch.
     fn handle(
         &self,
         events: Vec<Event>,
         docs: Arc<dyn DocumentReader>,
-    ) -> Result<BatchOutput, RuntimeError>;
+    ) -> Result<BatchOutput, Failed>;
+}
+
+/// A failed batch call: why, and the batch's events, given back.
+#[derive(Debug)]
+pub struct Failed {
+    pub error: Box<RuntimeError>,
+    pub events: Vec<Event>,
 }
 
 impl BatchHandler for Plugin {
@@ -303,8 +418,8 @@ impl BatchHandler for Plugin {
         &self,
         events: Vec<Event>,
         docs: Arc<dyn DocumentReader>,
-    ) -> Result<BatchOutput, RuntimeError> {
-        Plugin::handle(self, events, docs)
+    ) -> Result<BatchOutput, Failed> {
+        self.handle_batch(events, docs)
     }
 }
 
@@ -350,12 +465,15 @@ impl Plugin {
         // Declared before the store: dropped after it, when its instance is back in the pool.
         let _slot = self.slots.acquire();
         let mut store = self.store(&[], Arc::new(MemoryDocuments::default()));
-        let result = self
-            .pre
-            .instantiate(&mut store)
-            .and_then(|instance| instance.call_describe(&mut store));
+        let result = match self.pre.instantiate(&mut store) {
+            Ok(instance) => instance.call_describe(&mut store),
+            Err(err) => {
+                store.data_mut().flush_logs();
+                return Err(self.classify(&mut store, err, &[], Stage::Instantiate));
+            }
+        };
         store.data_mut().flush_logs();
-        result.map_err(|err| self.classify(&mut store, err, &[]))
+        result.map_err(|err| self.classify(&mut store, err, &[], Stage::Call))
     }
 
     /// Runs one batch: a fresh instance, one `handle` call. The documents the plugin wrote are
@@ -365,81 +483,150 @@ impl Plugin {
         events: Vec<Event>,
         docs: Arc<dyn DocumentReader>,
     ) -> Result<BatchOutput, RuntimeError> {
+        self.handle_batch(events, docs)
+            .map_err(|failed| *failed.error)
+    }
+
+    /// [`Plugin::handle`], giving the events back on failure. Documents no store can keep
+    /// (not JSON, a NUL, half a surrogate pair, nested too deep) fail the call too: the
+    /// plugin's bug, found before a table sees it.
+    pub fn handle_batch(
+        &self,
+        events: Vec<Event>,
+        docs: Arc<dyn DocumentReader>,
+    ) -> Result<BatchOutput, Failed> {
         // Declared before the store: dropped after it, when its instance is back in the pool.
         let _slot = self.slots.acquire();
         let mut store = self.store(&events, docs);
         let wit_events: Vec<wit::Event> = events.into_iter().map(to_wit).collect();
-        let result = self
-            .pre
-            .instantiate(&mut store)
-            .and_then(|instance| instance.call_handle(&mut store, &wit_events));
-        store.data_mut().flush_logs();
-        match result {
-            Ok(Ok(())) => Ok(store.into_data().into_output()),
-            Ok(Err(err)) => {
-                let index = err.event_index as usize;
-                let (event_id, at) = locate(&wit_events, index);
-                Err(RuntimeError::Guest {
-                    plugin: self.name.clone(),
-                    event_id,
-                    at,
-                    index,
-                    message: err.message,
-                })
+        let result = match self.pre.instantiate(&mut store) {
+            Ok(instance) => instance.call_handle(&mut store, &wit_events),
+            Err(err) => {
+                store.data_mut().flush_logs();
+                let error = self.classify(&mut store, err, &wit_events, Stage::Instantiate);
+                return Err(give_back(error, wit_events));
             }
-            Err(err) => Err(self.classify(&mut store, err, &wit_events)),
+        };
+        store.data_mut().flush_logs();
+        let error = match result {
+            Ok(Ok(())) => {
+                let output = store.into_data().into_output();
+                match check::check_documents(&output) {
+                    Ok(()) => return Ok(output),
+                    Err(message) => RuntimeError::Output {
+                        plugin: self.name.clone(),
+                        message,
+                    },
+                }
+            }
+            Ok(Err(err)) => self.guest_error(&wit_events, err.event_index, err.message),
+            Err(err) => self.classify(&mut store, err, &wit_events, Stage::Call),
+        };
+        Err(give_back(error, wit_events))
+    }
+
+    /// A failure the guest named: an error it returned or a panic it reported. An index past
+    /// the batch (u32::MAX says so on purpose) names no event: the batch as a whole failed.
+    fn guest_error(&self, events: &[wit::Event], index: u32, message: String) -> RuntimeError {
+        let index = index as usize;
+        if index >= events.len() {
+            let message = if index == WHOLE_BATCH {
+                message
+            } else {
+                format!(
+                    "{message} (the plugin named event #{index}, which a batch of {} events \
+                     does not have)",
+                    events.len()
+                )
+            };
+            return RuntimeError::Guest {
+                plugin: self.name.clone(),
+                index: WHOLE_BATCH,
+                event_id: String::new(),
+                at: String::new(),
+                message,
+            };
+        }
+        let (event_id, at) = locate(events, index);
+        RuntimeError::Guest {
+            plugin: self.name.clone(),
+            index,
+            event_id,
+            at,
+            message,
         }
     }
 
     /// Names the real cause of a failed call: the host's own records first (they know why an
-    /// import refused or a grow failed), then the trap code.
+    /// import refused or a grow failed), then the trap code; and the event the call was on.
     fn classify(
         &self,
         store: &mut Store<HostState>,
         err: wasmtime::Error,
         events: &[wit::Event],
+        stage: Stage,
     ) -> RuntimeError {
         let plugin = self.name.clone();
         let state = store.data_mut();
+        let at = state.current_event.filter(|&i| i < events.len());
+        let event = at.map(|i| locate(events, i).1).unwrap_or_default();
         if state.output_exceeded {
             return RuntimeError::OutputLimit {
                 plugin,
                 limit_mb: self.limits.max_output_mb,
+                at,
+                event,
             };
         }
         if let Some(source) = state.state_error.take() {
             return RuntimeError::State { plugin, source };
         }
         if let Some(message) = state.contract_violation.take() {
-            return RuntimeError::Contract { plugin, message };
+            return RuntimeError::Contract {
+                plugin,
+                message,
+                at,
+                event,
+            };
         }
         if state.limiter.memory_exceeded {
             return RuntimeError::MemoryLimit {
                 plugin,
                 limit_mb: self.limits.memory_mb,
+                at,
+                event,
             };
         }
         if let Some((index, message)) = state.panic.take() {
-            let (event_id, at) = locate(events, index);
-            return RuntimeError::Guest {
-                plugin,
-                event_id,
-                at,
-                index,
-                message: format!("panicked: {message}"),
-            };
+            return self.guest_error(events, index, format!("panicked: {message}"));
         }
-        if err.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
-            return RuntimeError::DeadlineExceeded {
+        match err.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => RuntimeError::DeadlineExceeded {
                 plugin,
                 deadline_ms: self.limits.deadline_ms,
-            };
-        }
-        RuntimeError::Trap {
-            plugin,
-            message: format!("{err:#}"),
+                at,
+                event,
+            },
+            // Instantiating failed without the guest running into anything: the engine's
+            // resources (the pool's memory, say), not the plugin.
+            None if stage == Stage::Instantiate => {
+                RuntimeError::Engine(format!("instantiating plugin {plugin}: {err:#}"))
+            }
+            _ => RuntimeError::Trap {
+                plugin,
+                message: format!("{err:#}"),
+                at,
+                event,
+            },
         }
     }
+}
+
+/// Where a call failed: making the instance, or in the call itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Instantiate,
+    Call,
 }
 
 /// The id of the batch's event `index`, and a description of where it sits.
@@ -456,6 +643,36 @@ fn locate(events: &[wit::Event], index: usize) -> (String, String) {
     }
 }
 
+/// A failure with the batch's events, turned back from what the guest was given.
+fn give_back(error: RuntimeError, events: Vec<wit::Event>) -> Failed {
+    Failed {
+        error: Box::new(error),
+        events: events.into_iter().map(from_wit).collect(),
+    }
+}
+
+fn from_wit(event: wit::Event) -> Event {
+    // The payload came from a `RawValue`: it is JSON, and UTF-8.
+    let payload = String::from_utf8(event.payload)
+        .ok()
+        .and_then(|text| serde_json::value::RawValue::from_string(text).ok())
+        .unwrap_or_else(|| {
+            serde_json::value::RawValue::from_string("null".into())
+                .unwrap_or_else(|_| unreachable!("null is JSON"))
+        });
+    Event {
+        id: event.id,
+        stream: event.stream,
+        stream_type: event.stream_type,
+        event_type: event.event_type,
+        version: event.version,
+        position: event.position,
+        timestamp_ms: event.timestamp_ms,
+        payload,
+        headers: event.headers,
+    }
+}
+
 fn to_wit(event: Event) -> wit::Event {
     wit::Event {
         id: event.id,
@@ -467,5 +684,90 @@ fn to_wit(event: Event) -> wit::Event {
         timestamp_ms: event.timestamp_ms,
         payload: Box::<str>::from(event.payload).into_string().into_bytes(),
         headers: event.headers,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guest(index: usize) -> RuntimeError {
+        RuntimeError::Guest {
+            plugin: "p".into(),
+            index,
+            event_id: "e".into(),
+            at: "id e, position 3, s@1".into(),
+            message: "no".into(),
+        }
+    }
+
+    #[test]
+    fn a_guest_failure_names_its_event_or_the_whole_batch() {
+        let err = guest(2);
+        assert_eq!(err.event_index(), Some(2));
+        assert_eq!(
+            err.fault(),
+            Fault::Plugin {
+                at: Some(2),
+                named: true
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "plugin p failed on event #2 of the batch (id e, position 3, s@1): no"
+        );
+        let err = guest(WHOLE_BATCH);
+        assert_eq!(err.event_index(), None);
+        assert_eq!(
+            err.fault(),
+            Fault::Plugin {
+                at: None,
+                named: true
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "plugin p failed on the batch as a whole: no"
+        );
+    }
+
+    #[test]
+    fn a_call_cut_short_names_its_event_when_known() {
+        let cut = |at: Option<usize>| RuntimeError::DeadlineExceeded {
+            plugin: "p".into(),
+            deadline_ms: 5,
+            at,
+            event: at
+                .map(|_| "id e, position 3, s@1".into())
+                .unwrap_or_default(),
+        };
+        assert_eq!(
+            cut(Some(4)).to_string(),
+            "plugin p exceeded its deadline of 5 ms on event #4 of the batch (id e, position 3, s@1)"
+        );
+        assert_eq!(
+            cut(Some(4)).fault(),
+            Fault::Plugin {
+                at: Some(4),
+                named: false
+            }
+        );
+        assert_eq!(
+            cut(None).to_string(),
+            "plugin p exceeded its deadline of 5 ms"
+        );
+        assert_eq!(
+            cut(None).fault(),
+            Fault::Plugin {
+                at: None,
+                named: false
+            }
+        );
+        assert_eq!(RuntimeError::Engine("x".into()).fault(), Fault::Host);
+        let state = RuntimeError::State {
+            plugin: "p".into(),
+            source: "away".into(),
+        };
+        assert_eq!(state.fault(), Fault::Host);
     }
 }

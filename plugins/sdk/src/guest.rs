@@ -31,6 +31,11 @@ impl Backend for HostState {
     }
 }
 
+/// Tells the host which event the SDK is on (`u32::MAX`: none, the batch as a whole).
+pub(crate) fn begin_event(index: u32) {
+    host_log::begin_event(index);
+}
+
 pub(crate) fn log(level: crate::log::Level, message: &str) {
     use crate::log::Level;
     let level = match level {

@@ -135,19 +135,47 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// A failed batch: the index of the event that failed and the reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchError {
+    /// The failed event's index in the batch, or [`BatchError::WHOLE_BATCH`] when no single
+    /// event failed (the documents could not be written back at the end of the batch).
     pub index: usize,
     pub message: String,
 }
 
-impl std::fmt::Display for BatchError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "event #{}: {}", self.index, self.message)
+impl BatchError {
+    /// The `index` of a failure of the batch as a whole: `u32::MAX`, as the contract's
+    /// `handle-error` spells it.
+    pub const WHOLE_BATCH: usize = u32::MAX as usize;
+
+    /// The index of the event that failed; `None` when the batch as a whole did.
+    pub fn event_index(&self) -> Option<usize> {
+        (self.index != Self::WHOLE_BATCH).then_some(self.index)
     }
 }
 
+impl std::fmt::Display for BatchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.event_index() {
+            Some(index) => write!(f, "event #{index}: {}", self.message),
+            None => write!(f, "the batch as a whole: {}", self.message),
+        }
+    }
+}
+
+/// [`CURRENT_EVENT`] when the SDK is not inside one event: before the first and while it
+/// writes back the batch's documents.
+const NO_EVENT: u32 = u32::MAX;
+
 /// The index of the event being handled, for the panic hook to report.
 pub(crate) static CURRENT_EVENT: std::sync::atomic::AtomicU32 =
-    std::sync::atomic::AtomicU32::new(0);
+    std::sync::atomic::AtomicU32::new(NO_EVENT);
+
+/// Records which event the SDK is on, for its panic hook and (in WASM) for the host, which
+/// names it when it cuts the call short (deadline, memory, output cap, trap).
+fn begin_event(index: u32) {
+    CURRENT_EVENT.store(index, std::sync::atomic::Ordering::Relaxed);
+    #[cfg(target_arch = "wasm32")]
+    guest::begin_event(index);
+}
 
 /// Runs `P` over one batch and flushes the documents it changed to `backend`: the single code
 /// path behind both the WASM export and the native test harness.
@@ -157,7 +185,7 @@ pub fn run_batch<P: Projection>(
 ) -> Result<(), BatchError> {
     let mut state = State::new(backend);
     for (index, event) in events.iter().enumerate() {
-        CURRENT_EVENT.store(index as u32, std::sync::atomic::Ordering::Relaxed);
+        begin_event(u32::try_from(index).unwrap_or(NO_EVENT));
         P::handle(event, &mut state).map_err(|err| BatchError {
             index,
             message: format!(
@@ -166,9 +194,13 @@ pub fn run_batch<P: Projection>(
             ),
         })?;
     }
+    // Past the events: writing back the documents is the batch's doing, not its last event's.
+    begin_event(NO_EVENT);
     state.flush().map_err(|err| BatchError {
-        index: events.len().saturating_sub(1),
-        message: format!("a document could not be serialized: {err}"),
+        index: BatchError::WHOLE_BATCH,
+        message: format!(
+            "flushing the batch's documents failed, a document could not be serialized: {err}"
+        ),
     })
 }
 
@@ -195,4 +227,71 @@ pub fn guest_state_put(collection: &str, key: &str, document: &[u8]) {
     guest::bindings::projector::plugin::state::put(collection, key, document);
     #[cfg(not(target_arch = "wasm32"))]
     let _ = (collection, key, document);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use crate::prelude::*;
+    use crate::testing::Harness;
+
+    /// Stores a document serde_json cannot serialize (a map with non-string keys) when the
+    /// payload asks for it: the write-back at the end of the batch fails.
+    struct Unserializable;
+
+    impl Projection for Unserializable {
+        fn describe() -> Descriptor {
+            Descriptor::new("unserializable", "1.0.0").collection("docs", &[])
+        }
+        fn handle(event: &Event, state: &mut State) -> Result<()> {
+            #[derive(Deserialize)]
+            struct Payload {
+                #[serde(default)]
+                bad: bool,
+            }
+            if event.payload::<Payload>()?.bad {
+                let doc: BTreeMap<Vec<u8>, u8> = BTreeMap::from([(vec![1], 1)]);
+                state.put("docs", &event.stream, doc);
+            } else {
+                state.upsert("docs", &event.stream, |n: &mut u64| *n += 1)?;
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failed_flush_blames_the_batch_not_its_last_event() {
+        let mut h = Harness::<Unserializable>::new();
+        let batch = [
+            h.event("a", "E", serde_json::json!({"bad": true})),
+            h.event("b", "E", serde_json::json!({})),
+            h.event("c", "E", serde_json::json!({})),
+        ];
+        let err = h.apply(&batch).unwrap_err();
+        assert_eq!(err.index, crate::BatchError::WHOLE_BATCH);
+        assert_eq!(err.event_index(), None);
+        assert!(
+            err.message
+                .contains("flushing the batch's documents failed"),
+            "{err}"
+        );
+        assert!(
+            err.to_string().starts_with("the batch as a whole: "),
+            "{err}"
+        );
+        assert!(h.state.docs.is_empty(), "a failed batch changes nothing");
+    }
+
+    #[test]
+    fn a_failed_event_is_named() {
+        let mut h = Harness::<Unserializable>::new();
+        let batch = [
+            h.event("a", "E", serde_json::json!({})),
+            h.event("b", "E", serde_json::json!("not an object")),
+        ];
+        let err = h.apply(&batch).unwrap_err();
+        assert_eq!(err.event_index(), Some(1));
+        assert!(err.to_string().starts_with("event #1: "), "{err}");
+    }
 }
