@@ -26,6 +26,9 @@ pub struct Config {
     pub http: HttpConfig,
     pub postgres: PostgresConfig,
     pub outbox: OutboxConfig,
+    pub admin: AdminConfig,
+    /// Settings of single projections, by name (`[projections.account-balance]`).
+    pub projections: std::collections::BTreeMap<String, ProjectionConfig>,
 }
 
 impl Default for Config {
@@ -40,8 +43,36 @@ impl Default for Config {
             http: HttpConfig::default(),
             postgres: PostgresConfig::default(),
             outbox: OutboxConfig::default(),
+            admin: AdminConfig::default(),
+            projections: Default::default(),
         }
     }
+}
+
+/// The admin API (`/admin/...`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// The bearer token every admin request must carry; empty: the admin API is off (403).
+    pub token: String,
+}
+
+/// What a runner does when the plugin fails on an event.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Dead-letter the event, park its stream behind it, go on with the others.
+    #[default]
+    Park,
+    /// Stop the projection (status `failed`) until an operator restarts it.
+    Stop,
+}
+
+/// Settings of one projection; each overrides the `[runner]` one.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProjectionConfig {
+    pub on_error: Option<OnError>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -57,6 +88,8 @@ pub struct RunnerConfig {
     /// Committed documents kept in memory per projection, so a batch reads them without a
     /// query.
     pub cached_documents: usize,
+    /// When the plugin fails on an event: `park` (dead-letter it, park its stream) or `stop`.
+    pub on_error: OnError,
 }
 
 impl Default for RunnerConfig {
@@ -66,6 +99,7 @@ impl Default for RunnerConfig {
             max_batch_bytes: 8 << 20,
             max_retry_backoff_ms: 5_000,
             cached_documents: 100_000,
+            on_error: OnError::Park,
         }
     }
 }
@@ -341,6 +375,15 @@ impl Config {
     }
 
     /// The database URL, defaulting to a SQLite file in the data directory.
+    /// The runner settings of one projection: `[runner]` with its own overrides.
+    pub fn runner_for(&self, projection: &str) -> RunnerConfig {
+        let mut runner = self.runner.clone();
+        if let Some(on_error) = self.projections.get(projection).and_then(|p| p.on_error) {
+            runner.on_error = on_error;
+        }
+        runner
+    }
+
     pub fn database_url(&self) -> String {
         if self.database_url.is_empty() {
             format!("sqlite://{}", self.data_dir.join("projector.db").display())

@@ -3,12 +3,14 @@
 pub mod api;
 pub mod config;
 pub mod consistency;
+pub mod control;
 pub mod event;
-pub mod lease;
 pub mod metrics;
+pub mod registry;
 pub mod replay;
 pub mod runner;
 pub mod runtime;
 pub mod serve;
 pub mod source;
 pub mod store;
+pub mod supervisor;

@@ -3,6 +3,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::store::{DeadLetter, LetterKind};
+
 #[derive(Debug, Default)]
 pub struct ProjectionMetrics {
     /// Batches committed.
@@ -19,8 +21,16 @@ pub struct ProjectionMetrics {
     pub read_micros: AtomicU64,
     /// Reads or commits retried after a database error.
     pub retries: AtomicU64,
-    /// Events set aside as dead letters (malformed, or parked behind one) since start.
-    pub dead_letters: AtomicU64,
+    /// Malformed outbox rows set aside since start.
+    pub dead_letters_malformed: AtomicU64,
+    /// Events the plugin failed on, set aside since start.
+    pub dead_letters_plugin: AtomicU64,
+    /// Extra plugin calls spent finding the event a failed batch failed on.
+    pub isolation_calls: AtomicU64,
+    /// Streams parked behind an open dead letter (a gauge).
+    pub parked_streams: AtomicU64,
+    /// Events waiting in parked streams (a gauge).
+    pub parked_events: AtomicU64,
 }
 
 impl ProjectionMetrics {
@@ -30,6 +40,22 @@ impl ProjectionMetrics {
 
     pub fn add_time(counter: &AtomicU64, elapsed: Duration) {
         counter.fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub fn set(gauge: &AtomicU64, value: u64) {
+        gauge.store(value, Ordering::Relaxed);
+    }
+
+    /// Counts what a committed batch set aside, by why.
+    pub fn count_dead_letters(&self, letters: &[DeadLetter]) {
+        for letter in letters {
+            let counter = match letter.kind {
+                LetterKind::Malformed => &self.dead_letters_malformed,
+                LetterKind::Plugin => &self.dead_letters_plugin,
+                LetterKind::Parked => &self.parked_events,
+            };
+            Self::add(counter, 1);
+        }
     }
 
     pub fn get(counter: &AtomicU64) -> u64 {

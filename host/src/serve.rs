@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use crate::api::{self, AppState};
 use crate::config::Config;
-use crate::lease::run_with_lease;
+use crate::registry::Registry;
 use crate::runner::Projection;
 use crate::runtime::{Plugin, Runtime, RuntimeConfig, RuntimeError};
 use crate::source::outbox::SqliteOutbox;
@@ -20,6 +20,7 @@ use crate::source::{Source, SourceError};
 use crate::store::postgres::{redact, Postgres};
 use crate::store::sqlite::Sqlite;
 use crate::store::{Store, StoreError};
+use crate::supervisor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -118,26 +119,31 @@ pub async fn serve(
     let plugins = load_plugins(&runtime, &config.plugins)?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut projections = BTreeMap::new();
+    let registry = Arc::new(Registry::default());
     let mut runners = Vec::new();
     for plugin in plugins {
         let checkpoint = store.register(plugin.descriptor()).await?;
         let projection = Arc::new(Projection::new(plugin, checkpoint));
-        projections.insert(projection.name().to_owned(), projection.clone());
-        runners.push(tokio::spawn(run_with_lease(
-            projection,
+        let (supervised, task) = supervisor::spawn(
+            projection.clone(),
             store.clone(),
             source.clone(),
-            config.runner.clone(),
+            config.runner_for(projection.name()),
             stop_rx.clone(),
-        )));
+        );
+        registry.insert(supervised);
+        runners.push(task);
+    }
+    if config.admin.token.is_empty() {
+        tracing::info!("admin API off: set admin.token (PROJECTOR_ADMIN__TOKEN) to enable it");
     }
 
     let app = api::router(AppState {
         source,
         store,
-        projections: Arc::new(projections),
+        projections: registry,
         config: Arc::new(config.http.clone()),
+        admin: Arc::new(config.admin.clone()),
     });
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await

@@ -51,6 +51,13 @@ on_both_stores! {
             .get(&format!("/projections/account-balance/_streams/s?min_position={position}"))
             .await;
         assert_eq!(status, 200, "{body}");
+        // The head may trail the checkpoint for a moment on PostgreSQL (it is re-read on a
+        // notification): wait for it to reach the append, then check nothing came after.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while head(&api).await.as_u64().unwrap_or(0) < position {
+            assert!(std::time::Instant::now() < deadline, "the head never reached {position}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         assert_eq!(head(&api).await, position, "nothing after it either");
 
         // A duplicate id is a conflict.

@@ -1,7 +1,10 @@
 //! projector's integration tests, linked into one binary (one module per feature). They run the
 //! real library and binary against real plugins compiled from `plugins/`.
 
+mod admin;
 mod bad_input;
+mod contract;
+mod isolation;
 mod pipeline;
 mod postgres;
 mod replay;

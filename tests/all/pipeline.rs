@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use crate::support::{on_both_stores, plugin_set, Backend, Server};
+use crate::support::{on_both_stores, plugin_set, tempdir, Backend, Server};
 
 on_both_stores! {
     async fn a_read_with_wait_for_sees_the_append_it_names(backend) {
@@ -212,8 +212,15 @@ on_both_stores! {
 }
 
 on_both_stores! {
+    /// With `on_error = "stop"`, today's behaviour before isolation: the failing projection
+    /// stops, the others go on.
     async fn a_failing_plugin_stops_only_its_own_projection(backend) {
-        let server = Server::on(&backend, &plugin_set(&["account-balance"], &["misbehave"]));
+        let server = Server::start_on(
+            &backend,
+            &plugin_set(&["account-balance"], &["misbehave"]),
+            &tempdir("data"),
+            &[("PROJECTOR_RUNNER__ON_ERROR", "stop")],
+        );
         let api = server.api();
         let (_, boom) = api.append("poison", "Panic", json!({})).await;
         api.open_account("acct-1", "a").await;
@@ -423,6 +430,8 @@ on_both_stores! {
         assert_eq!(items.len(), 3, "{body}");
         assert_eq!(items[2]["position"], parked_2);
         let (_, metrics) = api.get("/metrics").await;
-        assert!(metrics.as_str().unwrap().contains("projector_dead_letters_total{projection=\"account-balance\"} 1"), "{metrics}");
+        let metrics = metrics.as_str().unwrap();
+        assert!(metrics.contains("projector_parked_streams{projection=\"account-balance\"} 1"), "{metrics}");
+        assert!(metrics.contains("projector_parked_events{projection=\"account-balance\"} 2"), "{metrics}");
     }
 }

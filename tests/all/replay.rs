@@ -5,7 +5,8 @@ use std::process::Command;
 
 use crate::support::{fixture_path, plugin_path};
 
-fn replay(plugin: &Path, events: &str) -> std::process::Output {
+/// Runs `projector replay` with `plugin` over `events` (JSONL).
+pub fn replay(plugin: &Path, events: &str) -> std::process::Output {
     let dir = std::env::temp_dir().join(format!("projector-replay-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("events.jsonl");

@@ -60,8 +60,10 @@ fn an_infinite_loop_is_stopped_at_the_deadline() {
         ),
         "{err}"
     );
+    // Stopped, not left to run: how close to the deadline is the bench's business (a busy
+    // machine delays the ticker), so the bound here is loose.
     assert!(
-        took < Duration::from_millis(deadline_ms + 100),
+        took < Duration::from_millis(deadline_ms * 10),
         "stopped after {took:?}, deadline {deadline_ms} ms"
     );
     assert_still_works(&plugin);

@@ -7,6 +7,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::AppState;
+use crate::metrics::ProjectionMetrics;
 use crate::store::ProjectionStatus;
 
 pub async fn healthz() -> Json<Value> {
@@ -18,8 +19,14 @@ pub async fn readyz(State(app): State<AppState>) -> (StatusCode, Json<Value>) {
     if let Err(err) = app.store.ping().await {
         problems.push(json!({ "component": "database", "error": err.to_string() }));
     }
-    for projection in app.projections.values() {
+    let mut notes = Vec::new();
+    for projection in app.projections.projections() {
         let health = projection.health();
+        let parked = ProjectionMetrics::get(&projection.metrics.parked_streams);
+        if parked > 0 {
+            // It serves, and the rest of its streams go on: ready, and saying so.
+            notes.push(json!({ "component": format!("projection {}", projection.name()), "parked_streams": parked }));
+        }
         if health.status == ProjectionStatus::Failed {
             problems.push(json!({ "component": format!("projection {}", projection.name()), "error": health.error }));
         } else if let Some(error) = health.retrying {
@@ -29,7 +36,11 @@ pub async fn readyz(State(app): State<AppState>) -> (StatusCode, Json<Value>) {
         }
     }
     if problems.is_empty() {
-        (StatusCode::OK, Json(json!({ "status": "ready" })))
+        let mut body = json!({ "status": "ready" });
+        if !notes.is_empty() {
+            body["notes"] = json!(notes);
+        }
+        (StatusCode::OK, Json(body))
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -20,7 +20,8 @@ pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
     let _ = writeln!(out, "# TYPE projector_head_position gauge");
     let _ = writeln!(out, "projector_head_position {head}");
     type Reading = fn(&crate::runner::Projection, u64) -> String;
-    let families: [(&str, &str, &str, Reading); 13] = [
+    let projections = app.projections.projections();
+    let families: [(&str, &str, &str, Reading); 15] = [
         (
             "projector_checkpoint_position",
             "gauge",
@@ -52,10 +53,22 @@ pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
             |p, _| ProjectionMetrics::get(&p.metrics.batches).to_string(),
         ),
         (
-            "projector_dead_letters_total",
+            "projector_parked_streams",
+            "gauge",
+            "Streams parked behind an open dead letter.",
+            |p, _| ProjectionMetrics::get(&p.metrics.parked_streams).to_string(),
+        ),
+        (
+            "projector_parked_events",
+            "gauge",
+            "Events waiting in parked streams.",
+            |p, _| ProjectionMetrics::get(&p.metrics.parked_events).to_string(),
+        ),
+        (
+            "projector_isolation_calls_total",
             "counter",
-            "Events set aside as dead letters since start (malformed, or parked behind one).",
-            |p, _| ProjectionMetrics::get(&p.metrics.dead_letters).to_string(),
+            "Extra plugin calls spent finding the events failed batches failed on.",
+            |p, _| ProjectionMetrics::get(&p.metrics.isolation_calls).to_string(),
         ),
         (
             "projector_events_total",
@@ -103,12 +116,30 @@ pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
     for (name, kind, help, read) in families {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} {kind}");
-        for projection in app.projections.values() {
+        for projection in &projections {
             let _ = writeln!(
                 out,
                 "{name}{{projection=\"{}\"}} {}",
                 projection.name(),
                 read(projection, head)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP projector_dead_letters_total Events set aside since start, by why: a malformed row, or the plugin failed on it."
+    );
+    let _ = writeln!(out, "# TYPE projector_dead_letters_total counter");
+    for projection in &projections {
+        for (reason, counter) in [
+            ("malformed", &projection.metrics.dead_letters_malformed),
+            ("plugin", &projection.metrics.dead_letters_plugin),
+        ] {
+            let _ = writeln!(
+                out,
+                "projector_dead_letters_total{{projection=\"{}\",reason=\"{reason}\"}} {}",
+                projection.name(),
+                ProjectionMetrics::get(counter)
             );
         }
     }

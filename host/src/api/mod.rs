@@ -1,22 +1,23 @@
 //! The HTTP API (axum). JSON everywhere; errors as `{"error": {"code", "message", ...}}`.
 
+mod admin;
 mod error;
 mod events;
 mod health;
 mod metrics;
 mod query;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
 
+pub use admin::ADMIN_ROUTES;
 pub use error::ApiError;
 
-use crate::config::HttpConfig;
-use crate::runner::Projection;
+use crate::config::{AdminConfig, HttpConfig};
+use crate::registry::Registry;
 use crate::source::Source;
 use crate::store::Store;
 
@@ -25,8 +26,9 @@ use crate::store::Store;
 pub struct AppState {
     pub source: Arc<dyn Source>,
     pub store: Arc<dyn Store>,
-    pub projections: Arc<BTreeMap<String, Arc<Projection>>>,
+    pub projections: Arc<Registry>,
     pub config: Arc<HttpConfig>,
+    pub admin: Arc<AdminConfig>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -43,6 +45,7 @@ pub fn router(state: AppState) -> Router {
             "/projections/{name}/_dead_letters",
             get(query::list_dead_letters),
         )
+        .route("/projections/{name}/_parked", get(query::list_parked))
         .route(
             "/projections/{name}/{collection}",
             get(query::list_documents),
@@ -54,6 +57,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(metrics::metrics))
+        .nest("/admin", admin::router(state.clone()))
         .fallback(|| async {
             ApiError::not_found("no_route", "no such endpoint; see the README for the API")
         })

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::AppState;
 use crate::consistency::{self, StreamVersion, WaitError};
+use crate::metrics::ProjectionMetrics;
 use crate::runner::Projection;
 use crate::store::ListQuery;
 
@@ -79,7 +80,10 @@ impl ReadParams {
                 .store
                 .dead_letters(projection.descriptor(), position.saturating_sub(1), 1)
                 .await?;
-            if let Some(letter) = letters.into_iter().find(|l| l.position == position) {
+            if let Some(letter) = letters
+                .into_iter()
+                .find(|l| l.position == position && l.is_open())
+            {
                 return Err(WaitError::DeadLettered {
                     stream: wanted.stream.clone(),
                     version: wanted.version,
@@ -94,8 +98,8 @@ impl ReadParams {
 }
 
 fn projection(app: &AppState, name: &str) -> Result<Arc<Projection>, ApiError> {
-    app.projections.get(name).cloned().ok_or_else(|| {
-        let known: Vec<&String> = app.projections.keys().collect();
+    app.projections.get(name).ok_or_else(|| {
+        let known = app.projections.names();
         ApiError::not_found(
             "unknown_projection",
             format!("no projection named {name:?}"),
@@ -129,6 +133,8 @@ async fn summary(app: &AppState, projection: &Projection) -> Value {
     let checkpoint = projection.checkpoint();
     let health = projection.health();
     let descriptor = projection.descriptor();
+    // Counted from the store: the same on every instance, whichever runs the projection.
+    let parked = app.store.parked(descriptor).await.ok();
     json!({
         "name": descriptor.name,
         "version": descriptor.version,
@@ -140,12 +146,20 @@ async fn summary(app: &AppState, projection: &Projection) -> Value {
         "lag": head.saturating_sub(checkpoint),
         "event_types": descriptor.event_types,
         "collections": descriptor.collections,
+        "parked_streams": parked.as_ref().map(Vec::len),
+        "parked_events": parked.as_ref().map(|p| p.iter().map(|s| s.events).sum::<u64>()),
+        "dead_letters": {
+            "open": parked.as_ref().map(Vec::len),
+            "malformed_since_start": ProjectionMetrics::get(&projection.metrics.dead_letters_malformed),
+            "plugin_since_start": ProjectionMetrics::get(&projection.metrics.dead_letters_plugin),
+        },
     })
 }
 
 pub async fn list_projections(State(app): State<AppState>) -> Json<Value> {
-    let mut all = Vec::with_capacity(app.projections.len());
-    for projection in app.projections.values() {
+    let projections = app.projections.projections();
+    let mut all = Vec::with_capacity(projections.len());
+    for projection in &projections {
         all.push(summary(&app, projection).await);
     }
     Json(json!({ "projections": all }))
@@ -208,6 +222,17 @@ pub async fn list_dead_letters(
         .then(|| letters.last().map(|l| l.position))
         .flatten();
     Ok(Json(json!({ "items": letters, "next_after": next })))
+}
+
+/// `GET /projections/{name}/_parked`: the streams held back behind a dead letter, each with
+/// the letter and how many events wait.
+pub async fn list_parked(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let projection = projection(&app, &name)?;
+    let parked = app.store.parked(projection.descriptor()).await?;
+    Ok(Json(json!({ "items": parked })))
 }
 
 pub async fn get_document(

@@ -10,6 +10,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
+use crate::event::Event;
 use crate::runtime::{BatchOutput, Descriptor};
 
 #[derive(Debug, thiserror::Error)]
@@ -53,8 +54,9 @@ pub struct Document {
     pub json: Box<serde_json::value::RawValue>,
 }
 
-/// An event a projection could not take, kept with the reason.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// An event a projection could not take, kept with the reason; or an event parked behind one.
+/// (`PartialEq` by hand: [`Event`] has none; its event compares by its JSON.)
+#[derive(Debug, Clone, Serialize)]
 pub struct DeadLetter {
     pub position: u64,
     pub event_id: Option<String>,
@@ -64,6 +66,134 @@ pub struct DeadLetter {
     pub reason: String,
     /// The position of the dead letter this event is parked behind (`None`: it is the first).
     pub parked_behind: Option<u64>,
+    pub kind: LetterKind,
+    /// Whether an operator has dealt with it yet.
+    pub state: LetterState,
+    /// When an operator retried it successfully or skipped it (ms since the epoch).
+    pub resolved_at: Option<i64>,
+    /// The plugin version that failed on it (plugin faults).
+    pub plugin_version: Option<String>,
+    /// The event itself, to run again on a retry (`None` for a malformed row, which is read
+    /// again from the source).
+    #[serde(skip)]
+    pub event: Option<Event>,
+    /// What operators did to it, oldest first (filled on reads).
+    pub actions: Vec<AdminAction>,
+}
+
+impl DeadLetter {
+    /// Still keeping its stream parked: not retried successfully, not skipped.
+    pub fn is_open(&self) -> bool {
+        self.state == LetterState::Open
+    }
+}
+
+/// Why an event became a dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LetterKind {
+    /// The source could not decode the row.
+    Malformed,
+    /// The plugin failed on it (an error, a panic, a limit, a document the store refuses).
+    Plugin,
+    /// Not at fault itself: parked behind an earlier dead letter of its stream.
+    Parked,
+}
+
+impl LetterKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::Plugin => "plugin",
+            Self::Parked => "parked",
+        }
+    }
+
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "malformed" => Self::Malformed,
+            "parked" => Self::Parked,
+            _ => Self::Plugin,
+        }
+    }
+}
+
+/// Where a dead letter stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LetterState {
+    /// Set aside; its stream is parked behind it.
+    Open,
+    /// Run again successfully by an operator's retry.
+    Retried,
+    /// Passed over by an operator: its stream went on without it.
+    Skipped,
+}
+
+impl LetterState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Retried => "retried",
+            Self::Skipped => "skipped",
+        }
+    }
+
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "retried" => Self::Retried,
+            "skipped" => Self::Skipped,
+            _ => Self::Open,
+        }
+    }
+}
+
+/// An operator's action through the admin API, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AdminAction {
+    /// `pause`, `resume`, `restart`, `retry`, `skip`, ...
+    pub action: String,
+    /// The dead letter's position, for actions on one.
+    pub target: Option<u64>,
+    /// When, in ms since the epoch.
+    pub at: i64,
+    /// How it ended, in words (`applied 3 events`, `failed again: ...`).
+    pub outcome: String,
+}
+
+/// A stream held back behind a dead letter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ParkedStream {
+    pub stream: String,
+    /// The position of the open dead letter it waits behind.
+    pub behind: u64,
+    pub reason: String,
+    /// Events parked behind it.
+    pub events: u64,
+}
+
+/// One commit: a batch's documents, the dead letters it sets aside, the checkpoint's move,
+/// and what an operator's retry or skip changes. All of it lands in one transaction or none.
+/// (`Default` by hand: no documents, nothing else, checkpoint 0 → 0, durable.)
+#[derive(Debug)]
+pub struct Batch<'a> {
+    pub output: &'a BatchOutput,
+    /// Written as given, replacing a letter at the same position (a retry that failed again
+    /// updates its reason; a parked event that failed becomes the stream's new head).
+    pub dead_letters: &'a [DeadLetter],
+    /// Parked events now applied: their rows are removed.
+    pub released: &'a [u64],
+    /// A dead letter an operator's action resolved, and how.
+    pub resolved: Option<(u64, LetterState)>,
+    /// Operator actions to record.
+    pub actions: &'a [AdminAction],
+    /// The checkpoint the batch follows, and the one it moves to (equal for a retry/skip).
+    pub from: u64,
+    pub to: u64,
+    /// `false` lets a store return before the commit is flushed (a catch-up batch with more
+    /// behind it: a crash can only lose such batches whole, and they are projected again); a
+    /// batch that reaches the head, where readers wait, is always durable.
+    pub durable: bool,
 }
 
 /// A page of a collection: equality filters on indexed fields, key order, keyset pagination.
@@ -84,6 +214,8 @@ pub enum ProjectionStatus {
     /// Another instance holds the projection's lease; this one serves reads and waits to take
     /// over. Never stored.
     Standby,
+    /// An operator paused it: it reads nothing until resumed. Kept by [`Store::set_paused`].
+    Paused,
 }
 
 impl ProjectionStatus {
@@ -92,11 +224,12 @@ impl ProjectionStatus {
             Self::Running => "running",
             Self::Failed => "failed",
             Self::Standby => "standby",
+            Self::Paused => "paused",
         }
     }
 }
 
-/// The seam between the pipeline and a database (SQLite now, PostgreSQL next).
+/// The seam between the pipeline and a database (SQLite, PostgreSQL).
 #[async_trait]
 pub trait Store: Send + Sync {
     /// Creates the tables and indexes of `projection`'s version if missing, makes it the
@@ -106,34 +239,67 @@ pub trait Store: Send + Sync {
     /// The projection version's committed position.
     async fn checkpoint(&self, projection: &Descriptor) -> Result<u64, StoreError>;
 
-    /// Writes a batch's documents and dead letters and moves the checkpoint from `from` to
-    /// `to`, atomically. [`StoreError::Fenced`] if the checkpoint is no longer at `from`.
-    /// `durable: false` lets a store return before the commit is flushed (a catch-up batch with
-    /// more behind it: a crash can only lose such batches whole, and they are projected
-    /// again); a batch that reaches the head, where readers wait, is always durable.
-    async fn commit(
-        &self,
-        projection: &Descriptor,
-        output: &BatchOutput,
-        dead_letters: &[DeadLetter],
-        from: u64,
-        to: u64,
-        durable: bool,
-    ) -> Result<(), StoreError>;
+    /// Writes a batch's documents and dead letters and moves the checkpoint from `batch.from`
+    /// to `batch.to`, atomically. [`StoreError::Fenced`] if the checkpoint is no longer at
+    /// `from`.
+    async fn commit(&self, projection: &Descriptor, batch: &Batch<'_>) -> Result<(), StoreError>;
 
-    /// Streams with a dead letter, each with the position of its first one.
+    /// Streams parked behind an open dead letter, each with that letter's position.
     async fn parked_streams(
         &self,
         projection: &Descriptor,
     ) -> Result<std::collections::HashMap<String, u64>, StoreError>;
 
-    /// Dead letters after `after`, in position order.
+    /// Parked streams with the letter each waits behind and how many events wait, by stream.
+    async fn parked(&self, projection: &Descriptor) -> Result<Vec<ParkedStream>, StoreError>;
+
+    /// Dead letters (open or resolved, parked events included) after `after`, in position
+    /// order, each with its recorded actions.
     async fn dead_letters(
         &self,
         projection: &Descriptor,
         after: u64,
         limit: u32,
     ) -> Result<Vec<DeadLetter>, StoreError>;
+
+    /// One dead letter, with its event and actions.
+    async fn dead_letter(
+        &self,
+        projection: &Descriptor,
+        position: u64,
+    ) -> Result<Option<DeadLetter>, StoreError>;
+
+    /// The events parked behind the dead letter at `position`, in position order, with their
+    /// events.
+    async fn parked_behind(
+        &self,
+        projection: &Descriptor,
+        position: u64,
+    ) -> Result<Vec<DeadLetter>, StoreError>;
+
+    /// Records an operator's action that commits nothing else (pause, resume, restart).
+    async fn record_action(
+        &self,
+        projection: &Descriptor,
+        action: &AdminAction,
+    ) -> Result<(), StoreError>;
+
+    /// Whether an operator paused the projection (kept across restarts and instances).
+    async fn paused(&self, projection: &str) -> Result<bool, StoreError>;
+
+    async fn set_paused(&self, projection: &str, paused: bool) -> Result<(), StoreError>;
+
+    /// Queues an admin command (JSON) for whichever instance runs `projection`; its id.
+    async fn submit_command(&self, projection: &str, command: &str) -> Result<i64, StoreError>;
+
+    /// Commands for `projection` not answered yet, oldest first: `(id, command)`.
+    async fn pending_commands(&self, projection: &str) -> Result<Vec<(i64, String)>, StoreError>;
+
+    /// Answers a queued command (JSON).
+    async fn answer_command(&self, id: i64, answer: &str) -> Result<(), StoreError>;
+
+    /// The answer to a queued command, once there is one.
+    async fn command_answer(&self, id: i64) -> Result<Option<String>, StoreError>;
 
     /// Tries to become the one instance that runs `projection`; `None` while another holds
     /// it. Held until the [`Lease`] is dropped or its connection dies.
@@ -277,7 +443,57 @@ where
     })
 }
 
-/// Decodes `position, event_id, stream, reason, parked_behind`, as both stores select them.
+impl PartialEq for DeadLetter {
+    fn eq(&self, other: &Self) -> bool {
+        let event = |e: &Option<Event>| e.as_ref().and_then(|e| serde_json::to_string(e).ok());
+        self.position == other.position
+            && self.event_id == other.event_id
+            && self.stream == other.stream
+            && self.reason == other.reason
+            && self.parked_behind == other.parked_behind
+            && self.kind == other.kind
+            && self.state == other.state
+            && self.resolved_at == other.resolved_at
+            && self.plugin_version == other.plugin_version
+            && self.actions == other.actions
+            && event(&self.event) == event(&other.event)
+    }
+}
+
+impl Default for Batch<'_> {
+    fn default() -> Self {
+        static NOTHING: BatchOutput = BatchOutput {
+            writes: std::collections::BTreeMap::new(),
+        };
+        Self {
+            output: &NOTHING,
+            dead_letters: &[],
+            released: &[],
+            resolved: None,
+            actions: &[],
+            from: 0,
+            to: 0,
+            durable: true,
+        }
+    }
+}
+
+/// The columns of a dead letter, in the order [`dead_letter_from_row`] decodes them (the last
+/// one, the event, may be selected as `NULL` where it is not needed).
+pub(crate) const LETTER_COLUMNS: &str =
+    "position, event_id, stream, reason, parked_behind, kind, state, resolved_at, plugin_version";
+
+/// A dead letter's event as stored (JSON text).
+pub(crate) fn event_text(letter: &DeadLetter) -> Option<String> {
+    // An `Event` always serializes (strings, numbers and JSON text).
+    letter
+        .event
+        .as_ref()
+        .and_then(|e| serde_json::to_string(e).ok())
+}
+
+/// Decodes [`LETTER_COLUMNS`] and the event (JSON text or NULL), as both stores select them;
+/// `actions` is left empty (see [`attach_actions`]).
 pub(crate) fn dead_letter_from_row<R>(row: &R) -> Result<DeadLetter, StoreError>
 where
     R: sqlx::Row,
@@ -286,6 +502,16 @@ where
     for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
     let err = || StoreError::db("reading dead letters");
+    let kind: String = row.try_get(5).map_err(err())?;
+    let state: String = row.try_get(6).map_err(err())?;
+    let event = row
+        .try_get::<Option<String>, _>(9)
+        .map_err(err())?
+        .map(|text| serde_json::from_str::<Event>(&text))
+        .transpose()
+        .map_err(|e| {
+            StoreError::db("reading a dead letter's event")(sqlx::Error::Decode(e.into()))
+        })?;
     Ok(DeadLetter {
         position: row.try_get::<i64, _>(0).map_err(err())? as u64,
         event_id: row.try_get(1).map_err(err())?,
@@ -295,10 +521,50 @@ where
             .try_get::<Option<i64>, _>(4)
             .map_err(err())?
             .map(|p| p as u64),
+        kind: LetterKind::parse(&kind),
+        state: LetterState::parse(&state),
+        resolved_at: row.try_get(7).map_err(err())?,
+        plugin_version: row.try_get(8).map_err(err())?,
+        event,
+        actions: Vec::new(),
     })
 }
 
-/// Decodes `stream, position` pairs of parked streams.
+/// The columns of an admin action, in the order [`attach_actions`] decodes them.
+pub(crate) const ACTION_COLUMNS: &str = "target, action, at, outcome";
+
+/// Decodes [`ACTION_COLUMNS`] rows (oldest first) and hands each action to the letter it
+/// targets; actions on positions not among `letters` are passed over.
+pub(crate) fn attach_actions<R>(letters: &mut [DeadLetter], rows: &[R]) -> Result<(), StoreError>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let err = || StoreError::db("reading admin actions");
+    for row in rows {
+        let target = row
+            .try_get::<Option<i64>, _>(0)
+            .map_err(err())?
+            .map(|p| p as u64);
+        let Some(position) = target else { continue };
+        // Letters come in position order.
+        let Ok(at) = letters.binary_search_by_key(&position, |l| l.position) else {
+            continue;
+        };
+        letters[at].actions.push(AdminAction {
+            action: row.try_get(1).map_err(err())?,
+            target,
+            at: row.try_get(2).map_err(err())?,
+            outcome: row.try_get(3).map_err(err())?,
+        });
+    }
+    Ok(())
+}
+
+/// Decodes `stream, position` pairs of parked streams; a stream with two open heads keeps the
+/// first.
 pub(crate) fn parked_from_rows<R>(
     rows: &[R],
 ) -> Result<std::collections::HashMap<String, u64>, StoreError>
@@ -309,14 +575,46 @@ where
     for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
     let err = || StoreError::db("reading parked streams");
-    rows.iter()
-        .map(|row| {
-            let stream: String = row.try_get(0).map_err(err())?;
-            let position: i64 = row.try_get(1).map_err(err())?;
-            Ok((stream, position as u64))
-        })
-        .collect()
+    let mut parked = std::collections::HashMap::with_capacity(rows.len());
+    for row in rows {
+        let stream: String = row.try_get(0).map_err(err())?;
+        let position = row.try_get::<i64, _>(1).map_err(err())? as u64;
+        parked
+            .entry(stream)
+            .and_modify(|p: &mut u64| *p = (*p).min(position))
+            .or_insert(position);
+    }
+    Ok(parked)
 }
+
+/// Decodes `stream, position, reason, count` rows, ordered by stream and position, into one
+/// [`ParkedStream`] per stream (the first head where a stream has two).
+pub(crate) fn parked_streams_from_rows<R>(rows: &[R]) -> Result<Vec<ParkedStream>, StoreError>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let err = || StoreError::db("reading parked streams");
+    let mut parked: Vec<ParkedStream> = Vec::with_capacity(rows.len());
+    for row in rows {
+        let stream: String = row.try_get(0).map_err(err())?;
+        if parked.last().is_some_and(|p| p.stream == stream) {
+            continue;
+        }
+        parked.push(ParkedStream {
+            stream,
+            behind: row.try_get::<i64, _>(1).map_err(err())? as u64,
+            reason: row.try_get(2).map_err(err())?,
+            events: row.try_get::<i64, _>(3).map_err(err())? as u64,
+        });
+    }
+    Ok(parked)
+}
+
+/// How long an answered admin command is kept (its submitter has long read the answer).
+pub(crate) const ANSWERED_COMMANDS_KEPT_MS: i64 = 60 * 60 * 1000;
 
 pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -1,0 +1,206 @@
+//! `/admin/...`: operator commands, behind a bearer token. A route only sends a command to the
+//! projection's supervisor and waits for the answer; it never touches a runner's state.
+//!
+//! Without a configured token every admin route answers 403 saying how to enable it; a missing
+//! or wrong token is 401 with `WWW-Authenticate: Bearer`.
+
+use std::time::Duration;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{post, MethodRouter};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::error::ApiError;
+use super::AppState;
+use crate::control::{Command, CommandError};
+
+/// Every admin route, `(method, path)`: the router is built from this list, and the tests
+/// walk it, so a route added here is guarded and checked like the others.
+pub const ADMIN_ROUTES: &[(&str, &str)] = &[
+    ("POST", "/admin/projections/{name}/pause"),
+    ("POST", "/admin/projections/{name}/resume"),
+    ("POST", "/admin/projections/{name}/restart"),
+    (
+        "POST",
+        "/admin/projections/{name}/dead-letters/{position}/retry",
+    ),
+    (
+        "POST",
+        "/admin/projections/{name}/dead-letters/{position}/skip",
+    ),
+];
+
+/// How long a route waits for a command's answer (a retry runs the plugin; a command for
+/// another instance goes through the database).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The admin routes, to nest under `/admin`, each behind the token check; unknown `/admin`
+/// paths are guarded too.
+pub fn router(state: AppState) -> Router<AppState> {
+    let mut router = Router::new();
+    for &(_, path) in ADMIN_ROUTES {
+        let inner = path.strip_prefix("/admin").unwrap_or(path);
+        router = router.route(inner, handler(path));
+    }
+    router
+        .fallback(|| async {
+            ApiError::not_found("no_route", "no such admin endpoint; see the README")
+        })
+        .layer(axum::middleware::from_fn_with_state(state, authorize))
+}
+
+fn handler(path: &str) -> MethodRouter<AppState> {
+    match path.rsplit('/').next().unwrap_or_default() {
+        "pause" => post(pause),
+        "resume" => post(resume),
+        "restart" => post(restart),
+        "retry" => post(retry),
+        _ => post(skip),
+    }
+}
+
+async fn authorize(State(app): State<AppState>, request: Request, next: Next) -> Response {
+    let configured = app.admin.token.as_bytes();
+    if configured.is_empty() {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "admin_disabled",
+            "the admin API is off: set admin.token in the config file (or PROJECTOR_ADMIN__TOKEN) and send it as `Authorization: Bearer <token>`",
+        )
+        .into_response();
+    }
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let ok = given.is_some_and(|given| same_secret(given.as_bytes(), configured));
+    if !ok {
+        let message = if given.is_none() {
+            "this admin route needs `Authorization: Bearer <admin.token>`"
+        } else {
+            "wrong admin token"
+        };
+        let mut response =
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer realm=\"projector admin\""),
+        );
+        return response;
+    }
+    next.run(request).await
+}
+
+/// Compares in time that depends on neither secret's content nor length: both are hashed
+/// first, and the digests compared without an early exit.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    let (a, b) = (Sha256::digest(a), Sha256::digest(b));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |diff, (x, y)| diff | (x ^ y))
+        == 0
+}
+
+impl From<CommandError> for ApiError {
+    fn from(err: CommandError) -> Self {
+        let mut error = ApiError::new(err.status(), err.code(), err.to_string());
+        if let Ok(Value::Object(details)) = serde_json::to_value(&err) {
+            for (key, value) in details {
+                if key != "error" {
+                    error = error.with(&key, value);
+                }
+            }
+        }
+        error
+    }
+}
+
+async fn send(app: &AppState, name: &str, command: Command) -> Result<Json<Value>, ApiError> {
+    let supervised = app.projections.supervised(name).ok_or_else(|| {
+        ApiError::not_found(
+            "unknown_projection",
+            format!("no projection named {name:?}"),
+        )
+        .with("projections", json!(app.projections.names()))
+    })?;
+    let outcome = supervised.send(command, COMMAND_TIMEOUT).await?;
+    Ok(Json(json!({ "projection": name, "outcome": outcome })))
+}
+
+fn position(text: &str) -> Result<u64, ApiError> {
+    text.parse().map_err(|_| {
+        ApiError::bad_request(
+            "invalid_position",
+            format!("{text:?} is not a position (a dead letter's `position`)"),
+        )
+    })
+}
+
+async fn pause(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    send(&app, &name, Command::Pause).await
+}
+
+async fn resume(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    send(&app, &name, Command::Resume).await
+}
+
+async fn restart(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    send(&app, &name, Command::Restart).await
+}
+
+async fn retry(
+    State(app): State<AppState>,
+    Path((name, at)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let position = position(&at)?;
+    send(&app, &name, Command::Retry { position }).await
+}
+
+async fn skip(
+    State(app): State<AppState>,
+    Path((name, at)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let position = position(&at)?;
+    send(&app, &name, Command::Skip { position }).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_compare_by_content() {
+        assert!(same_secret(b"s3cret", b"s3cret"));
+        assert!(!same_secret(b"s3cret", b"s3cres"));
+        assert!(!same_secret(b"s3cret", b"s3cret-longer"));
+        assert!(!same_secret(b"", b"s3cret"));
+    }
+
+    #[test]
+    fn every_listed_route_has_its_own_handler_name() {
+        for &(method, path) in ADMIN_ROUTES {
+            assert_eq!(method, "POST");
+            let last = path.rsplit('/').next().unwrap();
+            assert!(
+                ["pause", "resume", "restart", "retry", "skip"].contains(&last),
+                "{path} has no handler"
+            );
+        }
+    }
+}

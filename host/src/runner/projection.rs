@@ -1,0 +1,185 @@
+//! A projection as the rest of the host sees it: its plugin, progress, health and lag. The
+//! runner moves it on; readers, the API and the supervisor look at it.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::cache::DocumentCache;
+use crate::consistency::Progress;
+use crate::event::Event;
+use crate::metrics::ProjectionMetrics;
+use crate::runtime::{BatchHandler, Descriptor};
+use crate::store::ProjectionStatus;
+
+/// A projection as the rest of the host sees it: its plugin, its progress, its health.
+pub struct Projection {
+    pub plugin: Arc<dyn BatchHandler>,
+    pub metrics: ProjectionMetrics,
+    pub(super) progress: watch::Sender<Progress>,
+    health: Mutex<Health>,
+    pub(super) documents: Arc<Mutex<DocumentCache>>,
+    /// Batches read but not committed yet, oldest first: the last position of each, and when
+    /// its first event was appended (ms since the epoch). The front is the oldest event the
+    /// read model does not have.
+    unapplied: Mutex<VecDeque<(u64, u64)>>,
+}
+
+/// The health of a projection, as `GET /projections` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Health {
+    pub status: ProjectionStatus,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// The error it is retrying after (a database outage), if any.
+    pub retrying: Option<String>,
+}
+
+impl Projection {
+    pub fn new(plugin: Arc<dyn BatchHandler>, checkpoint: u64) -> Self {
+        Self {
+            plugin,
+            metrics: ProjectionMetrics::default(),
+            // A projection that starts from position 0 has empty tables: the cache then holds
+            // every document there is, and a miss needs no query.
+            documents: Arc::new(Mutex::new(DocumentCache::new(checkpoint == 0))),
+            progress: watch::Sender::new(Progress {
+                position: checkpoint,
+                failed: false,
+            }),
+            // Until this instance holds the projection's lease.
+            health: Mutex::new(Health {
+                status: ProjectionStatus::Standby,
+                error: None,
+                retrying: None,
+            }),
+            unapplied: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// How long ago the oldest event this projection has read but not applied was appended;
+    /// 0 when it has applied everything it has read. Events not read yet are newer still:
+    /// the runner reads as soon as the head moves.
+    pub fn lag_seconds(&self) -> f64 {
+        let oldest = self.unapplied().front().map(|&(_, appended)| appended);
+        oldest.map_or(0.0, |appended| {
+            now_ms().saturating_sub(appended) as f64 / 1000.0
+        })
+    }
+
+    pub(super) fn unapplied(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, u64)>> {
+        self.unapplied
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A batch was read: remembered until a commit passes it.
+    pub(super) fn read_batch(&self, events: &[Event]) {
+        let (Some(first), Some(last)) = (events.first(), events.last()) else {
+            return;
+        };
+        let mut unapplied = self.unapplied();
+        if unapplied
+            .back()
+            .is_some_and(|&(end, _)| end >= last.position)
+        {
+            return;
+        }
+        // A source without timestamps (0) counts from now, when the host first saw it.
+        let appended = if first.timestamp_ms > 0 {
+            first.timestamp_ms
+        } else {
+            now_ms()
+        };
+        unapplied.push_back((last.position, appended));
+    }
+
+    /// The checkpoint moved to `position`: batches up to it are applied.
+    pub(super) fn applied_to(&self, position: u64) {
+        let mut unapplied = self.unapplied();
+        while unapplied.front().is_some_and(|&(end, _)| end <= position) {
+            unapplied.pop_front();
+        }
+    }
+
+    pub fn descriptor(&self) -> &Descriptor {
+        self.plugin.descriptor()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.descriptor().name
+    }
+
+    pub fn progress(&self) -> watch::Receiver<Progress> {
+        self.progress.subscribe()
+    }
+
+    /// The position committed so far.
+    pub fn checkpoint(&self) -> u64 {
+        self.progress.borrow().position
+    }
+
+    pub fn health(&self) -> Health {
+        self.health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) fn update_health(&self, change: impl FnOnce(&mut Health)) {
+        change(&mut self.health.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    /// Takes the projection up (again) at `checkpoint`: after a lease is won, the documents
+    /// cached before may be stale (another instance ran meanwhile).
+    pub(crate) fn resume_at(&self, checkpoint: u64) {
+        *self
+            .documents
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = DocumentCache::new(checkpoint == 0);
+        self.update_health(|h| {
+            h.status = ProjectionStatus::Running;
+            h.retrying = None;
+        });
+        self.progress.send_replace(Progress {
+            position: checkpoint,
+            failed: false,
+        });
+    }
+
+    /// Another instance runs it: follow its checkpoint so reads that wait still get answered.
+    pub(crate) fn follow(&self, checkpoint: u64) {
+        self.update_health(|h| {
+            h.status = ProjectionStatus::Standby;
+            h.retrying = None;
+        });
+        self.progress.send_if_modified(|p| {
+            let moved = checkpoint > p.position;
+            p.position = p.position.max(checkpoint);
+            moved
+        });
+    }
+
+    /// Another instance holds the lease: what this one read is the other's to apply now, and
+    /// its age is not this instance's lag.
+    pub(crate) fn stand_by(&self) {
+        self.unapplied().clear();
+    }
+
+    /// Stopped for good: the status says why, and waiters are answered at once.
+    pub(crate) fn mark_failed(&self, error: &str) {
+        self.update_health(|h| {
+            h.status = ProjectionStatus::Failed;
+            h.error = Some(error.to_owned());
+            h.retrying = None;
+        });
+        self.progress.send_modify(|p| p.failed = true);
+    }
+}
+
+/// The wall clock in ms since the epoch (0 before it).
+pub(super) fn now_ms() -> u64 {
+    crate::store::now_ms().max(0) as u64
+}
