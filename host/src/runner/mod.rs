@@ -678,7 +678,11 @@ impl Runner {
             OnError::Park => match self.call(wanted, None).await {
                 Ok(output) => handled.output = output,
                 Err((Problem::Plugin(failure), events)) => {
-                    let isolated = self.isolate(events, failure, parked).await?;
+                    // Streams parked on a copy: should the isolation end in a host fault, the
+                    // batch is handled again from the start, with nothing parked by this try.
+                    let mut trial = parked.clone();
+                    let isolated = self.isolate(events, failure, &mut trial).await?;
+                    *parked = trial;
                     handled.output = isolated.output;
                     handled.dead_letters.extend(isolated.letters);
                     handled.dead_letters.sort_by_key(|l| l.position);

@@ -279,6 +279,8 @@ struct Scripted {
     descriptor: Descriptor,
     fixed: AtomicBool,
     calls: AtomicUsize,
+    /// Host faults an event marked `"fail": "flaky"` still causes.
+    flaky: AtomicUsize,
 }
 
 impl Scripted {
@@ -295,6 +297,7 @@ impl Scripted {
             },
             fixed: AtomicBool::new(false),
             calls: AtomicUsize::new(0),
+            flaky: AtomicUsize::new(0),
         })
     }
 }
@@ -344,6 +347,17 @@ impl BatchHandler for Scripted {
                     at: Some(i),
                     event: String::new(),
                 }),
+                Some("flaky")
+                    if self
+                        .flaky
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok() =>
+                {
+                    Some(RuntimeError::State {
+                        plugin: "scripted".into(),
+                        source: "database hiccup".into(),
+                    })
+                }
                 Some("host") => Some(RuntimeError::State {
                     plugin: "scripted".into(),
                     source: "database gone".into(),
@@ -601,6 +615,29 @@ async fn a_limit_reached_together_blames_no_event() {
     run.reach(30).await;
     assert!(run.letters().is_empty(), "{:?}", run.letters());
     assert_complete(&run, 10, 3, &[]);
+    run.stop().await;
+}
+
+/// A host fault in the middle of an isolation: the batch is handled again from the start, and
+/// the culprit found the first time is not taken for parked behind itself.
+#[tokio::test]
+async fn a_host_fault_during_isolation_redoes_the_batch_cleanly() {
+    let plugin = Scripted::new();
+    plugin.flaky.store(1, Ordering::SeqCst);
+    let run = start(
+        events(10, 3, &[(5, "error"), (20, "flaky")]),
+        OnError::Park,
+        Arc::default(),
+        plugin,
+    );
+    run.reach(30).await;
+    let letters = run.letters();
+    let head = letters.iter().find(|l| l.position == 5).unwrap();
+    assert_eq!(head.kind, LetterKind::Plugin, "{head:?}");
+    assert_eq!(head.parked_behind, None);
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    assert!(ProjectionMetrics::get(&run.projection.metrics.retries) >= 1);
+    assert_complete(&run, 10, 3, &["s4"]);
     run.stop().await;
 }
 
