@@ -69,6 +69,32 @@ fn an_infinite_loop_is_stopped_at_the_deadline() {
     assert_still_works(&plugin);
 }
 
+/// The deadline clock lives as long as any plugin does: a plugin kept after its runtime is
+/// dropped still has its deadline.
+#[test]
+fn a_plugin_that_outlives_its_runtime_keeps_its_deadline() {
+    let (rt, plugin) = misbehave(Limits {
+        deadline_ms: 200,
+        ..Limits::default()
+    });
+    drop(rt);
+    let mut ev = Events::default();
+    let event = ev.next("s", "Loop", json!({}));
+    // Without a clock the call would never return: bounded here by a channel's timeout.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(plugin.handle(vec![event], docs()));
+    });
+    let err = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the call ended within 30 s")
+        .unwrap_err();
+    assert!(
+        matches!(err, RuntimeError::DeadlineExceeded { .. }),
+        "{err}"
+    );
+}
+
 /// Instances come from a fixed pool (32 slots): calls beyond it wait for a slot, none fails
 /// to instantiate. Forty calls that each hold their instance until the deadline overlap.
 #[test]

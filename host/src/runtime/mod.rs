@@ -230,7 +230,19 @@ pub struct Runtime {
     slots: Arc<Slots>,
     linker: Linker<HostState>,
     config: RuntimeConfig,
-    ticker_stop: Arc<AtomicBool>,
+    ticker: Arc<Ticker>,
+}
+
+/// Keeps the deadline ticker running while anything that runs plugin calls (the runtime, any
+/// plugin it loaded) is alive: a plugin that outlives its runtime still gets its deadlines.
+struct Ticker {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Runtime {
@@ -276,7 +288,7 @@ impl Runtime {
             slots: Arc::new(Slots::new(INSTANCE_SLOTS as usize)),
             linker,
             config,
-            ticker_stop,
+            ticker: Arc::new(Ticker { stop: ticker_stop }),
         })
     }
 
@@ -311,6 +323,7 @@ impl Runtime {
             pre,
             engine: self.engine.clone(),
             slots: self.slots.clone(),
+            _ticker: self.ticker.clone(),
             limits: self.config.limits.clone(),
             descriptor: Descriptor::default(),
             from_cache,
@@ -323,12 +336,6 @@ impl Runtime {
             })?;
         plugin.name = plugin.descriptor.name.clone();
         Ok(plugin)
-    }
-}
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        self.ticker_stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -429,6 +436,8 @@ pub struct Plugin {
     pre: ProjectionPre<HostState>,
     engine: Engine,
     slots: Arc<Slots>,
+    /// Held so the deadline clock keeps ticking for as long as this plugin can be called.
+    _ticker: Arc<Ticker>,
     limits: Limits,
     descriptor: Descriptor,
     from_cache: bool,
