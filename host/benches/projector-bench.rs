@@ -3,8 +3,12 @@
 //! `cargo bench -p projector --bench projector-bench [-- SCENARIO...]`, scenarios:
 //! `wasm` (plugin call micro-benchmark), `catchup`, `native` (catch-up with the same logic as
 //! native Rust: the WASM cost), `live`, `ryw` (read-your-writes seed scenario), `sweep` (batch
-//! sizes), `raw` (the same writes straight into SQLite), `read` (the outbox read stage alone).
-//! Default: all.
+//! sizes), `raw` (the same writes straight into SQLite), `read` (the outbox read stage alone),
+//! `catchup-poison` (catch-up by the `poison` fixture over a clean log and over the same log
+//! with 10 failing events: what isolating them costs), `isolate-loop` (one 5,000-event batch
+//! whose event 2,500 loops until a 1 s deadline: how long isolating it takes).
+//! Default: all. `catchup-poison` and `isolate-loop` need `target/plugins/fixtures/poison.wasm`
+//! (`bash scripts/build-plugins.sh`).
 //! On PostgreSQL: `pg-catchup`, `pg-native`, `pg-live`, `pg-ryw` (`pg`: all four), the same
 //! scenarios on a `PgOutbox` and the PostgreSQL store. They run on `BENCH_POSTGRES_URL` (an admin
 //! URL, `postgres://postgres@127.0.0.1:PORT/postgres`; `all` includes them only when it is set)
@@ -14,9 +18,12 @@
 //! `BENCH_LIVE_RATE` (2000 events/s).
 //!
 //! Prints a table row and one `RESULT scenario=… events=… evps=… p50_ms=… p99_ms=…` line per
-//! scenario.
+//! scenario; `catchup-poison` prints `RESULT scenario=catchup-poison events=… evps=… clean_evps=…
+//! ratio=… dead_letters=… parked_events=… isolation_calls=…` (ratio: poisoned over clean
+//! throughput, target ≥ 0.9), `isolate-loop` prints `RESULT scenario=isolate-loop events=5000
+//! deadline_ms=1000 secs=… deadline_ratio=… isolation_calls=…` (target deadline_ratio ≤ 3).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,15 +35,15 @@ use projector::event::Event;
 use projector::metrics::ProjectionMetrics;
 use projector::runner::{Projection, Runner};
 use projector::runtime::{
-    BatchHandler, BatchOutput, CollectionSpec, Descriptor, DocumentReader, Limits, MemoryDocuments,
-    Runtime, RuntimeConfig, RuntimeError,
+    BatchHandler, BatchOutput, CollectionSpec, Descriptor, DocumentReader, Failed, Limits,
+    MemoryDocuments, Plugin, Runtime, RuntimeConfig, RuntimeError,
 };
 use projector::source::outbox::SqliteOutbox;
 use projector::source::pg_outbox::PgOutbox;
 use projector::source::{NewEvent, Source};
 use projector::store::postgres::Postgres;
 use projector::store::sqlite::Sqlite;
-use projector::store::Store;
+use projector::store::{Batch, ProjectionStatus, Store};
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
 use tokio::sync::watch;
@@ -57,6 +64,11 @@ fn root() -> PathBuf {
 
 fn plugin_file() -> PathBuf {
     root().join("target/plugins/account-balance.wasm")
+}
+
+/// The fixture that fails on the events whose payload says `"poison": "<how>"`.
+fn poison_file() -> PathBuf {
+    root().join("target/plugins/fixtures/poison.wasm")
 }
 
 fn tempdir(name: &str) -> PathBuf {
@@ -144,24 +156,67 @@ fn new_event(i: usize, streams: usize) -> NewEvent {
     }
 }
 
-/// A database file holding `events` events; each catch-up run gets a copy.
-async fn template(events: usize, streams: usize) -> PathBuf {
+/// Events of the generated log that carry `"poison": "<how>"`, by index: the `poison`
+/// fixture fails on them that way.
+type Poisons = BTreeMap<usize, &'static str>;
+
+/// Ten events spread across the log, one in each tenth of it, each in a stream of its own and
+/// none the first of its stream: five whose call returns an error, five that panic.
+fn spread_poisons(events: usize, streams: usize) -> Poisons {
+    let (count, hows) = (10, ["error", "panic"]);
+    assert!(
+        streams >= count && events >= streams + 20 * count,
+        "catchup-poison needs at least {count} streams and {} events past the streams' first",
+        20 * count
+    );
+    let mut used = BTreeSet::new();
+    (0..count)
+        .map(|k| {
+            // The middle of tenth `k` of the events after each stream's first.
+            let mut i = streams + (events - streams) * (2 * k + 1) / (2 * count);
+            while !used.insert(i % streams) {
+                i += 1;
+            }
+            (i, hows[k % hows.len()])
+        })
+        .collect()
+}
+
+/// Event `i` of the generated log, poisoned if `poisons` names it.
+fn log_event(i: usize, streams: usize, poisons: &Poisons) -> NewEvent {
+    let mut event = new_event(i, streams);
+    if let Some(&how) = poisons.get(&i) {
+        let mut payload = payload(&event.event_type, i);
+        payload["poison"] = how.into();
+        event.payload = serde_json::value::to_raw_value(&payload).unwrap();
+    }
+    event
+}
+
+/// A database file holding `events` events, `poisons` among them; each catch-up run gets a
+/// copy.
+async fn template(events: usize, streams: usize, poisons: &Poisons) -> PathBuf {
     let dir = tempdir("template");
     let file = dir.join("projector.db");
     let url = format!("sqlite://{}", file.display());
     let db = Sqlite::open(&url).await.unwrap();
     let outbox = SqliteOutbox::new(db.clone()).await.unwrap();
-    fill(&outbox, events, streams).await;
+    fill(&outbox, events, streams, poisons).await;
     db.close().await.unwrap();
     file
 }
 
 /// Appends the generated log in chunks of 5,000 through the append path, and says how fast.
-async fn fill(outbox: &dyn Source, events: usize, streams: usize) {
+async fn fill(outbox: &dyn Source, events: usize, streams: usize, poisons: &Poisons) {
     let start = Instant::now();
     for chunk in (0..events).collect::<Vec<_>>().chunks(5_000) {
         outbox
-            .append(chunk.iter().map(|i| new_event(*i, streams)).collect())
+            .append(
+                chunk
+                    .iter()
+                    .map(|&i| log_event(i, streams, poisons))
+                    .collect(),
+            )
             .await
             .unwrap();
     }
@@ -174,7 +229,7 @@ async fn fill(outbox: &dyn Source, events: usize, streams: usize) {
 async fn pg_template(cluster: &PgCluster, events: usize, streams: usize) -> String {
     let name = cluster.create(None).await;
     let (_store, outbox) = open(&cluster.url(&name)).await;
-    fill(outbox.as_ref(), events, streams).await;
+    fill(outbox.as_ref(), events, streams, &Poisons::new()).await;
     name
 }
 
@@ -474,7 +529,7 @@ impl BatchHandler for Native {
         &self,
         events: Vec<Event>,
         docs: Arc<dyn DocumentReader>,
-    ) -> Result<BatchOutput, RuntimeError> {
+    ) -> Result<BatchOutput, Failed> {
         // The same conversion the WASM path makes when it lowers events into the guest.
         let events: Vec<projector_sdk::Event> = events
             .into_iter()
@@ -494,34 +549,67 @@ impl BatchHandler for Native {
             docs,
             out: BatchOutput::default(),
         };
-        projector_sdk::run_batch::<AccountBalance>(&events, &mut backend).map_err(|e| {
-            RuntimeError::Guest {
+        // The bench's events are all good: a failure is a bug, with no events to give back.
+        projector_sdk::run_batch::<AccountBalance>(&events, &mut backend).map_err(|e| Failed {
+            error: Box::new(RuntimeError::Guest {
                 plugin: "native".into(),
                 index: e.index,
                 event_id: String::new(),
                 at: String::new(),
                 message: e.message,
-            }
+            }),
+            events: Vec::new(),
         })?;
         Ok(backend.out)
     }
 }
 
-fn runtime() -> Runtime {
-    Runtime::new(RuntimeConfig {
-        limits: Limits::default(),
+/// The plugin in `file`, run under `limits`.
+fn load(file: &Path, limits: Limits) -> Arc<dyn BatchHandler> {
+    let runtime = Runtime::new(RuntimeConfig {
+        limits,
         cache_dir: Some(root().join("target/bench-cache")),
     })
-    .unwrap()
+    .unwrap();
+    match runtime.load_file(file) {
+        Ok(plugin) => Arc::new(Loaded {
+            plugin,
+            _runtime: runtime,
+        }),
+        Err(err) => panic!(
+            "{}: {err} (built by `bash scripts/build-plugins.sh`)",
+            file.display()
+        ),
+    }
+}
+
+/// A plugin and the runtime it was loaded by, kept alive together: dropping a `Runtime` stops
+/// its deadline clock, and its plugins would then run with no deadline at all.
+struct Loaded {
+    plugin: Plugin,
+    _runtime: Runtime,
+}
+
+impl BatchHandler for Loaded {
+    fn descriptor(&self) -> &Descriptor {
+        self.plugin.descriptor()
+    }
+    fn handle(
+        &self,
+        events: Vec<Event>,
+        docs: Arc<dyn DocumentReader>,
+    ) -> Result<BatchOutput, Failed> {
+        BatchHandler::handle(&self.plugin, events, docs)
+    }
 }
 
 /// Runs a projection from position 0 to the head of a copy of `template`; returns seconds
-/// taken.
+/// taken and the projection as it ended (its metrics). Panics if the projection failed.
 async fn catch_up(
     template: &Template<'_>,
     handler: Arc<dyn BatchHandler>,
     max_batch: usize,
-) -> f64 {
+) -> (f64, Arc<Projection>) {
     let (store, outbox, copy) = template.copy().await;
     let head = *outbox.head().borrow();
     let checkpoint = store.register(handler.descriptor()).await.unwrap();
@@ -557,7 +645,7 @@ async fn catch_up(
         busy(&m.plugin_micros),
         busy(&m.commit_micros)
     );
-    secs
+    (secs, projection)
 }
 
 async fn scenario_wasm() {
@@ -624,20 +712,25 @@ fn to_event(i: usize, streams: usize) -> Event {
 }
 
 /// Catch-up times vary ±10 % run to run on a small VM: run `BENCH_REPEAT` times (3), report
-/// the median and list every run.
-async fn median_catch_up(template: &Template<'_>, handler: Arc<dyn BatchHandler>) -> (f64, String) {
+/// the median and list every run; the projections as each run ended.
+async fn median_catch_up(
+    template: &Template<'_>,
+    handler: Arc<dyn BatchHandler>,
+) -> (f64, String, Vec<Arc<Projection>>) {
     let mut runs = Vec::new();
+    let mut projections = Vec::new();
     for _ in 0..env_usize("BENCH_REPEAT", 3).max(1) {
-        runs.push(
-            catch_up(
-                template,
-                handler.clone(),
-                env_usize("BENCH_BATCH", RunnerConfig::default().max_batch_events),
-            )
-            .await,
-        );
+        let (secs, projection) = catch_up(
+            template,
+            handler.clone(),
+            env_usize("BENCH_BATCH", RunnerConfig::default().max_batch_events),
+        )
+        .await;
+        runs.push(secs);
+        projections.push(projection);
     }
-    median(runs)
+    let (secs, listed) = median(runs);
+    (secs, listed, projections)
 }
 
 /// The median of some runs' seconds, and every run listed (`runs_s=…`).
@@ -664,8 +757,8 @@ async fn catch_ups(template: &Template<'_>, events: usize, catchup: bool, native
 }
 
 async fn scenario_catchup(template: &Template<'_>, events: usize) -> f64 {
-    let plugin: Arc<dyn BatchHandler> = Arc::new(runtime().load_file(&plugin_file()).unwrap());
-    let (secs, runs) = median_catch_up(template, plugin).await;
+    let plugin = load(&plugin_file(), Limits::default());
+    let (secs, runs, _) = median_catch_up(template, plugin).await;
     report(
         &format!("{}catch-up-wasm", template.prefix()),
         events,
@@ -676,8 +769,82 @@ async fn scenario_catchup(template: &Template<'_>, events: usize) -> f64 {
     secs
 }
 
+/// The `poison` fixture's catch-up over `clean`, then over the same log with ten poisoned
+/// events (`spread_poisons`): each batch holding one fails, is isolated (the culprit
+/// dead-lettered, its stream parked) and the rest of it applied. The ratio of the two
+/// throughputs is what isolation costs.
+async fn scenario_catchup_poison(clean: &Template<'_>, events: usize, streams: usize) {
+    println!("\n## Catch-up with poisoned events (poison fixture, SQLite)");
+    let poisons = spread_poisons(events, streams);
+    let file = template(events, streams, &poisons).await;
+    let plugin = load(&poison_file(), Limits::default());
+    let (clean_secs, clean_runs, _) = median_catch_up(clean, plugin.clone()).await;
+    let (secs, runs, projections) = median_catch_up(&Template::Sqlite(&file), plugin).await;
+    remove_template(&file);
+    // What each poisoned run set aside and spent: the same in every run.
+    let counts = |p: &Projection| {
+        let m = &p.metrics;
+        [&m.dead_letters_plugin, &m.parked_events, &m.isolation_calls].map(ProjectionMetrics::get)
+    };
+    let [dead_letters, parked_events, isolation_calls] = counts(&projections[0]);
+    for projection in &projections {
+        let health = projection.health();
+        assert!(
+            !projection.progress().borrow().failed && health.status != ProjectionStatus::Failed,
+            "the poisoned catch-up failed: {health:?}"
+        );
+        assert_eq!(counts(projection), counts(&projections[0]));
+    }
+    assert_eq!(
+        dead_letters,
+        poisons.len() as u64,
+        "plugin dead letters of the poisoned catch-up"
+    );
+    let (evps, clean_evps) = (events as f64 / secs, events as f64 / clean_secs);
+    println!("  (clean {clean_runs}; poisoned {runs})");
+    println!(
+        "RESULT scenario=catchup-poison events={events} evps={evps:.0} clean_evps={clean_evps:.0} \
+         ratio={:.3} dead_letters={dead_letters} parked_events={parked_events} \
+         isolation_calls={isolation_calls}",
+        evps / clean_evps
+    );
+}
+
+/// One batch of 5,000 events whose event at position 2,500 loops until the 1 s deadline
+/// stops it: the call runs out the deadline, the events before the culprit run again, the
+/// culprit runs alone (a limit is confirmed alone) and runs out the deadline again, then the
+/// events after it run. Timed from the runner's start to the checkpoint at the head.
+async fn scenario_isolate_loop(streams: usize) {
+    println!("\n## Isolating a looping event (poison fixture, SQLite)");
+    let (events, deadline_ms) = (5_000, 1_000);
+    let poisons = Poisons::from([(2_499, "loop")]);
+    let file = template(events, streams.min(events / 10).max(1), &poisons).await;
+    let limits = Limits {
+        deadline_ms,
+        ..Limits::default()
+    };
+    let plugin = load(&poison_file(), limits);
+    let template = Template::Sqlite(&file);
+    let run = catch_up(&template, plugin, events);
+    // A loop the deadline does not stop would hang the bench (and its exit, which waits for
+    // the plugin's thread).
+    let Ok((secs, projection)) = tokio::time::timeout(Duration::from_secs(60), run).await else {
+        eprintln!("isolate-loop: the checkpoint is not at the head after 60 s");
+        std::process::exit(1);
+    };
+    remove_template(&file);
+    let m = &projection.metrics;
+    assert_eq!(ProjectionMetrics::get(&m.dead_letters_plugin), 1);
+    println!(
+        "RESULT scenario=isolate-loop events={events} deadline_ms={deadline_ms} secs={secs:.3} \
+         deadline_ratio={:.3} isolation_calls={}",
+        secs * 1e3 / deadline_ms as f64,
+        ProjectionMetrics::get(&m.isolation_calls)
+    );
+}
+
 async fn scenario_native(template: &Template<'_>, events: usize, wasm_secs: Option<f64>) {
-    let (secs, runs) = median_catch_up(template, Arc::new(Native::new())).await;
+    let (secs, runs, _) = median_catch_up(template, Arc::new(Native::new())).await;
     let ratio = wasm_secs
         .map(|w| format!("wasm_over_native={:.2} ", secs / w))
         .unwrap_or_default();
@@ -692,7 +859,7 @@ async fn scenario_native(template: &Template<'_>, events: usize, wasm_secs: Opti
 
 /// Batch sizes 1 and 10 run over a smaller log (`small`), the rest over the full one.
 async fn scenario_sweep(small: (&Template<'_>, usize), full: (&Template<'_>, usize)) {
-    let plugin: Arc<dyn BatchHandler> = Arc::new(runtime().load_file(&plugin_file()).unwrap());
+    let plugin = load(&plugin_file(), Limits::default());
     let sizes = std::env::var("BENCH_SWEEP_SIZES")
         .unwrap_or_else(|_| "1,10,100,1000,2000,5000,10000".into());
     for batch in sizes
@@ -700,7 +867,7 @@ async fn scenario_sweep(small: (&Template<'_>, usize), full: (&Template<'_>, usi
         .filter_map(|s| s.trim().parse::<usize>().ok())
     {
         let (template, events) = if batch < 100 { small } else { full };
-        let secs = catch_up(template, plugin.clone(), batch).await;
+        let (secs, _) = catch_up(template, plugin.clone(), batch).await;
         report(&format!("sweep-batch-{batch}"), events, secs, &mut [], "");
     }
 }
@@ -727,9 +894,14 @@ async fn scenario_raw(template: &Template<'_>, events: usize, streams: usize) {
         for (n, (out, position)) in outputs.iter().enumerate() {
             // As the runner does: durable once the head is reached.
             let durable = n + 1 == outputs.len();
-            db.commit(native.descriptor(), out, &[], from, *position, durable)
-                .await
-                .unwrap();
+            let batch = Batch {
+                output: out,
+                from,
+                to: *position,
+                durable,
+                ..Default::default()
+            };
+            db.commit(native.descriptor(), &batch).await.unwrap();
             from = *position;
         }
         runs.push(start.elapsed().as_secs_f64());
@@ -776,7 +948,7 @@ async fn scenario_live(
     secs: u64,
     rate: usize,
 ) {
-    let plugin: Arc<dyn BatchHandler> = Arc::new(runtime().load_file(&plugin_file()).unwrap());
+    let plugin = load(&plugin_file(), Limits::default());
     let checkpoint = store.register(plugin.descriptor()).await.unwrap();
     let projection = Arc::new(Projection::new(plugin, checkpoint));
     let runner = Runner::new(
@@ -982,12 +1154,19 @@ async fn main() {
     if wants("wasm") {
         scenario_wasm().await;
     }
-    let needs_template = ["catchup", "native", "sweep", "raw", "read"]
-        .iter()
-        .any(|s| wants(s));
+    let needs_template = [
+        "catchup",
+        "native",
+        "sweep",
+        "raw",
+        "read",
+        "catchup-poison",
+    ]
+    .iter()
+    .any(|s| wants(s));
     if needs_template {
         println!("\n## Catch-up on SQLite");
-        let file = template(events, streams).await;
+        let file = template(events, streams, &Poisons::new()).await;
         let full = Template::Sqlite(&file);
         catch_ups(&full, events, wants("catchup"), wants("native")).await;
         if wants("raw") {
@@ -996,14 +1175,22 @@ async fn main() {
         if wants("read") {
             scenario_read(&Template::Sqlite(&file), events).await;
         }
+        if wants("catchup-poison") {
+            // The clean log is the template every catch-up reads.
+            scenario_catchup_poison(&full, events, streams).await;
+        }
         if wants("sweep") {
             let small_events = env_usize("BENCH_SWEEP_SMALL_EVENTS", 20_000).min(events);
-            let small_file = template(small_events, streams.min(small_events / 10).max(1)).await;
+            let small_streams = streams.min(small_events / 10).max(1);
+            let small_file = template(small_events, small_streams, &Poisons::new()).await;
             let small = Template::Sqlite(&small_file);
             scenario_sweep((&small, small_events), (&full, events)).await;
             remove_template(&small_file);
         }
         remove_template(&file);
+    }
+    if wants("isolate-loop") {
+        scenario_isolate_loop(streams).await;
     }
     let live_secs = env_usize("BENCH_LIVE_SECS", 20) as u64;
     let live_rate = env_usize("BENCH_LIVE_RATE", 2_000);
