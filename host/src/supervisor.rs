@@ -291,9 +291,13 @@ impl Supervisor {
             let reply: Reply = match serde_json::from_str::<Command>(&text) {
                 Ok(command) => {
                     let (request, answer) = Request::new(command);
-                    // Marked taken at once, so the next poll does not run it twice.
+                    // Claimed first: only the instance whose claim lands runs it, and the next
+                    // poll does not run it twice.
                     let placeholder = serde_json::json!({"pending": true}).to_string();
-                    if self.store.answer_command(id, &placeholder).await.is_err() {
+                    if !matches!(
+                        self.store.answer_command(id, &placeholder, true).await,
+                        Ok(true)
+                    ) {
                         continue;
                     }
                     if self.own.try_send(request).is_err() {
@@ -384,9 +388,17 @@ async fn forward(store: &dyn Store, projection: &str, command: &Command) -> Repl
     loop {
         every.tick().await;
         if tokio::time::Instant::now() > deadline {
-            return Err(CommandError::Timeout {
+            let timeout = CommandError::Timeout {
                 seconds: FORWARD_TIMEOUT.as_secs(),
-            });
+            };
+            // Cancelled unless an instance has taken it: a command nobody ran in time must not
+            // run later, when whoever asked has been told it timed out.
+            let cancelled = serde_json::to_string(&Reply::Err(timeout.clone()))
+                .map_err(CommandError::unavailable)?;
+            match store.answer_command(id, &cancelled, true).await {
+                Ok(false) => {} // taken meanwhile: its answer comes
+                _ => return Err(timeout),
+            }
         }
         match store.command_answer(id).await {
             Ok(Some(answer)) => match serde_json::from_str::<Answer>(&answer) {
@@ -414,9 +426,9 @@ enum Answer {
 
 async fn answer_in_store(store: &dyn Store, id: i64, reply: &Reply) {
     let text = serde_json::to_string(reply).unwrap_or_else(|e| {
-        serde_json::json!({"Err": {"error": "unavailable", "0": e.to_string()}}).to_string()
+        serde_json::json!({"Err": {"error": "unavailable", "message": e.to_string()}}).to_string()
     });
-    if let Err(err) = store.answer_command(id, &text).await {
+    if let Err(err) = store.answer_command(id, &text, false).await {
         tracing::warn!(id, error = %err, "cannot answer a queued command");
     }
 }

@@ -392,7 +392,10 @@ on_both_stores! {
             ]
         );
         assert_eq!(store.command_answer(first).await.unwrap(), None);
-        store.answer_command(first, r#"{"ok":true}"#).await.unwrap();
+        assert!(store.answer_command(first, r#"{"pending":true}"#, true).await.unwrap());
+        // Claimed once: a second claim (another instance) does not land.
+        assert!(!store.answer_command(first, r#"{"pending":true}"#, true).await.unwrap());
+        assert!(store.answer_command(first, r#"{"ok":true}"#, false).await.unwrap());
         assert_eq!(
             store.command_answer(first).await.unwrap().as_deref(),
             Some(r#"{"ok":true}"#)

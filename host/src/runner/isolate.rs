@@ -42,6 +42,15 @@ impl Isolated {
     }
 }
 
+/// Culprits one batch may have before the runner stops the projection instead: a plugin that
+/// fails on every event (a bad deploy) should halt, not park every stream.
+const MAX_CULPRITS: usize = 50;
+
+/// Calls of one isolation that may run into the deadline (each costs a whole deadline) before
+/// the projection is stopped instead: finding a culprit by halving a batch whose calls time out
+/// (a plugin on contract 0.1.0) would cost a deadline per step.
+const MAX_TIMEOUTS: usize = 6;
+
 /// Work left, run from the back.
 enum Step {
     /// Run these events; `failed`: how a call on exactly these events already failed.
@@ -68,8 +77,31 @@ impl Runner {
         tracing::warn!(projection = %name, events = batch, at = ?failure.at, reason = %failure.reason, "batch failed by the plugin's fault: isolating the event");
         let mut done = Isolated::default();
         let mut calls = 0u64;
+        let mut timeouts = usize::from(failure.timed_out);
+        let mut culprits = 0usize;
         let mut work = vec![Step::Run(events, Some(failure))];
         while let Some(step) = work.pop() {
+            if self.stopping() {
+                ProjectionMetrics::add(&self.projection.metrics.isolation_calls, calls);
+                return Err(Problem::Host(
+                    "stopping in the middle of an isolation: the batch is handled again".into(),
+                ));
+            }
+            if timeouts > MAX_TIMEOUTS || culprits > MAX_CULPRITS {
+                ProjectionMetrics::add(&self.projection.metrics.isolation_calls, calls);
+                let last = done
+                    .letters
+                    .iter()
+                    .rev()
+                    .find(|l| l.kind == LetterKind::Plugin)
+                    .map_or("", |l| l.reason.as_str());
+                return Err(Problem::Fatal(format!(
+                    "the plugin failed on more events of one batch than isolation handles \
+                     ({culprits} set aside, {timeouts} calls past the deadline; the last: {last}): \
+                     stopped rather than park stream after stream. Fix the plugin, then restart \
+                     the projection"
+                )));
+            }
             match step {
                 Step::Run(mut events, failed) => {
                     let before = events.len();
@@ -94,6 +126,7 @@ impl Runner {
                                     continue;
                                 }
                                 Err((Problem::Plugin(failure), back)) => {
+                                    timeouts += usize::from(failure.timed_out);
                                     events = back;
                                     failure
                                 }
@@ -139,10 +172,14 @@ impl Runner {
                     match alone {
                         // Not its fault alone: the batch reached a limit together.
                         Ok(output) => done.keep(output),
-                        Err((Problem::Plugin(failure), mut back)) => match back.pop() {
-                            Some(event) => work.push(Step::Blame(event, failure.reason)),
-                            None => return Err(Problem::Fatal(reason)),
-                        },
+                        Err((Problem::Plugin(failure), mut back)) => {
+                            match back.pop().inspect(|_| {
+                                timeouts += usize::from(failure.timed_out);
+                            }) {
+                                Some(event) => work.push(Step::Blame(event, failure.reason)),
+                                None => return Err(Problem::Fatal(reason)),
+                            }
+                        }
                         Err((problem, _)) => return Err(problem),
                     }
                 }
@@ -152,6 +189,7 @@ impl Runner {
                         continue;
                     }
                     tracing::error!(projection = %name, position = event.position, event_id = %event.id, stream = %event.stream, reason = %reason, "event dead-lettered; its stream is parked");
+                    culprits += 1;
                     parked.insert(event.stream.clone(), event.position);
                     done.letters.push(self.plugin_letter(event, reason));
                 }

@@ -43,6 +43,8 @@ pub struct Runner {
     store: Arc<dyn Store>,
     source: Arc<dyn Source>,
     config: RunnerConfig,
+    /// Shutdown, as long work (an isolation) checks it between plugin calls.
+    stopping: Option<watch::Receiver<bool>>,
 }
 
 /// Why a stage did not produce its result. Classified once, where the failure happens.
@@ -69,6 +71,8 @@ struct PluginFailure {
     /// Whether the plugin itself named the event (an error it returned, a panic), rather than
     /// the host knowing only where the call was when a limit cut it short.
     named: bool,
+    /// Whether the call ran into its deadline: such a failure costs a whole deadline.
+    timed_out: bool,
     reason: String,
 }
 
@@ -130,6 +134,7 @@ impl Runner {
             store,
             source,
             config,
+            stopping: None,
         }
     }
 
@@ -168,10 +173,11 @@ impl Runner {
     /// N's documents through the cache) and batch N+2 is read. Only one commit is in flight, and
     /// the checkpoint is published only once its commit is durable.
     pub async fn run_commanded(
-        self,
+        mut self,
         mut shutdown: watch::Receiver<bool>,
         commands: Commands,
     ) -> RunEnd {
+        self.stopping = Some(shutdown.clone());
         let mut commands = commands.lock_owned().await;
         let end = match self.start(&mut shutdown).await {
             Some(mut pipeline) => {
@@ -415,6 +421,10 @@ impl Runner {
                     p.parked.insert(stream.clone(), letter.position);
                 }
             }
+            ProjectionMetrics::set(
+                &self.projection.metrics.parked_streams,
+                p.parked.len() as u64,
+            );
         }
         let from = p.handled_to;
         p.handled_to = letter.position;
@@ -633,6 +643,11 @@ impl Runner {
         }
     }
 
+    /// Whether shutdown (or the loss of the lease) has been asked for.
+    fn stopping(&self) -> bool {
+        self.stopping.as_ref().is_some_and(|s| *s.borrow())
+    }
+
     async fn fail(&self, error: String) -> RunEnd {
         let name = self.projection.name();
         tracing::error!(projection = %name, checkpoint = self.projection.checkpoint(), error = %error, "projection failed and stopped");
@@ -790,6 +805,7 @@ fn classify(err: &RuntimeError) -> Problem {
         Fault::Plugin { at, named } => Problem::Plugin(PluginFailure {
             at,
             named,
+            timed_out: matches!(err, RuntimeError::DeadlineExceeded { .. }),
             reason: err.to_string(),
         }),
     }

@@ -39,20 +39,48 @@ impl Runner {
             .parked_behind(descriptor, position)
             .await
             .map_err(|e| unavailable(&e))?;
+        // The events to run again, in order. A row without its event (a malformed row, or a
+        // letter written before events were kept) is read again from the source; one still
+        // malformed blocks the stream anew: it becomes the head, the rest stay parked behind it.
         let mut events: Vec<Event> = Vec::with_capacity(parked_events.len() + 1);
-        let mut head_failed: Option<String> = None;
-        if !skip {
-            match &letter.event {
-                Some(event) => events.push(event.clone()),
-                // A malformed row is read again: the application may have fixed it.
-                None => match self.reread(position).await? {
-                    Ok(event) => events.push(event),
-                    Err(reason) => head_failed = Some(reason),
-                },
+        let mut held: Vec<DeadLetter> = Vec::new();
+        let mut blocked_at: Option<u64> = None;
+        let candidates = (!skip)
+            .then_some(&letter)
+            .into_iter()
+            .chain(parked_events.iter());
+        for candidate in candidates {
+            if let Some(head) = blocked_at {
+                let mut parked = candidate.clone();
+                parked.parked_behind = Some(head);
+                parked.kind = LetterKind::Parked;
+                parked.reason = format!("parked behind the dead letter at position {head}");
+                held.push(parked);
+                continue;
             }
-        }
-        if head_failed.is_none() {
-            events.extend(parked_events.iter().filter_map(|l| l.event.clone()));
+            let event = match &candidate.event {
+                Some(event) => event.clone(),
+                None => match self.reread(candidate.position).await? {
+                    Ok(event) => event,
+                    Err(reason) => {
+                        let mut head = candidate.clone();
+                        head.reason = reason;
+                        head.kind = LetterKind::Malformed;
+                        head.parked_behind = None;
+                        held.push(head);
+                        blocked_at = Some(candidate.position);
+                        continue;
+                    }
+                },
+            };
+            // A row read again may be of a type this projection does not take: passed by.
+            if self
+                .projection
+                .descriptor()
+                .subscribes_to(&event.event_type)
+            {
+                events.push(event);
+            }
         }
         tracing::info!(projection = %self.projection.name(), position, action, events = events.len(), "running a dead letter's stream again");
 
@@ -78,19 +106,27 @@ impl Runner {
                 Err((problem, _)) => return Err(self.unparked_again(p, &letter, problem)),
             }
         }
-        if let Some(reason) = head_failed {
-            // The row is still malformed: it stays the stream's head, with the new reason.
-            let mut again = letter.clone();
-            again.reason = reason;
-            letters.push(again);
-            if let Some(stream) = &letter.stream {
-                p.parked.insert(stream.clone(), position);
+        if let Some(blocker) = blocked_at {
+            // An event before the blocking row failed: that is the stream's head now.
+            let earlier = letters
+                .iter()
+                .find(|l| l.parked_behind.is_none() && l.kind != LetterKind::Parked)
+                .map(|l| l.position);
+            match earlier {
+                Some(head) => {
+                    for letter in &mut held {
+                        letter.parked_behind = Some(head);
+                        letter.kind = LetterKind::Parked;
+                        letter.reason = format!("parked behind the dead letter at position {head}");
+                    }
+                }
+                None => {
+                    if let Some(stream) = &letter.stream {
+                        p.parked.insert(stream.clone(), blocker);
+                    }
+                }
             }
-            for parked in &parked_events {
-                let mut parked = parked.clone();
-                parked.parked_behind = Some(position);
-                letters.push(parked);
-            }
+            letters.extend(held);
         }
         let failed_again = letters.iter().any(|l| l.position == position);
         let released: Vec<u64> = parked_events
@@ -101,8 +137,9 @@ impl Runner {
         let applied = released.len() as u64 + u64::from(!skip && !failed_again);
         let head = letters
             .iter()
-            .find(|l| l.kind != LetterKind::Parked && l.parked_behind.is_none())
-            .map(|l| l.position);
+            .filter(|l| l.kind != LetterKind::Parked && l.parked_behind.is_none())
+            .map(|l| l.position)
+            .min();
         let outcome_text = match head {
             Some(at) if at == position => format!(
                 "failed again: {}",

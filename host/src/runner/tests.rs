@@ -214,8 +214,8 @@ impl Store for MemStore {
     async fn pending_commands(&self, _: &str) -> Result<Vec<(i64, String)>, StoreError> {
         Ok(Vec::new())
     }
-    async fn answer_command(&self, _: i64, _: &str) -> Result<(), StoreError> {
-        Ok(())
+    async fn answer_command(&self, _: i64, _: &str, _: bool) -> Result<bool, StoreError> {
+        Ok(true)
     }
     async fn command_answer(&self, _: i64) -> Result<Option<String>, StoreError> {
         Ok(None)
@@ -641,6 +641,29 @@ async fn a_host_fault_during_isolation_redoes_the_batch_cleanly() {
     run.stop().await;
 }
 
+/// A plugin that fails on every event (a bad deploy) stops the projection rather than park
+/// every stream.
+#[tokio::test]
+async fn a_plugin_failing_on_everything_stops_instead_of_parking_every_stream() {
+    let bad: Vec<(u64, &str)> = (1..=200).map(|p| (p, "error")).collect();
+    let run = start(
+        events(100, 2, &bad),
+        OnError::Park,
+        Arc::default(),
+        Scripted::new(),
+    );
+    run.reach(200).await;
+    let health = run.projection.health();
+    assert_eq!(health.status, ProjectionStatus::Failed);
+    assert!(health.error.unwrap().contains("Fix the plugin"));
+    assert_eq!(
+        run.projection.checkpoint(),
+        0,
+        "nothing of the batch committed"
+    );
+    assert_eq!(run.task.await.unwrap(), RunEnd::Failed);
+}
+
 #[tokio::test]
 async fn on_error_stop_fails_the_projection_as_before() {
     let run = start(
@@ -725,6 +748,76 @@ async fn skip_applies_the_parked_events_without_the_dead_letter() {
     expected.retain(|&v| v != 5);
     assert_eq!(versions(&run.doc("s3").unwrap()), expected);
     assert_eq!(run.letters()[0].state, LetterState::Skipped);
+    run.stop().await;
+}
+
+/// A store as an earlier version left it: a malformed row's letter and the events parked
+/// behind it, none with its event kept. Retry and skip read them again from the source.
+fn upgraded_store() -> Arc<MemStore> {
+    let store = Arc::new(MemStore::default());
+    {
+        let mut s = store.state.lock().unwrap();
+        s.checkpoint = 9;
+        s.docs.entry("streams".into()).or_default().insert(
+            "s0".into(),
+            serde_json::to_vec(&json!({"count": 2, "versions": [1, 2]})).unwrap(),
+        );
+        for position in 3..=9 {
+            let (kind, parked_behind) = if position == 3 {
+                (LetterKind::Malformed, None)
+            } else {
+                (LetterKind::Parked, Some(3))
+            };
+            s.letters.insert(
+                position,
+                DeadLetter {
+                    position,
+                    event_id: None,
+                    stream: Some("s0".into()),
+                    reason: "old".into(),
+                    parked_behind,
+                    kind,
+                    state: LetterState::Open,
+                    resolved_at: None,
+                    plugin_version: None,
+                    event: None,
+                    actions: Vec::new(),
+                },
+            );
+        }
+    }
+    store
+}
+
+#[tokio::test]
+async fn letters_without_their_event_are_read_again_not_dropped() {
+    let run = start(
+        events(1, 9, &[]),
+        OnError::Park,
+        upgraded_store(),
+        Scripted::new(),
+    );
+    let done = run.send(Command::Skip { position: 3 }).await.unwrap();
+    assert_eq!(done.applied, Some(6), "{done:?}");
+    assert_eq!(
+        versions(&run.doc("s0").unwrap()),
+        vec![1, 2, 4, 5, 6, 7, 8, 9]
+    );
+    run.stop().await;
+
+    let run = start(
+        events(1, 9, &[]),
+        OnError::Park,
+        upgraded_store(),
+        Scripted::new(),
+    );
+    let done = run.send(Command::Retry { position: 3 }).await.unwrap();
+    assert_eq!(done.applied, Some(7), "{done:?}");
+    assert_eq!(
+        versions(&run.doc("s0").unwrap()),
+        (1..=9).collect::<Vec<_>>()
+    );
+    assert_eq!(run.letters().len(), 1);
     run.stop().await;
 }
 

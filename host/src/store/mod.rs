@@ -295,8 +295,9 @@ pub trait Store: Send + Sync {
     /// Commands for `projection` not answered yet, oldest first: `(id, command)`.
     async fn pending_commands(&self, projection: &str) -> Result<Vec<(i64, String)>, StoreError>;
 
-    /// Answers a queued command (JSON).
-    async fn answer_command(&self, id: i64, answer: &str) -> Result<(), StoreError>;
+    /// Answers a queued command (JSON). `claim`: only if nobody has answered (or taken) it
+    /// yet, so one instance alone runs it. Whether the answer was written.
+    async fn answer_command(&self, id: i64, answer: &str, claim: bool) -> Result<bool, StoreError>;
 
     /// The answer to a queued command, once there is one.
     async fn command_answer(&self, id: i64) -> Result<Option<String>, StoreError>;

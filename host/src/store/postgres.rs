@@ -227,9 +227,9 @@ impl Postgres {
             .map_err(StoreError::db("writing dead letters"))?;
         }
         if let Some((position, state)) = batch.resolved {
-            sqlx::query(&format!(
+            let resolved = sqlx::query(&format!(
                 "UPDATE {schema}.dead_letters SET state = $1, resolved_at = $2 \
-                 WHERE projection = $3 AND version = $4 AND position = $5"
+                 WHERE projection = $3 AND version = $4 AND position = $5 AND state = 'open'"
             ))
             .bind(state.as_str())
             .bind(now)
@@ -239,6 +239,13 @@ impl Postgres {
             .execute(&mut *tx)
             .await
             .map_err(StoreError::db("resolving a dead letter"))?;
+            // Resolved meanwhile (by another instance): this one's view is stale.
+            if resolved.rows_affected() != 1 {
+                return Err(StoreError::Fenced {
+                    projection: projection.name.clone(),
+                    expected: batch.from,
+                });
+            }
         }
         self.insert_actions(tx, projection, batch.actions).await
     }
@@ -762,9 +769,10 @@ impl Store for Postgres {
         .map_err(StoreError::db("reading admin commands"))
     }
 
-    async fn answer_command(&self, id: i64, answer: &str) -> Result<(), StoreError> {
-        sqlx::query(&format!(
-            "UPDATE {}.admin_commands SET answer = $1, answered_at = $2 WHERE id = $3",
+    async fn answer_command(&self, id: i64, answer: &str, claim: bool) -> Result<bool, StoreError> {
+        let only_new = if claim { " AND answer IS NULL" } else { "" };
+        let done = sqlx::query(&format!(
+            "UPDATE {}.admin_commands SET answer = $1, answered_at = $2 WHERE id = $3{only_new}",
             self.schema
         ))
         .bind(pg_text(answer).as_ref())
@@ -773,7 +781,7 @@ impl Store for Postgres {
         .execute(&self.pool)
         .await
         .map_err(StoreError::db("answering an admin command"))?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     async fn command_answer(&self, id: i64) -> Result<Option<String>, StoreError> {

@@ -331,9 +331,9 @@ async fn write_letters(
             .map_err(StoreError::db("writing dead letters"))?;
     }
     if let Some((position, state)) = batch.resolved {
-        sqlx::query(
+        let resolved = sqlx::query(
             "UPDATE dead_letters SET state = ?, resolved_at = ? \
-             WHERE projection = ? AND version = ? AND position = ?",
+             WHERE projection = ? AND version = ? AND position = ? AND state = 'open'",
         )
         .bind(state.as_str())
         .bind(now)
@@ -343,6 +343,13 @@ async fn write_letters(
         .execute(&mut *tx)
         .await
         .map_err(StoreError::db("resolving a dead letter"))?;
+        // Resolved meanwhile (by another instance): this one's view is stale.
+        if resolved.rows_affected() != 1 {
+            return Err(StoreError::Fenced {
+                projection: projection.name.clone(),
+                expected: batch.from,
+            });
+        }
     }
     insert_actions(tx, projection, batch.actions).await
 }
@@ -735,15 +742,20 @@ impl Store for Sqlite {
         .map_err(StoreError::db("reading admin commands"))
     }
 
-    async fn answer_command(&self, id: i64, answer: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE admin_commands SET answer = ?, answered_at = ? WHERE id = ?")
+    async fn answer_command(&self, id: i64, answer: &str, claim: bool) -> Result<bool, StoreError> {
+        let sql = if claim {
+            "UPDATE admin_commands SET answer = ?, answered_at = ? WHERE id = ? AND answer IS NULL"
+        } else {
+            "UPDATE admin_commands SET answer = ?, answered_at = ? WHERE id = ?"
+        };
+        let done = sqlx::query(sql)
             .bind(answer)
             .bind(now_ms())
             .bind(id)
             .execute(&self.write)
             .await
             .map_err(StoreError::db("answering an admin command"))?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     async fn command_answer(&self, id: i64) -> Result<Option<String>, StoreError> {
