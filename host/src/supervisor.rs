@@ -171,8 +171,10 @@ impl Supervisor {
         commands: &Commands,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Held {
-        let mut polling = tokio::time::interval(COMMAND_POLL);
-        polling.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A future of its own, polled beside the others: a queue read that waits on a database
+        // that is down must not keep the supervisor from seeing the lease go.
+        let polling = self.poll_queue();
+        tokio::pin!(polling);
         loop {
             self.projection.resume_at(checkpoint);
             let (stop_tx, stop_rx) = watch::channel(false);
@@ -197,7 +199,7 @@ impl Supervisor {
                         run.await;
                         return Held::Shutdown;
                     },
-                    _ = polling.tick() => self.take_queued().await,
+                    _ = &mut polling => {}
                 }
             };
             match end {
@@ -217,7 +219,7 @@ impl Supervisor {
                             changed = shutdown.changed() => if changed.is_err() || *shutdown.borrow() {
                                 return Held::Shutdown;
                             },
-                            _ = polling.tick() => self.take_queued().await,
+                            _ = &mut polling => {}
                         }
                     }
                 }
@@ -274,6 +276,16 @@ impl Supervisor {
                 request.answer(Err(CommandError::Failed { reason }));
                 false
             }
+        }
+    }
+
+    /// Takes queued commands every [`COMMAND_POLL`], forever.
+    async fn poll_queue(&self) {
+        let mut every = tokio::time::interval(COMMAND_POLL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            self.take_queued().await;
         }
     }
 
