@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use crate::support::{on_both_stores, plugin_set, Api, Server};
+use crate::support::{eventually, on_both_stores, plugin_set, Api, Server};
 
 async fn head(api: &Api) -> Value {
     api.projection("account-balance").await["head"].clone()
@@ -53,11 +53,13 @@ on_both_stores! {
         assert_eq!(status, 200, "{body}");
         // The head may trail the checkpoint for a moment on PostgreSQL (it is re-read on a
         // notification): wait for it to reach the append, then check nothing came after.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while head(&api).await.as_u64().unwrap_or(0) < position {
-            assert!(std::time::Instant::now() < deadline, "the head never reached {position}");
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        eventually(std::time::Duration::from_secs(10), || async {
+            match head(&api).await.as_u64().unwrap_or(0) >= position {
+                true => Ok(()),
+                false => Err(format!("the head never reached {position}")),
+            }
+        })
+        .await;
         assert_eq!(head(&api).await, position, "nothing after it either");
 
         // A duplicate id is a conflict.

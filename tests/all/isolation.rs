@@ -4,11 +4,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::support::{fixture_path, on_both_stores, tempdir, Api, Backend, Server};
+use crate::support::{eventually, fixture_path, on_both_stores, tempdir, Api, Backend, Server};
 
 pub const TOKEN: &str = "s3cret-admin-token";
 
@@ -81,19 +81,16 @@ pub async fn append_all(api: &Api, events: &[(String, Value)]) -> Vec<Appended> 
 
 /// Polls `GET /projections/{name}` until its checkpoint reaches `position` (or it fails).
 pub async fn wait_checkpoint(api: &Api, name: &str, position: u64, within: Duration) -> Value {
-    let deadline = Instant::now() + within;
-    loop {
+    eventually(within, || async {
         let (status, body) = api.get(&format!("/projections/{name}")).await;
-        if status == 200 && body["checkpoint"].as_u64().unwrap_or(0) >= position {
-            return body;
-        }
         assert_ne!(body["status"], "failed", "{body}");
-        assert!(
-            Instant::now() < deadline,
-            "not at {position} in time: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        if status == 200 && body["checkpoint"].as_u64().unwrap_or(0) >= position {
+            Ok(body)
+        } else {
+            Err(format!("not at {position}: {body}"))
+        }
+    })
+    .await
 }
 
 /// Every document of a collection, by key.
@@ -367,11 +364,14 @@ on_both_stores! {
         });
         // Killed once the retry is running the plugin.
         let log_file = server.data_dir.join("server.log");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !std::fs::read_to_string(&log_file).unwrap_or_default().contains("running a dead letter's stream again") {
-            assert!(Instant::now() < deadline, "the retry never started");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        eventually(Duration::from_secs(30), || async {
+            let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+            match log.contains("running a dead letter's stream again") {
+                true => Ok(()),
+                false => Err("the retry never started".to_owned()),
+            }
+        })
+        .await;
         server.kill();
         let _ = retry.await;
         server.restart();
@@ -425,15 +425,14 @@ async fn on_error_stop_halts_the_projection_and_restart_runs_it_again() {
         ],
     )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let summary = loop {
+    let summary = eventually(Duration::from_secs(30), || async {
         let summary = api.projection("poison").await;
-        if summary["status"] == "failed" {
-            break summary;
+        match summary["status"] == "failed" {
+            true => Ok(summary),
+            false => Err(summary.to_string()),
         }
-        assert!(Instant::now() < deadline, "{summary}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    })
+    .await;
     assert!(
         summary["checkpoint"].as_u64().unwrap() < appended[1].position,
         "{summary}"
@@ -450,29 +449,26 @@ async fn on_error_stop_halts_the_projection_and_restart_runs_it_again() {
     assert_eq!(status, 503);
     let (status, body) = admin(&api, "/admin/projections/poison/restart").await;
     assert_eq!(status, 200, "{body}");
-    // It runs again, and stops again on the same event.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, metrics) = api.get("/metrics").await;
-        let summary = api.projection("poison").await;
-        if summary["status"] == "failed"
-            && metrics
-                .as_str()
-                .unwrap()
-                .contains("projector_projection_up{projection=\"poison\"} 0")
-        {
-            assert!(
-                summary["error"]
-                    .as_str()
-                    .unwrap()
-                    .contains("poisoned event"),
-                "{summary}"
-            );
-            break;
+    // It runs again, and stops again on the same event: a second failure in the log.
+    let log_file = server.data_dir.join("server.log");
+    eventually(Duration::from_secs(30), || async {
+        let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+        match log.matches("projection failed and stopped").count() {
+            2.. => Ok(()),
+            n => Err(format!("{n} failures logged")),
         }
-        assert!(Instant::now() < deadline, "{summary}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
+    let summary = api.projection("poison").await;
+    assert_eq!(summary["status"], "failed", "{summary}");
+    assert!(
+        summary["error"]
+            .as_str()
+            .unwrap()
+            .contains("poisoned event"),
+        "{summary}"
+    );
+    assert!(summary["checkpoint"].as_u64().unwrap() < appended[1].position);
 }
 
 /// Two instances on one PostgreSQL database: a command sent to the instance standing by
@@ -496,18 +492,16 @@ async fn a_command_to_a_standby_instance_reaches_the_running_one() {
     let head = appended[2].position;
     wait_checkpoint(&first.api(), "poison", head, Duration::from_secs(60)).await;
     let second = Server::start_on(&backend, &plugins, &tempdir("data"), &env);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let (running, standby) = loop {
+    let (running, standby) = eventually(Duration::from_secs(30), || async {
         let one = first.api().projection("poison").await;
         let two = second.api().projection("poison").await;
         match (one["status"].as_str(), two["status"].as_str()) {
-            (Some("running"), Some("standby")) => break (first.api(), second.api()),
-            (Some("standby"), Some("running")) => break (second.api(), first.api()),
-            _ => {}
+            (Some("running"), Some("standby")) => Ok((first.api(), second.api())),
+            (Some("standby"), Some("running")) => Ok((second.api(), first.api())),
+            _ => Err(format!("{one}\n{two}")),
         }
-        assert!(Instant::now() < deadline, "{one}\n{two}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    })
+    .await;
     let dead = appended[1].position;
     let (status, body) = admin(
         &standby,

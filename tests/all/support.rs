@@ -67,6 +67,25 @@ impl Events {
 }
 
 /// A fresh folder under the system temp dir.
+/// Polls `check` until it answers `Ok`, and returns that; panics with its last `Err` after
+/// `within`. Waiting on state, not on time: a slow machine only makes it poll longer.
+pub async fn eventually<T, F, Fut>(within: std::time::Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(last) if std::time::Instant::now() >= deadline => {
+                panic!("not within {within:?}: {last}")
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
+}
+
 pub fn tempdir(prefix: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("projector-{prefix}-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).expect("create temp dir");
