@@ -34,7 +34,7 @@ impl Projection for AccountBalance {
 
     fn handle(event: &Event, state: &mut State) -> Result<()> {
         let (id, version) = (&event.stream, event.version);
-        let delta = match event.event_type.as_str() {
+        let (delta, verb) = match event.event_type.as_str() {
             "AccountOpened" => {
                 let Opened { owner, currency } = event.payload()?;
                 let status = "open".into();
@@ -49,17 +49,28 @@ impl Projection for AccountBalance {
                 state.put("accounts", id, account);
                 return Ok(());
             }
-            "Deposited" => event.payload::<Amount>()?.amount,
-            "Withdrawn" => -event.payload::<Amount>()?.amount,
-            _ => 0,
+            "Deposited" => (event.payload::<Amount>()?.amount, "deposit"),
+            "Withdrawn" => (event.payload::<Amount>()?.amount, "withdrawal"),
+            _ => (0, ""),
         };
-        let opened = state.update("accounts", id, |a: &mut Account| {
-            a.balance += delta;
+        let opened = state.try_update("accounts", id, |a: &mut Account| {
+            // Money must not wrap: a balance past i64's range fails the event, by name.
+            let balance = match verb {
+                "withdrawal" => a.balance.checked_sub(delta),
+                _ => a.balance.checked_add(delta),
+            };
+            a.balance = balance.ok_or_else(|| {
+                Error::msg(format!(
+                    "account {id}: a {verb} of {delta} would take the balance {} out of range",
+                    a.balance
+                ))
+            })?;
             a.tx_count += 1;
             a.last_version = version;
             if event.event_type == "AccountClosed" {
                 a.status = "closed".into();
             }
+            Ok(())
         })?;
         opened
             .then_some(())
@@ -144,6 +155,25 @@ mod tests {
             .emit("a", "Deposited", json!({"amount": "lots"}))
             .unwrap_err();
         assert!(err.message.contains("invalid Deposited payload"), "{err}");
+    }
+
+    #[test]
+    fn a_balance_out_of_range_fails_the_event_instead_of_wrapping() {
+        let mut h = Harness::<AccountBalance>::new();
+        opened(&mut h, "a");
+        h.emit("a", "Deposited", json!({"amount": i64::MAX}))
+            .unwrap();
+        let err = h
+            .emit("a", "Deposited", json!({"amount": i64::MAX}))
+            .unwrap_err();
+        assert!(err.message.contains("out of range"), "{err}");
+        // The failed event changed nothing.
+        let account: Account = h.doc("accounts", "a").unwrap();
+        assert_eq!((account.balance, account.tx_count), (i64::MAX, 1));
+        let err = h
+            .emit("a", "Withdrawn", json!({"amount": i64::MIN}))
+            .unwrap_err();
+        assert!(err.message.contains("withdrawal"), "{err}");
     }
 
     #[test]

@@ -130,6 +130,24 @@ impl<'a> State<'a> {
         Ok(true)
     }
 
+    /// Like [`State::update`] for a change that can fail (an overflow, a rule of the domain):
+    /// the error fails the event. Check before changing: fields changed before the error are
+    /// dropped with the failed batch, never committed.
+    pub fn try_update<T: DeserializeOwned + Serialize + 'static>(
+        &mut self,
+        collection: &str,
+        key: &str,
+        change: impl FnOnce(&mut T) -> Result<(), Error>,
+    ) -> Result<bool, Error> {
+        let entry = self.entry(collection, key);
+        let Some(doc) = typed_mut::<T>(entry, collection, key)? else {
+            return Ok(false);
+        };
+        change(doc)?;
+        entry.dirty = true;
+        Ok(true)
+    }
+
     /// Like [`State::update`], starting from `T::default()` when there is no document yet.
     pub fn upsert<T: DeserializeOwned + Serialize + Default + 'static>(
         &mut self,
