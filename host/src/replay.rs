@@ -13,7 +13,8 @@ use crate::event::Event;
 use crate::runtime::{MemoryDocuments, Plugin, RuntimeError};
 
 /// The read model: collection → key → document.
-pub type ReadModel = BTreeMap<String, BTreeMap<String, serde_json::Value>>;
+/// Documents by collection and key, each the exact JSON text the plugin wrote.
+pub type ReadModel = BTreeMap<String, BTreeMap<String, Box<RawValue>>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -154,11 +155,14 @@ pub fn replay(plugin: &Plugin, path: &Path, batch_size: usize) -> Result<ReadMod
     for (collection, docs) in docs.snapshot() {
         let out = model.entry(collection.clone()).or_default();
         for (key, bytes) in docs {
-            let doc = serde_json::from_slice(&bytes).map_err(|err| ReplayError::Document {
-                collection: collection.clone(),
-                key: key.clone(),
-                reason: err.to_string(),
-            })?;
+            let doc = String::from_utf8(bytes)
+                .map_err(|err| err.to_string())
+                .and_then(|text| RawValue::from_string(text).map_err(|err| err.to_string()))
+                .map_err(|reason| ReplayError::Document {
+                    collection: collection.clone(),
+                    key: key.clone(),
+                    reason,
+                })?;
             out.insert(key, doc);
         }
     }

@@ -5,6 +5,7 @@ mod admin;
 mod bad_input;
 mod contract;
 mod isolation;
+mod numbers;
 mod pipeline;
 mod postgres;
 mod replay;

@@ -321,7 +321,7 @@ on_both_stores! {
 }
 
 /// Another process writes a row the host cannot read into the outbox (a payload that is not
-/// JSON on SQLite; a NULL payload on PostgreSQL, whose jsonb column refuses bad JSON).
+/// JSON on SQLite; a NULL payload on PostgreSQL, whose json column refuses bad JSON).
 async fn write_malformed_row(
     backend: &Backend,
     server: &Server,

@@ -331,6 +331,18 @@ impl Api {
         Self::decode(response).await
     }
 
+    /// The response's text as sent, for checks a parse into `Value` would blur (numbers).
+    pub async fn get_text(&self, path: &str) -> (u16, String) {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("GET");
+        let status = response.status().as_u16();
+        (status, response.text().await.expect("body"))
+    }
+
     async fn decode(response: reqwest::Response) -> (u16, serde_json::Value) {
         let status = response.status().as_u16();
         let text = response.text().await.expect("body");

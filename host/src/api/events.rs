@@ -4,18 +4,20 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use serde_json::{json, Value};
+use serde_json::json;
+use serde_json::value::RawValue;
 
 use super::error::ApiError;
 use super::AppState;
+use crate::event::RawObject;
 use crate::source::NewEvent;
 
 pub async fn append(
     State(app): State<AppState>,
-    body: Result<Json<Value>, JsonRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+    body: Result<Json<Box<RawValue>>, JsonRejection>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let Json(body) = body?;
-    let events = parse(body)?;
+    let events = parse(&body)?;
     // In its own task: a client that hangs up mid-commit must not cancel the wake-up of the
     // runners that follows the commit.
     let source = app.source.clone();
@@ -36,44 +38,56 @@ pub async fn append(
 }
 
 /// One event object, or `{"events": [...]}`; errors name the event's index and the field.
-fn parse(body: Value) -> Result<Vec<NewEvent>, ApiError> {
-    let (items, batch) = match body {
-        Value::Object(mut map) if map.contains_key("events") => match map.remove("events") {
-            Some(Value::Array(items)) if map.is_empty() => (items, true),
-            Some(Value::Array(_)) => {
-                return Err(ApiError::bad_request(
-                    "invalid_event",
-                    "a batch is {\"events\": [...]} with no other fields",
-                ))
-            }
-            _ => {
+///
+/// The body is never parsed into a `serde_json::Value`: that would turn `18446744073709551616`
+/// into `1.8446744073709552e19` and `-0` into `-0.0`. Each payload keeps its exact text.
+fn parse(body: &RawValue) -> Result<Vec<NewEvent>, ApiError> {
+    let shape = || {
+        ApiError::bad_request(
+            "invalid_event",
+            "the body must be an event object or {\"events\": [...]}",
+        )
+    };
+    let text = body.get();
+    if !text.starts_with('{') {
+        return Err(shape());
+    }
+    // The top level's keys only: values stay raw.
+    let fields: Vec<(String, &RawValue)> = serde_json::from_str::<RawObject>(text)
+        .map_err(|_| shape())?
+        .0;
+    let (items, batch): (Vec<&RawValue>, bool) = match fields.iter().find(|(k, _)| k == "events") {
+        Some(_) if fields.len() > 1 => {
+            return Err(ApiError::bad_request(
+                "invalid_event",
+                "a batch is {\"events\": [...]} with no other fields",
+            ))
+        }
+        Some((_, events)) => match serde_json::from_str::<Vec<&RawValue>>(events.get()) {
+            Ok(items) => (items, true),
+            Err(_) => {
                 return Err(ApiError::bad_request(
                     "invalid_event",
                     "`events` must be a list of events",
                 ))
             }
         },
-        single @ Value::Object(_) => (vec![single], false),
-        _ => {
-            return Err(ApiError::bad_request(
-                "invalid_event",
-                "the body must be an event object or {\"events\": [...]}",
-            ))
-        }
+        None => (vec![body], false),
     };
     items
         .into_iter()
         .enumerate()
         .map(|(index, item)| {
-            serde_path_to_error::deserialize::<_, NewEvent>(item).map_err(|err| {
+            let at = |field: &str| match (batch, field) {
+                (true, ".") => format!("events[{index}]: "),
+                (true, _) => format!("events[{index}].{field}: "),
+                (false, ".") => String::new(),
+                (false, _) => format!("{field}: "),
+            };
+            let mut de = serde_json::Deserializer::from_str(item.get());
+            serde_path_to_error::deserialize::<_, NewEvent>(&mut de).map_err(|err| {
                 let field = err.path().to_string();
-                let at = match (batch, field.as_str()) {
-                    (true, ".") => format!("events[{index}]: "),
-                    (true, _) => format!("events[{index}].{field}: "),
-                    (false, ".") => String::new(),
-                    (false, _) => format!("{field}: "),
-                };
-                ApiError::bad_request("invalid_event", format!("{at}{}", err.inner()))
+                ApiError::bad_request("invalid_event", format!("{}{}", at(&field), err.inner()))
                     .with("index", index)
             })
         })

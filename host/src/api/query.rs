@@ -12,7 +12,8 @@ use super::AppState;
 use crate::consistency::{self, StreamVersion, WaitError};
 use crate::metrics::ProjectionMetrics;
 use crate::runner::Projection;
-use crate::store::ListQuery;
+use crate::store::{DeadLetter, Document, ListQuery, ParkedStream};
+use serde::Serialize;
 
 /// The read-your-writes parameters, and what is left of the query string.
 #[derive(Default)]
@@ -197,7 +198,7 @@ pub async fn list_dead_letters(
     State(app): State<AppState>,
     Path(name): Path<String>,
     RawQuery(query): RawQuery,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Page<DeadLetter>>, ApiError> {
     let projection = projection(&app, &name)?;
     let mut after = 0;
     let mut limit = app.config.default_page_size;
@@ -221,7 +222,11 @@ pub async fn list_dead_letters(
     let next = (letters.len() == limit as usize)
         .then(|| letters.last().map(|l| l.position))
         .flatten();
-    Ok(Json(json!({ "items": letters, "next_after": next })))
+    Ok(Json(Page {
+        items: letters,
+        next_after: Some(next),
+        ..Page::default()
+    }))
 }
 
 /// `GET /projections/{name}/_parked`: the streams held back behind a dead letter, each with
@@ -229,17 +234,20 @@ pub async fn list_dead_letters(
 pub async fn list_parked(
     State(app): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Page<ParkedStream>>, ApiError> {
     let projection = projection(&app, &name)?;
     let parked = app.store.parked(projection.descriptor()).await?;
-    Ok(Json(json!({ "items": parked })))
+    Ok(Json(Page {
+        items: parked,
+        ..Page::default()
+    }))
 }
 
 pub async fn get_document(
     State(app): State<AppState>,
     Path((name, collection, key)): Path<(String, String, String)>,
     RawQuery(query): RawQuery,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DocumentAt>, ApiError> {
     let projection = projection(&app, &name)?;
     check_collection(&projection, &collection)?;
     let params = ReadParams::parse(query.as_deref())?;
@@ -263,16 +271,14 @@ pub async fn get_document(
             )
             .with("position", position)
         })?;
-    let mut body = serde_json::to_value(&doc).unwrap_or(Value::Null);
-    body["position"] = position.into();
-    Ok(Json(body))
+    Ok(Json(DocumentAt { doc, position }))
 }
 
 pub async fn list_documents(
     State(app): State<AppState>,
     Path((name, collection)): Path<(String, String)>,
     RawQuery(query): RawQuery,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Page<Document>>, ApiError> {
     let projection = projection(&app, &name)?;
     check_collection(&projection, &collection)?;
     let params = ReadParams::parse(query.as_deref())?;
@@ -314,9 +320,45 @@ pub async fn list_documents(
     } else {
         None
     };
-    Ok(Json(json!({
-        "items": items,
-        "next_cursor": next_cursor,
-        "position": position,
-    })))
+    Ok(Json(Page {
+        items,
+        next_cursor: Some(next_cursor),
+        position: Some(position),
+        ..Page::default()
+    }))
+}
+
+// Bodies that carry stored JSON (documents, events) are typed, never built with `json!`:
+// `json!` parses the stored text into a `Value`, which rounds `18446744073709551616` to
+// `1.8446744073709552e19`. Serialized straight to the response, the text goes out as stored.
+
+/// A page of a listing; `None` fields a listing does not have are left out.
+#[derive(Serialize)]
+pub struct Page<T> {
+    items: Vec<T>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_cursor: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_after: Option<Option<u64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    position: Option<u64>,
+}
+
+impl<T> Default for Page<T> {
+    fn default() -> Self {
+        Self {
+            items: Vec::new(),
+            next_cursor: None,
+            next_after: None,
+            position: None,
+        }
+    }
+}
+
+/// A document and the position it is at least as fresh as.
+#[derive(Serialize)]
+pub struct DocumentAt {
+    #[serde(flatten)]
+    doc: Document,
+    position: u64,
 }

@@ -151,10 +151,8 @@ pub(crate) fn validate(events: &mut [NewEvent]) -> Result<(), AppendError> {
                 return Err(invalid(format!("`{field}` holds a NUL character")));
             }
         }
-        if let Some(what) = crate::event::unstorable_escape(e.payload.get().as_bytes()) {
-            return Err(invalid(format!(
-                "`payload` holds {what}, which the stores cannot keep"
-            )));
+        if let Some((path, problem)) = crate::event::payload_problem(e.payload.get()) {
+            return Err(invalid(format!("`payload{path}` {problem}")));
         }
     }
     Ok(())

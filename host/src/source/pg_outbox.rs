@@ -304,7 +304,7 @@ async fn prepare(db: &Postgres, c: &OutboxConfig) -> Result<Columns, SourceError
              \"{stream_type}\" text NOT NULL, \
              \"{stream}\" text NOT NULL, \
              \"{ty}\" text NOT NULL, \
-             \"{payload}\" jsonb, \
+             \"{payload}\" json, \
              \"{version}\" bigint, \
              \"{headers}\" jsonb NOT NULL DEFAULT '[]', \
              \"{ts}\" timestamptz NOT NULL DEFAULT now(), \
