@@ -4,6 +4,7 @@
 mod admin;
 mod bad_input;
 mod contract;
+mod faults;
 mod isolation;
 mod numbers;
 mod pipeline;

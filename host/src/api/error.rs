@@ -9,6 +9,7 @@ use serde_json::{json, Map, Value};
 
 use crate::consistency::WaitError;
 use crate::source::{AppendError, SourceError};
+use crate::store::sqlite::FileLost;
 use crate::store::StoreError;
 
 #[derive(Debug)]
@@ -86,12 +87,36 @@ impl From<JsonRejection> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
+        if let StoreError::FileLost(lost) = err {
+            return lost.into();
+        }
         Self::internal("store_unavailable", "the store failed", &err)
+    }
+}
+
+impl From<FileLost> for ApiError {
+    fn from(lost: FileLost) -> Self {
+        // The path stays in the log: the caller learns what happened and that retrying here
+        // will not help until an operator acts.
+        tracing::error!(path = %lost.path, reason = %lost.reason, "request refused: the database file is gone");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_file_lost",
+            format!(
+                "the server's database file {}: it refuses writes until an operator restarts it \
+                 on the right file (see its log)",
+                lost.reason
+            ),
+        )
     }
 }
 
 impl From<SourceError> for ApiError {
     fn from(err: SourceError) -> Self {
+        let err = match err {
+            SourceError::FileLost(lost) => return lost.into(),
+            err => err,
+        };
         // A row another writer stored that the request runs into (an append to its stream):
         // named by position and id for the caller; no outage, and retrying will not help.
         if let SourceError::Malformed {

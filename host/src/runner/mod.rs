@@ -544,7 +544,11 @@ impl Runner {
                 }),
             },
             err @ SourceError::Setup(_) => Problem::Fatal(err.to_string()),
-            err @ SourceError::Database { .. } => Problem::Host(err.to_string()),
+            // Retried with backoff like an outage; a lost file stays lost until an operator
+            // restarts the server, and the projection's error says so meanwhile.
+            err @ (SourceError::Database { .. } | SourceError::FileLost(_)) => {
+                Problem::Host(err.to_string())
+            }
         }
     }
 

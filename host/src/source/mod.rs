@@ -57,6 +57,8 @@ pub enum SourceError {
         event_type: Option<String>,
         reason: String,
     },
+    #[error(transparent)]
+    FileLost(#[from] crate::store::sqlite::FileLost),
     #[error("cannot use the outbox: {0}")]
     Setup(String),
 }

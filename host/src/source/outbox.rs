@@ -235,6 +235,7 @@ impl Source for SqliteOutbox {
 
     async fn append(&self, mut events: Vec<NewEvent>) -> Result<Vec<Appended>, AppendError> {
         validate(&mut events)?;
+        self.db.check_file().map_err(SourceError::from)?;
         let now = now_ms();
         let mut tx = self
             .db
@@ -362,6 +363,9 @@ impl Source for SqliteOutbox {
             }
         }
         tx.commit().await.map_err(db_err("committing an append"))?;
+        // Acknowledged only if the file it went to is still the database's: an append to a
+        // deleted file would be lost at the next start.
+        self.db.check_file().map_err(SourceError::from)?;
         if let Some(last) = appended.last() {
             self.head.send_if_modified(|h| raise(h, last.position));
         }

@@ -33,6 +33,8 @@ pub enum StoreError {
     /// meanwhile. The batch is dropped, not committed twice.
     #[error("the checkpoint of {projection} moved away from {expected}: another instance runs it")]
     Fenced { projection: String, expected: u64 },
+    #[error(transparent)]
+    FileLost(#[from] sqlite::FileLost),
 }
 
 impl StoreError {

@@ -2,12 +2,15 @@
 //! models. One connection writes (SQLite has one writer anyway; queueing in-process beats
 //! spinning on SQLITE_BUSY), a small pool reads.
 
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, SqlitePool};
+use sqlx::{Connection, QueryBuilder, SqlitePool};
 
 use super::fields::{self, FieldValue};
 use super::{
@@ -34,11 +37,98 @@ const ROWS_PER_STATEMENT: usize = 500;
 /// Binds per statement, within SQLite's limit (32766), for collections with many fields.
 const MAX_BINDS: usize = 30_000;
 
+/// How often the database file's identity is checked when nothing writes.
+const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The two pools over one SQLite file.
 #[derive(Clone)]
 pub struct Sqlite {
     pub(crate) write: SqlitePool,
     pub(crate) read: SqlitePool,
+    file: Arc<DbFile>,
+}
+
+/// The database file was deleted or replaced under the running server: what is written now
+/// goes to a file no path names, and a restart would open another (empty) one.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the database file {path} {reason}: writes are refused until the server is restarted on the right file")]
+pub struct FileLost {
+    pub path: String,
+    pub reason: String,
+}
+
+/// The file this process opened, by device and inode, checked against what its path names
+/// now: on a timer, before each batch commits and after each append commits (an append is
+/// acknowledged only if its file is still the one the path names).
+struct DbFile {
+    path: PathBuf,
+    /// `None` for an in-memory database: nothing to watch.
+    identity: Option<(u64, u64)>,
+    lost: OnceLock<FileLost>,
+}
+
+impl DbFile {
+    fn open(path: &Path) -> Self {
+        let identity = std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+        Self {
+            path: path.to_owned(),
+            identity,
+            lost: OnceLock::new(),
+        }
+    }
+
+    fn check(&self) -> Result<(), FileLost> {
+        if let Some(lost) = self.lost.get() {
+            return Err(lost.clone());
+        }
+        let Some(opened) = self.identity else {
+            return Ok(());
+        };
+        let reason = match std::fs::metadata(&self.path) {
+            Ok(now) if (now.dev(), now.ino()) == opened => return Ok(()),
+            Ok(_) => "was replaced by another file",
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => "was deleted",
+            // Anything else (a permission change, a stale mount) says nothing of identity.
+            Err(_) => return Ok(()),
+        };
+        let lost = self.lost.get_or_init(|| {
+            let lost = FileLost {
+                path: self.path.display().to_string(),
+                reason: reason.into(),
+            };
+            tracing::error!(
+                path = %lost.path,
+                reason,
+                open_file = %open_copy(&self.path).unwrap_or_else(|| "not found".into()),
+                "the database file is gone from under the server: writes are refused from now \
+                 on. The file still open (open_file) holds everything acknowledged: copy it \
+                 back to the path before restarting"
+            );
+            lost
+        });
+        Err(lost.clone())
+    }
+}
+
+/// Where this process's open database file can still be read after its path lost it
+/// (`/proc/self/fd/N` of a file the kernel shows as "… (deleted)" or as its old path).
+fn open_copy(path: &Path) -> Option<String> {
+    let wanted = path.canonicalize().unwrap_or_else(|_| path.to_owned());
+    for entry in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let target = target.to_string_lossy();
+        let target = target.strip_suffix(" (deleted)").unwrap_or(&target);
+        if Path::new(target) == wanted || Path::new(target) == path {
+            return Some(format!(
+                "/proc/{}/fd/{}",
+                std::process::id(),
+                entry.file_name().to_string_lossy()
+            ));
+        }
+    }
+    None
 }
 
 impl Sqlite {
@@ -69,16 +159,55 @@ impl Sqlite {
         }
         let write = SqlitePoolOptions::new()
             .max_connections(1)
+            // A write that failed mid-transaction (disk full, I/O error) can leave the
+            // connection believing it is still inside it: SQLite rolled back already, the
+            // driver's ROLLBACK then fails, and every later BEGIN would be refused ("non-zero
+            // transaction depth") until a restart. Such a connection is replaced.
+            .after_release(|conn, _| {
+                Box::pin(async move {
+                    if conn.is_in_transaction() {
+                        // The drop's rollback is queued on the connection: let it run first.
+                        if conn.ping().await.is_err() || conn.is_in_transaction() {
+                            tracing::warn!(
+                                "replacing the database's write connection: a failed write left \
+                                 it inside a transaction it cannot leave"
+                            );
+                            return Ok(false);
+                        }
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options.clone())
             .await
             .map_err(|e| open_err(e.to_string()))?;
         migrate(&write).await?;
+        let file = Arc::new(DbFile::open(options.get_filename()));
         let read = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await
             .map_err(|e| open_err(e.to_string()))?;
-        Ok(Self { write, read })
+        let watched = Arc::downgrade(&file);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(FILE_CHECK_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(file) = watched.upgrade() else {
+                    return;
+                };
+                if file.check().is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Self { write, read, file })
+    }
+
+    /// Fails once the database file is no longer the one this process opened.
+    pub(crate) fn check_file(&self) -> Result<(), FileLost> {
+        self.file.check()
     }
 }
 
@@ -509,6 +638,7 @@ impl Store for Sqlite {
             output, from, to, ..
         } = *batch;
         let now = now_ms();
+        self.check_file()?;
         let mut tx = self
             .write
             .begin_with("BEGIN IMMEDIATE")
@@ -876,6 +1006,7 @@ impl Store for Sqlite {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
+        self.check_file()?;
         sqlx::query("SELECT 1")
             .execute(&self.read)
             .await
