@@ -115,6 +115,10 @@ impl From<SourceError> for ApiError {
     fn from(err: SourceError) -> Self {
         let err = match err {
             SourceError::FileLost(lost) => return lost.into(),
+            SourceError::Group(shared) => match &*shared {
+                SourceError::FileLost(lost) => return lost.clone().into(),
+                _ => SourceError::Group(shared),
+            },
             err => err,
         };
         // A row another writer stored that the request runs into (an append to its stream):

@@ -546,7 +546,9 @@ impl Runner {
             err @ SourceError::Setup(_) => Problem::Fatal(err.to_string()),
             // Retried with backoff like an outage; a lost file stays lost until an operator
             // restarts the server, and the projection's error says so meanwhile.
-            err @ (SourceError::Database { .. } | SourceError::FileLost(_)) => {
+            err @ (SourceError::Database { .. }
+            | SourceError::FileLost(_)
+            | SourceError::Group(_)) => {
                 Problem::Host(err.to_string())
             }
         }

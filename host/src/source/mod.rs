@@ -59,6 +59,9 @@ pub enum SourceError {
     },
     #[error(transparent)]
     FileLost(#[from] crate::store::sqlite::FileLost),
+    /// The failure of a group commit, shared by every request of the group.
+    #[error(transparent)]
+    Group(std::sync::Arc<SourceError>),
     #[error("cannot use the outbox: {0}")]
     Setup(String),
 }

@@ -1,13 +1,13 @@
 //! The outbox in the embedded SQLite database: `POST /events` appends to it, runners read it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::value::RawValue;
 use sqlx::{QueryBuilder, Row};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{validate, AppendError, Appended, NewEvent, Source, SourceError};
 use crate::event::Event;
@@ -24,6 +24,8 @@ const ROWS_PER_STATEMENT: usize = 500;
 pub struct SqliteOutbox {
     db: Sqlite,
     head: Arc<watch::Sender<u64>>,
+    /// To the committer task: see [`committer`].
+    appends: mpsc::Sender<Request>,
 }
 
 fn db_err(context: &str) -> impl FnOnce(sqlx::Error) -> SourceError + '_ {
@@ -51,9 +53,15 @@ impl SqliteOutbox {
                 }
             }
         });
-        Ok(Self { db, head })
+        let (appends, requests) = mpsc::channel(QUEUED_APPENDS);
+        tokio::spawn(committer(db.clone(), head.clone(), requests));
+        Ok(Self { db, head, appends })
     }
 }
+
+/// Append requests waiting for the committer; more wait for room (no request is refused
+/// for want of it).
+const QUEUED_APPENDS: usize = 4096;
 
 fn raise(head: &mut u64, position: u64) -> bool {
     if position > *head {
@@ -236,141 +244,281 @@ impl Source for SqliteOutbox {
     async fn append(&self, mut events: Vec<NewEvent>) -> Result<Vec<Appended>, AppendError> {
         validate(&mut events)?;
         self.db.check_file().map_err(SourceError::from)?;
-        let now = now_ms();
-        let mut tx = self
-            .db
-            .write
-            // IMMEDIATE: take the write lock before reading versions, so another process's
-            // append cannot slip in between the check and the insert.
-            .begin_with("BEGIN IMMEDIATE")
+        let (reply, answer) = oneshot::channel();
+        self.appends
+            .send(Request { events, reply })
             .await
-            .map_err(db_err("beginning an append"))?;
-        // Current versions of every stream in the request, a few statements for the lot.
-        let mut versions: HashMap<&str, u64> = HashMap::new();
-        let mut streams: Vec<&str> = events.iter().map(|e| e.stream.as_str()).collect();
-        streams.sort_unstable();
-        streams.dedup();
-        for chunk in streams.chunks(ROWS_PER_STATEMENT) {
-            let mut sql =
-                QueryBuilder::new("SELECT stream, MAX(version) FROM outbox WHERE stream IN (");
-            let mut list = sql.separated(", ");
-            for stream in chunk {
-                list.push_bind(*stream);
+            .map_err(|_| AppendError::Source(SourceError::Setup("the outbox's committer stopped".into())))?;
+        answer
+            .await
+            .map_err(|_| AppendError::Source(SourceError::Setup("the outbox's committer stopped".into())))?
+    }
+}
+
+/// One `POST /events`: its events, and where its own answer goes.
+struct Request {
+    events: Vec<NewEvent>,
+    reply: oneshot::Sender<Result<Vec<Appended>, AppendError>>,
+}
+
+/// Group commit. One task owns the appends: it takes the first request waiting, and with it
+/// every request that arrived while the previous group was being written (up to
+/// [`MAX_GROUP_EVENTS`]), and writes them in one transaction. Nothing waits for a group to fill:
+/// an append alone is written at once; under load, requests pile up during one commit and go
+/// together in the next, so the cost of a transaction is shared by all of them. Each request
+/// keeps its own checks and answer: a stale `expected_version` refuses that request only.
+///
+/// Fair share: the write connection is handed out first come, first served, and a group takes
+/// it once. A projection's batch commit that asks for it while a group is being written gets
+/// it next, whatever number of appends is queued: it never waits more than one group.
+async fn committer(
+    db: Sqlite,
+    head: Arc<watch::Sender<u64>>,
+    mut requests: mpsc::Receiver<Request>,
+) {
+    while let Some(first) = requests.recv().await {
+        let mut events = first.events.len();
+        let mut group = vec![first];
+        while events < MAX_GROUP_EVENTS {
+            match requests.try_recv() {
+                Ok(next) => {
+                    events += next.events.len();
+                    group.push(next);
+                }
+                Err(_) => break,
             }
-            sql.push(") GROUP BY stream");
-            let rows = sql
-                .build()
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(db_err("reading stream versions"))?;
-            for row in rows {
-                let stream: String = row.try_get(0).map_err(db_err("reading stream versions"))?;
-                let Some(s) = chunk.iter().find(|s| **s == stream) else {
-                    continue;
-                };
-                // Another writer may have stored anything in the column: a version that is
-                // not a whole number names its row rather than panicking the append.
-                match row.try_get::<i64, _>(1) {
-                    Ok(version) if version >= 0 => {
-                        versions.insert(s, version as u64);
-                    }
-                    _ => return Err(bad_version(&mut tx, s).await.into()),
+        }
+        let (outcomes, last) = match write_group(&db, &group).await {
+            Ok(done) => done,
+            Err(err) => {
+                // Nothing of the group was written: every request gets the reason.
+                let err = Arc::new(err);
+                let outcomes = group
+                    .iter()
+                    .map(|_| Err(AppendError::Source(SourceError::Group(err.clone()))))
+                    .collect();
+                (outcomes, None)
+            }
+        };
+        if let Some(last) = last {
+            head.send_if_modified(|h| raise(h, last));
+        }
+        for (request, outcome) in group.into_iter().zip(outcomes) {
+            // A caller that hung up is answered by nobody; its events are written all the same.
+            let _ = request.reply.send(outcome);
+        }
+    }
+}
+
+/// Most events written in one group commit.
+const MAX_GROUP_EVENTS: usize = 10_000;
+
+type Outcomes = Vec<Result<Vec<Appended>, AppendError>>;
+
+/// Writes a group in one transaction: each request's answer, and the newest position written.
+/// An `Err` means the transaction failed and nothing of the group was written.
+async fn write_group(db: &Sqlite, group: &[Request]) -> Result<(Outcomes, Option<u64>), SourceError> {
+    let now = now_ms();
+    let mut tx = db
+        .write
+        // IMMEDIATE: take the write lock before reading versions, so another process's
+        // append cannot slip in between the check and the insert.
+        .begin_with("BEGIN IMMEDIATE")
+        .await
+        .map_err(db_err("beginning an append"))?;
+    // Current versions of every stream in the group, a few statements for the lot.
+    let mut streams: Vec<&str> = group
+        .iter()
+        .flat_map(|r| r.events.iter().map(|e| e.stream.as_str()))
+        .collect();
+    streams.sort_unstable();
+    streams.dedup();
+    let mut versions: HashMap<&str, u64> = HashMap::new();
+    // Streams whose newest version is not a whole number: requests touching them are refused.
+    let mut broken: HashMap<&str, String> = HashMap::new();
+    for chunk in streams.chunks(ROWS_PER_STATEMENT) {
+        let mut sql = QueryBuilder::new("SELECT stream, MAX(version) FROM outbox WHERE stream IN (");
+        let mut list = sql.separated(", ");
+        for stream in chunk {
+            list.push_bind(*stream);
+        }
+        sql.push(") GROUP BY stream");
+        let rows = sql
+            .build()
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err("reading stream versions"))?;
+        for row in rows {
+            let stream: String = row.try_get(0).map_err(db_err("reading stream versions"))?;
+            let Some(s) = chunk.iter().find(|s| **s == stream) else {
+                continue;
+            };
+            // Another writer may have stored anything in the column: a version that is
+            // not a whole number names its row rather than panicking the append.
+            match row.try_get::<i64, _>(1) {
+                Ok(version) if version >= 0 => {
+                    versions.insert(s, version as u64);
+                }
+                _ => {
+                    broken.insert(s, String::new());
                 }
             }
         }
-        // Caller-chosen ids must be new, in the log and within the request.
-        let given: Vec<&str> = events.iter().filter_map(|e| e.id.as_deref()).collect();
-        let mut seen = std::collections::HashSet::new();
-        if let Some(dup) = given.iter().find(|id| !seen.insert(**id)) {
-            return Err(AppendError::DuplicateId {
-                id: (*dup).to_owned(),
-            });
+    }
+    // Caller-chosen ids that exist already.
+    let given: Vec<&str> = group
+        .iter()
+        .flat_map(|r| r.events.iter().filter_map(|e| e.id.as_deref()))
+        .collect();
+    let mut taken: HashSet<String> = HashSet::new();
+    for chunk in given.chunks(ROWS_PER_STATEMENT) {
+        let mut sql = QueryBuilder::new("SELECT id FROM outbox WHERE id IN (");
+        let mut list = sql.separated(", ");
+        for id in chunk {
+            list.push_bind(*id);
         }
-        for chunk in given.chunks(ROWS_PER_STATEMENT) {
-            let mut sql = QueryBuilder::new("SELECT id FROM outbox WHERE id IN (");
-            let mut list = sql.separated(", ");
-            for id in chunk {
-                list.push_bind(*id);
-            }
-            sql.push(") LIMIT 1");
-            if let Some(row) = sql
-                .build()
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db_err("checking event ids"))?
-            {
-                let id = row.try_get(0).map_err(db_err("checking event ids"))?;
-                return Err(AppendError::DuplicateId { id });
-            }
+        sql.push(")");
+        for row in sql
+            .build()
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err("checking event ids"))?
+        {
+            taken.insert(row.try_get(0).map_err(db_err("checking event ids"))?);
         }
-        let mut rows = Vec::with_capacity(events.len());
-        for event in &events {
-            let current = versions.entry(event.stream.as_str()).or_insert(0);
-            if let Some(expected) = event.expected_version {
-                if expected != *current {
-                    // Dropping `tx` rolls back; nothing of the request is written.
-                    return Err(AppendError::VersionConflict {
-                        stream: event.stream.clone(),
-                        expected,
-                        current: *current,
-                    });
+    }
+    // Each request in arrival order against the versions the requests before it left.
+    let mut outcomes: Vec<Option<Result<(), AppendError>>> = Vec::with_capacity(group.len());
+    let mut rows = Vec::new();
+    let mut owner = Vec::new();
+    for (index, request) in group.iter().enumerate() {
+        match check(request, &versions, &broken, &taken) {
+            Ok(()) => {
+                for event in &request.events {
+                    let current = versions.entry(event.stream.as_str()).or_insert(0);
+                    *current += 1;
+                    let id = event
+                        .id
+                        .clone()
+                        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+                    taken.insert(id.clone());
+                    let headers: Vec<(&String, &String)> = event.headers.iter().collect();
+                    let headers = serde_json::to_string(&headers).unwrap_or_else(|_| "[]".into());
+                    rows.push((id, *current, headers, event));
+                    owner.push(index);
                 }
+                outcomes.push(None);
             }
-            *current += 1;
-            let id = event
-                .id
-                .clone()
-                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-            let headers: Vec<(&String, &String)> = event.headers.iter().collect();
-            let headers = serde_json::to_string(&headers).unwrap_or_else(|_| "[]".into());
-            rows.push((id, *current, headers, event));
+            Err(Refusal::BrokenStream(stream)) => {
+                let err = bad_version(&mut tx, stream).await;
+                outcomes.push(Some(Err(err.into())));
+            }
+            Err(Refusal::Append(err)) => outcomes.push(Some(Err(err))),
         }
-        let mut appended = Vec::with_capacity(rows.len());
-        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            let mut sql = QueryBuilder::new(
-                "INSERT INTO outbox (id, stream, stream_type, event_type, version, payload, headers, timestamp_ms) ",
-            );
-            sql.push_values(chunk, |mut row, (id, version, headers, event)| {
-                row.push_bind(id.as_str())
-                    .push_bind(event.stream.as_str())
-                    .push_bind(event.stream_type.as_str())
-                    .push_bind(event.event_type.as_str())
-                    .push_bind(*version as i64)
-                    .push_bind(event.payload.get())
-                    .push_bind(headers.as_str())
-                    .push_bind(now);
+    }
+    let mut appended: Vec<Vec<Appended>> = group.iter().map(|_| Vec::new()).collect();
+    let mut last = None;
+    let mut at = 0;
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let mut sql = QueryBuilder::new(
+            "INSERT INTO outbox (id, stream, stream_type, event_type, version, payload, headers, timestamp_ms) ",
+        );
+        sql.push_values(chunk, |mut row, (id, version, headers, event)| {
+            row.push_bind(id.as_str())
+                .push_bind(event.stream.as_str())
+                .push_bind(event.stream_type.as_str())
+                .push_bind(event.event_type.as_str())
+                .push_bind(*version as i64)
+                .push_bind(event.payload.get())
+                .push_bind(headers.as_str())
+                .push_bind(now);
+        });
+        sql.push(" RETURNING position");
+        let positions = sql
+            .build()
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err("appending events"))?;
+        // RETURNING's row order is unspecified; positions are assigned in VALUES order.
+        let mut positions: Vec<i64> = positions
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()
+            .map_err(db_err("appending events"))?;
+        positions.sort_unstable();
+        for ((id, version, _, event), position) in chunk.iter().zip(positions) {
+            appended[owner[at]].push(Appended {
+                id: id.clone(),
+                stream: event.stream.clone(),
+                version: *version,
+                position: position as u64,
             });
-            sql.push(" RETURNING position");
-            let positions = sql
-                .build()
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(db_err("appending events"))?;
-            // RETURNING's row order is unspecified; positions are assigned in VALUES order.
-            let mut positions: Vec<i64> = positions
-                .iter()
-                .map(|r| r.try_get(0))
-                .collect::<Result<_, _>>()
-                .map_err(db_err("appending events"))?;
-            positions.sort_unstable();
-            for ((id, version, _, event), position) in chunk.iter().zip(positions) {
-                appended.push(Appended {
-                    id: id.clone(),
-                    stream: event.stream.clone(),
-                    version: *version,
-                    position: position as u64,
-                });
-            }
+            last = Some(position as u64);
+            at += 1;
         }
+    }
+    if rows.is_empty() {
+        // Every request was refused: nothing to commit.
+        drop(tx);
+    } else {
         tx.commit().await.map_err(db_err("committing an append"))?;
         // Acknowledged only if the file it went to is still the database's: an append to a
         // deleted file would be lost at the next start.
-        self.db.check_file().map_err(SourceError::from)?;
-        if let Some(last) = appended.last() {
-            self.head.send_if_modified(|h| raise(h, last.position));
-        }
-        Ok(appended)
+        db.check_file()?;
     }
+    let outcomes = outcomes
+        .into_iter()
+        .zip(appended)
+        .map(|(refused, appended)| match refused {
+            Some(Err(err)) => Err(err),
+            _ => Ok(appended),
+        })
+        .collect();
+    Ok((outcomes, last))
+}
+
+enum Refusal<'a> {
+    Append(AppendError),
+    BrokenStream(&'a str),
+}
+
+/// Whether a request can be written on top of `versions`: its expected versions hold and its
+/// ids are new (in the log, in the group so far, and within the request).
+fn check<'a>(
+    request: &'a Request,
+    versions: &HashMap<&str, u64>,
+    broken: &HashMap<&str, String>,
+    taken: &HashSet<String>,
+) -> Result<(), Refusal<'a>> {
+    let mut mine: HashSet<&str> = HashSet::new();
+    for event in &request.events {
+        if let Some(id) = event.id.as_deref() {
+            if taken.contains(id) || !mine.insert(id) {
+                return Err(Refusal::Append(AppendError::DuplicateId { id: id.to_owned() }));
+            }
+        }
+    }
+    let mut running: HashMap<&str, u64> = HashMap::new();
+    for event in &request.events {
+        let stream = event.stream.as_str();
+        if broken.contains_key(stream) {
+            return Err(Refusal::BrokenStream(stream));
+        }
+        let current = running
+            .entry(stream)
+            .or_insert_with(|| versions.get(stream).copied().unwrap_or(0));
+        if let Some(expected) = event.expected_version {
+            if expected != *current {
+                return Err(Refusal::Append(AppendError::VersionConflict {
+                    stream: event.stream.clone(),
+                    expected,
+                    current: *current,
+                }));
+            }
+        }
+        *current += 1;
+    }
+    Ok(())
 }
 
 /// The error for a stream whose newest version is not a whole number: the first such row
