@@ -6,6 +6,7 @@ mod bad_input;
 mod contract;
 mod faults;
 mod isolation;
+mod live_load;
 mod numbers;
 mod pipeline;
 mod postgres;

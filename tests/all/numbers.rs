@@ -2,37 +2,18 @@
 //! plugin and back out of the read model: no number is rounded, no zero loses its sign. A key
 //! given twice is refused, naming it, since readers disagree on which one counts.
 
-use crate::support::{on_both_stores, plugin_set, Backend, Server};
+use crate::support::{on_both_stores, outbox_rows, plugin_set, Backend, Server};
 
 /// Numbers a parse into `f64` would change: past u64, past f64's precision, a negative zero,
 /// past f64's range.
 const PAYLOAD: &str = r#"{"big":18446744073709551616,"exact":0.1000000000000000055511151231257827,"zero":-0,"huge":1e400,"money":[{"amount":12345678901234567890.01}]}"#;
 
 async fn outbox_payloads(backend: &Backend, server: &Server) -> Vec<String> {
-    match backend {
-        Backend::Sqlite => {
-            let url = format!(
-                "sqlite://{}?mode=ro",
-                server.data_dir.join("projector.db").display()
-            );
-            let db = sqlx::SqlitePool::connect(&url).await.unwrap();
-            let rows = sqlx::query_scalar("SELECT payload FROM outbox ORDER BY position")
-                .fetch_all(&db)
-                .await
-                .unwrap();
-            db.close().await;
-            rows
-        }
-        Backend::Postgres { url } => {
-            let db = sqlx::PgPool::connect(url).await.unwrap();
-            let rows = sqlx::query_scalar("SELECT payload::text FROM outbox ORDER BY position")
-                .fetch_all(&db)
-                .await
-                .unwrap();
-            db.close().await;
-            rows
-        }
-    }
+    outbox_rows(backend, &server.data_dir)
+        .await
+        .into_iter()
+        .map(|row| row.payload)
+        .collect()
 }
 
 on_both_stores! {

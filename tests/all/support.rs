@@ -390,3 +390,55 @@ impl Api {
         body
     }
 }
+
+/// One row of the outbox, as the server stored it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRow {
+    pub id: String,
+    pub stream: String,
+    pub version: i64,
+    pub position: i64,
+    pub payload: String,
+}
+
+/// The outbox a server writes to, read from its database directly, in position order.
+pub async fn outbox_rows(backend: &Backend, data_dir: &Path) -> Vec<OutboxRow> {
+    let rows: Vec<(String, String, i64, i64, String)> = match backend {
+        Backend::Sqlite => {
+            let url = format!(
+                "sqlite://{}?mode=ro",
+                data_dir.join("projector.db").display()
+            );
+            let db = sqlx::SqlitePool::connect(&url).await.unwrap();
+            let rows = sqlx::query_as(
+                "SELECT id, stream, version, position, payload FROM outbox ORDER BY position",
+            )
+            .fetch_all(&db)
+            .await
+            .unwrap();
+            db.close().await;
+            rows
+        }
+        Backend::Postgres { url } => {
+            let db = sqlx::PgPool::connect(url).await.unwrap();
+            let rows = sqlx::query_as(
+                "SELECT id::text, aggregateid, version, position, payload::text FROM outbox \
+                 ORDER BY position",
+            )
+            .fetch_all(&db)
+            .await
+            .unwrap();
+            db.close().await;
+            rows
+        }
+    };
+    rows.into_iter()
+        .map(|(id, stream, version, position, payload)| OutboxRow {
+            id,
+            stream,
+            version,
+            position,
+            payload,
+        })
+        .collect()
+}

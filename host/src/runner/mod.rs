@@ -548,9 +548,7 @@ impl Runner {
             // restarts the server, and the projection's error says so meanwhile.
             err @ (SourceError::Database { .. }
             | SourceError::FileLost(_)
-            | SourceError::Group(_)) => {
-                Problem::Host(err.to_string())
-            }
+            | SourceError::Group(_)) => Problem::Host(err.to_string()),
         }
     }
 

@@ -248,10 +248,12 @@ impl Source for SqliteOutbox {
         self.appends
             .send(Request { events, reply })
             .await
-            .map_err(|_| AppendError::Source(SourceError::Setup("the outbox's committer stopped".into())))?;
-        answer
-            .await
-            .map_err(|_| AppendError::Source(SourceError::Setup("the outbox's committer stopped".into())))?
+            .map_err(|_| {
+                AppendError::Source(SourceError::Setup("the outbox's committer stopped".into()))
+            })?;
+        answer.await.map_err(|_| {
+            AppendError::Source(SourceError::Setup("the outbox's committer stopped".into()))
+        })?
     }
 }
 
@@ -317,7 +319,10 @@ type Outcomes = Vec<Result<Vec<Appended>, AppendError>>;
 
 /// Writes a group in one transaction: each request's answer, and the newest position written.
 /// An `Err` means the transaction failed and nothing of the group was written.
-async fn write_group(db: &Sqlite, group: &[Request]) -> Result<(Outcomes, Option<u64>), SourceError> {
+async fn write_group(
+    db: &Sqlite,
+    group: &[Request],
+) -> Result<(Outcomes, Option<u64>), SourceError> {
     let now = now_ms();
     let mut tx = db
         .write
@@ -337,7 +342,8 @@ async fn write_group(db: &Sqlite, group: &[Request]) -> Result<(Outcomes, Option
     // Streams whose newest version is not a whole number: requests touching them are refused.
     let mut broken: HashMap<&str, String> = HashMap::new();
     for chunk in streams.chunks(ROWS_PER_STATEMENT) {
-        let mut sql = QueryBuilder::new("SELECT stream, MAX(version) FROM outbox WHERE stream IN (");
+        let mut sql =
+            QueryBuilder::new("SELECT stream, MAX(version) FROM outbox WHERE stream IN (");
         let mut list = sql.separated(", ");
         for stream in chunk {
             list.push_bind(*stream);
@@ -494,7 +500,9 @@ fn check<'a>(
     for event in &request.events {
         if let Some(id) = event.id.as_deref() {
             if taken.contains(id) || !mine.insert(id) {
-                return Err(Refusal::Append(AppendError::DuplicateId { id: id.to_owned() }));
+                return Err(Refusal::Append(AppendError::DuplicateId {
+                    id: id.to_owned(),
+                }));
             }
         }
     }
@@ -583,6 +591,123 @@ mod tests {
             "headers": {"trace": "t-1"},
         }))
         .unwrap()
+    }
+
+    fn request(events: Vec<NewEvent>) -> Request {
+        Request {
+            events,
+            reply: oneshot::channel().0,
+        }
+    }
+
+    fn expecting(stream: &str, version: u64) -> NewEvent {
+        let mut e = event(stream, "{}");
+        e.expected_version = Some(version);
+        e
+    }
+
+    fn with_id(stream: &str, id: &str) -> NewEvent {
+        let mut e = event(stream, "{}");
+        e.id = Some(id.to_owned());
+        e
+    }
+
+    /// One group, one transaction: each request is checked against the versions the requests
+    /// before it left, and a refused one costs nobody else.
+    #[tokio::test]
+    async fn a_group_refuses_only_its_stale_requests() {
+        let (db, outbox) = outbox().await;
+        outbox
+            .append(vec![event("a", "{}"), event("b", "{}")])
+            .await
+            .unwrap();
+        let id = "6f0c1b9e-6a43-4f43-9a0e-3f0f8d1b7c11";
+        let group = vec![
+            request(vec![expecting("a", 1)]),                    // a@2
+            request(vec![expecting("a", 1)]),                    // stale: a is at 2 now
+            request(vec![expecting("b", 1), expecting("c", 0)]), // b@2, c@1
+            request(vec![expecting("c", 0), event("b", "{}")]),  // stale on c: all of it refused
+            request(vec![with_id("d", id)]),                     // d@1
+            request(vec![with_id("e", id)]),                     // the id is taken by the last
+            request(vec![expecting("a", 2), event("a", "{}")]),  // a@3, a@4
+        ];
+        let (outcomes, last) = write_group(&db, &group).await.unwrap();
+        let versions: Vec<Result<Vec<(String, u64)>, String>> = outcomes
+            .into_iter()
+            .map(|o| {
+                o.map(|a| a.into_iter().map(|a| (a.stream, a.version)).collect())
+                    .map_err(|e| e.to_string())
+            })
+            .collect();
+        let ok = |v: &[(&str, u64)]| Ok(v.iter().map(|(s, n)| (s.to_string(), *n)).collect());
+        assert_eq!(versions[0], ok(&[("a", 2)]));
+        assert_eq!(
+            versions[1],
+            Err("stream a is at version 2, not the expected 1".into())
+        );
+        assert_eq!(versions[2], ok(&[("b", 2), ("c", 1)]));
+        assert_eq!(
+            versions[3],
+            Err("stream c is at version 1, not the expected 0".into())
+        );
+        assert_eq!(versions[4], ok(&[("d", 1)]));
+        assert_eq!(
+            versions[5],
+            Err(format!("an event with id {id} already exists"))
+        );
+        assert_eq!(versions[6], ok(&[("a", 3), ("a", 4)]));
+        // The outbox holds exactly the accepted events, each stream in version order.
+        let rows: Vec<(String, i64, i64)> =
+            sqlx::query_as("SELECT stream, version, position FROM outbox ORDER BY position")
+                .fetch_all(&db.read)
+                .await
+                .unwrap();
+        let written: Vec<(&str, i64)> = rows.iter().map(|(s, v, _)| (s.as_str(), *v)).collect();
+        assert_eq!(
+            written,
+            [
+                ("a", 1),
+                ("b", 1),
+                ("a", 2),
+                ("b", 2),
+                ("c", 1),
+                ("d", 1),
+                ("a", 3),
+                ("a", 4)
+            ]
+        );
+        assert_eq!(last, rows.last().map(|r| r.2 as u64));
+    }
+
+    /// Requests sent together are answered each with its own events, whatever group they
+    /// land in.
+    #[tokio::test]
+    async fn concurrent_appends_each_get_their_own_answer() {
+        let (_db, outbox) = outbox().await;
+        let outbox = Arc::new(outbox);
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..200 {
+            let outbox = outbox.clone();
+            tasks.spawn(async move {
+                (
+                    i,
+                    outbox
+                        .append(vec![event(&format!("s-{}", i % 7), "{}")])
+                        .await,
+                )
+            });
+        }
+        let mut answers = tasks.join_all().await;
+        answers.sort_by_key(|(i, _)| *i);
+        let answers = answers.into_iter().map(|(_, a)| a);
+        let mut positions = HashSet::new();
+        for (i, answer) in answers.into_iter().enumerate() {
+            let appended = answer.unwrap();
+            assert_eq!(appended.len(), 1);
+            assert_eq!(appended[0].stream, format!("s-{}", i % 7));
+            assert!(positions.insert(appended[0].position));
+        }
+        assert_eq!(positions.len(), 200);
     }
 
     #[tokio::test]
