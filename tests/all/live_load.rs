@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::json;
 
-use crate::support::{on_both_stores, outbox_rows, plugin_set, Api, Backend, OutboxRow, Server};
+use crate::support::{on_both_stores, outbox_rows, plugin_set, Api, OutboxRow, Server};
 
 /// Every stream's versions are 1, 2, 3... in position order.
 fn assert_streams_in_order(rows: &[OutboxRow]) {
