@@ -90,6 +90,12 @@ pub struct RunnerConfig {
     pub cached_documents: usize,
     /// When the plugin fails on an event: `park` (dead-letter it, park its stream) or `stop`.
     pub on_error: OnError,
+    /// Backpressure: while a live projection is further behind than this, appends wait for
+    /// it (0: off, for pure ingestion). Instance-wide: read from `[runner]` only.
+    pub max_lag_ms: u64,
+    /// Past this lag, appends are refused with 503 and `Retry-After` (0: five times
+    /// `max_lag_ms`).
+    pub refuse_lag_ms: u64,
 }
 
 impl Default for RunnerConfig {
@@ -100,6 +106,8 @@ impl Default for RunnerConfig {
             max_retry_backoff_ms: 5_000,
             cached_documents: 100_000,
             on_error: OnError::Park,
+            max_lag_ms: 1_000,
+            refuse_lag_ms: 0,
         }
     }
 }
@@ -382,6 +390,19 @@ impl Config {
             runner.on_error = on_error;
         }
         runner
+    }
+
+    /// How appends hold back for the projections (see `backpressure`).
+    pub fn backpressure(&self) -> crate::backpressure::Backpressure {
+        let max_lag_ms = self.runner.max_lag_ms;
+        let refuse_lag_ms = match self.runner.refuse_lag_ms {
+            0 => max_lag_ms.saturating_mul(5),
+            n => n.max(max_lag_ms),
+        };
+        crate::backpressure::Backpressure {
+            max_lag_ms,
+            refuse_lag_ms,
+        }
     }
 
     pub fn database_url(&self) -> String {

@@ -144,6 +144,7 @@ pub async fn serve(
         projections: registry,
         config: Arc::new(config.http.clone()),
         admin: Arc::new(config.admin.clone()),
+        backpressure: config.backpressure(),
     });
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await

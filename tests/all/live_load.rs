@@ -3,9 +3,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use std::time::Duration;
+
 use serde_json::json;
 
-use crate::support::{on_both_stores, outbox_rows, plugin_set, Api, OutboxRow, Server};
+use crate::support::{
+    eventually, on_both_stores, outbox_rows, plugin_set, tempdir, Api, OutboxRow, Server,
+};
 
 /// Every stream's versions are 1, 2, 3... in position order.
 fn assert_streams_in_order(rows: &[OutboxRow]) {
@@ -150,6 +154,86 @@ on_both_stores! {
             assert_eq!(status, 200, "{doc}");
             assert_eq!(doc["document"]["tx_count"], version as u64 - 1, "{account}: {doc}");
             assert_eq!(doc["document"]["balance"], version as i64 - 1, "{account}: {doc}");
+        }
+    }
+
+    /// A projection slower than the writers: once its lag passes the bound, appends are
+    /// refused with 503 and Retry-After, and every acknowledged event is applied.
+    async fn appends_above_capacity_are_refused_once_the_lag_bound_is_crossed(backend) {
+        let server = Server::start_on(
+            &backend,
+            &plugin_set(&[], &["poison"]),
+            &tempdir("data"),
+            &[
+                ("PROJECTOR_RUNNER__MAX_LAG_MS", "50"),
+                ("PROJECTOR_RUNNER__REFUSE_LAG_MS", "150"),
+                // One slow event a batch: the lag grows past the refusal bound while any
+                // one event is applied, on a fast machine or a slow one.
+                ("PROJECTOR_RUNNER__MAX_BATCH_EVENTS", "1"),
+            ],
+        );
+        let api = server.api();
+        // Caught up once (nothing to read): from now on its lag holds appends back.
+        eventually(Duration::from_secs(10), || async {
+            match api.projection("poison").await["status"] == "running" {
+                true => Ok(()),
+                false => Err("the projection never started".to_owned()),
+            }
+        })
+        .await;
+        let mut writers = tokio::task::JoinSet::new();
+        for w in 0..16 {
+            let api = api.clone();
+            writers.spawn(async move {
+                let stream = format!("slow-{w}");
+                let mut acknowledged = 0u64;
+                let mut retry_after = None;
+                // Until this writer is refused (or gives up).
+                for _ in 0..2_000 {
+                    let response = api
+                        .http
+                        .post(format!("{}/events", api.base))
+                        // Each event keeps the plugin busy for a few hundred milliseconds.
+                        .json(&json!({"stream": stream, "stream_type": "T", "type": "Slow",
+                                      "payload": {"amount": 1, "spin": 400_000_000u64}}))
+                        .send()
+                        .await
+                        .unwrap();
+                    match response.status().as_u16() {
+                        201 => acknowledged += 1,
+                        503 => {
+                            retry_after = response
+                                .headers()
+                                .get("retry-after")
+                                .map(|v| v.to_str().unwrap().to_owned());
+                            let body: serde_json::Value = response.json().await.unwrap();
+                            assert_eq!(body["error"]["code"], "lagging", "{body}");
+                            break;
+                        }
+                        other => panic!("append answered {other}"),
+                    }
+                }
+                (stream, acknowledged, retry_after)
+            });
+        }
+        let results = writers.join_all().await;
+        let refusals: Vec<&String> = results.iter().filter_map(|(_, _, r)| r.as_ref()).collect();
+        assert!(!refusals.is_empty(), "no append was refused: {results:?}");
+        for seconds in &refusals {
+            assert!(seconds.parse::<u64>().unwrap() >= 1, "Retry-After: {seconds}");
+        }
+        // Nothing acknowledged is lost: each stream's document counts its accepted events.
+        for (stream, acknowledged, _) in &results {
+            if *acknowledged == 0 {
+                continue;
+            }
+            let (status, doc) = api
+                .get(&format!(
+                    "/projections/poison/streams/{stream}?wait_for={stream}@{acknowledged}&timeout_ms=60000"
+                ))
+                .await;
+            assert_eq!(status, 200, "{doc}");
+            assert_eq!(doc["document"]["count"], *acknowledged, "{stream}: {doc}");
         }
     }
 }

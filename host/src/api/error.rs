@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
 
+use crate::backpressure::Lagging;
 use crate::consistency::WaitError;
 use crate::source::{AppendError, SourceError};
 use crate::store::sqlite::FileLost;
@@ -18,6 +19,8 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub details: Map<String, Value>,
+    /// Seconds for `Retry-After`.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -27,7 +30,14 @@ impl ApiError {
             code,
             message: message.into(),
             details: Map::new(),
+            retry_after: None,
         }
+    }
+
+    /// Tells the caller when to try again (`Retry-After`, in seconds).
+    pub fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self.with("retry_after_s", seconds)
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -69,7 +79,13 @@ impl IntoResponse for ApiError {
         let mut body = self.details;
         body.insert("code".into(), self.code.into());
         body.insert("message".into(), self.message.into());
-        (self.status, Json(json!({ "error": body }))).into_response()
+        let mut response = (self.status, Json(json!({ "error": body }))).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 
@@ -91,6 +107,20 @@ impl From<StoreError> for ApiError {
             return lost.into();
         }
         Self::internal("store_unavailable", "the store failed", &err)
+    }
+}
+
+impl From<Lagging> for ApiError {
+    fn from(lagging: Lagging) -> Self {
+        let retry = lagging.retry_after_s;
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "lagging",
+            lagging.to_string(),
+        )
+        .with("projection", lagging.projection)
+        .with("lag_ms", lagging.lag_ms)
+        .retry_after(retry)
     }
 }
 

@@ -18,6 +18,7 @@ pub async fn append(
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let Json(body) = body?;
     let events = parse(&body)?;
+    app.backpressure.admit(&app.projections).await?;
     // In its own task: a client that hangs up mid-commit must not cancel the wake-up of the
     // runners that follows the commit.
     let source = app.source.clone();

@@ -16,6 +16,7 @@ use axum::Router;
 pub use admin::ADMIN_ROUTES;
 pub use error::ApiError;
 
+use crate::backpressure::Backpressure;
 use crate::config::{AdminConfig, HttpConfig};
 use crate::registry::Registry;
 use crate::source::Source;
@@ -29,6 +30,7 @@ pub struct AppState {
     pub projections: Arc<Registry>,
     pub config: Arc<HttpConfig>,
     pub admin: Arc<AdminConfig>,
+    pub backpressure: Backpressure,
 }
 
 pub fn router(state: AppState) -> Router {

@@ -2,6 +2,7 @@
 //! runner moves it on; readers, the API and the supervisor look at it.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::Serialize;
@@ -25,6 +26,9 @@ pub struct Projection {
     /// its first event was appended (ms since the epoch). The front is the oldest event the
     /// read model does not have.
     unapplied: Mutex<VecDeque<(u64, u64)>>,
+    /// When it (re)started on this instance (ms since the epoch): events appended before are
+    /// its backlog, and catching up on them holds no append back (see `backpressure`).
+    started_ms: AtomicU64,
 }
 
 /// The health of a projection, as `GET /projections` shows it.
@@ -56,6 +60,19 @@ impl Projection {
                 retrying: None,
             }),
             unapplied: Mutex::new(VecDeque::new()),
+            started_ms: AtomicU64::new(now_ms()),
+        }
+    }
+
+    /// Its lag for backpressure, in ms: as [`Projection::lag_seconds`], counting only events
+    /// appended since it started here. A catch-up or a rebuild from position 0 is hours
+    /// behind by design and must not hold every write back; once through its backlog, its
+    /// lag counts.
+    pub fn live_lag_ms(&self) -> u64 {
+        let started = self.started_ms.load(Ordering::Relaxed);
+        match self.unapplied().front() {
+            Some(&(_, appended)) if appended >= started => now_ms().saturating_sub(appended),
+            _ => 0,
         }
     }
 
@@ -135,6 +152,7 @@ impl Projection {
     /// Takes the projection up (again) at `checkpoint`: after a lease is won, the documents
     /// cached before may be stale (another instance ran meanwhile).
     pub(crate) fn resume_at(&self, checkpoint: u64) {
+        self.started_ms.store(now_ms(), Ordering::Relaxed);
         *self
             .documents
             .lock()
