@@ -4,6 +4,7 @@ pub mod api;
 pub mod config;
 pub mod consistency;
 pub mod control;
+pub mod data_lock;
 pub mod event;
 pub mod metrics;
 pub mod registry;

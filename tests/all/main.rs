@@ -4,6 +4,7 @@
 mod admin;
 mod bad_input;
 mod contract;
+mod hardening;
 mod isolation;
 mod pipeline;
 mod postgres;
