@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::api::{self, AppState};
+use crate::api::{self, server, AppState};
 use crate::config::Config;
 use crate::data_lock::{DataLock, LockError};
 use crate::registry::Registry;
@@ -122,6 +122,9 @@ pub async fn serve(
     on_listening: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    // Before anything opens files, so the connection cap below is computed from the limit
+    // every part of the server then shares.
+    let fd_limit = server::raise_fd_limit();
     let url = config.database_url();
     // Taken before the database is opened (and migrated), released after the last runner
     // has stopped writing.
@@ -176,23 +179,27 @@ pub async fn serve(
         config: Arc::new(config.http.clone()),
         admin: Arc::new(config.admin.clone()),
     });
-    let listener = tokio::net::TcpListener::bind(&config.listen)
+    let limits = server::Limits::new(&config.http, fd_limit);
+    let listener = server::bind(&config.listen)
         .await
         .map_err(|source| ServeError::Bind {
             addr: config.listen.clone(),
             source,
         })?;
     let addr = listener.local_addr().map_err(ServeError::Http)?;
-    tracing::info!(%addr, "listening");
+    tracing::info!(
+        %addr,
+        max_connections = limits.max_connections,
+        header_read_timeout_ms = config.http.header_read_timeout_ms,
+        idle_timeout_ms = config.http.idle_timeout_ms,
+        "listening"
+    );
     on_listening(addr);
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(ServeError::Http);
+    server::serve(listener, app, limits, shutdown).await;
     let _ = stop_tx.send(true);
     for runner in runners {
         let _ = runner.await;
     }
     drop(data_lock);
-    served
+    Ok(())
 }
