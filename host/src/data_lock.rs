@@ -36,6 +36,8 @@ impl DataLock {
     /// Takes the lock in `dir` (created if missing), or says who holds it.
     pub fn acquire(dir: &Path) -> Result<Self, LockError> {
         let path = dir.join(LOCK_FILE);
+        // The default data dir is relative: name it so whoever reads the error finds it.
+        let path = std::path::absolute(&path).unwrap_or(path);
         let io_err = |source| LockError::Io {
             path: path.clone(),
             source,
