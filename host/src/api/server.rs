@@ -151,7 +151,8 @@ pub async fn bind(addr: &str) -> io::Result<TcpListener> {
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, then stops accepting, closes the
-/// connections with no request in flight, and returns once the others have been answered.
+/// connections with nothing of a request received, and returns once the others have been
+/// answered.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -267,10 +268,11 @@ async fn connection(
             }
             _ = closing.changed(), if !draining => {
                 draining = true;
-                if !activity.is_busy() {
+                if activity.awaits_a_request() {
                     return;
                 }
-                // Answers the request in flight, then closes.
+                // Answers the request in flight, or the one arriving (its head within the
+                // header timeout), then closes.
                 conn.as_mut().graceful_shutdown();
             }
         }
@@ -281,8 +283,9 @@ async fn connection(
 #[derive(Debug, Clone, Copy)]
 enum Phase {
     /// Waiting for a request head: since the accept for the first request, since its first
-    /// byte for a later one (so a client dribbling a byte at a time gains nothing).
-    Head(Instant),
+    /// byte for a later one (so a client dribbling a byte at a time gains nothing);
+    /// `received`: some of it has arrived.
+    Head { since: Instant, received: bool },
     /// No request in flight, nothing of the next one received, since the last response was
     /// handed to hyper.
     Idle(Instant),
@@ -299,7 +302,10 @@ struct Activity {
 impl Activity {
     fn new() -> Self {
         Self {
-            phase: Mutex::new(Phase::Head(Instant::now())),
+            phase: Mutex::new(Phase::Head {
+                since: Instant::now(),
+                received: false,
+            }),
             changed: Notify::new(),
         }
     }
@@ -316,18 +322,37 @@ impl Activity {
     }
 
     fn bytes_read(&self) {
-        if let Phase::Idle(_) = self.phase() {
+        if self.awaits_a_request() {
             self.update(|phase| match phase {
-                Phase::Idle(_) => Phase::Head(Instant::now()),
-                other => other,
+                Phase::Idle(_) => Phase::Head {
+                    since: Instant::now(),
+                    received: true,
+                },
+                Phase::Head { since, .. } => Phase::Head {
+                    since,
+                    received: true,
+                },
+                busy => busy,
             });
         }
+    }
+
+    /// Nothing of a request received: the connection can be closed without losing one.
+    fn awaits_a_request(&self) -> bool {
+        matches!(
+            self.phase(),
+            Phase::Idle(_)
+                | Phase::Head {
+                    received: false,
+                    ..
+                }
+        )
     }
 
     fn request_started(self: &Arc<Self>) -> InFlight {
         self.update(|phase| match phase {
             Phase::Busy(n) => Phase::Busy(n + 1),
-            Phase::Head(_) | Phase::Idle(_) => Phase::Busy(1),
+            Phase::Head { .. } | Phase::Idle(_) => Phase::Busy(1),
         });
         InFlight(self.clone())
     }
@@ -339,16 +364,12 @@ impl Activity {
         });
     }
 
-    fn is_busy(&self) -> bool {
-        matches!(self.phase(), Phase::Busy(_))
-    }
-
     /// Completes, naming the timeout, once the connection has waited longer than its phase
     /// allows; never while a request is in flight.
     async fn timed_out(&self, limits: &Limits) -> &'static str {
         loop {
             let (deadline, name) = match self.phase() {
-                Phase::Head(since) => (since + limits.header_read_timeout, "header_read"),
+                Phase::Head { since, .. } => (since + limits.header_read_timeout, "header_read"),
                 Phase::Idle(since) => (since + limits.idle_timeout, "idle"),
                 Phase::Busy(_) => {
                     self.changed.notified().await;
@@ -493,6 +514,18 @@ mod tests {
         assert_eq!(connection_cap(10_000, Some(256)), 192);
         assert_eq!(connection_cap(50, Some(256)), 50);
         assert_eq!(connection_cap(10, Some(1)), 1);
+    }
+
+    #[test]
+    fn only_a_connection_with_nothing_of_a_request_is_closed_at_once_on_shutdown() {
+        let activity = Arc::new(Activity::new());
+        assert!(activity.awaits_a_request(), "fresh");
+        activity.bytes_read();
+        assert!(!activity.awaits_a_request(), "part of a head received");
+        let in_flight = activity.request_started();
+        assert!(!activity.awaits_a_request(), "a request in flight");
+        drop(in_flight);
+        assert!(activity.awaits_a_request(), "idle");
     }
 
     #[tokio::test]
