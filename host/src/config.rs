@@ -124,6 +124,16 @@ pub struct HttpConfig {
     /// Page size of a list when it names no `limit`, and the cap on `limit`.
     pub default_page_size: u32,
     pub max_page_size: u32,
+    /// How long a client has to send a request's headers: from the connection's accept for its
+    /// first request, from the first byte for a later one. A slow or silent client is closed
+    /// after it rather than holding a connection and its file descriptor.
+    pub header_read_timeout_ms: u64,
+    /// How long a keep-alive connection may sit with no request in flight before it is closed.
+    /// A request being answered (a read that waits up to `max_wait_timeout_ms`) is never idle.
+    pub idle_timeout_ms: u64,
+    /// Most connections open at once; beyond it new connections wait in the listen backlog
+    /// until one closes. Lowered at start to fit the process's file-descriptor limit.
+    pub max_connections: u32,
 }
 
 impl Default for HttpConfig {
@@ -134,6 +144,9 @@ impl Default for HttpConfig {
             max_wait_timeout_ms: 60_000,
             default_page_size: 100,
             max_page_size: 1_000,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            max_connections: 10_000,
         }
     }
 }
@@ -332,6 +345,12 @@ impl Config {
                 "http.default_page_size",
                 u64::from(self.http.default_page_size),
             ),
+            (
+                "http.header_read_timeout_ms",
+                self.http.header_read_timeout_ms,
+            ),
+            ("http.idle_timeout_ms", self.http.idle_timeout_ms),
+            ("http.max_connections", u64::from(self.http.max_connections)),
         ];
         for (name, value) in positive {
             if value == 0 {

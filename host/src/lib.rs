@@ -5,6 +5,7 @@ pub mod backpressure;
 pub mod config;
 pub mod consistency;
 pub mod control;
+pub mod data_lock;
 pub mod event;
 pub mod metrics;
 pub mod registry;

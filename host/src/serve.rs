@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::api::{self, AppState};
+use crate::api::{self, server, AppState};
 use crate::config::Config;
+use crate::data_lock::{DataLock, LockError};
 use crate::registry::Registry;
 use crate::runner::Projection;
 use crate::runtime::{Plugin, Runtime, RuntimeConfig, RuntimeError};
@@ -30,6 +31,8 @@ pub enum ServeError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Plugin(#[from] RuntimeError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
     #[error("cannot list plugins in {path}: {source}")]
     Plugins {
         path: PathBuf,
@@ -90,6 +93,28 @@ fn load_plugins(runtime: &Runtime, dir: &Path) -> Result<Vec<Arc<Plugin>>, Serve
     Ok(by_name.into_values().map(|(_, p)| p).collect())
 }
 
+/// The folder of a SQLite database file, where its server's lock lives; `None` for an
+/// in-memory database, which no other process can open.
+///
+/// PostgreSQL gets no lock: several instances on one database is the designed way to scale out
+/// (leases decide who runs what), and the data dir then holds only the compiled-plugin cache,
+/// whose entries are written to a temporary name and renamed, safe to share.
+fn sqlite_folder(url: &str) -> Option<PathBuf> {
+    use sqlx::sqlite::SqliteConnectOptions;
+    use std::str::FromStr;
+    if url.contains(":memory:") || url.contains("mode=memory") {
+        return None;
+    }
+    // An unparsable URL is Sqlite::open's to report, with its own message.
+    let options = SqliteConnectOptions::from_str(url).ok()?;
+    let dir = options.get_filename().parent()?;
+    Some(if dir.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        dir.to_owned()
+    })
+}
+
 /// Runs until `shutdown` completes. `on_listening` is told the bound address (useful with
 /// port 0).
 pub async fn serve(
@@ -97,7 +122,16 @@ pub async fn serve(
     on_listening: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    // Before anything opens files, so the connection cap below is computed from the limit
+    // every part of the server then shares.
+    let fd_limit = server::raise_fd_limit();
     let url = config.database_url();
+    // Taken before the database is opened (and migrated), released after the last runner
+    // has stopped writing.
+    let data_lock = match url.starts_with("sqlite:").then(|| sqlite_folder(&url)) {
+        Some(Some(dir)) => Some(DataLock::acquire(&dir)?),
+        _ => None,
+    };
     let (store, source): (Arc<dyn Store>, Arc<dyn Source>) = if url.starts_with("sqlite:") {
         let db = Sqlite::open(&url).await?;
         (Arc::new(db.clone()), Arc::new(SqliteOutbox::new(db).await?))
@@ -146,22 +180,27 @@ pub async fn serve(
         admin: Arc::new(config.admin.clone()),
         backpressure: config.backpressure(),
     });
-    let listener = tokio::net::TcpListener::bind(&config.listen)
+    let limits = server::Limits::new(&config.http, fd_limit);
+    let listener = server::bind(&config.listen)
         .await
         .map_err(|source| ServeError::Bind {
             addr: config.listen.clone(),
             source,
         })?;
     let addr = listener.local_addr().map_err(ServeError::Http)?;
-    tracing::info!(%addr, "listening");
+    tracing::info!(
+        %addr,
+        max_connections = limits.max_connections,
+        header_read_timeout_ms = config.http.header_read_timeout_ms,
+        idle_timeout_ms = config.http.idle_timeout_ms,
+        "listening"
+    );
     on_listening(addr);
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(ServeError::Http);
+    server::serve(listener, app, limits, shutdown).await;
     let _ = stop_tx.send(true);
     for runner in runners {
         let _ = runner.await;
     }
-    served
+    drop(data_lock);
+    Ok(())
 }

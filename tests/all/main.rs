@@ -5,6 +5,7 @@ mod admin;
 mod bad_input;
 mod contract;
 mod faults;
+mod hardening;
 mod isolation;
 mod live_load;
 mod numbers;

@@ -215,13 +215,31 @@ impl Server {
     }
 
     pub fn start_with(plugins: &Path, data_dir: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_under(&[], plugins, data_dir, env)
+    }
+
+    /// A server run by `wrapper` (a command that execs the rest of its arguments, such as
+    /// `prlimit --nofile=...`), so the process keeps the server's pid.
+    pub fn start_under(
+        wrapper: &[&str],
+        plugins: &Path,
+        data_dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Self {
         use std::io::BufRead;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(data_dir.join("server.log"))
             .expect("open server log");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_projector"));
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(env!("CARGO_BIN_EXE_projector"));
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_projector")),
+        };
         command
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
@@ -257,6 +275,15 @@ impl Server {
                 .collect(),
             _stdout: stdout,
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The exit status, if the process has ended.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("poll the server process")
     }
 
     /// SIGKILL: no shutdown code runs.

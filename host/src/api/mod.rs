@@ -6,6 +6,7 @@ mod events;
 mod health;
 mod metrics;
 mod query;
+pub mod server;
 
 use std::sync::Arc;
 
