@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use crate::api::{self, AppState};
 use crate::config::Config;
+use crate::consistency::Appends;
 use crate::registry::Registry;
 use crate::runner::Projection;
 use crate::runtime::{Plugin, Runtime, RuntimeConfig, RuntimeError};
@@ -139,6 +140,7 @@ pub async fn serve(
     }
 
     let app = api::router(AppState {
+        appends: Appends::new(source.clone()),
         source,
         store,
         projections: registry,
