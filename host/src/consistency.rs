@@ -711,18 +711,8 @@ mod tests {
         burst.push(("s-3".into(), 1));
         let burst: Vec<(&str, u64)> = burst.iter().map(|(s, v)| (s.as_str(), *v)).collect();
         source.write(&burst);
-        assert_eq!(waiters[3].is_finished(), false);
         let position = SCAN_LIMIT as u64 + 11;
-        let answered = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                if waiters[3].is_finished() {
-                    break;
-                }
-                tokio::task::yield_now().await;
-            }
-        })
-        .await;
-        assert!(answered.is_ok());
+        settle(|| waiters[3].is_finished()).await;
         let (_, scans, lookups) = source.calls();
         assert_eq!((scans, lookups), (1, 1));
         assert_eq!(appends.awaited(), 49);
