@@ -170,3 +170,73 @@ async fn write_directly(backend: &Backend, server: &Server, accounts: std::ops::
         }
     }
 }
+
+/// An outbox whose stream column is a uuid: a stream may be asked for in another spelling
+/// than the one stored, so the events of others are matched by looking the awaited versions
+/// up in the column's own type (one statement for all of them), not by their text.
+#[tokio::test]
+async fn reads_on_a_uuid_stream_column_match_in_the_columns_type() {
+    let url = crate::support::create_database(&crate::support::postgres_admin_url()).await;
+    let mut conn = {
+        use sqlx::Connection;
+        sqlx::PgConnection::connect(&url).await.unwrap()
+    };
+    sqlx::raw_sql(
+        "CREATE TABLE outbox (id uuid PRIMARY KEY, aggregatetype text NOT NULL, \
+         aggregateid uuid NOT NULL, type text NOT NULL, payload jsonb, version bigint, \
+         UNIQUE (aggregateid, version))",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let backend = Backend::Postgres { url };
+    let server = Server::on(&backend, &plugin_set(&["account-balance"], &[]));
+    let api = server.api();
+    let streams: Vec<uuid::Uuid> = (0..20).map(|_| uuid::Uuid::new_v4()).collect();
+    let mut reads = JoinSet::new();
+    for (i, stream) in streams.iter().enumerate() {
+        let api = api.clone();
+        // Asked in capitals; stored (and keyed in the read model) in lower case.
+        let (asked, key) = (stream.to_string().to_uppercase(), stream.to_string());
+        reads.spawn(async move {
+            let (status, body) = api
+                .get(&format!(
+                    "/projections/account-balance/accounts/{key}?wait_for={asked}@1&timeout_ms=60000"
+                ))
+                .await;
+            (i, status, body)
+        });
+    }
+    eventually(Duration::from_secs(30), || async {
+        match gauge(&api, "projector_reads_waiting_for_append").await? {
+            20 => Ok(()),
+            n => Err(format!("{n} reads waiting, not 20")),
+        }
+    })
+    .await;
+    let mut tx = {
+        use sqlx::Connection;
+        conn.begin().await.unwrap()
+    };
+    for (i, stream) in streams.iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, version) \
+             VALUES (gen_random_uuid(), 'Account', $1::uuid, 'AccountOpened', $2::jsonb, 1)",
+        )
+        .bind(stream.to_string())
+        .bind(json!({"owner": format!("owner-{i}"), "currency": "EUR"}).to_string())
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+    while let Some(read) = reads.join_next().await {
+        let (i, status, body) = read.unwrap();
+        assert_eq!(status, 200, "read {i}: {body}");
+        assert_eq!(
+            body["document"]["owner"],
+            format!("owner-{i}"),
+            "read {i}: {body}"
+        );
+    }
+}
