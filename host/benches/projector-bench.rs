@@ -8,8 +8,9 @@
 //! with 10 failing events: what isolating them costs), `isolate-loop` (one 5,000-event batch
 //! whose event 2,500 loops until a 1 s deadline: how long isolating it takes), `ryw-herd`
 //! (appends while 0, 500 and 2,000 waiting reads they do not satisfy are held open: append
-//! latency and the server's CPU per append; `BENCH_HERD_WAITERS` (`0,500,2000`),
-//! `BENCH_HERD_APPENDS` (100)).
+//! latency and the server's CPU per append, counted until the server is idle again;
+//! `BENCH_HERD_WAITERS` (`0,500,2000`), `BENCH_HERD_APPENDS` (100), `BENCH_HERD_RATE` (50
+//! appends/s, one at a time)).
 //! Default: all. `catchup-poison` and `isolate-loop` need `target/plugins/fixtures/poison.wasm`
 //! (`bash scripts/build-plugins.sh`).
 //! On PostgreSQL: `pg-catchup`, `pg-native`, `pg-live`, `pg-ryw` (`pg`: all four), the same
@@ -1181,10 +1182,23 @@ fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
+/// Returns once process `pid` has used (almost) no CPU for 300 ms.
+async fn quiet(pid: u32) {
+    let mut last = cpu_secs_of(pid);
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = cpu_secs_of(pid);
+        if now - last < 0.015 {
+            return;
+        }
+        last = now;
+    }
+}
+
 /// One `ryw-herd` level: a fresh server, `waiters` waiting reads held open that the measured
 /// appends never satisfy, then `appends` appends one after another. Returns the append
 /// latencies (ms) and the server's CPU seconds per append.
-async fn herd_level(waiters: usize, appends: usize) -> (Vec<f64>, f64) {
+async fn herd_level(waiters: usize, appends: usize, rate: usize) -> (Vec<f64>, f64) {
     let dir = tempdir("herd");
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .env(HERD_SERVE_ENV, &dir)
@@ -1259,15 +1273,7 @@ async fn herd_level(waiters: usize, appends: usize) -> (Vec<f64>, f64) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut last = cpu_secs_of(pid);
-    loop {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let now = cpu_secs_of(pid);
-        if now - last < 0.015 {
-            break;
-        }
-        last = now;
-    }
+    quiet(pid).await;
     assert!(
         reads.try_join_next().is_none(),
         "a waiting read answered before the measurement"
@@ -1275,7 +1281,14 @@ async fn herd_level(waiters: usize, appends: usize) -> (Vec<f64>, f64) {
 
     let cpu_start = cpu_secs_of(pid);
     let mut latencies = Vec::with_capacity(appends);
+    // Paced, as appends from many clients arrive: back to back, the wake-ups of one append
+    // would merge with the next one's and hide what each append costs.
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = Instant::now();
     for n in 0..appends as u64 {
+        if let Some(wait) = (start + interval * n as u32).checked_duration_since(Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
         let t = Instant::now();
         append(warmup + 1 + n).await;
         latencies.push(t.elapsed().as_secs_f64() * 1e3);
@@ -1290,6 +1303,8 @@ async fn herd_level(waiters: usize, appends: usize) -> (Vec<f64>, f64) {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // Work the appends set off may still be running (woken reads): counted until it ends.
+    quiet(pid).await;
     let cpu = (cpu_secs_of(pid) - cpu_start) / appends as f64;
     assert!(
         reads.try_join_next().is_none(),
@@ -1307,13 +1322,14 @@ async fn herd_level(waiters: usize, appends: usize) -> (Vec<f64>, f64) {
 /// in a process of its own (this binary again), so its CPU time excludes the load generator's.
 async fn scenario_ryw_herd() {
     let appends = env_usize("BENCH_HERD_APPENDS", 100);
+    let rate = env_usize("BENCH_HERD_RATE", 50);
     let levels: Vec<usize> = std::env::var("BENCH_HERD_WAITERS")
         .ok()
         .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![0, 500, 2_000]);
     let mut base_cpu = None;
     for waiters in levels {
-        let (mut latencies, cpu) = herd_level(waiters, appends).await;
+        let (mut latencies, cpu) = herd_level(waiters, appends, rate).await;
         let base = *base_cpu.get_or_insert(cpu);
         report(
             "ryw-herd",
@@ -1321,7 +1337,7 @@ async fn scenario_ryw_herd() {
             latencies.iter().sum::<f64>() / 1e3,
             &mut latencies,
             &format!(
-                "waiters={waiters} server_cpu_ms_per_append={:.3} cpu_ratio={:.2}",
+                "waiters={waiters} rate={rate} server_cpu_ms_per_append={:.3} cpu_ratio={:.2}",
                 cpu * 1e3,
                 cpu / base
             ),
