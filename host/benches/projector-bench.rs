@@ -6,7 +6,11 @@
 //! sizes), `raw` (the same writes straight into SQLite), `read` (the outbox read stage alone),
 //! `catchup-poison` (catch-up by the `poison` fixture over a clean log and over the same log
 //! with 10 failing events: what isolating them costs), `isolate-loop` (one 5,000-event batch
-//! whose event 2,500 loops until a 1 s deadline: how long isolating it takes).
+//! whose event 2,500 loops until a 1 s deadline: how long isolating it takes), `ryw-herd`
+//! (appends while 0, 500 and 2,000 waiting reads they do not satisfy are held open: append
+//! latency and the server's CPU per append, counted until the server is idle again;
+//! `BENCH_HERD_WAITERS` (`0,500,2000`), `BENCH_HERD_APPENDS` (100), `BENCH_HERD_RATE` (50
+//! appends/s, one at a time)).
 //! Default: all. `catchup-poison` and `isolate-loop` need `target/plugins/fixtures/poison.wasm`
 //! (`bash scripts/build-plugins.sh`).
 //! On PostgreSQL: `pg-catchup`, `pg-native`, `pg-live`, `pg-ryw` (`pg`: all four), the same
@@ -21,7 +25,9 @@
 //! scenario; `catchup-poison` prints `RESULT scenario=catchup-poison events=… evps=… clean_evps=…
 //! ratio=… dead_letters=… parked_events=… isolation_calls=…` (ratio: poisoned over clean
 //! throughput, target ≥ 0.9), `isolate-loop` prints `RESULT scenario=isolate-loop events=5000
-//! deadline_ms=1000 secs=… deadline_ratio=… isolation_calls=…` (target deadline_ratio ≤ 3).
+//! deadline_ms=1000 secs=… deadline_ratio=… isolation_calls=…` (target deadline_ratio ≤ 3);
+//! `ryw-herd` adds `waiters=… server_cpu_ms_per_append=… cpu_ratio=…` (CPU over that with no
+//! waiters, target ≤ 1.5 at 2,000).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -1127,8 +1133,224 @@ async fn ryw_client(
     report(&scenario, 1100, secs, &mut waits, "latency=read_with_wait");
 }
 
+/// Set in the server process `ryw-herd` starts: the bench's own binary, serving on a temp dir.
+const HERD_SERVE_ENV: &str = "PROJECTOR_BENCH_HERD_SERVE";
+
+/// The server side of `ryw-herd`: `projector serve` on SQLite in `dir`, in a process of its own
+/// so that its CPU time is the server's alone. Prints its address, serves until stdin closes.
+async fn herd_server(dir: PathBuf) {
+    let mut config = Config::load(None, Vec::new()).unwrap();
+    config.listen = "127.0.0.1:0".into();
+    config.data_dir = dir;
+    config.plugins = root().join("target/plugins");
+    // The waiting reads stay open for the whole measurement.
+    config.http.max_wait_timeout_ms = 3_600_000;
+    let closed = async {
+        let _ = tokio::task::spawn_blocking(|| {
+            use std::io::Read;
+            let mut sink = Vec::new();
+            let _ = std::io::stdin().read_to_end(&mut sink);
+        })
+        .await;
+    };
+    projector::serve::serve(
+        config,
+        |addr| {
+            use std::io::Write;
+            println!("listening {addr}");
+            let _ = std::io::stdout().flush();
+        },
+        closed,
+    )
+    .await
+    .unwrap();
+}
+
+/// CPU time (user + system) of process `pid`, in seconds.
+fn cpu_secs_of(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<f64> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    (fields.get(11).unwrap_or(&0.0) + fields.get(12).unwrap_or(&0.0)) / 100.0
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Returns once process `pid` has used (almost) no CPU for 300 ms.
+async fn quiet(pid: u32) {
+    let mut last = cpu_secs_of(pid);
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = cpu_secs_of(pid);
+        if now - last < 0.015 {
+            return;
+        }
+        last = now;
+    }
+}
+
+/// One `ryw-herd` level: a fresh server, `waiters` waiting reads held open that the measured
+/// appends never satisfy, then `appends` appends one after another. Returns the append
+/// latencies (ms) and the server's CPU seconds per append.
+async fn herd_level(waiters: usize, appends: usize, rate: usize) -> (Vec<f64>, f64) {
+    let dir = tempdir("herd");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(HERD_SERVE_ENV, &dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let base = format!(
+        "http://{}",
+        line.trim()
+            .strip_prefix("listening ")
+            .unwrap_or_else(|| panic!("server said {line:?}"))
+    );
+    let http = reqwest::Client::new();
+    let append = |version: u64| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            let kind = if version == 1 {
+                "AccountOpened"
+            } else {
+                "Deposited"
+            };
+            let r = http
+                .post(format!("{base}/events"))
+                .json(
+                    &json!({"stream": "writer", "stream_type": "Account", "type": kind,
+                    "payload": payload(kind, version as usize)}),
+                )
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201);
+        }
+    };
+    // Warm up (connections, plugin, caches) before the waiters arrive.
+    let warmup = 20;
+    for version in 1..=warmup {
+        append(version).await;
+    }
+    let fds_before = open_fds(pid);
+    // Each waiting read on a connection of its own, as separate clients would: three in four
+    // wait for the first event of a stream nobody appends to, one in four for a position
+    // far ahead.
+    let held = reqwest::Client::new();
+    let mut reads = tokio::task::JoinSet::new();
+    for i in 0..waiters {
+        let query = if i % 4 == 3 {
+            format!("min_position={}", u64::MAX / 2)
+        } else {
+            format!("wait_for=herd-{i}@1")
+        };
+        let url = format!(
+            "{base}/projections/account-balance/accounts/herd-{i}?{query}&timeout_ms=3600000"
+        );
+        let held = held.clone();
+        reads.spawn(async move { held.get(url).send().await.map(|r| r.status()) });
+    }
+    // Every read has a connection at the server, and the server has gone quiet: each read
+    // has been taken in and is waiting.
+    let settle = Instant::now();
+    while open_fds(pid) < fds_before + waiters {
+        assert!(
+            settle.elapsed() < Duration::from_secs(120),
+            "the waiting reads did not all connect"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    quiet(pid).await;
+    assert!(
+        reads.try_join_next().is_none(),
+        "a waiting read answered before the measurement"
+    );
+
+    let cpu_start = cpu_secs_of(pid);
+    let mut latencies = Vec::with_capacity(appends);
+    // Paced, as appends from many clients arrive: back to back, the wake-ups of one append
+    // would merge with the next one's and hide what each append costs.
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = Instant::now();
+    for n in 0..appends as u64 {
+        if let Some(wait) = (start + interval * n as u32).checked_duration_since(Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+        let t = Instant::now();
+        append(warmup + 1 + n).await;
+        latencies.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    // The projection's work on the appends counts too: wait until it has applied them.
+    let last_version = warmup + appends as u64;
+    let r = http
+        .get(format!(
+            "{base}/projections/account-balance/accounts/writer?wait_for=writer@{last_version}&timeout_ms=60000"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Work the appends set off may still be running (woken reads): counted until it ends.
+    quiet(pid).await;
+    let cpu = (cpu_secs_of(pid) - cpu_start) / appends as f64;
+    assert!(
+        reads.try_join_next().is_none(),
+        "a waiting read answered during the measurement"
+    );
+    drop(child.stdin.take());
+    let _ = child.kill();
+    let _ = child.wait();
+    reads.abort_all();
+    let _ = std::fs::remove_dir_all(dir);
+    (latencies, cpu)
+}
+
+/// `ryw-herd`: what waiting reads cost the appends that do not satisfy them. The server runs
+/// in a process of its own (this binary again), so its CPU time excludes the load generator's.
+async fn scenario_ryw_herd() {
+    let appends = env_usize("BENCH_HERD_APPENDS", 100);
+    let rate = env_usize("BENCH_HERD_RATE", 50);
+    let levels: Vec<usize> = std::env::var("BENCH_HERD_WAITERS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![0, 500, 2_000]);
+    let mut base_cpu = None;
+    for waiters in levels {
+        let (mut latencies, cpu) = herd_level(waiters, appends, rate).await;
+        let base = *base_cpu.get_or_insert(cpu);
+        report(
+            "ryw-herd",
+            appends,
+            latencies.iter().sum::<f64>() / 1e3,
+            &mut latencies,
+            &format!(
+                "waiters={waiters} rate={rate} server_cpu_ms_per_append={:.3} cpu_ratio={:.2}",
+                cpu * 1e3,
+                cpu / base
+            ),
+        );
+    }
+}
+
 #[tokio::main]
 async fn main() {
+    if let Some(dir) = std::env::var_os(HERD_SERVE_ENV) {
+        herd_server(dir.into()).await;
+        return;
+    }
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
@@ -1202,6 +1424,10 @@ async fn main() {
     if wants("ryw") {
         println!("\n## Read-your-writes (seed scenario over HTTP)");
         scenario_ryw("", None).await;
+    }
+    if wants("ryw-herd") {
+        println!("\n## Waiting reads against appends (server in its own process)");
+        scenario_ryw_herd().await;
     }
 
     let (pg_catchup, pg_native) = (wants_pg("pg-catchup"), wants_pg("pg-native"));

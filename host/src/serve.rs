@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use crate::api::{self, server, AppState};
 use crate::config::Config;
+use crate::consistency::Appends;
 use crate::data_lock::{DataLock, LockError};
 use crate::registry::Registry;
 use crate::runner::Projection;
@@ -173,6 +174,7 @@ pub async fn serve(
     }
 
     let app = api::router(AppState {
+        appends: Appends::new(source.clone()),
         source,
         store,
         projections: registry,

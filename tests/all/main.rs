@@ -17,3 +17,4 @@ mod runtime;
 mod seed;
 mod store;
 mod support;
+mod waiters;

@@ -20,17 +20,21 @@ pub async fn append(
     let events = parse(&body)?;
     app.backpressure.admit(&app.projections).await?;
     // In its own task: a client that hangs up mid-commit must not cancel the wake-up of the
-    // runners that follows the commit.
-    let source = app.source.clone();
-    let appended = tokio::spawn(async move { source.append(events).await })
-        .await
-        .map_err(|err| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "append_aborted",
-                format!("the append task failed: {err}"),
-            )
-        })??;
+    // runners and waiting reads that follows the commit.
+    let (source, appends) = (app.source.clone(), app.appends.clone());
+    let appended = tokio::spawn(async move {
+        let appended = source.append(events).await?;
+        appends.appended(&appended);
+        Ok::<_, crate::source::AppendError>(appended)
+    })
+    .await
+    .map_err(|err| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "append_aborted",
+            format!("the append task failed: {err}"),
+        )
+    })??;
     let position = appended.last().map(|a| a.position);
     Ok((
         StatusCode::CREATED,

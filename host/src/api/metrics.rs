@@ -19,9 +19,19 @@ pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
     );
     let _ = writeln!(out, "# TYPE projector_head_position gauge");
     let _ = writeln!(out, "projector_head_position {head}");
+    let _ = writeln!(
+        out,
+        "# HELP projector_reads_waiting_for_append Reads waiting for a stream version to be appended."
+    );
+    let _ = writeln!(out, "# TYPE projector_reads_waiting_for_append gauge");
+    let _ = writeln!(
+        out,
+        "projector_reads_waiting_for_append {}",
+        app.appends.waiting_reads()
+    );
     type Reading = fn(&crate::runner::Projection, u64) -> String;
     let projections = app.projections.projections();
-    let families: [(&str, &str, &str, Reading); 15] = [
+    let families: [(&str, &str, &str, Reading); 16] = [
         (
             "projector_checkpoint_position",
             "gauge",
@@ -105,6 +115,12 @@ pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
             "counter",
             "Reads or commits retried after a database error.",
             |p, _| ProjectionMetrics::get(&p.metrics.retries).to_string(),
+        ),
+        (
+            "projector_reads_waiting",
+            "gauge",
+            "Reads waiting for the projection to commit the position they need.",
+            |p, _| p.committed().waiting().to_string(),
         ),
         (
             "projector_retrying",

@@ -19,6 +19,7 @@ pub use error::ApiError;
 
 use crate::backpressure::Backpressure;
 use crate::config::{AdminConfig, HttpConfig};
+use crate::consistency::Appends;
 use crate::registry::Registry;
 use crate::source::Source;
 use crate::store::Store;
@@ -27,6 +28,8 @@ use crate::store::Store;
 #[derive(Clone)]
 pub struct AppState {
     pub source: Arc<dyn Source>,
+    /// The reads waiting for stream versions; appends through the API resolve them.
+    pub appends: Appends,
     pub store: Arc<dyn Store>,
     pub projections: Arc<Registry>,
     pub config: Arc<HttpConfig>,

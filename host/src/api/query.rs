@@ -66,14 +66,10 @@ impl ReadParams {
             http.wait_timeout_ms,
             http.max_wait_timeout_ms,
         );
-        let (target, positions) = consistency::target_position(
-            app.source.as_ref(),
-            self.min_position,
-            &self.wait_for,
-            deadline,
-        )
-        .await?;
-        consistency::wait_for_position(projection.progress(), target, deadline).await?;
+        let (target, positions) =
+            consistency::target_position(&app.appends, self.min_position, &self.wait_for, deadline)
+                .await?;
+        projection.committed().wait_for(target, deadline).await?;
         // Passed is not applied: an event set aside (or parked behind one) is not in the
         // documents, and a reader waiting for it must not take them for its write.
         for (wanted, position) in self.wait_for.iter().zip(positions) {

@@ -572,9 +572,11 @@ impl Runner {
         };
         self.commit_batch(&value, backoff, shutdown).await?;
         self.projection.applied_to(batch.last);
-        self.projection.progress.send_replace(Progress {
-            position: batch.last,
-            failed: false,
+        self.projection.progress.update(|p| {
+            *p = Progress {
+                position: batch.last,
+                failed: false,
+            }
         });
         Ok(())
     }

@@ -9,7 +9,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use super::cache::DocumentCache;
-use crate::consistency::Progress;
+use crate::consistency::{Committed, Progress};
 use crate::event::Event;
 use crate::metrics::ProjectionMetrics;
 use crate::runtime::{BatchHandler, Descriptor};
@@ -19,7 +19,8 @@ use crate::store::ProjectionStatus;
 pub struct Projection {
     pub plugin: Arc<dyn BatchHandler>,
     pub metrics: ProjectionMetrics,
-    pub(super) progress: watch::Sender<Progress>,
+    /// What it has committed, and the reads waiting for it.
+    pub(super) progress: Committed,
     health: Mutex<Health>,
     pub(super) documents: Arc<Mutex<DocumentCache>>,
     /// Batches read but not committed yet, oldest first: the last position of each, and when
@@ -49,7 +50,7 @@ impl Projection {
             // A projection that starts from position 0 has empty tables: the cache then holds
             // every document there is, and a miss needs no query.
             documents: Arc::new(Mutex::new(DocumentCache::new(checkpoint == 0))),
-            progress: watch::Sender::new(Progress {
+            progress: Committed::new(Progress {
                 position: checkpoint,
                 failed: false,
             }),
@@ -129,13 +130,20 @@ impl Projection {
         &self.descriptor().name
     }
 
+    /// Every change of the progress, for observers; a read that waits uses
+    /// [`Projection::committed`].
     pub fn progress(&self) -> watch::Receiver<Progress> {
         self.progress.subscribe()
     }
 
+    /// What it has committed, and the reads waiting for it.
+    pub fn committed(&self) -> &Committed {
+        &self.progress
+    }
+
     /// The position committed so far.
     pub fn checkpoint(&self) -> u64 {
-        self.progress.borrow().position
+        self.progress.get().position
     }
 
     pub fn health(&self) -> Health {
@@ -161,9 +169,11 @@ impl Projection {
             h.status = ProjectionStatus::Running;
             h.retrying = None;
         });
-        self.progress.send_replace(Progress {
-            position: checkpoint,
-            failed: false,
+        self.progress.update(|p| {
+            *p = Progress {
+                position: checkpoint,
+                failed: false,
+            }
         });
     }
 
@@ -173,11 +183,8 @@ impl Projection {
             h.status = ProjectionStatus::Standby;
             h.retrying = None;
         });
-        self.progress.send_if_modified(|p| {
-            let moved = checkpoint > p.position;
-            p.position = p.position.max(checkpoint);
-            moved
-        });
+        self.progress
+            .update(|p| p.position = p.position.max(checkpoint));
     }
 
     /// Another instance holds the lease: what this one read is the other's to apply now, and
@@ -193,7 +200,7 @@ impl Projection {
             h.error = Some(error.to_owned());
             h.retrying = None;
         });
-        self.progress.send_modify(|p| p.failed = true);
+        self.progress.update(|p| p.failed = true);
     }
 }
 

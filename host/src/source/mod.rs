@@ -39,6 +39,14 @@ pub struct Appended {
     pub position: u64,
 }
 
+/// Where an event landed, without the event: what waiting reads are matched against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    pub stream: String,
+    pub version: u64,
+    pub position: u64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("event source: {context}: {source}")]
@@ -105,6 +113,33 @@ pub trait Source: Send + Sync {
 
     /// The position of a stream's version, if it has been appended.
     async fn position_of(&self, stream: &str, version: u64) -> Result<Option<u64>, SourceError>;
+
+    /// The stream, version and position of the events with a position in `(after, upto]`, in
+    /// position order, at most `limit`: one statement however many reads wait. `None` when
+    /// this source cannot match streams by their text (the caller then asks
+    /// [`Source::positions_of`]).
+    async fn placed_between(
+        &self,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Option<Vec<Placed>>, SourceError> {
+        let _ = (after, upto, limit);
+        Ok(None)
+    }
+
+    /// The positions of many stream versions (`None`: not appended), in the order asked. The
+    /// outboxes answer in one statement; this default asks one by one.
+    async fn positions_of(
+        &self,
+        wanted: &[crate::consistency::StreamVersion],
+    ) -> Result<Vec<Option<u64>>, SourceError> {
+        let mut positions = Vec::with_capacity(wanted.len());
+        for w in wanted {
+            positions.push(self.position_of(&w.stream, w.version).await?);
+        }
+        Ok(positions)
+    }
 
     /// The stream's newest version at or below `position` (0: none).
     async fn version_at(&self, stream: &str, position: u64) -> Result<u64, SourceError>;

@@ -9,7 +9,8 @@ use serde_json::value::RawValue;
 use sqlx::{QueryBuilder, Row};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{validate, AppendError, Appended, NewEvent, Source, SourceError};
+use super::{validate, AppendError, Appended, NewEvent, Placed, Source, SourceError};
+use crate::consistency::StreamVersion;
 use crate::event::Event;
 use crate::store::now_ms;
 use crate::store::sqlite::Sqlite;
@@ -227,6 +228,88 @@ impl Source for SqliteOutbox {
                 .await
                 .map_err(db_err("looking up a stream version"))?;
         Ok(position.map(|p| p as u64))
+    }
+
+    async fn placed_between(
+        &self,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Option<Vec<Placed>>, SourceError> {
+        let rows = sqlx::query(
+            "SELECT stream, version, position FROM outbox \
+             WHERE position > ? AND position <= ? ORDER BY position LIMIT ?",
+        )
+        .bind(after as i64)
+        .bind(upto as i64)
+        .bind(limit as i64)
+        .fetch_all(&self.db.read)
+        .await
+        .map_err(db_err("reading where events landed"))?;
+        // A row another process wrote with no text stream or no whole version cannot be
+        // waited for: passed by, as the runners set it aside.
+        Ok(Some(
+            rows.iter()
+                .filter_map(|row| {
+                    Some(Placed {
+                        stream: row.try_get(0).ok()?,
+                        version: row.try_get::<i64, _>(1).ok()? as u64,
+                        position: row.try_get::<i64, _>(2).ok()? as u64,
+                    })
+                })
+                .collect(),
+        ))
+    }
+
+    async fn positions_of(
+        &self,
+        wanted: &[StreamVersion],
+    ) -> Result<Vec<Option<u64>>, SourceError> {
+        let mut found: HashMap<String, HashMap<u64, u64>> = HashMap::new();
+        // Two binds a version: one statement for up to 4,096, far below SQLite's bind limit.
+        for chunk in wanted.chunks(4096) {
+            let mut sql = QueryBuilder::new("WITH w(s, v) AS (VALUES ");
+            let mut list = sql.separated(", ");
+            for w in chunk {
+                list.push("(");
+                list.push_bind_unseparated(w.stream.as_str());
+                list.push_unseparated(", ");
+                list.push_bind_unseparated(w.version as i64);
+                list.push_unseparated(")");
+            }
+            sql.push(
+                ") SELECT o.stream, o.version, o.position FROM w \
+                 JOIN outbox AS o ON o.stream = w.s AND o.version = w.v",
+            );
+            let rows = sql
+                .build()
+                .fetch_all(&self.db.read)
+                .await
+                .map_err(db_err("looking up stream versions"))?;
+            for row in rows {
+                let (Ok(stream), Ok(version), Ok(position)) = (
+                    row.try_get::<String, _>(0),
+                    row.try_get::<i64, _>(1),
+                    row.try_get::<i64, _>(2),
+                ) else {
+                    continue;
+                };
+                // SQLite compares text byte for byte: the stream read back is the one asked.
+                found
+                    .entry(stream)
+                    .or_default()
+                    .insert(version as u64, position as u64);
+            }
+        }
+        Ok(wanted
+            .iter()
+            .map(|w| {
+                found
+                    .get(w.stream.as_str())
+                    .and_then(|v| v.get(&w.version))
+                    .copied()
+            })
+            .collect())
     }
 
     async fn version_at(&self, stream: &str, position: u64) -> Result<u64, SourceError> {

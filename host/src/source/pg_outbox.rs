@@ -35,8 +35,9 @@ use sqlx::postgres::{PgListener, PgRow};
 use sqlx::Row;
 use tokio::sync::{watch, Notify};
 
-use super::{validate, AppendError, Appended, NewEvent, Source, SourceError};
+use super::{validate, AppendError, Appended, NewEvent, Placed, Source, SourceError};
 use crate::config::OutboxConfig;
+use crate::consistency::StreamVersion;
 use crate::event::Event;
 use crate::store::postgres::Postgres;
 
@@ -75,6 +76,11 @@ struct Statements {
     read_packed: String,
     head: String,
     position_of: Option<String>,
+    /// Where the events of a range landed; `None` without versions or when the stream column
+    /// does not compare as text (uuid, citext...): a stream asked in another spelling would
+    /// be missed.
+    placed_between: Option<String>,
+    positions_of: Option<String>,
     version_at: Option<String>,
     versions: Option<String>,
     existing_ids: String,
@@ -646,6 +652,24 @@ fn statements(c: &OutboxConfig, columns: &Columns) -> Statements {
         position_of: columns
             .version
             .then(|| format!("SELECT {pos} FROM {t} WHERE {stream} = {stream_param} AND {version} = $2")),
+        placed_between: (columns.version
+            && matches!(
+                columns.types.get(&c.stream_column).map(String::as_str),
+                Some("text" | "character varying")
+            ))
+        .then(|| {
+            format!(
+                "SELECT {stream}::text, {version}::bigint, {pos} FROM {t} \
+                 WHERE {pos} > $1 AND {pos} <= $2 ORDER BY {pos} LIMIT $3"
+            )
+        }),
+        positions_of: columns.version.then(|| {
+            format!(
+                "SELECT w.n, o.{pos} FROM UNNEST($1::text[], $2::bigint[]) WITH ORDINALITY \
+                 AS w(s, v, n) JOIN {t} AS o ON o.{stream} = {} AND o.{version} = w.v",
+                as_column("w.s", &c.stream_column)
+            )
+        }),
         version_at: columns.version.then(|| {
             format!(
                 "SELECT COALESCE(MAX({version}), 0)::bigint FROM {t} WHERE {stream} = {stream_param} \
@@ -883,6 +907,77 @@ impl Source for PgOutbox {
             .await
             .map_err(db_err("looking up a stream version"))?;
         Ok(position.flatten().map(|p| p as u64))
+    }
+
+    async fn placed_between(
+        &self,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Option<Vec<Placed>>, SourceError> {
+        if !self.sql.has_version {
+            // Without versions no read waits for one successfully: nothing to match.
+            return Ok(Some(Vec::new()));
+        }
+        let Some(sql) = &self.sql.placed_between else {
+            return Ok(None);
+        };
+        let rows = sqlx::query(sql)
+            .bind(after as i64)
+            .bind(upto as i64)
+            .bind(limit as i64)
+            .fetch_all(&self.db.pool)
+            .await
+            .map_err(db_err("reading where events landed"))?;
+        // A row with no stream or version cannot be waited for: passed by.
+        Ok(Some(
+            rows.iter()
+                .filter_map(|row| {
+                    Some(Placed {
+                        stream: row.try_get::<Option<String>, _>(0).ok()??,
+                        version: row.try_get::<Option<i64>, _>(1).ok()?? as u64,
+                        position: row.try_get::<i64, _>(2).ok()? as u64,
+                    })
+                })
+                .collect(),
+        ))
+    }
+
+    async fn positions_of(
+        &self,
+        wanted: &[StreamVersion],
+    ) -> Result<Vec<Option<u64>>, SourceError> {
+        let mut positions = vec![None; wanted.len()];
+        let Some(sql) = &self.sql.positions_of else {
+            return Ok(positions);
+        };
+        if wanted.is_empty() {
+            return Ok(positions);
+        }
+        let streams: Vec<&str> = wanted.iter().map(|w| w.stream.as_str()).collect();
+        let versions: Vec<i64> = wanted.iter().map(|w| w.version as i64).collect();
+        let rows = sqlx::query(sql)
+            .bind(&streams)
+            .bind(&versions)
+            .fetch_all(&self.db.pool)
+            .await
+            .map_err(db_err("looking up stream versions"))?;
+        // Matched by the asked item's ordinal: the column's type decides which spellings are
+        // equal, so the stream read back may be spelled otherwise.
+        for row in rows {
+            let (Ok(n), Ok(Some(position))) =
+                (row.try_get::<i64, _>(0), row.try_get::<Option<i64>, _>(1))
+            else {
+                continue;
+            };
+            if let Some(slot) = usize::try_from(n - 1)
+                .ok()
+                .and_then(|i| positions.get_mut(i))
+            {
+                *slot = Some(position as u64);
+            }
+        }
+        Ok(positions)
     }
 
     async fn version_at(&self, stream: &str, position: u64) -> Result<u64, SourceError> {
