@@ -19,6 +19,13 @@ pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
     );
     let _ = writeln!(out, "# TYPE projector_head_position gauge");
     let _ = writeln!(out, "projector_head_position {head}");
+    let held = app.source.watermark().map_or(0.0, |w| w.held_seconds());
+    let _ = writeln!(
+        out,
+        "# HELP projector_watermark_held_seconds How long committed events have waited behind an open transaction that can still write below them (0: not held)."
+    );
+    let _ = writeln!(out, "# TYPE projector_watermark_held_seconds gauge");
+    let _ = writeln!(out, "projector_watermark_held_seconds {held:.3}");
     type Reading = fn(&crate::runner::Projection, u64) -> String;
     let projections = app.projections.projections();
     let families: [(&str, &str, &str, Reading); 15] = [
