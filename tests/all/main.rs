@@ -13,3 +13,4 @@ mod runtime;
 mod seed;
 mod store;
 mod support;
+mod watermark;
