@@ -70,10 +70,18 @@ async fn an_open_transaction_in_another_database_does_not_delay_projections() {
         status, 200,
         "transaction {xid} in another database held the projection: {body}"
     );
-    let held = gauge(&api, "projector_watermark_held_seconds")
-        .await
-        .unwrap();
-    assert_eq!(held, 0.0, "a hold is reported for another database");
+    // Nothing is reported held either (a commit of projector's own may hold it for a moment).
+    eventually(Duration::from_secs(20), || async {
+        let held = gauge(&api, "projector_watermark_held_seconds").await?;
+        if held == 0.0 {
+            Ok(())
+        } else {
+            Err(format!(
+                "held {held} s while another database's transaction is open"
+            ))
+        }
+    })
+    .await;
     sqlx::query("COMMIT").execute(&mut elsewhere).await.unwrap();
 }
 

@@ -17,7 +17,8 @@
 //! keeps the database of the session that prepared it). A transaction can hold an id long
 //! before it inserts its outbox row (it writes `accounts` first, or calls
 //! `pg_current_xact_id()`), so every transaction of the database that has an id counts, not
-//! only those that have touched the table yet. The watcher computes, in one statement,
+//! only those that have touched the table yet. The watcher computes, in one statement (the
+//! `bound` statement),
 //!
 //! ```text
 //! bound = min( X,                       -- pg_snapshot_xmax of the statement's snapshot
@@ -40,6 +41,14 @@
 //! reads rows, and no row can ever appear below `x << 20` again. Any transaction that gets its
 //! id after the snapshot gets one at or above `X >= bound`. A bound once computed stays valid
 //! (later ids are all higher), so readers keep the highest one seen.
+//!
+//! The cluster-wide rule stays as a floor that costs nothing: each read and head statement
+//! also takes its own snapshot's xmin (every transaction below it has finished, and later ones
+//! get larger ids) and reads below the greater of the two. So the common path is one
+//! statement, as it always was; the watcher runs the `bound` statement (then reads the head
+//! again) only when committed rows wait and the head did not move, that is when an open
+//! transaction holds the cluster's xmin: within a round trip it sees through a transaction of
+//! another database, or names the one of this database that holds the rows back.
 //!
 //! Consequences: an open transaction in another database of the cluster never holds
 //! projections back; one in this database holds them (committed rows wait, the watermark is
@@ -162,8 +171,8 @@ impl PgOutbox {
         let sql = statements(config, &columns, database_oid);
         let channel = channel_name(&config.table);
         let limit = Arc::new(AtomicU64::new(0));
-        let (_, initial) = refresh(&db, &sql.bound, &sql.head, &limit).await?;
-        let head = Arc::new(watch::Sender::new(initial.safe));
+        let head = Arc::new(watch::Sender::new(0));
+        refresh(&db, &sql.bound, &sql.head, &limit, &head).await?;
         let outbox = Self {
             db,
             sql,
@@ -210,9 +219,8 @@ impl PgOutbox {
                     _ = closed.changed() => break,
                 }
                 let Some(sender) = head.upgrade() else { break };
-                match refresh(&db, &bound_sql, &head_sql, &limit).await {
-                    Ok((bound, h)) => {
-                        let advanced = sender.send_if_modified(|p| raise(p, h.safe));
+                match refresh(&db, &bound_sql, &head_sql, &limit, &sender).await {
+                    Ok((bound, h, advanced)) => {
                         if h.committed > h.safe {
                             // Short waits while the watermark moves (this instance's own
                             // commits hold it for a moment); longer ones while it is stuck.
@@ -223,7 +231,7 @@ impl PgOutbox {
                         } else {
                             held = None;
                         }
-                        holds.update(&bound, &h, limit.load(Ordering::SeqCst));
+                        holds.update(bound.as_ref(), &h);
                     }
                     Err(err) => {
                         tracing::warn!(error = %err, "reading the outbox head failed");
@@ -289,6 +297,8 @@ struct Head {
     safe: u64,
     /// The newest committed position (above `safe` while an older transaction is open).
     committed: u64,
+    /// The position limit `safe` was read below: the watermark `<< ROW_BITS`.
+    limit: u64,
 }
 
 /// The watermark, and the oldest open transaction that can still write the outbox.
@@ -312,20 +322,32 @@ struct Holder {
     details_hidden: bool,
 }
 
-/// Reads the watermark, then (a later statement, so a later snapshot: see the module docs)
-/// the head below it. Raises `limit` before returning, so a reader woken by the new head
-/// reads up to it.
+/// Reads the head below the watermark, and sends it. The head statement takes the greater of
+/// the cluster-wide rule (its own snapshot's xmin: one statement, one round trip) and the
+/// narrow bound computed before (`limit`). Only when committed rows wait and the head did not
+/// move does the watcher compute the narrow bound (a statement of its own, before a second
+/// head read, see the module docs), so the common path costs what it always did, and a hold
+/// by another database's transaction is seen through within one round of the watcher.
 async fn refresh(
     db: &Postgres,
     bound_sql: &str,
     head_sql: &str,
     limit: &AtomicU64,
-) -> Result<(Bound, Head), SourceError> {
-    let bound = read_bound(db, bound_sql).await?;
-    limit.fetch_max(bound.xid << ROW_BITS, Ordering::SeqCst);
-    let below = limit.load(Ordering::SeqCst);
-    let head = read_head(db, head_sql, below).await?;
-    Ok((bound, head))
+    sender: &watch::Sender<u64>,
+) -> Result<(Option<Bound>, Head, bool), SourceError> {
+    let mut head = read_head(db, head_sql, limit.load(Ordering::SeqCst)).await?;
+    let mut advanced = sender.send_if_modified(|p| raise(p, head.safe));
+    let mut bound = None;
+    if head.committed > head.safe && !advanced {
+        let narrow = read_bound(db, bound_sql).await?;
+        let before = limit.fetch_max(narrow.xid << ROW_BITS, Ordering::SeqCst);
+        if narrow.xid << ROW_BITS > before.max(head.limit) {
+            head = read_head(db, head_sql, limit.load(Ordering::SeqCst)).await?;
+            advanced = sender.send_if_modified(|p| raise(p, head.safe));
+        }
+        bound = Some(narrow);
+    }
+    Ok((bound, head, advanced))
 }
 
 async fn read_bound(db: &Postgres, sql: &str) -> Result<Bound, SourceError> {
@@ -390,6 +412,7 @@ async fn read_head(db: &Postgres, sql: &str, below: u64) -> Result<Head, SourceE
     Ok(Head {
         safe: get(0)? as u64,
         committed: get(1)? as u64,
+        limit: get(2)? as u64,
     })
 }
 
@@ -421,11 +444,12 @@ impl Holds {
         }
     }
 
-    fn update(&mut self, bound: &Bound, head: &Head, limit: u64) {
+    /// After a check: `bound` when the narrow watermark was read in it (only while held).
+    fn update(&mut self, bound: Option<&Bound>, head: &Head) {
         let now = Instant::now();
-        let moved = limit > self.last_limit;
-        self.last_limit = limit;
-        if bound.cluster_wide && !self.hinted_cluster_wide {
+        let moved = head.limit > self.last_limit;
+        self.last_limit = self.last_limit.max(head.limit);
+        if bound.is_some_and(|b| b.cluster_wide) && !self.hinted_cluster_wide {
             self.hinted_cluster_wide = true;
             tracing::warn!(
                 "the outbox reader cannot see every session of the database (an entry of \
@@ -447,6 +471,22 @@ impl Holds {
             _ => now,
         };
         self.since = Some(since);
+        let Some(bound) = bound else {
+            // Not read this time (the head moved): the holder named before, if the hold
+            // goes on without the watermark moving.
+            let holder = self
+                .watermark
+                .hold()
+                .filter(|_| !moved)
+                .and_then(|h| h.holder);
+            self.watermark.set(Some(WatermarkHold {
+                since,
+                safe_position: head.safe,
+                committed_position: head.committed,
+                holder,
+            }));
+            return;
+        };
         let holder = bound.holder.as_ref().map(|h| {
             let first_seen = match self.seen {
                 Some((xid, at)) if xid == h.xid => at,
@@ -850,8 +890,13 @@ fn statements(c: &OutboxConfig, columns: &Columns, database_oid: i64) -> Stateme
         Some(false) => format!("COALESCE({}::bigint, 0)", q(&c.timestamp_column)),
         None => "0::bigint".into(),
     };
-    // The watermark comes from the `bound` statement, run before (see the module docs).
-    let watermark = "$3";
+    // Evaluated once per statement (an InitPlan): the greater of the statement's own
+    // snapshot's xmin (every transaction below it has finished) and the narrow bound `$3`
+    // the watcher computed in an earlier statement (see the module docs).
+    let watermark = format!(
+        "(SELECT GREATEST($3::bigint, \
+         pg_snapshot_xmin(pg_current_snapshot())::text::bigint << {ROW_BITS}))"
+    );
     let id_array = if columns.id_is_uuid {
         "uuid[]"
     } else {
@@ -911,7 +956,9 @@ fn statements(c: &OutboxConfig, columns: &Columns, database_oid: i64) -> Stateme
         ),
         bound: bound_statement(database_oid),
         head: format!(
-            "SELECT (SELECT max({pos}) FROM {t} WHERE {pos} < $1), (SELECT max({pos}) FROM {t})"
+            "SELECT (SELECT max({pos}) FROM {t} WHERE {pos} < w.l), (SELECT max({pos}) FROM {t}), \
+             w.l FROM (SELECT GREATEST($1::bigint, \
+             pg_snapshot_xmin(pg_current_snapshot())::text::bigint << {ROW_BITS}) AS l) AS w"
         ),
         position_of: columns
             .version
@@ -974,12 +1021,21 @@ fn statements(c: &OutboxConfig, columns: &Columns, database_oid: i64) -> Stateme
 /// (once per transaction, so both scans see the same copy) by the aggregate `a`; the prepared
 /// transactions are read by a subquery that refers to `a`, so it runs after `a` has read every
 /// session.
+/// SQL: how far the 32-bit id `xid` lies before the 64-bit `n.next`, modulo 2^32. A running
+/// transaction below `next` is at most 2^31 ids back (wraparound protection keeps every live
+/// id within that window), so a distance of 1 to 2^31 - 1 places it; 0 or more than that
+/// means it is at or after `next`, and cannot lower the watermark.
+fn distance_back(xid: &str) -> String {
+    format!("((n.next - {xid}::text::bigint) & 4294967295)")
+}
+
+/// SQL: the 32-bit id `xid` made 64-bit against `n.next` (meaningful when `distance_back` is
+/// in the window).
+fn widen(xid: &str) -> String {
+    format!("n.next - {}", distance_back(xid))
+}
+
 fn bound_statement(database_oid: i64) -> String {
-    // A 32-bit id made 64-bit against `n.next`: `next` minus the distance back to it, modulo
-    // 2^32. Ids in the window (next - 2^31, next) are the only ones a running transaction
-    // below `next` can have.
-    let widen = |xid: &str| format!("n.next - ((n.next - {xid}::text::bigint) & 4294967295)");
-    let back = |xid: &str| format!("((n.next - {xid}::text::bigint) & 4294967295)");
     format!(
         "SELECT n.next, n.oldest, (a.unknown > 0 OR n.recovery), \
          h.xid, h.pid, h.age_ms, h.app, h.hidden, h.db, \
@@ -1007,9 +1063,9 @@ fn bound_statement(database_oid: i64) -> String {
                AND {prepared_back} BETWEEN 1 AND 2147483647 \
                ORDER BY 1 LIMIT 1) AS p ON true",
         session_xid = widen("w.backend_xid"),
-        session_back = back("w.backend_xid"),
+        session_back = distance_back("w.backend_xid"),
         prepared_xid = widen("t.transaction"),
-        prepared_back = back("t.transaction"),
+        prepared_back = distance_back("t.transaction"),
     )
 }
 
@@ -1565,6 +1621,47 @@ mod tests {
         let message = err.to_string();
         assert!(message.contains(&id), "{message}");
         assert!(message.contains("committed"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn short_transaction_ids_are_widened_across_an_epoch() {
+        let Some(db) = fresh_database().await else {
+            return;
+        };
+        let epoch = 1i64 << 32;
+        // (next, 32-bit id) -> the 64-bit id, or None when it is not before `next`.
+        let cases = [
+            (1000, 990, Some(990)),
+            (1000, 1000, None),
+            (1000, 1001, None),
+            (epoch + 5, 4_294_967_290, Some(4_294_967_290)),
+            (epoch + 5, 3, Some(epoch + 3)),
+            (epoch + 5, 7, None),
+            (
+                3 * epoch + 100,
+                100 - 2_000_000_000i64 + epoch,
+                Some(3 * epoch + 100 - 2_000_000_000),
+            ),
+        ];
+        let sql = format!(
+            "SELECT {} BETWEEN 1 AND 2147483647, {} FROM (SELECT $1::bigint AS next, \
+             $2::text::xid AS x) AS n",
+            distance_back("n.x"),
+            widen("n.x")
+        );
+        for (next, xid, expected) in cases {
+            let (before, widened): (bool, i64) = sqlx::query_as(&sql)
+                .bind(next)
+                .bind(xid.to_string())
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+            assert_eq!(
+                before.then_some(widened),
+                expected,
+                "next {next}, xid {xid}"
+            );
+        }
     }
 
     #[test]
