@@ -210,6 +210,10 @@ pub struct OutboxConfig {
     pub notify_trigger: bool,
     /// How often the outbox is polled for rows no notification announced.
     pub poll_interval_ms: u64,
+    /// How long the watermark may be held (committed rows waiting behind an open transaction
+    /// of the outbox's database) before the log warns, naming the transaction, and `/readyz`
+    /// answers 503.
+    pub watermark_warn_ms: u64,
 }
 
 impl Default for OutboxConfig {
@@ -227,6 +231,7 @@ impl Default for OutboxConfig {
             position_column: "position".into(),
             notify_trigger: true,
             poll_interval_ms: 1_000,
+            watermark_warn_ms: 5_000,
         }
     }
 }
@@ -341,6 +346,8 @@ impl Config {
                 u64::from(self.postgres.max_connections),
             ),
             ("outbox.poll_interval_ms", self.outbox.poll_interval_ms),
+            // 0 would report every momentary hold (any commit in flight) as stale reads.
+            ("outbox.watermark_warn_ms", self.outbox.watermark_warn_ms),
             (
                 "http.default_page_size",
                 u64::from(self.http.default_page_size),

@@ -1,7 +1,8 @@
-//! Counters of one projection, updated by its runner and rendered by `GET /metrics`.
+//! Counters of one projection, updated by its runner, and the source's watermark, kept by its
+//! watcher; rendered by `GET /metrics`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::store::{DeadLetter, LetterKind};
 
@@ -61,4 +62,103 @@ impl ProjectionMetrics {
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
+}
+
+/// The source's watermark while it is held: committed events wait behind an open transaction
+/// that could still write below them. Kept by the PostgreSQL outbox's watcher, read by
+/// `/metrics`, `GET /projections` and `/readyz`.
+#[derive(Debug)]
+pub struct Watermark {
+    hold: std::sync::Mutex<Option<WatermarkHold>>,
+    /// How long a hold lasts before it is reported as stale reads.
+    pub warn_after: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct WatermarkHold {
+    /// Since when the watermark has not moved while committed rows waited.
+    pub since: Instant,
+    /// The newest position readers may read.
+    pub safe_position: u64,
+    /// The newest committed position.
+    pub committed_position: u64,
+    /// The oldest open transaction that can still write the outbox (none when the hold is a
+    /// commit in flight the watcher has not seen end yet).
+    pub holder: Option<WatermarkHolder>,
+}
+
+/// An open transaction holding the watermark.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WatermarkHolder {
+    /// Its 64-bit transaction id (`pg_current_xact_id()` in that transaction).
+    pub xid: u64,
+    /// Its server process (`pg_stat_activity.pid`); none for a prepared transaction.
+    pub pid: Option<i32>,
+    /// The global id of a prepared transaction (`COMMIT PREPARED` or `ROLLBACK PREPARED` it).
+    pub prepared_gid: Option<String>,
+    pub database: Option<String>,
+    pub application_name: Option<String>,
+    /// When it began: its `xact_start` when visible, else when projector first saw it.
+    pub started: Instant,
+    /// Its session belongs to another role and projector's role may not see its details
+    /// (start, state, query): grant it `pg_read_all_stats`.
+    pub details_hidden: bool,
+}
+
+impl Watermark {
+    pub fn new(warn_after: Duration) -> Self {
+        Self {
+            hold: std::sync::Mutex::new(None),
+            warn_after,
+        }
+    }
+
+    pub fn set(&self, hold: Option<WatermarkHold>) {
+        // A panic elsewhere while holding this lock leaves a value that is still whole.
+        *self.hold.lock().unwrap_or_else(|e| e.into_inner()) = hold;
+    }
+
+    pub fn hold(&self) -> Option<WatermarkHold> {
+        self.hold.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Seconds the watermark has been held (0: not held).
+    pub fn held_seconds(&self) -> f64 {
+        self.hold().map_or(0.0, |h| h.since.elapsed().as_secs_f64())
+    }
+}
+
+impl WatermarkHold {
+    /// Held past the threshold: reads are stale.
+    pub fn is_stale(&self, warn_after: Duration) -> bool {
+        self.since.elapsed() >= warn_after
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "held": true,
+            "held_seconds": round_ms(self.since.elapsed()),
+            "safe_position": self.safe_position,
+            "committed_position": self.committed_position,
+            "holder": self.holder.as_ref().map(WatermarkHolder::to_json),
+        })
+    }
+}
+
+impl WatermarkHolder {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "xid": self.xid,
+            "pid": self.pid,
+            "prepared_gid": self.prepared_gid,
+            "database": self.database,
+            "application_name": self.application_name,
+            "age_seconds": round_ms(self.started.elapsed()),
+            "details_hidden": self.details_hidden,
+        })
+    }
+}
+
+fn round_ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0).round() / 1000.0
 }

@@ -18,3 +18,4 @@ mod seed;
 mod store;
 mod support;
 mod waiters;
+mod watermark;

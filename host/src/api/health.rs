@@ -1,5 +1,6 @@
-//! `/healthz`: the process answers. `/readyz`: the database answers and every projection runs;
-//! a failed projection makes the instance not ready, and the body says which and why.
+//! `/healthz`: the process answers. `/readyz`: the database answers, every projection runs and
+//! the outbox watermark is not held past `outbox.watermark_warn_ms`; a failed projection or a
+//! long-held watermark makes the instance not ready, and the body says which and why.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -33,6 +34,26 @@ pub async fn readyz(State(app): State<AppState>) -> (StatusCode, Json<Value>) {
             problems.push(
                 json!({ "component": format!("projection {}", projection.name()), "error": error }),
             );
+        }
+    }
+    // Held past the threshold, every projection's reads are that stale and every read that
+    // waits for a write times out: not ready, like a projection retrying after a database
+    // error, and the body names the transaction to end.
+    if let Some(watermark) = app.source.watermark() {
+        if let Some(hold) = watermark
+            .hold()
+            .filter(|h| h.is_stale(watermark.warn_after))
+        {
+            let mut problem = hold.to_json();
+            problem["component"] = json!("outbox watermark");
+            problem["error"] = json!(match &hold.holder {
+                Some(h) => format!(
+                    "committed events wait for open transaction {} to end",
+                    h.xid
+                ),
+                None => "committed events wait behind the watermark".to_owned(),
+            });
+            problems.push(problem);
         }
     }
     if problems.is_empty() {

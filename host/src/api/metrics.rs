@@ -29,6 +29,13 @@ pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
         "projector_reads_waiting_for_append {}",
         app.appends.waiting_reads()
     );
+    let held = app.source.watermark().map_or(0.0, |w| w.held_seconds());
+    let _ = writeln!(
+        out,
+        "# HELP projector_watermark_held_seconds How long committed events have waited behind an open transaction that can still write below them (0: not held)."
+    );
+    let _ = writeln!(out, "# TYPE projector_watermark_held_seconds gauge");
+    let _ = writeln!(out, "projector_watermark_held_seconds {held:.3}");
     type Reading = fn(&crate::runner::Projection, u64) -> String;
     let projections = app.projections.projections();
     let families: [(&str, &str, &str, Reading); 16] = [

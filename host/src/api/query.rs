@@ -159,7 +159,19 @@ pub async fn list_projections(State(app): State<AppState>) -> Json<Value> {
     for projection in &projections {
         all.push(summary(&app, projection).await);
     }
-    Json(json!({ "projections": all }))
+    Json(json!({ "projections": all, "watermark": watermark(&app) }))
+}
+
+/// The source's watermark: held or not, and by which transaction (null for a source without
+/// one). Every projection reads below it.
+fn watermark(app: &AppState) -> Value {
+    match app.source.watermark() {
+        None => Value::Null,
+        Some(w) => match w.hold() {
+            Some(hold) => hold.to_json(),
+            None => json!({ "held": false, "held_seconds": 0 }),
+        },
+    }
 }
 
 pub async fn get_projection(

@@ -149,6 +149,12 @@ pub trait Source: Send + Sync {
     /// instead of at its next timed check.
     fn nudge(&self) {}
 
+    /// The watermark's hold, for a source whose head waits for open transactions (the
+    /// PostgreSQL outbox); `None` for the others.
+    fn watermark(&self) -> Option<&crate::metrics::Watermark> {
+        None
+    }
+
     /// Appends events atomically: all or none.
     async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>, AppendError> {
         let _ = events;

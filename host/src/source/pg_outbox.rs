@@ -5,28 +5,75 @@
 //! A sequence or identity column does not order an outbox: transaction T1 takes id 10, T2
 //! takes id 11 and commits first, a reader passes 11, then T1 commits 10 behind it and the row
 //! is never read. projector therefore orders rows by the transaction that wrote them and reads
-//! only what no running transaction can still add to:
+//! only what no running transaction can still add to. A `BEFORE INSERT` trigger sets each
+//! row's position to `xid8 << 20 | n`, where `xid8` is the writing transaction's 64-bit
+//! top-level id (`pg_current_xact_id()`) and `n` counts the rows that transaction has
+//! inserted (1, 2, ...), so positions follow the transaction id, then insertion order within
+//! it. Readers read positions below `bound << 20`, where `bound` is the *watermark*.
 //!
-//! - a `BEFORE INSERT` trigger sets each row's position to `xid8 << 20 | n`, where `xid8` is
-//!   the writing transaction's 64-bit id (`pg_current_xact_id()`) and `n` counts the rows that
-//!   transaction has inserted (1, 2, ...), so positions follow the transaction id, then
-//!   insertion order within it;
-//! - a reader only reads positions below `xmin << 20`, where `xmin` is the oldest transaction
-//!   still running in its snapshot (`pg_snapshot_xmin(pg_current_snapshot())`). Every
-//!   transaction below `xmin` has committed or aborted, and every transaction that starts
-//!   later gets a larger id, so no row can ever appear below a position already read.
+//! # The watermark: the oldest transaction that can still write this outbox
 //!
-//! The cost: a committed row waits while an older transaction (one that has written anything,
-//! anywhere in the cluster) is still open; the watcher re-reads the watermark every few
-//! milliseconds until it moves. Positions are sparse tokens, not counts. A transaction may insert
-//! at most 2^20 - 1 outbox rows, and transaction ids must stay below 2^43 (8.8 trillion).
+//! Only a session connected to the outbox's database can write to it (a prepared transaction
+//! keeps the database of the session that prepared it). A transaction can hold an id long
+//! before it inserts its outbox row (it writes `accounts` first, or calls
+//! `pg_current_xact_id()`), so every transaction of the database that has an id counts, not
+//! only those that have touched the table yet. The watcher computes, in one statement (the
+//! `bound` statement),
+//!
+//! ```text
+//! bound = min( X,                       -- pg_snapshot_xmax of the statement's snapshot
+//!              backend_xid of each session of this database (pg_stat_activity),
+//!              transaction of each prepared transaction of this database )
+//! ```
+//!
+//! with the 32-bit ids widened against `X` (an id within 2^31 before `X` is `X` minus the
+//! distance; one at or after `X` cannot lower the bound). Then, in a *later* statement, it
+//! reads the head below `bound`, and readers read below the newest bound. Why nothing is
+//! skipped: `X` is the snapshot's xmax (latest completed id + 1), taken when the statement
+//! starts, and the sessions are read while it runs, after that. Take a transaction `t` with id
+//! `x < bound` that writes this outbox. `x < X`, so `x` was assigned before the snapshot (some
+//! id at or after `x` had already completed, and ids are handed out in order), and a session
+//! publishes its id (`PGPROC.xid`) before releasing the lock that assigns it. So when the
+//! sessions are read, `t` is either running and seen (then `bound <= x`: a contradiction), or
+//! prepared and seen in the prepared list, read after the sessions (a transaction being
+//! prepared is in the prepared list before it leaves its session, so it is in one of the two
+//! reads), or already finished: then every row it wrote is visible to the later statement that
+//! reads rows, and no row can ever appear below `x << 20` again. Any transaction that gets its
+//! id after the snapshot gets one at or above `X >= bound`. A bound once computed stays valid
+//! (later ids are all higher), so readers keep the highest one seen.
+//!
+//! The cluster-wide rule stays as a floor that costs nothing: each read and head statement
+//! also takes its own snapshot's xmin (every transaction below it has finished, and later ones
+//! get larger ids) and reads below the greater of the two. So the common path is one
+//! statement, as it always was; the watcher runs the `bound` statement (then reads the head
+//! again) only when committed rows wait and the head did not move, that is when an open
+//! transaction holds the cluster's xmin: within a round trip it sees through a transaction of
+//! another database, or names the one of this database that holds the rows back.
+//!
+//! Consequences: an open transaction in another database of the cluster never holds
+//! projections back; one in this database holds them (committed rows wait, the watermark is
+//! *held*) for as long as it is open, whatever it wrote first. `backend_xid` and `datid` are
+//! visible to every role (unlike the session's start, state and query, which need
+//! `pg_read_all_stats`), so the rule needs no privilege; when a session's entry cannot be read
+//! at all (`<backend information not available>`), or when reading a standby (whose
+//! `pg_stat_activity` does not show the primary's sessions), the watermark falls back to the
+//! snapshot's xmin: the oldest transaction of the whole cluster. The statements run outside
+//! any explicit transaction, so each reads `pg_stat_activity` fresh (it is cached per
+//! transaction).
+//!
+//! A hold is reported: `projector_watermark_held_seconds`, the holder (id, pid, age, database,
+//! application) in `GET /projections`, and past `outbox.watermark_warn_ms` a warning in the
+//! log and a 503 from `/readyz`. The watcher re-reads the watermark every few milliseconds
+//! while it is held. Positions are sparse tokens, not counts. A transaction may insert at most
+//! 2^20 - 1 outbox rows, and transaction ids must stay below 2^43 (8.8 trillion).
 //!
 //! Rows are announced by `NOTIFY` (a statement trigger, and the append path), with a slow poll
 //! for writers that bypass both.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde_json::value::RawValue;
@@ -39,6 +86,7 @@ use super::{validate, AppendError, Appended, NewEvent, Placed, Source, SourceErr
 use crate::config::OutboxConfig;
 use crate::consistency::StreamVersion;
 use crate::event::Event;
+use crate::metrics::{Watermark, WatermarkHold, WatermarkHolder};
 use crate::store::postgres::Postgres;
 
 /// Bits of a position that count rows within one transaction.
@@ -47,6 +95,9 @@ const ROW_BITS: u32 = 20;
 /// First and longest pause before re-reading a watermark held back by an open transaction.
 const HELD_FIRST: Duration = Duration::from_millis(2);
 const HELD_MAX: Duration = Duration::from_millis(100);
+
+/// Shortest pause between two warnings about one hold.
+const WARN_EVERY: Duration = Duration::from_secs(30);
 
 /// Tries of an append that keeps losing races for its streams' next versions.
 const MAX_APPEND_ATTEMPTS: u64 = 20;
@@ -71,9 +122,13 @@ fn quote(name: &str) -> String {
 
 /// The statements, built once from the configured names and the columns the table has.
 struct Statements {
+    /// Rows after `$1` and below the position limit `$3`.
     read: String,
     /// The same read, packed by PostgreSQL into one JSON array.
     read_packed: String,
+    /// The watermark and what holds it (see the module docs); no parameters.
+    bound: String,
+    /// The newest position below the limit `$1`, and the newest committed one.
     head: String,
     position_of: Option<String>,
     /// Where the events of a range landed; `None` without versions or when the stream column
@@ -95,6 +150,10 @@ pub struct PgOutbox {
     sql: Statements,
     channel: String,
     head: Arc<watch::Sender<u64>>,
+    /// Readers read positions below this: the newest watermark seen, `<< ROW_BITS`. Only ever
+    /// raised (a watermark once computed stays valid).
+    limit: Arc<AtomicU64>,
+    watermark: Arc<Watermark>,
     /// Wakes the head watcher (after this instance's own appends).
     wake: Arc<Notify>,
     /// No trigger announces inserts: appends notify themselves.
@@ -108,26 +167,39 @@ impl PgOutbox {
     /// an existing one) and starts watching it.
     pub async fn open(db: Postgres, config: &OutboxConfig) -> Result<Self, SourceError> {
         let columns = prepare(&db, config).await?;
-        let sql = statements(config, &columns);
+        let (database_oid, role): (i64, String) = sqlx::query_as(
+            "SELECT oid::bigint, current_user::text FROM pg_database \
+             WHERE datname = current_database()",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .map_err(db_err("reading the outbox database's id"))?;
+        let sql = statements(config, &columns, database_oid);
         let channel = channel_name(&config.table);
-        let initial = read_head(&db, &sql.head).await?.safe;
-        let head = Arc::new(watch::Sender::new(initial));
+        let limit = Arc::new(AtomicU64::new(0));
+        let head = Arc::new(watch::Sender::new(0));
+        refresh(&db, &sql.bound, &sql.head, &limit, &head).await?;
         let outbox = Self {
             db,
             sql,
             channel,
             head,
+            limit,
+            watermark: Arc::new(Watermark::new(Duration::from_millis(
+                config.watermark_warn_ms,
+            ))),
             wake: Arc::new(Notify::new()),
             notify_after_append: !config.notify_trigger,
             _closed: watch::Sender::new(()),
         };
-        outbox.watch(Duration::from_millis(config.poll_interval_ms));
+        outbox.watch(Duration::from_millis(config.poll_interval_ms), role);
         Ok(outbox)
     }
 
     /// Keeps `head` at the newest safe position: on every notification, on a slow poll, and
-    /// every few milliseconds while committed rows wait behind an open transaction.
-    fn watch(&self, poll: Duration) {
+    /// every few milliseconds while committed rows wait behind an open transaction; and keeps
+    /// the watermark's hold up to date.
+    fn watch(&self, poll: Duration, role: String) {
         let notified = self.wake.clone();
         let head = Arc::downgrade(&self.head);
         let listening = listen(self.db.clone(), self.channel.clone(), notified.clone());
@@ -140,10 +212,11 @@ impl PgOutbox {
         });
         let mut closed = self._closed.subscribe();
         let db = self.db.clone();
-        let sql = self.sql.head.clone();
+        let (bound_sql, head_sql) = (self.sql.bound.clone(), self.sql.head.clone());
+        let limit = self.limit.clone();
+        let mut holds = Holds::new(self.watermark.clone(), role);
         tokio::spawn(async move {
             let mut held: Option<Duration> = None;
-            let mut held_since: Option<std::time::Instant> = None;
             loop {
                 let wait = held.unwrap_or(poll);
                 tokio::select! {
@@ -152,9 +225,8 @@ impl PgOutbox {
                     _ = closed.changed() => break,
                 }
                 let Some(sender) = head.upgrade() else { break };
-                match read_head(&db, &sql).await {
-                    Ok(h) => {
-                        let advanced = sender.send_if_modified(|p| raise(p, h.safe));
+                match refresh(&db, &bound_sql, &head_sql, &limit, &sender).await {
+                    Ok((bound, h, advanced)) => {
                         if h.committed > h.safe {
                             // Short waits while the watermark moves (this instance's own
                             // commits hold it for a moment); longer ones while it is stuck.
@@ -162,16 +234,10 @@ impl PgOutbox {
                                 Some(d) if !advanced => (d * 2).min(HELD_MAX),
                                 _ => HELD_FIRST,
                             });
-                            let since = *held_since.get_or_insert_with(std::time::Instant::now);
-                            if since.elapsed() > Duration::from_secs(10) {
-                                tracing::warn!(safe_position = h.safe, committed_position = h.committed, oldest_open_xid = h.xmin,
-                                    "committed outbox rows wait for an older open transaction to finish");
-                                held_since = Some(std::time::Instant::now());
-                            }
                         } else {
                             held = None;
-                            held_since = None;
                         }
+                        holds.update(bound.as_ref(), &h);
                     }
                     Err(err) => {
                         tracing::warn!(error = %err, "reading the outbox head failed");
@@ -237,11 +303,110 @@ struct Head {
     safe: u64,
     /// The newest committed position (above `safe` while an older transaction is open).
     committed: u64,
-    xmin: i64,
+    /// The position limit `safe` was read below: the watermark `<< ROW_BITS`.
+    limit: u64,
 }
 
-async fn read_head(db: &Postgres, sql: &str) -> Result<Head, SourceError> {
+/// The watermark, and the oldest open transaction that can still write the outbox.
+struct Bound {
+    /// A transaction id: every transaction below it that can write the outbox has ended.
+    xid: u64,
+    /// The cluster-wide rule was used (a session's entry was unreadable, or a standby).
+    cluster_wide: bool,
+    holder: Option<Holder>,
+}
+
+/// An open transaction below the snapshot's xmax, as `bound` reads it.
+struct Holder {
+    xid: u64,
+    pid: Option<i32>,
+    prepared_gid: Option<String>,
+    database: Option<String>,
+    application_name: Option<String>,
+    /// Milliseconds since it began, when visible.
+    age_ms: Option<i64>,
+    details_hidden: bool,
+}
+
+/// Reads the head below the watermark, and sends it. The head statement takes the greater of
+/// the cluster-wide rule (its own snapshot's xmin: one statement, one round trip) and the
+/// narrow bound computed before (`limit`). Only when committed rows wait and the head did not
+/// move does the watcher compute the narrow bound (a statement of its own, before a second
+/// head read, see the module docs), so the common path costs what it always did, and a hold
+/// by another database's transaction is seen through within one round of the watcher.
+async fn refresh(
+    db: &Postgres,
+    bound_sql: &str,
+    head_sql: &str,
+    limit: &AtomicU64,
+    sender: &watch::Sender<u64>,
+) -> Result<(Option<Bound>, Head, bool), SourceError> {
+    let mut head = read_head(db, head_sql, limit.load(Ordering::SeqCst)).await?;
+    let mut advanced = sender.send_if_modified(|p| raise(p, head.safe));
+    let mut bound = None;
+    if head.committed > head.safe && !advanced {
+        let narrow = read_bound(db, bound_sql).await?;
+        let before = limit.fetch_max(narrow.xid << ROW_BITS, Ordering::SeqCst);
+        if narrow.xid << ROW_BITS > before.max(head.limit) {
+            head = read_head(db, head_sql, limit.load(Ordering::SeqCst)).await?;
+            advanced = sender.send_if_modified(|p| raise(p, head.safe));
+        }
+        bound = Some(narrow);
+    }
+    Ok((bound, head, advanced))
+}
+
+async fn read_bound(db: &Postgres, sql: &str) -> Result<Bound, SourceError> {
+    let err = db_err("reading the outbox watermark");
+    let row = sqlx::query(sql).fetch_one(&db.pool).await.map_err(err)?;
+    let err = || db_err("reading the outbox watermark");
+    let next: i64 = row.try_get(0).map_err(err())?;
+    let oldest: i64 = row.try_get(1).map_err(err())?;
+    let cluster_wide: bool = row.try_get(2).map_err(err())?;
+    let session = match row.try_get::<Option<i64>, _>(3).map_err(err())? {
+        Some(xid) => Some(Holder {
+            xid: xid as u64,
+            pid: row.try_get(4).map_err(err())?,
+            prepared_gid: None,
+            age_ms: row.try_get(5).map_err(err())?,
+            application_name: row.try_get(6).map_err(err())?,
+            details_hidden: row
+                .try_get::<Option<bool>, _>(7)
+                .map_err(err())?
+                .unwrap_or(false),
+            database: row.try_get(8).map_err(err())?,
+        }),
+        None => None,
+    };
+    let prepared = match row.try_get::<Option<i64>, _>(9).map_err(err())? {
+        Some(xid) => Some(Holder {
+            xid: xid as u64,
+            pid: None,
+            prepared_gid: row.try_get(10).map_err(err())?,
+            age_ms: row.try_get(11).map_err(err())?,
+            application_name: None,
+            details_hidden: false,
+            database: row.try_get(12).map_err(err())?,
+        }),
+        None => None,
+    };
+    let holder = match (session, prepared) {
+        (Some(s), Some(p)) => Some(if p.xid < s.xid { p } else { s }),
+        (s, p) => s.or(p),
+    };
+    let narrow = holder
+        .as_ref()
+        .map_or(next as u64, |h| h.xid.min(next as u64));
+    Ok(Bound {
+        xid: if cluster_wide { oldest as u64 } else { narrow },
+        cluster_wide,
+        holder,
+    })
+}
+
+async fn read_head(db: &Postgres, sql: &str, below: u64) -> Result<Head, SourceError> {
     let row = sqlx::query(sql)
+        .bind(below as i64)
         .fetch_one(&db.pool)
         .await
         .map_err(db_err("reading the outbox head"))?;
@@ -253,8 +418,156 @@ async fn read_head(db: &Postgres, sql: &str) -> Result<Head, SourceError> {
     Ok(Head {
         safe: get(0)? as u64,
         committed: get(1)? as u64,
-        xmin: get(2)?,
+        limit: get(2)? as u64,
     })
+}
+
+/// Follows the watermark's holds for the watcher: publishes them, and warns about long ones.
+struct Holds {
+    watermark: Arc<Watermark>,
+    role: String,
+    /// The limit at the last check: a hold starts over when the watermark moves.
+    last_limit: u64,
+    since: Option<Instant>,
+    /// The holder seen last, and when it was first seen (its age when its start is hidden).
+    seen: Option<(u64, Instant)>,
+    warned: Option<Instant>,
+    hinted_privileges: bool,
+    hinted_cluster_wide: bool,
+}
+
+impl Holds {
+    fn new(watermark: Arc<Watermark>, role: String) -> Self {
+        Self {
+            watermark,
+            role,
+            last_limit: 0,
+            since: None,
+            seen: None,
+            warned: None,
+            hinted_privileges: false,
+            hinted_cluster_wide: false,
+        }
+    }
+
+    /// After a check: `bound` when the narrow watermark was read in it (only while held).
+    fn update(&mut self, bound: Option<&Bound>, head: &Head) {
+        let now = Instant::now();
+        let moved = head.limit > self.last_limit;
+        self.last_limit = self.last_limit.max(head.limit);
+        if bound.is_some_and(|b| b.cluster_wide) && !self.hinted_cluster_wide {
+            self.hinted_cluster_wide = true;
+            tracing::warn!(
+                "the outbox reader cannot see every session of the database (an entry of \
+                 pg_stat_activity is unreadable, or this is a standby): projections wait for \
+                 every open transaction of the cluster"
+            );
+        }
+        if head.committed <= head.safe {
+            self.since = None;
+            self.seen = None;
+            self.warned = None;
+            self.watermark.set(None);
+            return;
+        }
+        // Under load the watermark is held for a moment at nearly every check, but moves:
+        // a hold is measured from the last time it moved.
+        let since = match self.since {
+            Some(since) if !moved => since,
+            _ => now,
+        };
+        self.since = Some(since);
+        let Some(bound) = bound else {
+            // Not read this time (the head moved): the holder named before, if the hold
+            // goes on without the watermark moving.
+            let holder = self
+                .watermark
+                .hold()
+                .filter(|_| !moved)
+                .and_then(|h| h.holder);
+            self.watermark.set(Some(WatermarkHold {
+                since,
+                safe_position: head.safe,
+                committed_position: head.committed,
+                holder,
+            }));
+            return;
+        };
+        let holder = bound.holder.as_ref().map(|h| {
+            let first_seen = match self.seen {
+                Some((xid, at)) if xid == h.xid => at,
+                _ => now,
+            };
+            self.seen = Some((h.xid, first_seen));
+            if h.details_hidden && !self.hinted_privileges {
+                self.hinted_privileges = true;
+                tracing::warn!(
+                    role = %self.role,
+                    holder_xid = h.xid,
+                    holder_pid = h.pid,
+                    "an open transaction holds the outbox watermark, and its start, state and \
+                     query are hidden from projector's role: GRANT pg_read_all_stats TO {} to \
+                     see them (the watermark is narrowed to this database either way)",
+                    self.role
+                );
+            }
+            let started = match h.age_ms {
+                Some(ms) => now
+                    .checked_sub(Duration::from_millis(ms.max(0) as u64))
+                    .unwrap_or(first_seen),
+                None => first_seen,
+            };
+            WatermarkHolder {
+                xid: h.xid,
+                pid: h.pid,
+                prepared_gid: h.prepared_gid.clone(),
+                database: h.database.clone(),
+                application_name: h.application_name.clone(),
+                started,
+                details_hidden: h.details_hidden,
+            }
+        });
+        let hold = WatermarkHold {
+            since,
+            safe_position: head.safe,
+            committed_position: head.committed,
+            holder,
+        };
+        let warn_after = self.watermark.warn_after;
+        if hold.is_stale(warn_after) && self.warned.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+            self.warned = Some(now);
+            self.warn(&hold);
+        }
+        self.watermark.set(Some(hold));
+    }
+
+    fn warn(&mut self, hold: &WatermarkHold) {
+        let held_ms = hold.since.elapsed().as_millis() as u64;
+        let Some(h) = &hold.holder else {
+            tracing::warn!(
+                held_ms,
+                safe_position = hold.safe_position,
+                committed_position = hold.committed_position,
+                "committed outbox rows wait behind the watermark"
+            );
+            return;
+        };
+        tracing::warn!(
+            held_ms,
+            safe_position = hold.safe_position,
+            committed_position = hold.committed_position,
+            holder_xid = h.xid,
+            holder_pid = h.pid,
+            holder_prepared_gid = h.prepared_gid.as_deref(),
+            holder_database = h.database.as_deref(),
+            holder_application = h.application_name.as_deref(),
+            holder_age_ms = h.started.elapsed().as_millis() as u64,
+            "committed outbox rows wait for open transaction {} to end: projections and reads \
+             that wait are held until it commits or rolls back (end it with \
+             pg_terminate_backend(pid), or COMMIT/ROLLBACK PREPARED gid)",
+            h.xid
+        );
+    }
 }
 
 /// Names projector's objects on the outbox table (indexes, functions): a hash of the table's
@@ -546,7 +859,7 @@ async fn prepare(db: &Postgres, c: &OutboxConfig) -> Result<Columns, SourceError
     })
 }
 
-fn statements(c: &OutboxConfig, columns: &Columns) -> Statements {
+fn statements(c: &OutboxConfig, columns: &Columns, database_oid: i64) -> Statements {
     let t = quote(&c.table);
     let q = |name: &str| format!("\"{name}\"");
     let (pos, id, stream, stream_type, ty, payload) = (
@@ -583,9 +896,13 @@ fn statements(c: &OutboxConfig, columns: &Columns) -> Statements {
         Some(false) => format!("COALESCE({}::bigint, 0)", q(&c.timestamp_column)),
         None => "0::bigint".into(),
     };
-    // Evaluated once per statement (an InitPlan): every transaction below it has finished.
-    let watermark =
-        format!("(SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint << {ROW_BITS})");
+    // Evaluated once per statement (an InitPlan): the greater of the statement's own
+    // snapshot's xmin (every transaction below it has finished) and the narrow bound `$3`
+    // the watcher computed in an earlier statement (see the module docs).
+    let watermark = format!(
+        "(SELECT GREATEST($3::bigint, \
+         pg_snapshot_xmin(pg_current_snapshot())::text::bigint << {ROW_BITS}))"
+    );
     let id_array = if columns.id_is_uuid {
         "uuid[]"
     } else {
@@ -643,11 +960,11 @@ fn statements(c: &OutboxConfig, columns: &Columns) -> Statements {
                 "'[]'::json".into()
             },
         ),
+        bound: bound_statement(database_oid),
         head: format!(
-            "SELECT (SELECT max({pos}) FROM {t} WHERE {pos} < w.limit_position), \
-             (SELECT max({pos}) FROM {t}), w.xmin FROM \
-             (SELECT x AS xmin, x << {ROW_BITS} AS limit_position FROM \
-             (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS x) AS s) AS w"
+            "SELECT (SELECT max({pos}) FROM {t} WHERE {pos} < w.l), (SELECT max({pos}) FROM {t}), \
+             w.l FROM (SELECT GREATEST($1::bigint, \
+             pg_snapshot_xmin(pg_current_snapshot())::text::bigint << {ROW_BITS}) AS l) AS w"
         ),
         position_of: columns
             .version
@@ -715,6 +1032,65 @@ fn statements(c: &OutboxConfig, columns: &Columns) -> Statements {
         ),
         has_version: columns.version,
     }
+}
+
+/// The watermark statement (see the module docs): one row of `next` (the snapshot's xmax),
+/// `oldest` (its xmin), whether to fall back to the cluster-wide rule, the oldest session of
+/// the database holding an id below `next` (xid, pid, age in ms, application, details
+/// hidden, database) and the oldest prepared transaction of the database below `next` (xid,
+/// gid, age in ms, database).
+///
+/// The order of the reads is forced by the plan's shape, not left to the planner: `next` and
+/// `oldest` come from the statement's snapshot, taken before it runs; the sessions are read
+/// (once per transaction, so both scans see the same copy) by the aggregate `a`; the prepared
+/// transactions are read by a subquery that refers to `a`, so it runs after `a` has read every
+/// session.
+/// SQL: how far the 32-bit id `xid` lies before the 64-bit `n.next`, modulo 2^32. A running
+/// transaction below `next` is at most 2^31 ids back (wraparound protection keeps every live
+/// id within that window), so a distance of 1 to 2^31 - 1 places it; 0 or more than that
+/// means it is at or after `next`, and cannot lower the watermark.
+fn distance_back(xid: &str) -> String {
+    format!("((n.next - {xid}::text::bigint) & 4294967295)")
+}
+
+/// SQL: the 32-bit id `xid` made 64-bit against `n.next` (meaningful when `distance_back` is
+/// in the window).
+fn widen(xid: &str) -> String {
+    format!("n.next - {}", distance_back(xid))
+}
+
+fn bound_statement(database_oid: i64) -> String {
+    format!(
+        "SELECT n.next, n.oldest, (a.unknown > 0 OR n.recovery), \
+         h.xid, h.pid, h.age_ms, h.app, h.hidden, h.db, \
+         p.xid, p.gid, p.age_ms, p.db \
+         FROM (SELECT pg_snapshot_xmax(c.s)::text::bigint AS next, \
+               pg_snapshot_xmin(c.s)::text::bigint AS oldest, pg_is_in_recovery() AS recovery \
+               FROM (SELECT pg_current_snapshot() AS s) AS c) AS n \
+         CROSS JOIN LATERAL (SELECT count(*) FILTER \
+               (WHERE w.query = '<backend information not available>') AS unknown \
+               FROM pg_stat_get_activity(NULL) AS w) AS a \
+         LEFT JOIN LATERAL (SELECT {session_xid} AS xid, w.pid, \
+               floor(date_part('epoch', now() - w.xact_start) * 1000)::bigint AS age_ms, \
+               w.application_name AS app, w.query = '<insufficient privilege>' AS hidden, \
+               (SELECT datname::text FROM pg_database d WHERE d.oid = w.datid) AS db \
+               FROM pg_stat_get_activity(NULL) AS w \
+               WHERE w.backend_xid IS NOT NULL \
+               AND (w.datid = {database_oid} OR a.unknown > 0 OR n.recovery) \
+               AND {session_back} BETWEEN 1 AND 2147483647 \
+               ORDER BY 1 LIMIT 1) AS h ON true \
+         LEFT JOIN LATERAL (SELECT {prepared_xid} AS xid, t.gid, \
+               floor(date_part('epoch', now() - t.prepared) * 1000)::bigint AS age_ms, \
+               (SELECT datname::text FROM pg_database d WHERE d.oid = t.dbid) AS db \
+               FROM pg_prepared_xact() AS t \
+               WHERE (t.dbid = {database_oid} OR a.unknown > 0 OR n.recovery) \
+               AND {prepared_back} BETWEEN 1 AND 2147483647 \
+               ORDER BY 1 LIMIT 1) AS p ON true",
+        session_xid = widen("w.backend_xid"),
+        session_back = distance_back("w.backend_xid"),
+        prepared_xid = widen("t.transaction"),
+        prepared_back = distance_back("t.transaction"),
+    )
 }
 
 fn event_from_row(row: &PgRow) -> Result<Event, SourceError> {
@@ -798,6 +1174,7 @@ impl PgOutbox {
         let packed: Option<String> = sqlx::query_scalar(&self.sql.read_packed)
             .bind(after as i64)
             .bind(max_events as i64)
+            .bind(self.limit.load(Ordering::SeqCst) as i64)
             .fetch_one(&self.db.pool)
             .await?;
         let Some(packed) = packed else {
@@ -867,6 +1244,7 @@ impl Source for PgOutbox {
         let rows = sqlx::query(&self.sql.read)
             .bind(after as i64)
             .bind(max_events as i64)
+            .bind(self.limit.load(Ordering::SeqCst) as i64)
             .fetch_all(&self.db.pool)
             .await
             .map_err(db_err("reading the outbox"))?;
@@ -894,6 +1272,10 @@ impl Source for PgOutbox {
 
     fn nudge(&self) {
         self.wake.notify_one();
+    }
+
+    fn watermark(&self) -> Option<&Watermark> {
+        Some(&self.watermark)
     }
 
     async fn position_of(&self, stream: &str, version: u64) -> Result<Option<u64>, SourceError> {
@@ -1334,6 +1716,47 @@ mod tests {
         let message = err.to_string();
         assert!(message.contains(&id), "{message}");
         assert!(message.contains("committed"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn short_transaction_ids_are_widened_across_an_epoch() {
+        let Some(db) = fresh_database().await else {
+            return;
+        };
+        let epoch = 1i64 << 32;
+        // (next, 32-bit id) -> the 64-bit id, or None when it is not before `next`.
+        let cases = [
+            (1000, 990, Some(990)),
+            (1000, 1000, None),
+            (1000, 1001, None),
+            (epoch + 5, 4_294_967_290, Some(4_294_967_290)),
+            (epoch + 5, 3, Some(epoch + 3)),
+            (epoch + 5, 7, None),
+            (
+                3 * epoch + 100,
+                100 - 2_000_000_000i64 + epoch,
+                Some(3 * epoch + 100 - 2_000_000_000),
+            ),
+        ];
+        let sql = format!(
+            "SELECT {} BETWEEN 1 AND 2147483647, {} FROM (SELECT $1::bigint AS next, \
+             $2::text::xid AS x) AS n",
+            distance_back("n.x"),
+            widen("n.x")
+        );
+        for (next, xid, expected) in cases {
+            let (before, widened): (bool, i64) = sqlx::query_as(&sql)
+                .bind(next)
+                .bind(xid.to_string())
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+            assert_eq!(
+                before.then_some(widened),
+                expected,
+                "next {next}, xid {xid}"
+            );
+        }
     }
 
     #[test]
