@@ -1,6 +1,7 @@
 //! Where events come from. A [`Source`] hands runners the events after a position, in position
 //! order, and tells them when new ones arrive.
 
+pub mod group;
 pub mod outbox;
 pub mod pg_outbox;
 

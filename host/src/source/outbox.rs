@@ -7,8 +7,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::value::RawValue;
 use sqlx::{QueryBuilder, Row};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::watch;
 
+use super::group::{Appends, Request};
 use super::{validate, AppendError, Appended, NewEvent, Placed, Source, SourceError};
 use crate::consistency::StreamVersion;
 use crate::event::Event;
@@ -25,8 +26,8 @@ const ROWS_PER_STATEMENT: usize = 500;
 pub struct SqliteOutbox {
     db: Sqlite,
     head: Arc<watch::Sender<u64>>,
-    /// To the committer task: see [`committer`].
-    appends: mpsc::Sender<Request>,
+    /// Group commit: see [`write`].
+    appends: Appends,
 }
 
 fn db_err(context: &str) -> impl FnOnce(sqlx::Error) -> SourceError + '_ {
@@ -54,15 +55,16 @@ impl SqliteOutbox {
                 }
             }
         });
-        let (appends, requests) = mpsc::channel(QUEUED_APPENDS);
-        tokio::spawn(committer(db.clone(), head.clone(), requests));
+        let appends = {
+            let (db, head) = (db.clone(), head.clone());
+            Appends::start(move |group| {
+                let (db, head) = (db.clone(), head.clone());
+                async move { write(&db, &head, group).await }
+            })
+        };
         Ok(Self { db, head, appends })
     }
 }
-
-/// Append requests waiting for the committer; more wait for room (no request is refused
-/// for want of it).
-const QUEUED_APPENDS: usize = 4096;
 
 fn raise(head: &mut u64, position: u64) -> bool {
     if position > *head {
@@ -327,76 +329,36 @@ impl Source for SqliteOutbox {
     async fn append(&self, mut events: Vec<NewEvent>) -> Result<Vec<Appended>, AppendError> {
         validate(&mut events)?;
         self.db.check_file().map_err(SourceError::from)?;
-        let (reply, answer) = oneshot::channel();
-        self.appends
-            .send(Request { events, reply })
-            .await
-            .map_err(|_| {
-                AppendError::Source(SourceError::Setup("the outbox's committer stopped".into()))
-            })?;
-        answer.await.map_err(|_| {
-            AppendError::Source(SourceError::Setup("the outbox's committer stopped".into()))
-        })?
+        self.appends.append(events).await
     }
 }
 
-/// One `POST /events`: its events, and where its own answer goes.
-struct Request {
-    events: Vec<NewEvent>,
-    reply: oneshot::Sender<Result<Vec<Appended>, AppendError>>,
-}
-
-/// Group commit. One task owns the appends: it takes the first request waiting, and with it
-/// every request that arrived while the previous group was being written (up to
-/// [`MAX_GROUP_EVENTS`]), and writes them in one transaction. Nothing waits for a group to fill:
-/// an append alone is written at once; under load, requests pile up during one commit and go
-/// together in the next, so the cost of a transaction is shared by all of them. Each request
-/// keeps its own checks and answer: a stale `expected_version` refuses that request only.
+/// The SQLite writer of a group (see [`group`](super::group)): one transaction for all its
+/// requests, then each answered.
 ///
 /// Fair share: the write connection is handed out first come, first served, and a group takes
 /// it once. A projection's batch commit that asks for it while a group is being written gets
 /// it next, whatever number of appends is queued: it never waits more than one group.
-async fn committer(
-    db: Sqlite,
-    head: Arc<watch::Sender<u64>>,
-    mut requests: mpsc::Receiver<Request>,
-) {
-    while let Some(first) = requests.recv().await {
-        let mut events = first.events.len();
-        let mut group = vec![first];
-        while events < MAX_GROUP_EVENTS {
-            match requests.try_recv() {
-                Ok(next) => {
-                    events += next.events.len();
-                    group.push(next);
-                }
-                Err(_) => break,
-            }
+async fn write(db: &Sqlite, head: &watch::Sender<u64>, group: Vec<Request>) {
+    let (outcomes, last) = match write_group(db, &group).await {
+        Ok(done) => done,
+        Err(err) => {
+            // Nothing of the group was written: every request gets the reason.
+            let err = Arc::new(err);
+            let outcomes = group
+                .iter()
+                .map(|_| Err(AppendError::Source(SourceError::Group(err.clone()))))
+                .collect();
+            (outcomes, None)
         }
-        let (outcomes, last) = match write_group(&db, &group).await {
-            Ok(done) => done,
-            Err(err) => {
-                // Nothing of the group was written: every request gets the reason.
-                let err = Arc::new(err);
-                let outcomes = group
-                    .iter()
-                    .map(|_| Err(AppendError::Source(SourceError::Group(err.clone()))))
-                    .collect();
-                (outcomes, None)
-            }
-        };
-        if let Some(last) = last {
-            head.send_if_modified(|h| raise(h, last));
-        }
-        for (request, outcome) in group.into_iter().zip(outcomes) {
-            // A caller that hung up is answered by nobody; its events are written all the same.
-            let _ = request.reply.send(outcome);
-        }
+    };
+    if let Some(last) = last {
+        head.send_if_modified(|h| raise(h, last));
+    }
+    for (request, outcome) in group.into_iter().zip(outcomes) {
+        request.answer(outcome);
     }
 }
-
-/// Most events written in one group commit.
-const MAX_GROUP_EVENTS: usize = 10_000;
 
 type Outcomes = Vec<Result<Vec<Appended>, AppendError>>;
 
@@ -679,7 +641,7 @@ mod tests {
     fn request(events: Vec<NewEvent>) -> Request {
         Request {
             events,
-            reply: oneshot::channel().0,
+            reply: tokio::sync::oneshot::channel().0,
         }
     }
 

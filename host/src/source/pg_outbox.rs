@@ -82,6 +82,7 @@ use sqlx::postgres::{PgListener, PgRow};
 use sqlx::Row;
 use tokio::sync::{watch, Notify};
 
+use super::group::{Appends, Request};
 use super::{validate, AppendError, Appended, NewEvent, Placed, Source, SourceError};
 use crate::config::OutboxConfig;
 use crate::consistency::StreamVersion;
@@ -147,7 +148,7 @@ struct Statements {
 
 pub struct PgOutbox {
     db: Postgres,
-    sql: Statements,
+    sql: Arc<Statements>,
     channel: String,
     head: Arc<watch::Sender<u64>>,
     /// Readers read positions below this: the newest watermark seen, `<< ROW_BITS`. Only ever
@@ -156,8 +157,8 @@ pub struct PgOutbox {
     watermark: Arc<Watermark>,
     /// Wakes the head watcher (after this instance's own appends).
     wake: Arc<Notify>,
-    /// No trigger announces inserts: appends notify themselves.
-    notify_after_append: bool,
+    /// Group commit: see [`write`].
+    appends: Appends,
     /// Dropped with the outbox: its watcher and listener then end and free their connections.
     _closed: watch::Sender<()>,
 }
@@ -179,6 +180,19 @@ impl PgOutbox {
         let limit = Arc::new(AtomicU64::new(0));
         let head = Arc::new(watch::Sender::new(0));
         refresh(&db, &sql.bound, &sql.head, &limit, &head).await?;
+        let sql = Arc::new(sql);
+        let wake = Arc::new(Notify::new());
+        let appender = Arc::new(Appender {
+            db: db.clone(),
+            sql: sql.clone(),
+            channel: channel.clone(),
+            wake: wake.clone(),
+            notify_after_append: !config.notify_trigger,
+        });
+        let appends = Appends::start(move |group| {
+            let appender = appender.clone();
+            async move { write(&appender, group).await }
+        });
         let outbox = Self {
             db,
             sql,
@@ -188,8 +202,8 @@ impl PgOutbox {
             watermark: Arc::new(Watermark::new(Duration::from_millis(
                 config.watermark_warn_ms,
             ))),
-            wake: Arc::new(Notify::new()),
-            notify_after_append: !config.notify_trigger,
+            wake,
+            appends,
             _closed: watch::Sender::new(()),
         };
         outbox.watch(Duration::from_millis(config.poll_interval_ms), role);
@@ -1390,6 +1404,50 @@ impl Source for PgOutbox {
                 });
             }
         }
+        self.appends.append(events).await
+    }
+}
+
+/// The PostgreSQL writer of a group (see [`group`](super::group)). The common case: all the
+/// group's events in one statement, one transaction: one WAL flush, and one transaction id
+/// holding the watermark for a moment instead of one per request. When that statement is
+/// refused (an expectation of some request does not hold, an id repeats, a race), each request
+/// is written alone, so a refusal costs its own request only.
+async fn write(appender: &Appender, group: Vec<Request>) {
+    if group.len() > 1 {
+        let all: Vec<NewEvent> = group
+            .iter()
+            .flat_map(|r| r.events.iter().cloned())
+            .collect();
+        if let Ok(appended) = appender.insert(&all).await {
+            let mut appended = appended.into_iter();
+            for request in group {
+                let mine = appended.by_ref().take(request.events.len()).collect();
+                request.answer(Ok(mine));
+            }
+            return;
+        }
+    }
+    for request in group {
+        let outcome = appender.insert(&request.events).await;
+        request.answer(outcome);
+    }
+}
+
+/// What appends need of the outbox, shared with the group writer's task.
+struct Appender {
+    db: Postgres,
+    sql: Arc<Statements>,
+    channel: String,
+    /// Wakes the head watcher (after this instance's own appends).
+    wake: Arc<Notify>,
+    /// No trigger announces inserts: appends notify themselves.
+    notify_after_append: bool,
+}
+
+impl Appender {
+    /// Inserts `events` (validated) in one statement: all or none.
+    async fn insert(&self, events: &[NewEvent]) -> Result<Vec<Appended>, AppendError> {
         let mut seen = HashSet::new();
         if let Some(dup) = events
             .iter()
@@ -1449,7 +1507,7 @@ impl Source for PgOutbox {
             match inserted {
                 Ok(rows) if rows.len() == events.len() => break rows,
                 // Nothing inserted: an expectation did not hold, or a race moved a version.
-                Ok(_) => match self.conflict(&events).await? {
+                Ok(_) => match self.conflict(events).await? {
                     Some(conflict) => return Err(conflict),
                     None => locked = true,
                 },
@@ -1465,7 +1523,7 @@ impl Source for PgOutbox {
                             if let Some(id) = self.existing_id(&ids).await? {
                                 return Err(AppendError::DuplicateId { id });
                             }
-                            if let Some(conflict) = self.conflict(&events).await? {
+                            if let Some(conflict) = self.conflict(events).await? {
                                 return Err(conflict);
                             }
                             locked = true;
@@ -1506,7 +1564,7 @@ impl Source for PgOutbox {
             let version: Option<i64> = row.try_get(2).map_err(db_err("appending events"))?;
             returned.push((id, position, version));
         }
-        Ok(place(&events, ids, returned)?)
+        Ok(place(events, ids, returned)?)
     }
 }
 
@@ -1546,7 +1604,7 @@ fn place(
         .collect()
 }
 
-impl PgOutbox {
+impl Appender {
     /// Runs the insert in a transaction that first takes the advisory lock of each stream, in
     /// one global order: appends to the same streams then go one after the other.
     async fn insert_locked<'q>(
