@@ -7,9 +7,18 @@
 //! `catchup-poison` (catch-up by the `poison` fixture over a clean log and over the same log
 //! with 10 failing events: what isolating them costs), `isolate-loop` (one 5,000-event batch
 //! whose event 2,500 loops until a 1 s deadline: how long isolating it takes).
+//! `live-sweep`: offered rates (`BENCH_SWEEP_RATES`, default 1000,2000,5000,10000,20000
+//! appends/s, `BENCH_SWEEP_SECS` each, default 10) from 64 HTTP writers, one event per
+//! `POST /events`, open loop, against `serve` in-process with the account-balance plugin, a
+//! fresh database per rate, plus the top rate again with backpressure off; prints achieved
+//! appends/s, append and commit → queryable latencies, max lag, refusals, CPU.
+//! `append-batching`: the append path alone, closed loop: 64 writers of single-event appends
+//! against 64-event batches (`BENCH_BATCHING_MODES=64x1,1x64,4x64,64x64`).
+//! `PROJECTOR_*` settings in the environment apply to the server of these two.
 //! Default: all. `catchup-poison` and `isolate-loop` need `target/plugins/fixtures/poison.wasm`
 //! (`bash scripts/build-plugins.sh`).
-//! On PostgreSQL: `pg-catchup`, `pg-native`, `pg-live`, `pg-ryw` (`pg`: all four), the same
+//! On PostgreSQL: `pg-catchup`, `pg-native`, `pg-live`, `pg-ryw`, `pg-live-sweep`,
+//! `pg-append-batching` (`pg`: all of them, with `pg-read` and `pg-raw`), the same
 //! scenarios on a `PgOutbox` and the PostgreSQL store. They run on `BENCH_POSTGRES_URL` (an admin
 //! URL, `postgres://postgres@127.0.0.1:PORT/postgres`; `all` includes them only when it is set)
 //! or else on a throwaway durable cluster (`scripts/pg-test-cluster.sh start DIR --durable`),
