@@ -1388,6 +1388,8 @@ struct LivePoint {
     unresolved: usize,
     /// Max of `projector_lag_seconds`, sampled every 100 ms, in ms.
     max_lag_metric_ms: f64,
+    /// Long-polls the monitor sent (the server answers each: part of its CPU figure).
+    monitor_requests: usize,
     cpu: CpuUse,
 }
 
@@ -1461,17 +1463,18 @@ async fn live_client(addr: std::net::SocketAddr, rate: usize, secs: f64) -> Live
         let mut writers_done = writers_done.clone();
         tokio::spawn(async move {
             let mut drain_deadline = None;
+            let mut requests = 0;
             loop {
                 let want = {
                     let p = pending.lock().unwrap();
                     if *writers_done.borrow_and_update() {
                         if p.waiting.is_empty() {
-                            return 0;
+                            return (0, requests);
                         }
                         let deadline = *drain_deadline
                             .get_or_insert_with(|| Instant::now() + Duration::from_secs(30));
                         if Instant::now() > deadline {
-                            return p.waiting.len();
+                            return (p.waiting.len(), requests);
                         }
                     }
                     p.waiting
@@ -1484,6 +1487,7 @@ async fn live_client(addr: std::net::SocketAddr, rate: usize, secs: f64) -> Live
                 let path = format!(
                     "/projections/account-balance/_streams/acct-000000?min_position={want}&timeout_ms=200"
                 );
+                requests += 1;
                 let Ok(answer) = monitor_http.request(&path, None).await else {
                     continue;
                 };
@@ -1592,7 +1596,7 @@ async fn live_client(addr: std::net::SocketAddr, rate: usize, secs: f64) -> Live
     point.secs = start.elapsed().as_secs_f64();
     point.cpu = meter.stop();
     writers_done_tx.send(true).unwrap();
-    point.unresolved = monitor.await.expect("the monitor panicked");
+    (point.unresolved, point.monitor_requests) = monitor.await.expect("the monitor panicked");
     monitor_done_tx.send(true).unwrap();
     point.max_lag_metric_ms = sampler.await.expect("the sampler panicked") * 1e3;
     point.queryable_ms = std::mem::take(&mut pending.lock().unwrap().queryable_ms);
@@ -1706,7 +1710,7 @@ async fn scenario_live_sweep(prefix: &str, db: RunDb<'_>) {
             "RESULT scenario={scenario} max_lag_ms={max_lag_ms} offered={rate} achieved={achieved:.0} ok={} secs={:.2} \
              append_p50_ms={:.3} append_p99_ms={:.3} late_p99_ms={:.3} queryable_p50_ms={:.3} queryable_p99_ms={:.3} \
              queryable_max_ms={:.3} lag_metric_max_ms={:.0} refused={} refused_without_retry_after={} failed={} \
-             unresolved={} cpu_client={:.2} cpu_server={:.2} server_us_per_append={server_us:.0} cpu_machine={:.2}",
+             unresolved={} monitor_requests={} cpu_client={:.2} cpu_server={:.2} server_us_per_append={server_us:.0} cpu_machine={:.2}",
             point.ok,
             point.secs,
             p(&point.append_ms, 0.5),
@@ -1720,6 +1724,7 @@ async fn scenario_live_sweep(prefix: &str, db: RunDb<'_>) {
             point.refused_without_retry_after,
             point.failed,
             point.unresolved,
+            point.monitor_requests,
             point.cpu.client,
             point.cpu.server,
             point.cpu.machine,
