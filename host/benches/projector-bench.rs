@@ -11,9 +11,18 @@
 //! latency and the server's CPU per append, counted until the server is idle again;
 //! `BENCH_HERD_WAITERS` (`0,500,2000`), `BENCH_HERD_APPENDS` (100), `BENCH_HERD_RATE` (50
 //! appends/s, one at a time)).
+//! `live-sweep`: offered rates (`BENCH_SWEEP_RATES`, default 1000,2000,5000,10000,20000
+//! appends/s, `BENCH_SWEEP_SECS` each, default 10) from 64 HTTP writers, one event per
+//! `POST /events`, open loop, against `serve` in-process with the account-balance plugin, a
+//! fresh database per rate, plus the top rate again with backpressure off; prints achieved
+//! appends/s, append and commit → queryable latencies, max lag, refusals, CPU.
+//! `append-batching`: the append path alone, closed loop: 64 writers of single-event appends
+//! against 64-event batches (`BENCH_BATCHING_MODES=64x1,1x64,4x64,64x64`).
+//! `PROJECTOR_*` settings in the environment apply to the server of these two.
 //! Default: all. `catchup-poison` and `isolate-loop` need `target/plugins/fixtures/poison.wasm`
 //! (`bash scripts/build-plugins.sh`).
-//! On PostgreSQL: `pg-catchup`, `pg-native`, `pg-live`, `pg-ryw` (`pg`: all four), the same
+//! On PostgreSQL: `pg-catchup`, `pg-native`, `pg-live`, `pg-ryw`, `pg-live-sweep`,
+//! `pg-append-batching` (`pg`: all of them, with `pg-read` and `pg-raw`), the same
 //! scenarios on a `PgOutbox` and the PostgreSQL store. They run on `BENCH_POSTGRES_URL` (an admin
 //! URL, `postgres://postgres@127.0.0.1:PORT/postgres`; `all` includes them only when it is set)
 //! or else on a throwaway durable cluster (`scripts/pg-test-cluster.sh start DIR --durable`),
@@ -1045,12 +1054,15 @@ async fn scenario_live(
     task.await.unwrap();
     monitor.abort();
     let mut lat = latencies.lock().unwrap().clone();
+    // Achieved: the appends over the time until the last one returned (past the offered
+    // window when the appends could not keep up).
+    let achieved = total as f64 / elapsed;
     report(
         &format!("{prefix}live-commit-to-queryable"),
         total,
         elapsed,
         &mut lat,
-        &format!("rate={rate}"),
+        &format!("rate={rate} offered_aps={rate} achieved_aps={achieved:.0}"),
     );
 }
 
@@ -1131,6 +1143,737 @@ async fn ryw_client(
     let secs = start.elapsed().as_secs_f64();
     stop.send(true).unwrap();
     report(&scenario, 1100, secs, &mut waits, "latency=read_with_wait");
+}
+
+// ---------------------------------------------------------------------------------------------
+// live-sweep and append-batching: HTTP load against `serve` run in-process.
+
+/// One keep-alive HTTP/1 connection, driven by hyper's client directly: reqwest's pool and
+/// per-request machinery cost the client more CPU, and the client shares the cores with the
+/// server it measures.
+struct Http {
+    send: hyper::client::conn::http1::SendRequest<axum::body::Body>,
+    addr: std::net::SocketAddr,
+}
+
+/// A response: status, `Retry-After` if any, body.
+struct Answer {
+    status: u16,
+    retry_after: bool,
+    body: bytes::Bytes,
+}
+
+impl Http {
+    async fn connect(addr: std::net::SocketAddr) -> Self {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|err| panic!("connecting to the bench server at {addr}: {err}"));
+        tcp.set_nodelay(true).expect("TCP_NODELAY");
+        let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("HTTP/1 handshake with the bench server");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Self { send, addr }
+    }
+
+    /// `GET path` (body `None`) or `POST path` with a JSON body. A transport error reconnects
+    /// for the next request.
+    async fn request(&mut self, path: &str, body: Option<String>) -> Result<Answer, String> {
+        use axum::http::{header, Method, Request};
+        let result = async {
+            self.send.ready().await.map_err(|e| e.to_string())?;
+            let builder = Request::builder()
+                .uri(path)
+                .header(header::HOST, self.addr.to_string());
+            let request = match body {
+                Some(body) => builder
+                    .method(Method::POST)
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(axum::body::Body::from(body)),
+                None => builder.method(Method::GET).body(axum::body::Body::empty()),
+            }
+            .map_err(|e| e.to_string())?;
+            let response = self
+                .send
+                .send_request(request)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (parts, body) = response.into_parts();
+            let body = axum::body::to_bytes(axum::body::Body::new(body), usize::MAX)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(Answer {
+                status: parts.status.as_u16(),
+                retry_after: parts.headers.contains_key(header::RETRY_AFTER),
+                body,
+            })
+        }
+        .await;
+        if result.is_err() {
+            *self = Self::connect(self.addr).await;
+        }
+        result
+    }
+}
+
+/// The `position` field of an answer (`POST /events`, `GET .../_streams/...`).
+fn answer_position(body: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Position {
+        position: Option<u64>,
+    }
+    serde_json::from_slice::<Position>(body).ok()?.position
+}
+
+/// One `Deposited` event as an HTTP client sends it (~200 bytes of JSON).
+fn event_json(i: usize, streams: usize) -> String {
+    format!(
+        r#"{{"stream":"acct-{:06}","stream_type":"Account","type":"Deposited","payload":{}}}"#,
+        i % streams,
+        payload("Deposited", i)
+    )
+}
+
+/// CPU seconds (user + system) of the calling thread.
+fn thread_cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+    let fields: Vec<f64> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    (fields.get(11).unwrap_or(&0.0) + fields.get(12).unwrap_or(&0.0)) / 100.0
+}
+
+/// Busy and total jiffies of the whole machine (`/proc/stat`): how loaded it was, everyone's
+/// work counted.
+fn machine_jiffies() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let cpu: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    let total: f64 = cpu.iter().sum();
+    // idle + iowait
+    let idle = cpu.get(3).unwrap_or(&0.0) + cpu.get(4).unwrap_or(&0.0);
+    (total - idle, total)
+}
+
+/// Where the CPU went over a measured window, in cores (1.0 = one core busy).
+#[derive(Default, Clone, Copy)]
+struct CpuUse {
+    client: f64,
+    /// This process minus the client thread: the server (its runtime, SQLite's threads).
+    server: f64,
+    /// Every process on the machine, the bench included.
+    machine: f64,
+}
+
+struct CpuMeter {
+    at: Instant,
+    thread: f64,
+    process: f64,
+    machine: (f64, f64),
+}
+
+impl CpuMeter {
+    /// To be read on the client's thread.
+    fn start() -> Self {
+        Self {
+            at: Instant::now(),
+            thread: thread_cpu_secs(),
+            process: cpu_secs(),
+            machine: machine_jiffies(),
+        }
+    }
+
+    fn stop(&self) -> CpuUse {
+        let secs = self.at.elapsed().as_secs_f64();
+        let client = (thread_cpu_secs() - self.thread) / secs;
+        let process = (cpu_secs() - self.process) / secs;
+        let (busy, total) = machine_jiffies();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let machine = (busy - self.machine.0) / (total - self.machine.1).max(1.0) * cores;
+        CpuUse {
+            client,
+            server: process - client,
+            machine,
+        }
+    }
+}
+
+/// Runs `serve` with `config` on this runtime and `client` on a thread of its own (a
+/// single-threaded runtime: its CPU is measured apart from the server's), then stops the
+/// server.
+async fn with_server<T, F>(
+    config: Config,
+    client: impl FnOnce(std::net::SocketAddr) -> F + Send + 'static,
+) -> T
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T>,
+{
+    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+    let (stop, mut stopped) = watch::channel(false);
+    // Joined, not spawned: `serve`'s future is not `Send` for every lifetime (sqlx).
+    let server = projector::serve::serve(
+        config,
+        move |addr| {
+            let _ = addr_tx.send(addr);
+        },
+        async move {
+            let _ = stopped.changed().await;
+        },
+    );
+    let client = async move {
+        // No address: the server stopped before listening (its error is reported below).
+        let addr = addr_rx.await.ok()?;
+        let out = tokio::task::spawn_blocking(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("the client's runtime")
+                .block_on(client(addr))
+        })
+        .await;
+        stop.send(true).unwrap();
+        Some(out.expect("the bench client panicked"))
+    };
+    let (served, out) = tokio::join!(server, client);
+    served.expect("the server failed");
+    out.expect("the server stopped before listening")
+}
+
+/// A server config for the HTTP scenarios: a fresh database (`database_url`, or SQLite in
+/// `run_dir`), the compiled-plugin cache shared across runs in `cache_dir` (no recompiling
+/// per run), plugins from `plugins`.
+fn http_config(
+    cache_dir: &Path,
+    run_dir: &Path,
+    database_url: Option<String>,
+    plugins: PathBuf,
+    max_lag_ms: u64,
+) -> Config {
+    // `PROJECTOR_*` settings from the environment apply, as to `projector serve` (e.g.
+    // `PROJECTOR_OUTBOX__NOTIFY_TRIGGER=false`).
+    let mut config = Config::load(None, std::env::vars()).expect("PROJECTOR_* settings");
+    config.listen = "127.0.0.1:0".into();
+    config.data_dir = cache_dir.to_owned();
+    config.database_url = database_url
+        .unwrap_or_else(|| format!("sqlite://{}", run_dir.join("projector.db").display()));
+    config.plugins = plugins;
+    config.runner.max_lag_ms = max_lag_ms;
+    config
+}
+
+/// What one offered rate of the live sweep gave.
+#[derive(Default)]
+struct LivePoint {
+    ok: usize,
+    refused: usize,
+    /// Refusals without `Retry-After` (should be none).
+    refused_without_retry_after: usize,
+    failed: usize,
+    first_failure: Option<String>,
+    /// From the first due append to the last answer.
+    secs: f64,
+    /// Request sent → 201, ms.
+    append_ms: Vec<f64>,
+    /// How late the appends were sent after their due time, ms (all writers busy).
+    late_ms: Vec<f64>,
+    /// The 201 → the projection's checkpoint seen past the position, ms.
+    queryable_ms: Vec<f64>,
+    /// Acknowledged appends never seen queryable before the drain deadline.
+    unresolved: usize,
+    /// Max of `projector_lag_seconds`, sampled every 100 ms, in ms.
+    max_lag_metric_ms: f64,
+    /// Long-polls the monitor sent (the server answers each: part of its CPU figure).
+    monitor_requests: usize,
+    cpu: CpuUse,
+}
+
+const LIVE_WRITERS: usize = 64;
+const LIVE_STREAMS: usize = 1000;
+
+/// The client of one sweep point: opens the streams, then `LIVE_WRITERS` writers append one
+/// event per request at `rate` (open loop) for `secs`, while one monitor long-polls the
+/// projection's checkpoint and one sampler reads `/metrics`.
+async fn live_client(addr: std::net::SocketAddr, rate: usize, secs: f64) -> LivePoint {
+    // Setup (untimed): every stream opened, and applied.
+    let mut setup = Http::connect(addr).await;
+    let mut head = 0;
+    for chunk in (0..LIVE_STREAMS).collect::<Vec<_>>().chunks(100) {
+        let events: Vec<serde_json::Value> = chunk
+            .iter()
+            .map(|&i| {
+                let e = new_event(i, LIVE_STREAMS);
+                json!({"stream": e.stream, "stream_type": e.stream_type, "type": e.event_type,
+                       "payload": serde_json::from_str::<serde_json::Value>(e.payload.get()).unwrap()})
+            })
+            .collect();
+        let answer = setup
+            .request("/events", Some(json!({ "events": events }).to_string()))
+            .await
+            .expect("setup append");
+        assert_eq!(answer.status, 201, "setup append: {:?}", answer.body);
+        head = answer_position(&answer.body).expect("setup append: no position");
+    }
+    let answer = setup
+        .request(
+            &format!(
+                "/projections/account-balance/_streams/acct-000000?min_position={head}&timeout_ms=60000"
+            ),
+            None,
+        )
+        .await
+        .expect("setup wait");
+    assert_eq!(answer.status, 200, "setup wait: {:?}", answer.body);
+
+    // The appended positions waiting to be seen queryable (with the time of their 201), and
+    // the newest checkpoint the monitor has seen.
+    struct Pending {
+        seen: u64,
+        waiting: BTreeMap<u64, Instant>,
+        queryable_ms: Vec<f64>,
+    }
+    let pending = Arc::new(Mutex::new(Pending {
+        seen: head,
+        waiting: BTreeMap::new(),
+        queryable_ms: Vec::new(),
+    }));
+    let next = Arc::new(AtomicUsize::new(0));
+    let (writers_done_tx, writers_done) = watch::channel(false);
+
+    let mut connections = Vec::new();
+    for _ in 0..LIVE_WRITERS {
+        connections.push(Http::connect(addr).await);
+    }
+    let mut monitor_http = Http::connect(addr).await;
+    let mut metrics_http = Http::connect(addr).await;
+    let meter = CpuMeter::start();
+    let start = Instant::now() + Duration::from_millis(20);
+    let end = start + Duration::from_secs_f64(secs);
+
+    // The monitor: one long-poll at a time for the smallest position still waiting; its
+    // answer carries the checkpoint, and every waiting position at or under it became
+    // queryable at the latest when the answer arrived.
+    let monitor = {
+        let pending = pending.clone();
+        let mut writers_done = writers_done.clone();
+        tokio::spawn(async move {
+            let mut drain_deadline = None;
+            let mut requests = 0;
+            loop {
+                let want = {
+                    let p = pending.lock().unwrap();
+                    if *writers_done.borrow_and_update() {
+                        if p.waiting.is_empty() {
+                            return (0, requests);
+                        }
+                        let deadline = *drain_deadline
+                            .get_or_insert_with(|| Instant::now() + Duration::from_secs(30));
+                        if Instant::now() > deadline {
+                            return (p.waiting.len(), requests);
+                        }
+                    }
+                    p.waiting
+                        .keys()
+                        .next()
+                        .copied()
+                        .unwrap_or(p.seen + 1)
+                        .max(p.seen + 1)
+                };
+                let path = format!(
+                    "/projections/account-balance/_streams/acct-000000?min_position={want}&timeout_ms=200"
+                );
+                requests += 1;
+                let Ok(answer) = monitor_http.request(&path, None).await else {
+                    continue;
+                };
+                let at = Instant::now();
+                // A timeout (nothing committed for 200 ms) answers 504 without a position.
+                let Some(position) = answer_position(&answer.body) else {
+                    continue;
+                };
+                let mut p = pending.lock().unwrap();
+                p.seen = p.seen.max(position);
+                let passed: Vec<u64> = p.waiting.range(..=position).map(|(k, _)| *k).collect();
+                for k in passed {
+                    let acked = p.waiting.remove(&k).unwrap();
+                    p.queryable_ms
+                        .push(at.saturating_duration_since(acked).as_secs_f64() * 1e3);
+                }
+            }
+        })
+    };
+    // `projector_lag_seconds`, every 100 ms until the monitor is done.
+    let (monitor_done_tx, mut monitor_done) = watch::channel(false);
+    let sampler = tokio::spawn(async move {
+        let mut max: f64 = 0.0;
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = monitor_done.changed() => return max,
+            }
+            if let Ok(answer) = metrics_http.request("/metrics", None).await {
+                for line in String::from_utf8_lossy(&answer.body).lines() {
+                    if line.starts_with("projector_lag_seconds{") {
+                        let value = line.rsplit(' ').next().and_then(|v| v.parse().ok());
+                        max = max.max(value.unwrap_or(0.0));
+                    }
+                }
+            }
+        }
+    });
+
+    let mut writers = tokio::task::JoinSet::new();
+    for mut http in connections {
+        let (next, pending) = (next.clone(), pending.clone());
+        writers.spawn(async move {
+            let mut point = LivePoint::default();
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let due = start + Duration::from_secs_f64(n as f64 / rate as f64);
+                if due >= end || Instant::now() >= end {
+                    break;
+                }
+                tokio::time::sleep_until(due.into()).await;
+                let body = event_json(LIVE_STREAMS + n, LIVE_STREAMS);
+                let sent = Instant::now();
+                point
+                    .late_ms
+                    .push(sent.saturating_duration_since(due).as_secs_f64() * 1e3);
+                let answer = http.request("/events", Some(body)).await;
+                let acked = Instant::now();
+                match answer {
+                    Ok(a) if a.status == 201 => {
+                        point.ok += 1;
+                        point.append_ms.push((acked - sent).as_secs_f64() * 1e3);
+                        let position = answer_position(&a.body).expect("a 201 without position");
+                        let mut p = pending.lock().unwrap();
+                        if position <= p.seen {
+                            p.queryable_ms.push(0.0);
+                        } else {
+                            p.waiting.insert(position, acked);
+                        }
+                    }
+                    Ok(a) if a.status == 503 => {
+                        point.refused += 1;
+                        if !a.retry_after {
+                            point.refused_without_retry_after += 1;
+                        }
+                    }
+                    Ok(a) => {
+                        point.failed += 1;
+                        point.first_failure.get_or_insert_with(|| {
+                            format!("{} {}", a.status, String::from_utf8_lossy(&a.body))
+                        });
+                    }
+                    Err(err) => {
+                        point.failed += 1;
+                        point.first_failure.get_or_insert(err);
+                    }
+                }
+            }
+            point
+        });
+    }
+    let mut point = LivePoint::default();
+    while let Some(w) = writers.join_next().await {
+        let w = w.expect("a writer panicked");
+        point.ok += w.ok;
+        point.refused += w.refused;
+        point.refused_without_retry_after += w.refused_without_retry_after;
+        point.failed += w.failed;
+        if point.first_failure.is_none() {
+            point.first_failure = w.first_failure;
+        }
+        point.append_ms.extend(w.append_ms);
+        point.late_ms.extend(w.late_ms);
+    }
+    point.secs = start.elapsed().as_secs_f64();
+    point.cpu = meter.stop();
+    writers_done_tx.send(true).unwrap();
+    (point.unresolved, point.monitor_requests) = monitor.await.expect("the monitor panicked");
+    monitor_done_tx.send(true).unwrap();
+    point.max_lag_metric_ms = sampler.await.expect("the sampler panicked") * 1e3;
+    point.queryable_ms = std::mem::take(&mut pending.lock().unwrap().queryable_ms);
+    point
+}
+
+fn sweep_rates() -> Vec<usize> {
+    std::env::var("BENCH_SWEEP_RATES")
+        .unwrap_or_else(|_| "1000,2000,5000,10000,20000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
+fn sweep_secs() -> f64 {
+    std::env::var("BENCH_SWEEP_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10.0)
+}
+
+/// The fresh database of one run, and how to discard it.
+enum RunDb<'a> {
+    Sqlite,
+    Postgres(&'a PgCluster),
+}
+
+impl RunDb<'_> {
+    /// A fresh database: its URL (`None`: SQLite in the run's dir) and what to drop after.
+    async fn create(&self) -> (Option<String>, Option<String>) {
+        match self {
+            Self::Sqlite => (None, None),
+            Self::Postgres(cluster) => {
+                let name = cluster.create(None).await;
+                (Some(cluster.url(&name)), Some(name))
+            }
+        }
+    }
+
+    async fn discard(&self, name: Option<String>) {
+        if let (Self::Postgres(cluster), Some(name)) = (self, name) {
+            cluster.drop_database(&name).await;
+        }
+    }
+}
+
+/// `live-sweep`: for each offered rate, a fresh database and server, 64 writers over HTTP.
+async fn scenario_live_sweep(prefix: &str, db: RunDb<'_>) {
+    let secs = sweep_secs();
+    let rates = sweep_rates();
+    let cache = tempdir("sweep-cache");
+    let default_max_lag = RunnerConfig::default().max_lag_ms;
+    println!(
+        "({LIVE_WRITERS} writers over keep-alive HTTP/1, one event per POST /events, open loop, {secs} s per rate; \
+         commit→queryable: 201 → the projection's checkpoint seen past the position by one long-poll \
+         monitor; lag_metric: max projector_lag_seconds sampled every 100 ms; cpu in cores)"
+    );
+    println!(
+        "| scenario                | max_lag_ms | offered/s | achieved/s | append p50 | append p99 | late p99 | queryable p50 | queryable p99 | queryable max | lag_metric max | refused | failed | cpu client | cpu server | server µs/append | cpu machine |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut runs: Vec<(usize, u64)> = rates.iter().map(|&r| (r, default_max_lag)).collect();
+    if let Some(&top) = rates.iter().max() {
+        runs.push((top, 0));
+    }
+    for (rate, max_lag_ms) in runs {
+        let run_dir = tempdir("sweep-run");
+        let (url, name) = db.create().await;
+        let config = http_config(
+            &cache,
+            &run_dir,
+            url,
+            root().join("target/plugins"),
+            max_lag_ms,
+        );
+        let mut point = with_server(config, move |addr| live_client(addr, rate, secs)).await;
+        db.discard(name).await;
+        let _ = std::fs::remove_dir_all(&run_dir);
+        let scenario = format!("{prefix}live-sweep");
+        for v in [
+            &mut point.append_ms,
+            &mut point.late_ms,
+            &mut point.queryable_ms,
+        ] {
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        }
+        // Over the offered window, or longer if the last answers came after it.
+        let achieved = point.ok as f64 / point.secs.max(secs);
+        // The server's CPU per acknowledged append (HTTP, group commit, the projection): on a
+        // shared machine, the figure that says what the whole machine would carry.
+        let server_us = point.cpu.server / achieved.max(1.0) * 1e6;
+        let p = |v: &[f64], q: f64| percentile(v, q);
+        let max = |v: &[f64]| v.last().copied().unwrap_or(0.0);
+        println!(
+            "| {scenario:<23} | {max_lag_ms:>10} | {rate:>9} | {achieved:>10.0} | {:>7.2} ms | {:>7.2} ms | {:>5.1} ms | {:>10.2} ms | {:>10.2} ms | {:>10.1} ms | {:>11.0} ms | {:>7} | {:>6} | {:>10.2} | {:>10.2} | {:>16.0} | {:>11.2} |",
+            p(&point.append_ms, 0.5),
+            p(&point.append_ms, 0.99),
+            p(&point.late_ms, 0.99),
+            p(&point.queryable_ms, 0.5),
+            p(&point.queryable_ms, 0.99),
+            max(&point.queryable_ms),
+            point.max_lag_metric_ms,
+            point.refused,
+            point.failed,
+            point.cpu.client,
+            point.cpu.server,
+            server_us,
+            point.cpu.machine,
+        );
+        println!(
+            "RESULT scenario={scenario} max_lag_ms={max_lag_ms} offered={rate} achieved={achieved:.0} ok={} secs={:.2} \
+             append_p50_ms={:.3} append_p99_ms={:.3} late_p99_ms={:.3} queryable_p50_ms={:.3} queryable_p99_ms={:.3} \
+             queryable_max_ms={:.3} lag_metric_max_ms={:.0} refused={} refused_without_retry_after={} failed={} \
+             unresolved={} monitor_requests={} cpu_client={:.2} cpu_server={:.2} server_us_per_append={server_us:.0} cpu_machine={:.2}",
+            point.ok,
+            point.secs,
+            p(&point.append_ms, 0.5),
+            p(&point.append_ms, 0.99),
+            p(&point.late_ms, 0.99),
+            p(&point.queryable_ms, 0.5),
+            p(&point.queryable_ms, 0.99),
+            max(&point.queryable_ms),
+            point.max_lag_metric_ms,
+            point.refused,
+            point.refused_without_retry_after,
+            point.failed,
+            point.unresolved,
+            point.monitor_requests,
+            point.cpu.client,
+            point.cpu.server,
+            point.cpu.machine,
+        );
+        if let Some(failure) = &point.first_failure {
+            println!("(first failure: {failure})");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+/// What one batching mode gave.
+#[derive(Default)]
+struct BatchingPoint {
+    requests: usize,
+    failed: usize,
+    first_failure: Option<String>,
+    secs: f64,
+    request_ms: Vec<f64>,
+    cpu: CpuUse,
+}
+
+/// Closed loop: `writers` connections, each sending requests of `batch` events back to back
+/// for `secs`.
+async fn batching_client(
+    addr: std::net::SocketAddr,
+    writers: usize,
+    batch: usize,
+    secs: f64,
+) -> BatchingPoint {
+    let mut connections = Vec::new();
+    for _ in 0..writers {
+        connections.push(Http::connect(addr).await);
+    }
+    let meter = CpuMeter::start();
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(secs);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (w, mut http) in connections.into_iter().enumerate() {
+        tasks.spawn(async move {
+            let mut point = BatchingPoint::default();
+            let mut i = w * 1_000_000;
+            while Instant::now() < end {
+                let body = if batch == 1 {
+                    event_json(i, LIVE_STREAMS)
+                } else {
+                    let events: Vec<String> = (i..i + batch)
+                        .map(|j| event_json(j, LIVE_STREAMS))
+                        .collect();
+                    format!(r#"{{"events":[{}]}}"#, events.join(","))
+                };
+                i += batch;
+                let sent = Instant::now();
+                match http.request("/events", Some(body)).await {
+                    Ok(a) if a.status == 201 => {
+                        point.requests += 1;
+                        point.request_ms.push(sent.elapsed().as_secs_f64() * 1e3);
+                    }
+                    Ok(a) => {
+                        point.failed += 1;
+                        point.first_failure.get_or_insert_with(|| {
+                            format!("{} {}", a.status, String::from_utf8_lossy(&a.body))
+                        });
+                    }
+                    Err(err) => {
+                        point.failed += 1;
+                        point.first_failure.get_or_insert(err);
+                    }
+                }
+            }
+            point
+        });
+    }
+    let mut point = BatchingPoint::default();
+    while let Some(w) = tasks.join_next().await {
+        let w = w.expect("a writer panicked");
+        point.requests += w.requests;
+        point.failed += w.failed;
+        if point.first_failure.is_none() {
+            point.first_failure = w.first_failure;
+        }
+        point.request_ms.extend(w.request_ms);
+    }
+    point.secs = start.elapsed().as_secs_f64();
+    point.cpu = meter.stop();
+    point
+}
+
+/// `append-batching`: the append path alone (no projection loaded), closed loop: 64 writers
+/// of one event per request, against the same events sent as 64-event batches (what a group
+/// commit writes per transaction) by 1 and by 4 writers.
+async fn scenario_append_batching(prefix: &str, db: RunDb<'_>) {
+    let secs = sweep_secs();
+    let cache = tempdir("batching-cache");
+    let no_plugins = tempdir("no-plugins");
+    println!(
+        "(the append path alone: no projection loaded; closed loop, {secs} s per mode; request latency: sent → 201)"
+    );
+    println!(
+        "| scenario                     | writers | events/request | events/s | requests/s | request p50 | request p99 | failed | cpu client | cpu server | cpu machine |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    // `BENCH_BATCHING_MODES=WRITERSxBATCH,...`
+    let modes: Vec<(usize, usize)> = std::env::var("BENCH_BATCHING_MODES")
+        .unwrap_or_else(|_| "64x1,1x64,4x64,64x64".into())
+        .split(',')
+        .filter_map(|m| {
+            let (w, b) = m.trim().split_once('x')?;
+            Some((w.parse().ok()?, b.parse().ok()?))
+        })
+        .collect();
+    for (writers, batch) in modes {
+        let run_dir = tempdir("batching-run");
+        let (url, name) = db.create().await;
+        let config = http_config(&cache, &run_dir, url, no_plugins.clone(), 0);
+        let mut point = with_server(config, move |addr| {
+            batching_client(addr, writers, batch, secs)
+        })
+        .await;
+        db.discard(name).await;
+        let _ = std::fs::remove_dir_all(&run_dir);
+        point.request_ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let rps = point.requests as f64 / point.secs;
+        let evps = rps * batch as f64;
+        let (p50, p99) = (
+            percentile(&point.request_ms, 0.5),
+            percentile(&point.request_ms, 0.99),
+        );
+        let scenario = format!("{prefix}append-batching");
+        println!(
+            "| {scenario:<28} | {writers:>7} | {batch:>14} | {evps:>8.0} | {rps:>10.0} | {p50:>8.2} ms | {p99:>8.2} ms | {:>6} | {:>10.2} | {:>10.2} | {:>11.2} |",
+            point.failed, point.cpu.client, point.cpu.server, point.cpu.machine
+        );
+        println!(
+            "RESULT scenario={scenario} writers={writers} batch={batch} evps={evps:.0} rps={rps:.0} p50_ms={p50:.3} p99_ms={p99:.3} failed={} cpu_client={:.2} cpu_server={:.2} cpu_machine={:.2}",
+            point.failed, point.cpu.client, point.cpu.server, point.cpu.machine
+        );
+        if let Some(failure) = &point.first_failure {
+            println!("(first failure: {failure})");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&cache);
+    let _ = std::fs::remove_dir_all(&no_plugins);
 }
 
 /// Set in the server process `ryw-herd` starts: the bench's own binary, serving on a temp dir.
@@ -1429,11 +2172,21 @@ async fn main() {
         println!("\n## Waiting reads against appends (server in its own process)");
         scenario_ryw_herd().await;
     }
+    if wants("live-sweep") {
+        println!("\n## Live sweep on SQLite (HTTP, 64 writers)");
+        scenario_live_sweep("", RunDb::Sqlite).await;
+    }
+    if wants("append-batching") {
+        println!("\n## Append batching on SQLite (HTTP)");
+        scenario_append_batching("", RunDb::Sqlite).await;
+    }
 
     let (pg_catchup, pg_native) = (wants_pg("pg-catchup"), wants_pg("pg-native"));
     let (pg_live, pg_ryw) = (wants_pg("pg-live"), wants_pg("pg-ryw"));
     let (pg_read, pg_raw) = (wants_pg("pg-read"), wants_pg("pg-raw"));
-    if pg_catchup || pg_native || pg_live || pg_ryw || pg_read || pg_raw {
+    let (pg_sweep, pg_batching) = (wants_pg("pg-live-sweep"), wants_pg("pg-append-batching"));
+    if pg_catchup || pg_native || pg_live || pg_ryw || pg_read || pg_raw || pg_sweep || pg_batching
+    {
         let cluster = PgCluster::start();
         cluster.describe().await;
         if pg_catchup || pg_native || pg_read || pg_raw {
@@ -1464,6 +2217,14 @@ async fn main() {
             let name = cluster.create(None).await;
             scenario_ryw("pg-", Some(cluster.url(&name))).await;
             cluster.drop_database(&name).await;
+        }
+        if pg_sweep {
+            println!("\n## Live sweep on PostgreSQL (HTTP, 64 writers)");
+            scenario_live_sweep("pg-", RunDb::Postgres(&cluster)).await;
+        }
+        if pg_batching {
+            println!("\n## Append batching on PostgreSQL (HTTP)");
+            scenario_append_batching("pg-", RunDb::Postgres(&cluster)).await;
         }
     }
 }
