@@ -349,13 +349,9 @@ impl Api {
     }
 
     pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
-        let response = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .expect("GET");
-        Self::decode(response).await
+        let (status, text) = self.get_text(path).await;
+        let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+        (status, body)
     }
 
     /// The response's text as sent, for checks a parse into `Value` would blur (numbers).
