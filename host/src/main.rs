@@ -75,6 +75,11 @@ fn main() -> anyhow::Result<()> {
         )
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
+        // A log that cannot be written (its disk full) must cost the log line, not the task
+        // that logged it: tracing-subscriber would otherwise report the failure with
+        // `eprintln!`, which panics when stderr fails too, taking a request's connection or a
+        // runner with it.
+        .log_internal_errors(false)
         .init();
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
