@@ -40,11 +40,17 @@ const MAX_BINDS: usize = 30_000;
 /// How often the database file's identity is checked when nothing writes.
 const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How often the WAL is folded into the database: often enough that it stays a few MB under
+/// a full write load, rarely enough that each checkpoint's fsync is shared by many commits.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
+
 /// The two pools over one SQLite file.
 #[derive(Clone)]
 pub struct Sqlite {
     pub(crate) write: SqlitePool,
     pub(crate) read: SqlitePool,
+    /// Folds the WAL into the database, off the write path.
+    checkpointer: SqlitePool,
     file: Arc<DbFile>,
 }
 
@@ -178,16 +184,42 @@ impl Sqlite {
                     Ok(true)
                 })
             })
-            .connect_with(options.clone())
+            // The WAL is folded into the database by the checkpointer below, not by whichever
+            // commit crosses 1000 pages: that commit (an append, a batch) would wait for the
+            // checkpoint's writes and fsyncs, and so would everything queued behind it.
+            .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))
             .await
             .map_err(|e| open_err(e.to_string()))?;
         migrate(&write).await?;
+        let checkpointer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await
+            .map_err(|e| open_err(e.to_string()))?;
         let file = Arc::new(DbFile::open(options.get_filename()));
         let read = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await
             .map_err(|e| open_err(e.to_string()))?;
+        let (watched, pool) = (Arc::downgrade(&file), checkpointer.clone());
+        tokio::spawn(async move {
+            // PASSIVE: copies what no reader still needs, never blocks the writer.
+            let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if watched.strong_count() == 0 || pool.is_closed() {
+                    return;
+                }
+                if let Err(err) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                    .execute(&pool)
+                    .await
+                {
+                    tracing::warn!(error = %err, "checkpointing the WAL failed; retrying");
+                }
+            }
+        });
         let watched = Arc::downgrade(&file);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(FILE_CHECK_INTERVAL);
@@ -202,7 +234,12 @@ impl Sqlite {
                 }
             }
         });
-        Ok(Self { write, read, file })
+        Ok(Self {
+            write,
+            read,
+            checkpointer,
+            file,
+        })
     }
 
     /// Fails once the database file is no longer the one this process opened.
@@ -219,6 +256,7 @@ impl Sqlite {
             .execute(&self.write)
             .await
             .map_err(StoreError::db("checkpointing the WAL"))?;
+        self.checkpointer.close().await;
         self.write.close().await;
         self.read.close().await;
         Ok(())
