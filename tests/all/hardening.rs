@@ -258,7 +258,9 @@ async fn an_idle_keep_alive_connection_is_closed_but_a_long_wait_is_answered() {
         .await;
         (answer, conn)
     });
-    // Not an assertion's wait: the read must be in flight for longer than the idle timeout.
+    read_waiting(&api).await;
+    // The duration under test, not a wait for state: the read stays in flight for longer
+    // than the idle timeout.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     assert!(!waiting.is_finished(), "the read did not wait");
     api.append("acct-1", "Deposited", serde_json::json!({"amount": 7}))
@@ -434,9 +436,8 @@ async fn sigterm_answers_the_request_in_flight_then_exits() {
         )
         .await
     });
-    // Not an assertion's wait: the read should have reached the server before the signal
-    // (one still arriving is answered too, as long as its head is complete in time).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The read is in flight (waiting for its version) before the signal.
+    read_waiting(&api).await;
     let signalled = Command::new("kill")
         .args(["-TERM", &server.pid().to_string()])
         .status()
@@ -468,4 +469,15 @@ async fn sigterm_answers_the_request_in_flight_then_exits() {
     })
     .await;
     assert!(exited.success(), "{exited}");
+}
+
+/// Returns once the server holds one read waiting for a version to be appended.
+async fn read_waiting(api: &crate::support::Api) {
+    eventually(Duration::from_secs(20), || async {
+        match api.gauge("projector_reads_waiting_for_append").await? {
+            n if n >= 1.0 => Ok(()),
+            _ => Err("the read is not waiting at the server".to_owned()),
+        }
+    })
+    .await;
 }

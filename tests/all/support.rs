@@ -366,6 +366,16 @@ impl Api {
         (status, response.text().await.expect("body"))
     }
 
+    /// The value of an unlabelled gauge on `/metrics`.
+    pub async fn gauge(&self, name: &str) -> Result<f64, String> {
+        let (status, text) = self.get_text("/metrics").await;
+        text.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .ok_or_else(|| format!("{status}: no {name} on /metrics"))?
+            .parse()
+            .map_err(|e| format!("{name}: {e}"))
+    }
+
     async fn decode(response: reqwest::Response) -> (u16, serde_json::Value) {
         let status = response.status().as_u16();
         let text = response.text().await.expect("body");

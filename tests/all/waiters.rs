@@ -12,20 +12,9 @@ use crate::support::{eventually, on_both_stores, plugin_set, Api, Backend, Serve
 /// How many reads wait at once.
 const READS: usize = 300;
 
-/// A gauge of `/metrics` without labels.
-async fn gauge(api: &Api, name: &str) -> Result<u64, String> {
-    let text = api
-        .http
-        .get(format!("{}/metrics", api.base))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?
-        .text()
-        .await
-        .map_err(|e| e.to_string())?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .ok_or_else(|| format!("no {name} in /metrics"))
+/// How many reads wait for a version to be appended.
+async fn waiting(api: &Api) -> Result<u64, String> {
+    Ok(api.gauge("projector_reads_waiting_for_append").await? as u64)
 }
 
 /// `READS` reads, read `i` waiting for `herd-{i}@1` (the account opened by `owner-{i}`).
@@ -63,7 +52,7 @@ async fn all_answer(mut reads: JoinSet<(usize, u16, Value)>) {
 
 async fn all_waiting(api: &Api) {
     eventually(Duration::from_secs(30), || async {
-        match gauge(api, "projector_reads_waiting_for_append").await? {
+        match waiting(api).await? {
             n if n == READS as u64 => Ok(()),
             n => Err(format!("{n} reads waiting, not {READS}")),
         }
@@ -97,7 +86,7 @@ on_both_stores! {
         assert_eq!(status, 504, "{body}");
         assert_eq!(body["error"]["code"], "wait_timeout", "{body}");
         // None of the waiting reads was answered by the appends of other streams.
-        assert_eq!(gauge(&api, "projector_reads_waiting_for_append").await, Ok(READS as u64));
+        assert_eq!(waiting(&api).await, Ok(READS as u64));
 
         for i in 0..READS / 2 {
             api.open_account(&format!("herd-{i}"), &format!("owner-{i}")).await;
@@ -109,7 +98,7 @@ on_both_stores! {
         let (status, body) = api.post("/events", &json!({ "events": batch })).await;
         assert_eq!(status, 201, "{body}");
         all_answer(reads).await;
-        assert_eq!(gauge(&api, "projector_reads_waiting_for_append").await, Ok(0));
+        assert_eq!(waiting(&api).await, Ok(0));
     }
 
     /// The versions waited for are written into the outbox by another writer (not through
@@ -121,7 +110,7 @@ on_both_stores! {
         all_waiting(&api).await;
         write_directly(&backend, &server, 0..READS).await;
         all_answer(reads).await;
-        assert_eq!(gauge(&api, "projector_reads_waiting_for_append").await, Ok(0));
+        assert_eq!(waiting(&api).await, Ok(0));
     }
 }
 
@@ -208,7 +197,7 @@ async fn reads_on_a_uuid_stream_column_match_in_the_columns_type() {
         });
     }
     eventually(Duration::from_secs(30), || async {
-        match gauge(&api, "projector_reads_waiting_for_append").await? {
+        match waiting(&api).await? {
             20 => Ok(()),
             n => Err(format!("{n} reads waiting, not 20")),
         }

@@ -32,17 +32,6 @@ async fn hold_an_xid(conn: &mut PgConnection) -> u64 {
     xid.parse().unwrap()
 }
 
-/// The value of an unlabelled gauge on `/metrics`.
-async fn gauge(api: &Api, name: &str) -> Result<f64, String> {
-    let (status, body) = api.get("/metrics").await;
-    let text = body.as_str().ok_or_else(|| format!("{status}: {body}"))?;
-    text.lines()
-        .find_map(|line| line.strip_prefix(&format!("{name} ")))
-        .ok_or_else(|| format!("no {name} on /metrics"))?
-        .parse()
-        .map_err(|e| format!("{name}: {e}"))
-}
-
 /// The `xid` of the transaction `GET /projections` names as holding the watermark.
 async fn named_holder(api: &Api) -> Result<u64, String> {
     let (_, body) = api.get("/projections").await;
@@ -72,7 +61,7 @@ async fn an_open_transaction_in_another_database_does_not_delay_projections() {
     );
     // Nothing is reported held either (a commit of projector's own may hold it for a moment).
     eventually(Duration::from_secs(20), || async {
-        let held = gauge(&api, "projector_watermark_held_seconds").await?;
+        let held = api.gauge("projector_watermark_held_seconds").await?;
         if held == 0.0 {
             Ok(())
         } else {
@@ -164,7 +153,7 @@ async fn a_held_watermark_shows_in_the_metric_the_projections_and_readyz_and_cle
     api.open_account("acct-1", "ann").await;
 
     let held = eventually(Duration::from_secs(20), || async {
-        let held = gauge(&api, "projector_watermark_held_seconds").await?;
+        let held = api.gauge("projector_watermark_held_seconds").await?;
         let named = named_holder(&api).await?;
         if held > 0.0 && named == xid {
             Ok(held)
@@ -210,7 +199,7 @@ async fn a_held_watermark_shows_in_the_metric_the_projections_and_readyz_and_cle
         .await;
     assert_eq!(status, 200, "{body}");
     eventually(Duration::from_secs(20), || async {
-        let held = gauge(&api, "projector_watermark_held_seconds").await?;
+        let held = api.gauge("projector_watermark_held_seconds").await?;
         let (status, body) = api.get("/readyz").await;
         if held == 0.0 && status == 200 {
             Ok(())
