@@ -74,7 +74,7 @@ fn furthest_behind(registry: &Registry) -> Option<(Arc<Projection>, u64)> {
     registry
         .projections()
         .into_iter()
-        .filter(|p| p.health().status == ProjectionStatus::Running)
+        .filter(|p| p.status() == ProjectionStatus::Running)
         .map(|p| {
             let lag = p.live_lag_ms();
             (p, lag)

@@ -61,7 +61,7 @@ pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
             "projector_projection_up",
             "gauge",
             "1 while the projection runs or stands by for another instance, 0 once it has failed.",
-            |p, _| u8::from(p.health().status != ProjectionStatus::Failed).to_string(),
+            |p, _| u8::from(p.status() != ProjectionStatus::Failed).to_string(),
         ),
         (
             "projector_batches_total",

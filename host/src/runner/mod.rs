@@ -467,7 +467,7 @@ impl Runner {
                             }
                         });
                         Ok(Outcome {
-                            status: self.projection.health().status.as_str().into(),
+                            status: self.projection.status().as_str().into(),
                             message: format!(
                                 "{name} {}",
                                 if paused {

@@ -146,6 +146,14 @@ impl Projection {
         self.progress.get().position
     }
 
+    /// Its status alone, without copying the error texts (appends ask on every request).
+    pub fn status(&self) -> ProjectionStatus {
+        self.health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .status
+    }
+
     pub fn health(&self) -> Health {
         self.health
             .lock()

@@ -193,7 +193,7 @@ impl Runner {
         self.refresh_parked_gauges().await;
         tracing::info!(projection = %self.projection.name(), position, action, outcome = %outcome_text, "dead letter acted on");
         Ok(Outcome {
-            status: self.projection.health().status.as_str().into(),
+            status: self.projection.status().as_str().into(),
             message: outcome_text,
             applied: Some(applied),
             dead_letter: head,
