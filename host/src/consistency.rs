@@ -17,6 +17,9 @@ use crate::source::{Appended, Placed, Source, SourceError};
 pub struct Progress {
     pub position: u64,
     pub failed: bool,
+    /// This version no longer serves reads (another version took over, or it was removed):
+    /// a read waiting on it looks up the one that serves now.
+    pub retired: bool,
 }
 
 /// A stream version a reader wants to see applied: `stream@version`.
@@ -54,6 +57,9 @@ pub enum WaitError {
     NotAppended { stream: String, version: u64 },
     #[error("the projection has failed at position {reached}, before position {target}")]
     Failed { reached: u64, target: u64 },
+    /// The version waited on stopped serving; the caller waits on the one that serves now.
+    #[error("the projection version stopped serving at position {reached}")]
+    Retired { reached: u64 },
     #[error("{stream}@{version} (position {position}) was set aside as a dead letter: {reason}")]
     DeadLettered {
         stream: String,
@@ -387,13 +393,13 @@ impl Committed {
     }
 
     /// Changes the progress; wakes the reads it answers: those whose target it reaches, or all
-    /// when the projection has failed.
+    /// when the projection has failed or retired.
     pub fn update(&self, change: impl FnOnce(&mut Progress)) {
         let (progress, woken) = {
             let mut state = self.state();
             change(&mut state.progress);
             let progress = state.progress;
-            let woken = if progress.failed {
+            let woken = if progress.failed || progress.retired {
                 std::mem::take(&mut state.waiting)
             } else {
                 let above = state
@@ -421,6 +427,11 @@ impl Committed {
             if now.position >= target {
                 return Ok(now.position);
             }
+            if now.retired {
+                return Err(WaitError::Retired {
+                    reached: now.position,
+                });
+            }
             if now.failed {
                 return Err(WaitError::Failed {
                     reached: now.position,
@@ -441,6 +452,10 @@ impl Committed {
         let now = self.get();
         if now.position >= target {
             Ok(now.position)
+        } else if now.retired {
+            Err(WaitError::Retired {
+                reached: now.position,
+            })
         } else if now.failed {
             Err(WaitError::Failed {
                 reached: now.position,
@@ -788,7 +803,7 @@ mod tests {
     fn committed_at(position: u64) -> Arc<Committed> {
         Arc::new(Committed::new(Progress {
             position,
-            failed: false,
+            ..Progress::default()
         }))
     }
 

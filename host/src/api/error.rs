@@ -229,6 +229,14 @@ impl From<WaitError> for ApiError {
             )
             .with("position", reached)
             .with("target", target),
+            // The query routes wait again on the version that serves now; this answers only
+            // a projection removed while a read waited on it.
+            WaitError::Retired { reached } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "projection_removed",
+                message,
+            )
+            .with("position", reached),
             WaitError::DeadLettered {
                 stream,
                 version,

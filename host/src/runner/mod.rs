@@ -25,7 +25,6 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{OnError, RunnerConfig};
-use crate::consistency::Progress;
 use crate::control::{Command, CommandError, Commands, Outcome, Request};
 use crate::event::Event;
 use crate::metrics::ProjectionMetrics;
@@ -573,10 +572,8 @@ impl Runner {
         self.commit_batch(&value, backoff, shutdown).await?;
         self.projection.applied_to(batch.last);
         self.projection.progress.update(|p| {
-            *p = Progress {
-                position: batch.last,
-                failed: false,
-            }
+            p.position = batch.last;
+            p.failed = false;
         });
         Ok(())
     }
@@ -774,7 +771,7 @@ impl Runner {
         if let Err(problem) = self.prefetch(&events).await {
             return Err((problem, events));
         }
-        let plugin = self.projection.plugin.clone();
+        let (plugin, _) = self.projection.plugin();
         let store = Arc::new(StoreReader {
             store: self.store.clone(),
             descriptor: self.projection.descriptor().clone(),

@@ -2,8 +2,8 @@
 //! runner moves it on; readers, the API and the supervisor look at it.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use serde::Serialize;
 use tokio::sync::watch;
@@ -17,7 +17,14 @@ use crate::store::ProjectionStatus;
 
 /// A projection as the rest of the host sees it: its plugin, its progress, its health.
 pub struct Projection {
-    pub plugin: Arc<dyn BatchHandler>,
+    /// The plugin's code, replaced by a same-version swap between two batches.
+    plugin: RwLock<Plugged>,
+    /// What the plugin declared when this version started here; a swap keeps it (a change of
+    /// shape is a new version).
+    descriptor: Descriptor,
+    /// Building beside the active version (a rebuild): it serves no read, holds no append back
+    /// and records no status of the projection's.
+    building: AtomicBool,
     pub metrics: ProjectionMetrics,
     /// What it has committed, and the reads waiting for it.
     pub(super) progress: Committed,
@@ -30,6 +37,12 @@ pub struct Projection {
     /// When it (re)started on this instance (ms since the epoch): events appended before are
     /// its backlog, and catching up on them holds no append back (see `backpressure`).
     started_ms: AtomicU64,
+}
+
+/// The code a projection runs, and how many times it was swapped here.
+struct Plugged {
+    handler: Arc<dyn BatchHandler>,
+    generation: u64,
 }
 
 /// The health of a projection, as `GET /projections` shows it.
@@ -45,14 +58,19 @@ pub struct Health {
 impl Projection {
     pub fn new(plugin: Arc<dyn BatchHandler>, checkpoint: u64) -> Self {
         Self {
-            plugin,
+            descriptor: plugin.descriptor().clone(),
+            plugin: RwLock::new(Plugged {
+                handler: plugin,
+                generation: 0,
+            }),
+            building: AtomicBool::new(false),
             metrics: ProjectionMetrics::default(),
             // A projection that starts from position 0 has empty tables: the cache then holds
             // every document there is, and a miss needs no query.
             documents: Arc::new(Mutex::new(DocumentCache::new(checkpoint == 0))),
             progress: Committed::new(Progress {
                 position: checkpoint,
-                failed: false,
+                ..Progress::default()
             }),
             // Until this instance holds the projection's lease.
             health: Mutex::new(Health {
@@ -123,7 +141,36 @@ impl Projection {
     }
 
     pub fn descriptor(&self) -> &Descriptor {
-        self.plugin.descriptor()
+        &self.descriptor
+    }
+
+    /// The code the next batch runs, and its generation (0 until the first swap).
+    pub fn plugin(&self) -> (Arc<dyn BatchHandler>, u64) {
+        let plugged = self.plugin.read().unwrap_or_else(PoisonError::into_inner);
+        (plugged.handler.clone(), plugged.generation)
+    }
+
+    /// Replaces the code: the next batch runs `plugin`, from the checkpoint. The caller has
+    /// checked that it keeps the version's shape ([`Descriptor::same_shape`]).
+    pub fn swap_plugin(&self, plugin: Arc<dyn BatchHandler>) {
+        let mut plugged = self.plugin.write().unwrap_or_else(PoisonError::into_inner);
+        plugged.handler = plugin;
+        plugged.generation += 1;
+    }
+
+    /// Whether this is a version being built beside the active one.
+    pub fn is_building(&self) -> bool {
+        self.building.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_building(&self, building: bool) {
+        self.building.store(building, Ordering::Relaxed);
+    }
+
+    /// This version stopped serving (another took over, or it was removed): reads waiting on
+    /// it are woken to look up the version that serves now.
+    pub(crate) fn retire(&self) {
+        self.progress.update(|p| p.retired = true);
     }
 
     pub fn name(&self) -> &str {
@@ -181,6 +228,7 @@ impl Projection {
             *p = Progress {
                 position: checkpoint,
                 failed: false,
+                retired: p.retired,
             }
         });
     }

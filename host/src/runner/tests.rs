@@ -105,6 +105,44 @@ impl Store for MemStore {
     async fn checkpoint(&self, _: &Descriptor) -> Result<u64, StoreError> {
         Ok(self.state.lock().unwrap().checkpoint)
     }
+    // The runner never touches the catalog: the deploy tests run on the real stores.
+    async fn prepare(&self, _: &Descriptor) -> Result<u64, StoreError> {
+        Ok(self.state.lock().unwrap().checkpoint)
+    }
+    async fn catalog_revision(&self) -> Result<i64, StoreError> {
+        Ok(0)
+    }
+    async fn catalog(&self) -> Result<Vec<crate::store::catalog::CatalogEntry>, StoreError> {
+        Ok(Vec::new())
+    }
+    async fn plugin_code(&self, _: &str, _: &str) -> Result<Option<(String, Vec<u8>)>, StoreError> {
+        Ok(None)
+    }
+    async fn save_plugin(
+        &self,
+        _: &crate::store::catalog::StoredPlugin,
+        _: &[u8],
+        _: crate::store::catalog::Placement,
+    ) -> Result<(), StoreError> {
+        Err(db_error())
+    }
+    async fn cut_over(
+        &self,
+        _: &str,
+        _: &str,
+        _: &str,
+    ) -> Result<crate::store::catalog::CutOver, StoreError> {
+        Err(db_error())
+    }
+    async fn build_version(&self, _: &str, _: &str, _: bool) -> Result<bool, StoreError> {
+        Err(db_error())
+    }
+    async fn drop_version(&self, _: &Descriptor) -> Result<(), StoreError> {
+        Err(db_error())
+    }
+    async fn drop_projection(&self, _: &str) -> Result<(), StoreError> {
+        Err(db_error())
+    }
     async fn commit(&self, projection: &Descriptor, batch: &Batch<'_>) -> Result<(), StoreError> {
         if self
             .fail_commits

@@ -1,11 +1,11 @@
 //! A plugin's self-description, checked before anything is built from it: names end up in
 //! table names and URLs, so they are held to a strict alphabet.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::bindings::projection::projector::plugin::types as wit;
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Descriptor {
     pub name: String,
     pub version: String,
@@ -14,7 +14,7 @@ pub struct Descriptor {
     pub collections: Vec<CollectionSpec>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CollectionSpec {
     pub name: String,
     pub indexes: Vec<String>,

@@ -1,6 +1,7 @@
 //! Where read models live. A [`Store`] keeps each projection version's documents and its
 //! checkpoint, and commits a batch's documents and the checkpoint in one transaction.
 
+pub mod catalog;
 mod fields;
 pub mod postgres;
 pub mod sqlite;
@@ -35,6 +36,13 @@ pub enum StoreError {
     Fenced { projection: String, expected: u64 },
     #[error(transparent)]
     FileLost(#[from] sqlite::FileLost),
+    /// A catalog row this host cannot read (written by a newer projector, or edited by hand).
+    #[error("the plugin catalog's entry for {name} {version} is unreadable: {reason}")]
+    Catalog {
+        name: String,
+        version: String,
+        reason: String,
+    },
 }
 
 impl StoreError {
@@ -238,6 +246,61 @@ pub trait Store: Send + Sync {
     /// active version, and returns its checkpoint.
     async fn register(&self, projection: &Descriptor) -> Result<u64, StoreError>;
 
+    /// Creates the tables, indexes and checkpoint of `projection`'s version if missing,
+    /// without making it active (a version built beside the active one); its checkpoint.
+    async fn prepare(&self, projection: &Descriptor) -> Result<u64, StoreError>;
+
+    /// The catalog's revision: moved by every change of a plugin or of a projection's active
+    /// or building version.
+    async fn catalog_revision(&self) -> Result<i64, StoreError>;
+
+    /// Every projection in the catalog, with its stored plugins (not their code).
+    async fn catalog(&self) -> Result<Vec<catalog::CatalogEntry>, StoreError>;
+
+    /// A stored plugin's code: `(sha256, bytes)`.
+    async fn plugin_code(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<Option<(String, Vec<u8>)>, StoreError>;
+
+    /// Stores a plugin's code (replacing that version's) and places it, in one transaction
+    /// that moves the catalog's revision. The version's tables exist already
+    /// ([`Store::prepare`]).
+    async fn save_plugin(
+        &self,
+        plugin: &catalog::StoredPlugin,
+        bytes: &[u8],
+        placement: catalog::Placement,
+    ) -> Result<(), StoreError>;
+
+    /// Makes `to` serve instead of `from`, if the catalog still has `to` building over `from`
+    /// and `to`'s checkpoint has reached `from`'s: one transaction, so every reader and every
+    /// instance sees one version or the other.
+    async fn cut_over(
+        &self,
+        name: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<catalog::CutOver, StoreError>;
+
+    /// Builds `version` (already in the catalog) beside the active one and cuts over as soon
+    /// as it has caught up; `false` if the catalog has no such version.
+    async fn build_version(
+        &self,
+        name: &str,
+        version: &str,
+        manual: bool,
+    ) -> Result<bool, StoreError>;
+
+    /// Drops an inactive version: its tables, checkpoint, dead letters and code. A version
+    /// being built stops building.
+    async fn drop_version(&self, projection: &Descriptor) -> Result<(), StoreError>;
+
+    /// Removes a projection from the catalog (its versions' tables are dropped one by one
+    /// with [`Store::drop_version`] first).
+    async fn drop_projection(&self, name: &str) -> Result<(), StoreError>;
+
     /// The projection version's committed position.
     async fn checkpoint(&self, projection: &Descriptor) -> Result<u64, StoreError>;
 
@@ -417,6 +480,71 @@ pub(crate) fn field_column(field: &str) -> String {
         "\"f_{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}\"",
         digest[0], digest[1], digest[2], digest[3], digest[4], digest[5]
     )
+}
+
+/// The columns of a stored plugin (not its code), as [`stored_plugin_from_row`] decodes them.
+pub(crate) const PLUGIN_COLUMNS: &str =
+    "name, version, sha256, world, contract, descriptor, origin, uploaded_at";
+
+pub(crate) fn stored_plugin_from_row<R>(row: &R) -> Result<catalog::StoredPlugin, StoreError>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let err = || StoreError::db("reading the plugin catalog");
+    let name: String = row.try_get(0).map_err(err())?;
+    let version: String = row.try_get(1).map_err(err())?;
+    let descriptor: String = row.try_get(5).map_err(err())?;
+    let descriptor = serde_json::from_str(&descriptor).map_err(|e| StoreError::Catalog {
+        name: name.clone(),
+        version: version.clone(),
+        reason: format!("its descriptor: {e}"),
+    })?;
+    Ok(catalog::StoredPlugin {
+        name,
+        version,
+        sha256: row.try_get(2).map_err(err())?,
+        world: row.try_get(3).map_err(err())?,
+        contract: row.try_get(4).map_err(err())?,
+        descriptor,
+        origin: row.try_get(6).map_err(err())?,
+        uploaded_at: row.try_get(7).map_err(err())?,
+    })
+}
+
+/// Projections `(name, active, building, manual)` and their plugins, as one catalog.
+pub(crate) fn catalog_entries(
+    projections: Vec<(String, String, Option<String>, bool)>,
+    plugins: Vec<catalog::StoredPlugin>,
+) -> Vec<catalog::CatalogEntry> {
+    let mut by_name: std::collections::BTreeMap<String, Vec<catalog::StoredPlugin>> =
+        std::collections::BTreeMap::new();
+    for plugin in plugins {
+        by_name.entry(plugin.name.clone()).or_default().push(plugin);
+    }
+    projections
+        .into_iter()
+        .map(
+            |(name, active, building, manual_cutover)| catalog::CatalogEntry {
+                plugins: by_name.remove(&name).unwrap_or_default(),
+                name,
+                active,
+                building,
+                manual_cutover,
+            },
+        )
+        .collect()
+}
+
+/// A descriptor as the catalog keeps it (JSON).
+pub(crate) fn descriptor_json(plugin: &catalog::StoredPlugin) -> Result<String, StoreError> {
+    serde_json::to_string(&plugin.descriptor).map_err(|e| StoreError::Catalog {
+        name: plugin.name.clone(),
+        version: plugin.version.clone(),
+        reason: e.to_string(),
+    })
 }
 
 /// Decodes `key, doc (JSON text), version, updated_at`, as both stores select them.

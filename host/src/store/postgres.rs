@@ -15,12 +15,14 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool, QueryBuilder};
 use tokio::sync::{oneshot, watch};
 
+use super::catalog::{CatalogEntry, CutOver, Placement, StoredPlugin};
 use super::{
     attach_actions, dead_letter_from_row, document_from_row, event_text, field_column, now_ms,
     parked_from_rows, parked_streams_from_rows, table_name, AdminAction, Batch, DeadLetter,
     Document, Lease, ListQuery, ParkedStream, ProjectionStatus, Store, StoreError, ACTION_COLUMNS,
     ANSWERED_COMMANDS_KEPT_MS, LETTER_COLUMNS,
 };
+use super::{catalog_entries, descriptor_json, stored_plugin_from_row, PLUGIN_COLUMNS};
 use crate::config::PostgresConfig;
 use crate::runtime::Descriptor;
 
@@ -36,6 +38,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (
         3,
         include_str!("../../../migrations/postgres/0003_admin.sql"),
+    ),
+    (
+        4,
+        include_str!("../../../migrations/postgres/0004_plugins.sql"),
     ),
 ];
 
@@ -99,6 +105,21 @@ impl Postgres {
     /// A new connection outside the pool (for LISTEN and leases, which hold it).
     pub(crate) async fn connect(&self) -> Result<PgConnection, sqlx::Error> {
         PgConnection::connect_with(&self.options).await
+    }
+
+    /// Moves the catalog's revision, in the transaction of the change.
+    async fn bump_revision(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(&format!(
+            "UPDATE {}.catalog_revision SET revision = revision + 1 WHERE id = 1",
+            self.schema
+        ))
+        .execute(&mut **tx)
+        .await
+        .map_err(StoreError::db("moving the catalog's revision"))?;
+        Ok(())
     }
 
     fn table(&self, projection: &Descriptor, collection: &str) -> String {
@@ -403,12 +424,301 @@ fn lease_key(schema: &str, projection: &str) -> i64 {
 #[async_trait]
 impl Store for Postgres {
     async fn register(&self, projection: &Descriptor) -> Result<u64, StoreError> {
+        let checkpoint = self.prepare(projection).await?;
+        sqlx::query(&format!(
+            "INSERT INTO {}.projections (name, version, status, error, updated_at) \
+             VALUES ($1, $2, 'running', NULL, $3) \
+             ON CONFLICT (name) DO UPDATE SET version = excluded.version, status = 'running', \
+             error = NULL, updated_at = excluded.updated_at",
+            self.schema
+        ))
+        .bind(&projection.name)
+        .bind(&projection.version)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::db("recording the projection"))?;
+        Ok(checkpoint)
+    }
+
+    async fn catalog_revision(&self) -> Result<i64, StoreError> {
+        sqlx::query_scalar(&format!(
+            "SELECT revision FROM {}.catalog_revision WHERE id = 1",
+            self.schema
+        ))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(StoreError::db("reading the catalog's revision"))
+    }
+
+    async fn catalog(&self) -> Result<Vec<CatalogEntry>, StoreError> {
+        let schema = &self.schema;
+        let projections: Vec<(String, String, Option<String>, bool)> = sqlx::query_as(&format!(
+            "SELECT name, version, building, manual_cutover FROM {schema}.projections ORDER BY name"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::db("reading the catalog"))?;
+        let plugins = sqlx::query(&format!(
+            "SELECT {PLUGIN_COLUMNS} FROM {schema}.plugins ORDER BY name, version"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::db("reading the catalog's plugins"))?;
+        let plugins = plugins
+            .iter()
+            .map(stored_plugin_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(catalog_entries(projections, plugins))
+    }
+
+    async fn plugin_code(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<Option<(String, Vec<u8>)>, StoreError> {
+        sqlx::query_as(&format!(
+            "SELECT sha256, bytes FROM {}.plugins WHERE name = $1 AND version = $2",
+            self.schema
+        ))
+        .bind(name)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(StoreError::db("reading a plugin's code"))
+    }
+
+    async fn save_plugin(
+        &self,
+        plugin: &StoredPlugin,
+        bytes: &[u8],
+        placement: Placement,
+    ) -> Result<(), StoreError> {
+        let schema = &self.schema;
+        let descriptor = descriptor_json(plugin)?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(StoreError::db("storing a plugin"))?;
+        sqlx::query(&format!(
+            "INSERT INTO {schema}.plugins (name, version, sha256, world, contract, descriptor, origin, uploaded_at, bytes) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (name, version) DO UPDATE SET sha256 = excluded.sha256, world = excluded.world, \
+             contract = excluded.contract, descriptor = excluded.descriptor, origin = excluded.origin, \
+             uploaded_at = excluded.uploaded_at, bytes = excluded.bytes"
+        ))
+        .bind(&plugin.name)
+        .bind(&plugin.version)
+        .bind(&plugin.sha256)
+        .bind(&plugin.world)
+        .bind(&plugin.contract)
+        .bind(&descriptor)
+        .bind(&plugin.origin)
+        .bind(plugin.uploaded_at)
+        .bind(bytes)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::db("storing a plugin"))?;
+        let now = now_ms();
+        match placement {
+            Placement::Active => {
+                sqlx::query(&format!(
+                    "INSERT INTO {schema}.projections (name, version, status, error, updated_at) \
+                     VALUES ($1, $2, 'running', NULL, $3) \
+                     ON CONFLICT (name) DO UPDATE SET version = excluded.version, \
+                     updated_at = excluded.updated_at, building = CASE WHEN \
+                     {schema}.projections.building = excluded.version THEN NULL \
+                     ELSE {schema}.projections.building END"
+                ))
+                .bind(&plugin.name)
+                .bind(&plugin.version)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+            }
+            Placement::Build { manual } => {
+                sqlx::query(&format!(
+                    "UPDATE {schema}.projections SET building = $1, manual_cutover = $2, \
+                     updated_at = $3 WHERE name = $4"
+                ))
+                .bind(&plugin.version)
+                .bind(manual)
+                .bind(now)
+                .bind(&plugin.name)
+                .execute(&mut *tx)
+                .await
+            }
+            Placement::Keep => sqlx::query("SELECT 1").execute(&mut *tx).await,
+        }
+        .map_err(StoreError::db("placing a plugin"))?;
+        self.bump_revision(&mut tx).await?;
+        tx.commit()
+            .await
+            .map_err(StoreError::db("storing a plugin"))?;
+        Ok(())
+    }
+
+    async fn cut_over(&self, name: &str, from: &str, to: &str) -> Result<CutOver, StoreError> {
         let schema = &self.schema;
         let mut tx = self
             .pool
             .begin()
             .await
-            .map_err(StoreError::db("registering a projection"))?;
+            .map_err(StoreError::db("cutting over"))?;
+        let planned: Option<i32> = sqlx::query_scalar(&format!(
+            "SELECT 1 FROM {schema}.projections WHERE name = $1 AND version = $2 AND building = $3 \
+             FOR UPDATE"
+        ))
+        .bind(name)
+        .bind(from)
+        .bind(to)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(StoreError::db("cutting over"))?;
+        if planned.is_none() {
+            return Ok(CutOver::Changed);
+        }
+        // Share-locked: the active version's next commit waits for this decision, so the
+        // comparison holds until the commit below.
+        let positions: Vec<(String, i64)> = sqlx::query_as(&format!(
+            "SELECT version, position FROM {schema}.checkpoints \
+             WHERE projection = $1 AND version IN ($2, $3) FOR SHARE"
+        ))
+        .bind(name)
+        .bind(from)
+        .bind(to)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(StoreError::db("cutting over"))?;
+        let at = |v: &str| {
+            positions
+                .iter()
+                .find(|(version, _)| version == v)
+                .map(|p| p.1)
+        };
+        if at(to).unwrap_or(0) < at(from).unwrap_or(0) {
+            return Ok(CutOver::Behind);
+        }
+        sqlx::query(&format!(
+            "UPDATE {schema}.projections SET version = $1, building = NULL, manual_cutover = false, \
+             updated_at = $2 WHERE name = $3"
+        ))
+        .bind(to)
+        .bind(now_ms())
+        .bind(name)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::db("cutting over"))?;
+        self.bump_revision(&mut tx).await?;
+        tx.commit().await.map_err(StoreError::db("cutting over"))?;
+        Ok(CutOver::Done)
+    }
+
+    async fn build_version(
+        &self,
+        name: &str,
+        version: &str,
+        manual: bool,
+    ) -> Result<bool, StoreError> {
+        let schema = &self.schema;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(StoreError::db("starting a build"))?;
+        let changed = sqlx::query(&format!(
+            "UPDATE {schema}.projections SET building = $1, manual_cutover = $2, updated_at = $3 \
+             WHERE name = $4 AND EXISTS (SELECT 1 FROM {schema}.plugins WHERE name = $4 AND version = $1)"
+        ))
+        .bind(version)
+        .bind(manual)
+        .bind(now_ms())
+        .bind(name)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::db("starting a build"))?
+        .rows_affected();
+        if changed == 0 {
+            return Ok(false);
+        }
+        self.bump_revision(&mut tx).await?;
+        tx.commit()
+            .await
+            .map_err(StoreError::db("starting a build"))?;
+        Ok(true)
+    }
+
+    async fn drop_version(&self, projection: &Descriptor) -> Result<(), StoreError> {
+        let schema = &self.schema;
+        let (name, version) = (&projection.name, &projection.version);
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(StoreError::db("dropping a version"))?;
+        for collection in &projection.collections {
+            let table = self.table(projection, &collection.name);
+            sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::db(format!("dropping {table}")))?;
+        }
+        for statement in [
+            "DELETE FROM {schema}.checkpoints WHERE projection = $1 AND version = $2",
+            "DELETE FROM {schema}.dead_letters WHERE projection = $1 AND version = $2",
+            "DELETE FROM {schema}.admin_actions WHERE projection = $1 AND version = $2",
+            "DELETE FROM {schema}.plugins WHERE name = $1 AND version = $2",
+            "UPDATE {schema}.projections SET building = NULL WHERE name = $1 AND building = $2",
+        ] {
+            sqlx::query(&statement.replace("{schema}", schema))
+                .bind(name)
+                .bind(version)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::db("dropping a version"))?;
+        }
+        self.bump_revision(&mut tx).await?;
+        tx.commit()
+            .await
+            .map_err(StoreError::db("dropping a version"))?;
+        Ok(())
+    }
+
+    async fn drop_projection(&self, name: &str) -> Result<(), StoreError> {
+        let schema = &self.schema;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(StoreError::db("removing a projection"))?;
+        for statement in [
+            "DELETE FROM {schema}.projections WHERE name = $1",
+            "DELETE FROM {schema}.plugins WHERE name = $1",
+            "DELETE FROM {schema}.checkpoints WHERE projection = $1",
+            "DELETE FROM {schema}.dead_letters WHERE projection = $1",
+            "DELETE FROM {schema}.admin_commands WHERE projection = $1",
+        ] {
+            sqlx::query(&statement.replace("{schema}", schema))
+                .bind(name)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::db("removing a projection"))?;
+        }
+        self.bump_revision(&mut tx).await?;
+        tx.commit()
+            .await
+            .map_err(StoreError::db("removing a projection"))?;
+        Ok(())
+    }
+
+    async fn prepare(&self, projection: &Descriptor) -> Result<u64, StoreError> {
+        let schema = &self.schema;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(StoreError::db("preparing a projection version"))?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(DDL_LOCK)
             .execute(&mut *tx)
@@ -486,18 +796,6 @@ impl Store for Postgres {
         }
         let now = now_ms();
         sqlx::query(&format!(
-            "INSERT INTO {schema}.projections (name, version, status, error, updated_at) \
-             VALUES ($1, $2, 'running', NULL, $3) \
-             ON CONFLICT (name) DO UPDATE SET version = excluded.version, status = 'running', \
-             error = NULL, updated_at = excluded.updated_at"
-        ))
-        .bind(&projection.name)
-        .bind(&projection.version)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(StoreError::db("recording the projection"))?;
-        sqlx::query(&format!(
             "INSERT INTO {schema}.checkpoints (projection, version, position, updated_at) \
              VALUES ($1, $2, 0, $3) ON CONFLICT DO NOTHING"
         ))
@@ -509,7 +807,7 @@ impl Store for Postgres {
         .map_err(StoreError::db("creating the checkpoint"))?;
         tx.commit()
             .await
-            .map_err(StoreError::db("registering a projection"))?;
+            .map_err(StoreError::db("preparing a projection version"))?;
         self.checkpoint(projection).await
     }
 

@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection, QueryBuilder, SqlitePool};
 
+use super::catalog::{CatalogEntry, CutOver, Placement, StoredPlugin};
 use super::fields::{self, FieldValue};
 use super::{
     attach_actions, dead_letter_from_row, document_from_row, event_text, field_column, now_ms,
@@ -19,6 +20,7 @@ use super::{
     Document, Lease, ListQuery, ParkedStream, ProjectionStatus, Store, StoreError, ACTION_COLUMNS,
     ANSWERED_COMMANDS_KEPT_MS, LETTER_COLUMNS,
 };
+use super::{catalog_entries, descriptor_json, stored_plugin_from_row, PLUGIN_COLUMNS};
 use crate::runtime::Descriptor;
 
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -28,6 +30,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../../../migrations/sqlite/0002_dead_letters.sql"),
     ),
     (3, include_str!("../../../migrations/sqlite/0003_admin.sql")),
+    (
+        4,
+        include_str!("../../../migrations/sqlite/0004_plugins.sql"),
+    ),
 ];
 
 /// Rows per multi-row statement: large enough that a batch of 1000 documents is a handful of
@@ -601,11 +607,277 @@ impl Sqlite {
 #[async_trait]
 impl Store for Sqlite {
     async fn register(&self, projection: &Descriptor) -> Result<u64, StoreError> {
+        let checkpoint = self.prepare(projection).await?;
+        sqlx::query(
+            "INSERT INTO projections (name, version, status, error, updated_at) VALUES (?, ?, 'running', NULL, ?) \
+             ON CONFLICT(name) DO UPDATE SET version = excluded.version, status = 'running', error = NULL, \
+             updated_at = excluded.updated_at",
+        )
+        .bind(&projection.name)
+        .bind(&projection.version)
+        .bind(now_ms())
+        .execute(&self.write)
+        .await
+        .map_err(StoreError::db("recording the projection"))?;
+        Ok(checkpoint)
+    }
+
+    async fn catalog_revision(&self) -> Result<i64, StoreError> {
+        sqlx::query_scalar("SELECT revision FROM catalog_revision WHERE id = 1")
+            .fetch_one(&self.read)
+            .await
+            .map_err(StoreError::db("reading the catalog's revision"))
+    }
+
+    async fn catalog(&self) -> Result<Vec<CatalogEntry>, StoreError> {
+        let projections: Vec<(String, String, Option<String>, bool)> = sqlx::query_as(
+            "SELECT name, version, building, manual_cutover FROM projections ORDER BY name",
+        )
+        .fetch_all(&self.read)
+        .await
+        .map_err(StoreError::db("reading the catalog"))?;
+        let plugins = sqlx::query(&format!(
+            "SELECT {PLUGIN_COLUMNS} FROM plugins ORDER BY name, version"
+        ))
+        .fetch_all(&self.read)
+        .await
+        .map_err(StoreError::db("reading the catalog's plugins"))?;
+        let plugins = plugins
+            .iter()
+            .map(stored_plugin_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(catalog_entries(projections, plugins))
+    }
+
+    async fn plugin_code(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<Option<(String, Vec<u8>)>, StoreError> {
+        sqlx::query_as("SELECT sha256, bytes FROM plugins WHERE name = ? AND version = ?")
+            .bind(name)
+            .bind(version)
+            .fetch_optional(&self.read)
+            .await
+            .map_err(StoreError::db("reading a plugin's code"))
+    }
+
+    async fn save_plugin(
+        &self,
+        plugin: &StoredPlugin,
+        bytes: &[u8],
+        placement: Placement,
+    ) -> Result<(), StoreError> {
+        self.check_file()?;
+        let descriptor = descriptor_json(plugin)?;
+        let mut tx = self
+            .write
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(StoreError::db("storing a plugin"))?;
+        sqlx::query(
+            "INSERT INTO plugins (name, version, sha256, world, contract, descriptor, origin, uploaded_at, bytes) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (name, version) DO UPDATE SET sha256 = excluded.sha256, world = excluded.world, \
+             contract = excluded.contract, descriptor = excluded.descriptor, origin = excluded.origin, \
+             uploaded_at = excluded.uploaded_at, bytes = excluded.bytes",
+        )
+        .bind(&plugin.name)
+        .bind(&plugin.version)
+        .bind(&plugin.sha256)
+        .bind(&plugin.world)
+        .bind(&plugin.contract)
+        .bind(&descriptor)
+        .bind(&plugin.origin)
+        .bind(plugin.uploaded_at)
+        .bind(bytes)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::db("storing a plugin"))?;
+        let now = now_ms();
+        let placed = match placement {
+            Placement::Active => sqlx::query(
+                "INSERT INTO projections (name, version, status, error, updated_at) VALUES (?, ?, 'running', NULL, ?) \
+                 ON CONFLICT(name) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at, \
+                 building = CASE WHEN building = excluded.version THEN NULL ELSE building END",
+            )
+            .bind(&plugin.name)
+            .bind(&plugin.version)
+            .bind(now),
+            Placement::Build { manual } => sqlx::query(
+                "UPDATE projections SET building = ?, manual_cutover = ?, updated_at = ? WHERE name = ?",
+            )
+            .bind(&plugin.version)
+            .bind(manual)
+            .bind(now)
+            .bind(&plugin.name),
+            Placement::Keep => sqlx::query("SELECT 1"),
+        };
+        placed
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::db("placing a plugin"))?;
+        bump_revision(&mut tx).await?;
+        tx.commit()
+            .await
+            .map_err(StoreError::db("storing a plugin"))?;
+        Ok(())
+    }
+
+    async fn cut_over(&self, name: &str, from: &str, to: &str) -> Result<CutOver, StoreError> {
+        self.check_file()?;
+        // One writer at a time: the checkpoints compared here cannot move before the commit.
+        let mut tx = self
+            .write
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(StoreError::db("cutting over"))?;
+        let planned: Option<(i64,)> = sqlx::query_as(
+            "SELECT 1 FROM projections WHERE name = ? AND version = ? AND building = ?",
+        )
+        .bind(name)
+        .bind(from)
+        .bind(to)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(StoreError::db("cutting over"))?;
+        if planned.is_none() {
+            return Ok(CutOver::Changed);
+        }
+        let positions: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT version, position FROM checkpoints WHERE projection = ? AND version IN (?, ?)",
+        )
+        .bind(name)
+        .bind(from)
+        .bind(to)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(StoreError::db("cutting over"))?;
+        let at = |v: &str| {
+            positions
+                .iter()
+                .find(|(version, _)| version == v)
+                .map(|p| p.1)
+        };
+        if at(to).unwrap_or(0) < at(from).unwrap_or(0) {
+            return Ok(CutOver::Behind);
+        }
+        sqlx::query(
+            "UPDATE projections SET version = ?, building = NULL, manual_cutover = 0, updated_at = ? WHERE name = ?",
+        )
+        .bind(to)
+        .bind(now_ms())
+        .bind(name)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::db("cutting over"))?;
+        bump_revision(&mut tx).await?;
+        tx.commit().await.map_err(StoreError::db("cutting over"))?;
+        Ok(CutOver::Done)
+    }
+
+    async fn build_version(
+        &self,
+        name: &str,
+        version: &str,
+        manual: bool,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self
+            .write
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(StoreError::db("starting a build"))?;
+        let changed = sqlx::query(
+            "UPDATE projections SET building = ?, manual_cutover = ?, updated_at = ? \
+             WHERE name = ? AND EXISTS (SELECT 1 FROM plugins WHERE name = ? AND version = ?)",
+        )
+        .bind(version)
+        .bind(manual)
+        .bind(now_ms())
+        .bind(name)
+        .bind(name)
+        .bind(version)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::db("starting a build"))?
+        .rows_affected();
+        if changed == 0 {
+            return Ok(false);
+        }
+        bump_revision(&mut tx).await?;
+        tx.commit()
+            .await
+            .map_err(StoreError::db("starting a build"))?;
+        Ok(true)
+    }
+
+    async fn drop_version(&self, projection: &Descriptor) -> Result<(), StoreError> {
+        let (name, version) = (&projection.name, &projection.version);
+        let mut tx = self
+            .write
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(StoreError::db("dropping a version"))?;
+        for collection in &projection.collections {
+            let table = table_name(projection, &collection.name);
+            sqlx::query(&format!("DROP TABLE IF EXISTS \"{table}\""))
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::db(format!("dropping {table}")))?;
+        }
+        for statement in [
+            "DELETE FROM checkpoints WHERE projection = ? AND version = ?",
+            "DELETE FROM dead_letters WHERE projection = ? AND version = ?",
+            "DELETE FROM admin_actions WHERE projection = ? AND version = ?",
+            "DELETE FROM plugins WHERE name = ? AND version = ?",
+            "UPDATE projections SET building = NULL WHERE name = ? AND building = ?",
+        ] {
+            sqlx::query(statement)
+                .bind(name)
+                .bind(version)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::db("dropping a version"))?;
+        }
+        bump_revision(&mut tx).await?;
+        tx.commit()
+            .await
+            .map_err(StoreError::db("dropping a version"))?;
+        Ok(())
+    }
+
+    async fn drop_projection(&self, name: &str) -> Result<(), StoreError> {
+        let mut tx = self
+            .write
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(StoreError::db("removing a projection"))?;
+        for statement in [
+            "DELETE FROM projections WHERE name = ?",
+            "DELETE FROM plugins WHERE name = ?",
+            "DELETE FROM checkpoints WHERE projection = ?",
+            "DELETE FROM dead_letters WHERE projection = ?",
+            "DELETE FROM admin_commands WHERE projection = ?",
+        ] {
+            sqlx::query(statement)
+                .bind(name)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::db("removing a projection"))?;
+        }
+        bump_revision(&mut tx).await?;
+        tx.commit()
+            .await
+            .map_err(StoreError::db("removing a projection"))?;
+        Ok(())
+    }
+
+    async fn prepare(&self, projection: &Descriptor) -> Result<u64, StoreError> {
         let mut tx = self
             .write
             .begin()
             .await
-            .map_err(StoreError::db("registering a projection"))?;
+            .map_err(StoreError::db("preparing a projection version"))?;
         for collection in &projection.collections {
             let table = table_name(projection, &collection.name);
             let fields = collection.fields();
@@ -634,17 +906,6 @@ impl Store for Sqlite {
             }
         }
         let now = now_ms();
-        sqlx::query(
-            "INSERT INTO projections (name, version, status, error, updated_at) VALUES (?, ?, 'running', NULL, ?) \
-             ON CONFLICT(name) DO UPDATE SET version = excluded.version, status = 'running', error = NULL, \
-             updated_at = excluded.updated_at",
-        )
-        .bind(&projection.name)
-        .bind(&projection.version)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(StoreError::db("recording the projection"))?;
         sqlx::query(
             "INSERT INTO checkpoints (projection, version, position, updated_at) VALUES (?, ?, 0, ?) \
              ON CONFLICT DO NOTHING",
@@ -1051,6 +1312,15 @@ impl Store for Sqlite {
             .map_err(StoreError::db("ping"))?;
         Ok(())
     }
+}
+
+/// Moves the catalog's revision, in the transaction of the change.
+async fn bump_revision(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>) -> Result<(), StoreError> {
+    sqlx::query("UPDATE catalog_revision SET revision = revision + 1 WHERE id = 1")
+        .execute(&mut **tx)
+        .await
+        .map_err(StoreError::db("moving the catalog's revision"))?;
+    Ok(())
 }
 
 #[cfg(test)]
