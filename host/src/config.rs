@@ -21,6 +21,8 @@ pub struct Config {
     pub database_url: String,
     /// Folder of plugins: every `*.wasm` in it is loaded (not its subfolders).
     pub plugins: PathBuf,
+    /// Deploy a plugin file of the folder again whenever it changes (`serve --watch`).
+    pub watch_plugins: bool,
     pub runner: RunnerConfig,
     pub limits: Limits,
     pub http: HttpConfig,
@@ -38,6 +40,7 @@ impl Default for Config {
             data_dir: "projector-data".into(),
             database_url: String::new(),
             plugins: "target/plugins".into(),
+            watch_plugins: false,
             runner: RunnerConfig::default(),
             limits: Limits::default(),
             http: HttpConfig::default(),
@@ -50,11 +53,22 @@ impl Default for Config {
 }
 
 /// The admin API (`/admin/...`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     /// The bearer token every admin request must carry; empty: the admin API is off (403).
     pub token: String,
+    /// The largest plugin `PUT /admin/plugins/{name}` takes, in MiB (413 beyond).
+    pub max_plugin_mb: usize,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            token: String::new(),
+            max_plugin_mb: 64,
+        }
+    }
 }
 
 /// What a runner does when the plugin fails on an event.

@@ -6,6 +6,7 @@ pub mod config;
 pub mod consistency;
 pub mod control;
 pub mod data_lock;
+pub mod deploy;
 pub mod event;
 pub mod metrics;
 pub mod registry;

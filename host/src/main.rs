@@ -65,6 +65,10 @@ struct ServeArgs {
     /// (default ./target/plugins)
     #[arg(long)]
     plugins: Option<PathBuf>,
+    /// Deploy a plugin file again whenever it changes: same version swaps, a new version
+    /// rebuilds [setting: watch_plugins; env: PROJECTOR_WATCH_PLUGINS]
+    #[arg(long)]
+    watch: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -121,6 +125,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(dir) = args.plugins {
         config.plugins = dir;
+    }
+    if args.watch {
+        config.watch_plugins = true;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

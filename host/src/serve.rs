@@ -14,15 +14,14 @@ use crate::config::Config;
 use crate::consistency::Appends;
 use crate::data_lock::{DataLock, LockError};
 use crate::registry::Registry;
-use crate::runner::Projection;
-use crate::runtime::{Plugin, Runtime, RuntimeConfig, RuntimeError};
+use crate::deploy::Deployer;
+use crate::runtime::{Runtime, RuntimeConfig, RuntimeError};
 use crate::source::outbox::SqliteOutbox;
 use crate::source::pg_outbox::PgOutbox;
 use crate::source::{Source, SourceError};
 use crate::store::postgres::{redact, Postgres};
 use crate::store::sqlite::Sqlite;
 use crate::store::{Store, StoreError};
-use crate::supervisor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -39,6 +38,8 @@ pub enum ServeError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Deploy(crate::deploy::DeployError),
     #[error("two plugins are both projection {name:?}: {first} and {second}")]
     DuplicateProjection {
         name: String,
@@ -73,25 +74,23 @@ fn plugin_files(dir: &Path) -> Result<Vec<PathBuf>, ServeError> {
     Ok(files)
 }
 
-fn load_plugins(runtime: &Runtime, dir: &Path) -> Result<Vec<Arc<Plugin>>, ServeError> {
-    let mut by_name: BTreeMap<String, (PathBuf, Arc<Plugin>)> = BTreeMap::new();
-    for path in plugin_files(dir)? {
-        let plugin = runtime.load_file(&path)?;
+/// Refuses a folder where two files are the same projection: which one to run would depend
+/// on the order files are listed in.
+fn check_duplicates(runtime: &Runtime, files: &[PathBuf]) -> Result<(), ServeError> {
+    let mut by_name: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for path in files {
+        let plugin = runtime.load_file(path)?;
         let name = plugin.name().to_owned();
-        if let Some((first, _)) = by_name.get(&name) {
+        if let Some(first) = by_name.get(&name) {
             return Err(ServeError::DuplicateProjection {
                 name,
                 first: first.clone(),
-                second: path,
+                second: path.clone(),
             });
         }
-        tracing::info!(projection = %name, version = %plugin.descriptor().version, file = %path.display(), "plugin loaded");
-        by_name.insert(name, (path, Arc::new(plugin)));
+        by_name.insert(name, path.clone());
     }
-    if by_name.is_empty() {
-        tracing::warn!(dir = %dir.display(), "no plugins found: serving the event API only");
-    }
-    Ok(by_name.into_values().map(|(_, p)| p).collect())
+    Ok(())
 }
 
 /// The folder of a SQLite database file, where its server's lock lives; `None` for an
@@ -147,27 +146,33 @@ pub async fn serve(
         return Err(ServeError::DatabaseUrl(redact(&url)));
     };
 
-    let runtime = Runtime::new(RuntimeConfig {
+    let runtime = Arc::new(Runtime::new(RuntimeConfig {
         limits: config.limits.clone(),
         cache_dir: Some(config.data_dir.join("cache")),
-    })?;
-    let plugins = load_plugins(&runtime, &config.plugins)?;
+    })?);
+    let files = plugin_files(&config.plugins)?;
+    check_duplicates(&runtime, &files)?;
+    if files.is_empty() {
+        tracing::warn!(dir = %config.plugins.display(), "no plugins in the folder: serving what the catalog holds (upload with PUT /admin/plugins/NAME)");
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let registry = Arc::new(Registry::default());
-    let mut runners = Vec::new();
-    for plugin in plugins {
-        let checkpoint = store.register(plugin.descriptor()).await?;
-        let projection = Arc::new(Projection::new(plugin, checkpoint));
-        let (supervised, task) = supervisor::spawn(
-            projection.clone(),
-            store.clone(),
-            source.clone(),
-            config.runner_for(projection.name()),
-            stop_rx.clone(),
-        );
-        registry.insert(supervised);
-        runners.push(task);
+    let config = Arc::new(config);
+    let deployer = Deployer::new(
+        store.clone(),
+        source.clone(),
+        runtime,
+        registry.clone(),
+        config.clone(),
+        stop_rx.clone(),
+    );
+    deployer.seed(files).await.map_err(ServeError::Deploy)?;
+    deployer.sync(true).await?;
+    let following = tokio::spawn(deployer.clone().run());
+    if config.watch_plugins {
+        tracing::info!(dir = %config.plugins.display(), "watching the plugins folder: a changed file is deployed");
+        tokio::spawn(deployer.clone().watch(config.plugins.clone()));
     }
     if config.admin.token.is_empty() {
         tracing::info!("admin API off: set admin.token (PROJECTOR_ADMIN__TOKEN) to enable it");
@@ -177,7 +182,8 @@ pub async fn serve(
         appends: Appends::new(source.clone()),
         source,
         store,
-        projections: registry,
+        projections: registry.clone(),
+        deploy: deployer.clone(),
         config: Arc::new(config.http.clone()),
         admin: Arc::new(config.admin.clone()),
         backpressure: config.backpressure(),
@@ -200,8 +206,9 @@ pub async fn serve(
     on_listening(addr);
     server::serve(listener, app, limits, shutdown).await;
     let _ = stop_tx.send(true);
-    for runner in runners {
-        let _ = runner.await;
+    let _ = following.await;
+    for supervised in registry.all_supervised() {
+        supervised.stopped().await;
     }
     drop(data_lock);
     Ok(())

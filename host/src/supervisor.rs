@@ -33,9 +33,30 @@ const QUEUE: usize = 16;
 pub struct Supervised {
     pub projection: Arc<Projection>,
     commands: mpsc::Sender<Request>,
+    /// Stops this supervisor alone (a version retired or removed while the host runs).
+    stop: watch::Sender<bool>,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Supervised {
+    /// Stops the supervisor (its runner between two batches) and waits until it has.
+    pub async fn stop(&self) {
+        let _ = self.stop.send(true);
+        self.stopped().await;
+    }
+
+    /// Waits until the supervisor has stopped (on shutdown, or after [`Supervised::stop`]).
+    pub async fn stopped(&self) {
+        let task = self
+            .task
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+
     /// Sends a command and waits for its answer, at most `timeout`.
     pub async fn send(&self, command: Command, timeout: Duration) -> Reply {
         let (request, answer) = Request::new(command);
@@ -50,15 +71,32 @@ impl Supervised {
     }
 }
 
-/// Starts supervising `projection`: the task to await on shutdown, and the handle for the
-/// registry.
+/// Starts supervising `projection` until `shutdown` (or [`Supervised::stop`]); the handle for
+/// the registry.
 pub fn spawn(
     projection: Arc<Projection>,
     store: Arc<dyn Store>,
     source: Arc<dyn Source>,
     config: RunnerConfig,
-    shutdown: watch::Receiver<bool>,
-) -> (Arc<Supervised>, tokio::task::JoinHandle<()>) {
+    mut shutdown: watch::Receiver<bool>,
+) -> Arc<Supervised> {
+    let (stop, stopping) = watch::channel(false);
+    let relay = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            if *shutdown.borrow_and_update() {
+                let _ = relay.send(true);
+                return;
+            }
+            tokio::select! {
+                changed = shutdown.changed() => if changed.is_err() {
+                    let _ = relay.send(true);
+                    return;
+                },
+                _ = relay.closed() => return,
+            }
+        }
+    });
     let (tx, rx) = mpsc::channel(QUEUE);
     let rx: Commands = Arc::new(tokio::sync::Mutex::new(rx));
     let supervisor = Supervisor {
@@ -68,14 +106,13 @@ pub fn spawn(
         config,
         own: tx.clone(),
     };
-    let task = tokio::spawn(supervisor.run(rx, shutdown));
-    (
-        Arc::new(Supervised {
-            projection,
-            commands: tx,
-        }),
-        task,
-    )
+    let task = tokio::spawn(supervisor.run(rx, stopping));
+    Arc::new(Supervised {
+        projection,
+        commands: tx,
+        stop,
+        task: std::sync::Mutex::new(Some(task)),
+    })
 }
 
 struct Supervisor {
@@ -90,12 +127,14 @@ struct Supervisor {
 impl Supervisor {
     async fn run(self, commands: Commands, mut shutdown: watch::Receiver<bool>) {
         let name = self.projection.name().to_owned();
+        // Per version: a rebuild may run on another instance than the version that serves.
+        let lease = format!("{name}@{}", self.projection.descriptor().version);
         let mut standing_by = false;
         let mut backoff = FIRST_RETRY;
         let max_backoff = Duration::from_millis(self.config.max_retry_backoff_ms).max(FIRST_RETRY);
         while !*shutdown.borrow() {
             let taken = async {
-                match self.store.try_lease(&name).await? {
+                match self.store.try_lease(&lease).await? {
                     Some(lease) => Ok(Some((
                         lease,
                         self.store.checkpoint(self.projection.descriptor()).await?,
@@ -228,6 +267,9 @@ impl Supervisor {
                 Ok(checkpoint) => checkpoint,
                 Err(_) => self.projection.checkpoint(),
             };
+            if self.projection.is_building() {
+                continue;
+            }
             if let Err(err) = self
                 .store
                 .set_status(self.projection.name(), ProjectionStatus::Running, None)

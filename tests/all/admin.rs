@@ -15,7 +15,8 @@ fn admin_paths() -> Vec<(String, String)> {
             (
                 method.to_owned(),
                 path.replace("{name}", "account-balance")
-                    .replace("{position}", "1"),
+                    .replace("{position}", "1")
+                    .replace("{version}", "1"),
             )
         })
         .collect();

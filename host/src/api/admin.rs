@@ -10,7 +10,11 @@ use axum::extract::{Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{post, MethodRouter};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, RawQuery};
+use axum::http::HeaderMap;
+use axum::routing::{delete, get, post, put, MethodRouter};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -18,6 +22,7 @@ use sha2::{Digest, Sha256};
 use super::error::ApiError;
 use super::AppState;
 use crate::control::{Command, CommandError};
+use crate::deploy::DeployError;
 
 /// Every admin route, `(method, path)`: the router is built from this list, and the tests
 /// walk it, so a route added here is guarded and checked like the others.
@@ -33,6 +38,11 @@ pub const ADMIN_ROUTES: &[(&str, &str)] = &[
         "POST",
         "/admin/projections/{name}/dead-letters/{position}/skip",
     ),
+    ("PUT", "/admin/plugins/{name}"),
+    ("GET", "/admin/plugins"),
+    ("POST", "/admin/projections/{name}/activate"),
+    ("DELETE", "/admin/projections/{name}/versions/{version}"),
+    ("DELETE", "/admin/projections/{name}"),
 ];
 
 /// How long a route waits for a command's answer (a retry runs the plugin; a command for
@@ -43,9 +53,10 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 /// paths are guarded too.
 pub fn router(state: AppState) -> Router<AppState> {
     let mut router = Router::new();
-    for &(_, path) in ADMIN_ROUTES {
+    let max_plugin = state.admin.max_plugin_mb.saturating_mul(1 << 20);
+    for &(method, path) in ADMIN_ROUTES {
         let inner = path.strip_prefix("/admin").unwrap_or(path);
-        router = router.route(inner, handler(path));
+        router = router.route(inner, handler(method, path, max_plugin));
     }
     router
         .fallback(|| async {
@@ -54,12 +65,17 @@ pub fn router(state: AppState) -> Router<AppState> {
         .layer(axum::middleware::from_fn_with_state(state, authorize))
 }
 
-fn handler(path: &str) -> MethodRouter<AppState> {
-    match path.rsplit('/').next().unwrap_or_default() {
-        "pause" => post(pause),
-        "resume" => post(resume),
-        "restart" => post(restart),
-        "retry" => post(retry),
+fn handler(method: &str, path: &str, max_plugin: usize) -> MethodRouter<AppState> {
+    match (method, path.rsplit('/').next().unwrap_or_default()) {
+        ("PUT", _) => put(upload).layer(DefaultBodyLimit::max(max_plugin)),
+        ("GET", _) => get(list_plugins),
+        ("DELETE", "{version}") => delete(drop_version),
+        ("DELETE", _) => delete(remove),
+        (_, "activate") => post(activate),
+        (_, "pause") => post(pause),
+        (_, "resume") => post(resume),
+        (_, "restart") => post(restart),
+        (_, "retry") => post(retry),
         _ => post(skip),
     }
 }
@@ -182,6 +198,134 @@ async fn skip(
     send(&app, &name, Command::Skip { position }).await
 }
 
+impl From<DeployError> for ApiError {
+    fn from(err: DeployError) -> Self {
+        let status = err.status();
+        ApiError::new(status, err.code(), err.to_string())
+    }
+}
+
+/// The query parameters of `text`, refusing any not in `known`.
+fn query_params(
+    text: Option<&str>,
+    known: &[&str],
+) -> Result<std::collections::HashMap<String, String>, ApiError> {
+    let mut params = std::collections::HashMap::new();
+    for (key, value) in form_urlencoded::parse(text.unwrap_or("").as_bytes()) {
+        if !known.contains(&&*key) {
+            return Err(ApiError::bad_request(
+                "invalid_parameter",
+                format!("unknown parameter `{key}` (this route takes: {})", known.join(", ")),
+            ));
+        }
+        params.insert(key.into_owned(), value.into_owned());
+    }
+    Ok(params)
+}
+
+/// `PUT /admin/plugins/{name}` with the component's bytes: a swap (same version), a rebuild
+/// beside the serving version (new version; `?cutover=manual` waits for `activate`), or a new
+/// projection.
+async fn upload(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let params = query_params(query.as_deref(), &["cutover"])?;
+    let manual = match params.get("cutover").map(String::as_str) {
+        None | Some("auto") => false,
+        Some("manual") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_parameter",
+                format!("`cutover` is `auto` or `manual`, not {other:?}"),
+            ))
+        }
+    };
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    if !["application/wasm", "application/octet-stream"].contains(&essence) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("send the component's bytes as `Content-Type: application/wasm` (got {content_type:?}); with curl: --data-binary @plugin.wasm -H 'Content-Type: application/wasm'"),
+        ));
+    }
+    let bytes = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "plugin_too_large",
+                format!(
+                    "the plugin is larger than admin.max_plugin_mb ({} MiB)",
+                    app.admin.max_plugin_mb
+                ),
+            )
+        } else {
+            ApiError::bad_request("unreadable_body", rejection.body_text())
+        }
+    })?;
+    let deployed = app
+        .deploy
+        .deploy(Some(&name), bytes.to_vec(), "upload", manual)
+        .await?;
+    let status = match deployed.action {
+        "created" => StatusCode::CREATED,
+        "rebuilding" => StatusCode::ACCEPTED,
+        _ => StatusCode::OK,
+    };
+    Ok((status, Json(deployed)).into_response())
+}
+
+/// `GET /admin/plugins`: what this instance has loaded.
+async fn list_plugins(State(app): State<AppState>) -> Json<Value> {
+    Json(json!({ "plugins": app.deploy.loaded() }))
+}
+
+/// `POST /admin/projections/{name}/activate?version=V`: cut over to `V` (a manual rebuild that
+/// has caught up), or roll back to an older version (it catches up from its own checkpoint
+/// first, then cuts over).
+async fn activate(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let params = query_params(query.as_deref(), &["version"])?;
+    let version = params.get("version").ok_or_else(|| {
+        ApiError::bad_request("invalid_parameter", "`version` is required: the version to make serve")
+    })?;
+    let deployed = app.deploy.activate(&name, version).await?;
+    let status = if deployed.active == *version {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((status, Json(deployed)).into_response())
+}
+
+/// `DELETE /admin/projections/{name}/versions/{version}`: drops an inactive version's tables.
+async fn drop_version(
+    State(app): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    app.deploy.drop_version(&name, &version).await?;
+    Ok(Json(json!({ "projection": name, "dropped": version })))
+}
+
+/// `DELETE /admin/projections/{name}`: removes a projection and every version's tables.
+async fn remove(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    app.deploy.remove(&name).await?;
+    Ok(Json(json!({ "projection": name, "removed": true })))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,12 +341,14 @@ mod tests {
     #[test]
     fn every_listed_route_has_its_own_handler_name() {
         for &(method, path) in ADMIN_ROUTES {
-            assert_eq!(method, "POST");
             let last = path.rsplit('/').next().unwrap();
-            assert!(
-                ["pause", "resume", "restart", "retry", "skip"].contains(&last),
-                "{path} has no handler"
-            );
+            let known = match method {
+                "POST" => ["pause", "resume", "restart", "retry", "skip", "activate"].contains(&last),
+                "PUT" | "GET" => path.starts_with("/admin/plugins"),
+                "DELETE" => path.starts_with("/admin/projections/"),
+                _ => false,
+            };
+            assert!(known, "{method} {path} has no handler");
         }
     }
 }

@@ -166,6 +166,49 @@ pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
             );
         }
     }
+    let _ = writeln!(
+        out,
+        "# HELP projector_plugin_swaps_total Plugin changes applied on this instance, by outcome: swapped (same version, new code), cut_over (a rebuilt version took over), refused (a same-version upload that changed the read model's shape)."
+    );
+    let _ = writeln!(out, "# TYPE projector_plugin_swaps_total counter");
+    for ((projection, outcome), count) in app.deploy.metrics.swaps() {
+        let _ = writeln!(
+            out,
+            "projector_plugin_swaps_total{{projection=\"{projection}\",outcome=\"{outcome}\"}} {count}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP projector_swap_pause_seconds From the last batch on the old code (or the swap, if later) to the first batch on the new code."
+    );
+    let _ = writeln!(out, "# TYPE projector_swap_pause_seconds histogram");
+    for projection in &projections {
+        projection.metrics.swap_pause.render(
+            &mut out,
+            "projector_swap_pause_seconds",
+            &format!("projection=\"{}\"", projection.name()),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP projector_rebuild_progress How far a version built beside the serving one has come: its checkpoint over the head (1: caught up)."
+    );
+    let _ = writeln!(out, "# TYPE projector_rebuild_progress gauge");
+    for (name, entry) in app.projections.entries() {
+        if let Some(building) = entry.building {
+            let checkpoint = building.projection.checkpoint();
+            let progress = if head == 0 {
+                1.0
+            } else {
+                checkpoint.min(head) as f64 / head as f64
+            };
+            let _ = writeln!(
+                out,
+                "projector_rebuild_progress{{projection=\"{name}\",version=\"{}\"}} {progress:.4}",
+                building.projection.descriptor().version
+            );
+        }
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 

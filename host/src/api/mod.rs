@@ -32,6 +32,8 @@ pub struct AppState {
     pub appends: Appends,
     pub store: Arc<dyn Store>,
     pub projections: Arc<Registry>,
+    /// Uploads, swaps, rebuilds and cut-overs.
+    pub deploy: Arc<crate::deploy::Deployer>,
     pub config: Arc<HttpConfig>,
     pub admin: Arc<AdminConfig>,
     pub backpressure: Backpressure,

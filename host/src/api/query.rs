@@ -23,6 +23,8 @@ struct ReadParams {
     timeout_ms: Option<u64>,
     limit: Option<u32>,
     cursor: Option<String>,
+    /// A version other than the serving one (a rebuild, checked before it goes live).
+    version: Option<String>,
     filters: Vec<(String, String)>,
 }
 
@@ -49,16 +51,47 @@ impl ReadParams {
                 "timeout_ms" => params.timeout_ms = Some(parse_number(&name, &value)?),
                 "limit" => params.limit = Some(parse_number(&name, &value)?),
                 "cursor" => params.cursor = Some(value.into_owned()),
+                "version" => params.version = Some(value.into_owned()),
                 _ => params.filters.push((name.into_owned(), value.into_owned())),
             }
         }
         Ok(params)
     }
 
-    /// Waits, if asked to, until `projection` has committed past what the caller needs.
-    async fn wait(&self, app: &AppState, projection: &Projection) -> Result<(), ApiError> {
+    /// The version to read: the one asked for, or the one serving.
+    fn projection(&self, app: &AppState, name: &str) -> Result<Arc<Projection>, ApiError> {
+        let Some(version) = &self.version else {
+            return projection(app, name);
+        };
+        app.projections.version(name, version).ok_or_else(|| {
+            let loaded: Vec<String> = app
+                .projections
+                .entry(name)
+                .map(|e| {
+                    std::iter::once(&e.active)
+                        .chain(e.building.as_ref())
+                        .map(|s| s.projection.descriptor().version.clone())
+                        .collect()
+                })
+                .unwrap_or_default();
+            ApiError::not_found(
+                "unknown_version",
+                format!("{name} has no version {version:?} running here (serving or building)"),
+            )
+            .with("versions", json!(loaded))
+        })
+    }
+
+    /// Waits, if asked to, until `projection` has committed past what the caller needs; the
+    /// version to read then. A cut-over while it waits moves the wait to the version that
+    /// serves now, so the answer comes from one version, never a mix.
+    async fn wait(
+        &self,
+        app: &AppState,
+        mut projection: Arc<Projection>,
+    ) -> Result<Arc<Projection>, ApiError> {
         if self.wait_for.is_empty() && self.min_position.is_none() {
-            return Ok(());
+            return Ok(projection);
         }
         let http = &app.config;
         let deadline = consistency::deadline(
@@ -69,7 +102,20 @@ impl ReadParams {
         let (target, positions) =
             consistency::target_position(&app.appends, self.min_position, &self.wait_for, deadline)
                 .await?;
-        projection.committed().wait_for(target, deadline).await?;
+        loop {
+            match projection.committed().wait_for(target, deadline).await {
+                Err(WaitError::Retired { reached }) if self.version.is_none() => {
+                    match app.projections.get(projection.name()) {
+                        Some(now) if !Arc::ptr_eq(&now, &projection) => projection = now,
+                        _ => return Err(WaitError::Retired { reached }.into()),
+                    }
+                }
+                waited => {
+                    waited?;
+                    break;
+                }
+            }
+        }
         // Passed is not applied: an event set aside (or parked behind one) is not in the
         // documents, and a reader waiting for it must not take them for its write.
         for (wanted, position) in self.wait_for.iter().zip(positions) {
@@ -90,7 +136,7 @@ impl ReadParams {
                 .into());
             }
         }
-        Ok(())
+        Ok(projection)
     }
 }
 
@@ -150,8 +196,47 @@ async fn summary(app: &AppState, projection: &Projection) -> Value {
             "malformed_since_start": ProjectionMetrics::get(&projection.metrics.dead_letters_malformed),
             "plugin_since_start": ProjectionMetrics::get(&projection.metrics.dead_letters_plugin),
         },
+        "active": version_summary(app, projection, head),
+        "building": app
+            .projections
+            .entry(&descriptor.name)
+            .and_then(|e| e.building)
+            .map(|b| version_summary(app, &b.projection, head)),
     })
 }
+
+/// One version of a projection: where it is, and for a rebuild how far and how long to go.
+fn version_summary(app: &AppState, projection: &Projection, head: u64) -> Value {
+    let checkpoint = projection.checkpoint();
+    let health = projection.health();
+    let rate = projection.positions_per_second();
+    let left = head.saturating_sub(checkpoint);
+    let loaded = app
+        .deploy
+        .loaded()
+        .into_iter()
+        .find(|l| {
+            l.stored.name == projection.name()
+                && l.stored.version == projection.descriptor().version
+        });
+    json!({
+        "version": projection.descriptor().version,
+        "status": health.status,
+        "error": health.error,
+        "checkpoint": checkpoint,
+        "head": head,
+        "lag": left,
+        "progress": if head == 0 { 1.0 } else { checkpoint.min(head) as f64 / head as f64 },
+        "positions_per_second": (rate * 10.0).round() / 10.0,
+        "eta_seconds": if left == 0 { Some(0.0) } else if rate > 0.0 { Some((left as f64 / rate * 10.0).round() / 10.0) } else { None },
+        "cutover": if projection.is_building() {
+            Some(if app.deploy.manual_cutover(projection.name()) { "manual" } else { "auto" })
+        } else { None },
+        "sha256": loaded.as_ref().map(|l| l.stored.sha256.clone()),
+        "loaded_at": loaded.map(|l| l.loaded_at),
+    })
+}
+
 
 pub async fn list_projections(State(app): State<AppState>) -> Json<Value> {
     let projections = app.projections.projections();
@@ -188,9 +273,9 @@ pub async fn get_stream(
     Path((name, stream)): Path<(String, String)>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let projection = projection(&app, &name)?;
     let params = ReadParams::parse(query.as_deref())?;
-    params.wait(&app, &projection).await?;
+    let projection = params.projection(&app, &name)?;
+    let projection = params.wait(&app, projection).await?;
     let position = projection.checkpoint();
     let version = app.source.version_at(&stream, position).await?;
     Ok(Json(json!({
@@ -256,16 +341,16 @@ pub async fn get_document(
     Path((name, collection, key)): Path<(String, String, String)>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<DocumentAt>, ApiError> {
-    let projection = projection(&app, &name)?;
-    check_collection(&projection, &collection)?;
     let params = ReadParams::parse(query.as_deref())?;
+    let projection = params.projection(&app, &name)?;
+    check_collection(&projection, &collection)?;
     if let Some((field, _)) = params.filters.first() {
         return Err(ApiError::bad_request(
             "invalid_parameter",
-            format!("unknown parameter `{field}` (a document read takes wait_for, min_position and timeout_ms)"),
+            format!("unknown parameter `{field}` (a document read takes wait_for, min_position, timeout_ms and version)"),
         ));
     }
-    params.wait(&app, &projection).await?;
+    let projection = params.wait(&app, projection).await?;
     // Read before the document: the document is at least this fresh.
     let position = projection.checkpoint();
     let doc = app
@@ -287,9 +372,9 @@ pub async fn list_documents(
     Path((name, collection)): Path<(String, String)>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Page<Document>>, ApiError> {
-    let projection = projection(&app, &name)?;
-    check_collection(&projection, &collection)?;
     let params = ReadParams::parse(query.as_deref())?;
+    let projection = params.projection(&app, &name)?;
+    check_collection(&projection, &collection)?;
     let spec = projection
         .descriptor()
         .collection(&collection)
@@ -310,7 +395,7 @@ pub async fn list_documents(
             format!("`limit` must be 1 to {}", app.config.max_page_size),
         ));
     }
-    params.wait(&app, &projection).await?;
+    let projection = params.wait(&app, projection).await?;
     let position = projection.checkpoint();
     let query = ListQuery {
         filters: params.filters.clone(),

@@ -771,7 +771,11 @@ impl Runner {
         if let Err(problem) = self.prefetch(&events).await {
             return Err((problem, events));
         }
-        let (plugin, _) = self.projection.plugin();
+        let (plugin, generation) = self.projection.plugin();
+        if let Some(first) = events.first() {
+            self.projection
+                .batch_starts(generation, first.timestamp_ms);
+        }
         let store = Arc::new(StoreReader {
             store: self.store.clone(),
             descriptor: self.projection.descriptor().clone(),
@@ -790,6 +794,7 @@ impl Runner {
         let start = std::time::Instant::now();
         let result = tokio::task::spawn_blocking(move || plugin.handle(events, reader)).await;
         ProjectionMetrics::add_time(&metrics.plugin_micros, start.elapsed());
+        self.projection.batch_ended(generation);
         match result {
             Ok(Ok(output)) => Ok(output),
             Ok(Err(failed)) => Err((classify(&failed.error), failed.events)),
@@ -833,6 +838,11 @@ fn parked_letter(e: &Event, behind: u64) -> DeadLetter {
 
 async fn record_failure(projection: &Projection, store: &dyn Store, error: &str) {
     projection.mark_failed(error);
+    // The projection's recorded status is the serving version's; a failed rebuild shows in
+    // its own summary (`building`), and the active version goes on.
+    if projection.is_building() {
+        return;
+    }
     if let Err(err) = store
         .set_status(projection.name(), ProjectionStatus::Failed, Some(error))
         .await

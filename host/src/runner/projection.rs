@@ -37,12 +37,19 @@ pub struct Projection {
     /// When it (re)started on this instance (ms since the epoch): events appended before are
     /// its backlog, and catching up on them holds no append back (see `backpressure`).
     started_ms: AtomicU64,
+    /// Its checkpoint then: with `started_ms`, how fast it has gone since.
+    started_at: AtomicU64,
 }
 
-/// The code a projection runs, and how many times it was swapped here.
+/// The code a projection runs, how many times it was swapped here, and what the swap pause
+/// is measured from.
 struct Plugged {
     handler: Arc<dyn BatchHandler>,
     generation: u64,
+    /// The generation of the last batch run, and when that call ended.
+    ran: Option<(u64, std::time::Instant)>,
+    /// When the code was last swapped: monotonic, and wall clock (ms).
+    swapped: Option<(std::time::Instant, u64)>,
 }
 
 /// The health of a projection, as `GET /projections` shows it.
@@ -62,6 +69,8 @@ impl Projection {
             plugin: RwLock::new(Plugged {
                 handler: plugin,
                 generation: 0,
+                ran: None,
+                swapped: None,
             }),
             building: AtomicBool::new(false),
             metrics: ProjectionMetrics::default(),
@@ -80,6 +89,7 @@ impl Projection {
             }),
             unapplied: Mutex::new(VecDeque::new()),
             started_ms: AtomicU64::new(now_ms()),
+            started_at: AtomicU64::new(checkpoint),
         }
     }
 
@@ -93,6 +103,18 @@ impl Projection {
             Some(&(_, appended)) if appended >= started => now_ms().saturating_sub(appended),
             _ => 0,
         }
+    }
+
+    /// Positions applied per second since it started here (0 before a second has passed).
+    pub fn positions_per_second(&self) -> f64 {
+        let elapsed_ms = now_ms().saturating_sub(self.started_ms.load(Ordering::Relaxed));
+        if elapsed_ms < 1000 {
+            return 0.0;
+        }
+        let done = self
+            .checkpoint()
+            .saturating_sub(self.started_at.load(Ordering::Relaxed));
+        done as f64 * 1000.0 / elapsed_ms as f64
     }
 
     /// How long ago the oldest event this projection has read but not applied was appended;
@@ -156,6 +178,30 @@ impl Projection {
         let mut plugged = self.plugin.write().unwrap_or_else(PoisonError::into_inner);
         plugged.handler = plugin;
         plugged.generation += 1;
+        plugged.swapped = Some((std::time::Instant::now(), now_ms()));
+    }
+
+    /// A batch call starts on `generation`'s code, its first event appended at
+    /// `first_appended_ms`: the first on new code records the swap's pause, from the later of
+    /// the swap and the end of the last call on the old code. A batch whose events came after
+    /// the swap waited for events, not for the swap, and records nothing.
+    pub(super) fn batch_starts(&self, generation: u64, first_appended_ms: u64) {
+        let plugged = self.plugin.read().unwrap_or_else(PoisonError::into_inner);
+        let (Some((ran, ended)), Some((swapped, swapped_ms))) = (plugged.ran, plugged.swapped)
+        else {
+            return;
+        };
+        if ran < generation && first_appended_ms <= swapped_ms {
+            self.metrics
+                .swap_pause
+                .observe(swapped.max(ended).elapsed());
+        }
+    }
+
+    /// A batch call on `generation`'s code has ended.
+    pub(super) fn batch_ended(&self, generation: u64) {
+        let mut plugged = self.plugin.write().unwrap_or_else(PoisonError::into_inner);
+        plugged.ran = Some((generation, std::time::Instant::now()));
     }
 
     /// Whether this is a version being built beside the active one.
@@ -216,6 +262,7 @@ impl Projection {
     /// cached before may be stale (another instance ran meanwhile).
     pub(crate) fn resume_at(&self, checkpoint: u64) {
         self.started_ms.store(now_ms(), Ordering::Relaxed);
+        self.started_at.store(checkpoint, Ordering::Relaxed);
         *self
             .documents
             .lock()
