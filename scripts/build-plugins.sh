@@ -9,6 +9,12 @@
 #   target/plugins/fixtures/poison-fixed/poison.wasm
 #                                    the `poison` fixture built with its feature `fixed`: the
 #                                    fixed plugin of the same name and version
+#   target/plugins/variants/account-balance-same/account-balance.wasm
+#                                    `account-balance` with its feature `same`: other code, same
+#                                    name, version and output
+#   target/plugins/variants/account-balance-v2/account-balance.wasm
+#                                    `account-balance` with its feature `v2`: version 2.0.0, every
+#                                    document with `"schema": 2`
 # A feature build is alone in its folder: the host loads every *.wasm of a folder.
 # Idempotent; cargo makes repeat runs cheap.
 set -euo pipefail
@@ -43,4 +49,6 @@ build_feature() {
 }
 
 build_feature poison fixed "$out/fixtures/poison-fixed/poison.wasm"
-echo "plugins built into $out: $(cd "$out" && ls *.wasm fixtures/*.wasm fixtures/*/*.wasm | tr '\n' ' ')"
+build_feature account-balance same "$out/variants/account-balance-same/account-balance.wasm"
+build_feature account-balance v2 "$out/variants/account-balance-v2/account-balance.wasm"
+echo "plugins built into $out: $(cd "$out" && ls *.wasm fixtures/*.wasm fixtures/*/*.wasm variants/*/*.wasm | tr '\n' ' ')"
