@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
 # Builds every guest plugin for wasm32-wasip2 (release) into target/plugins/:
 #   target/plugins/*.wasm            example plugins (what `projector serve` loads by default)
-#   target/plugins/fixtures/*.wasm   misbehaving test fixtures
+#   target/plugins/fixtures/*.wasm   misbehaving test fixtures, among them components the host
+#                                    must refuse to load: observer.wasm (the wrong world),
+#                                    future-contract.wasm (projector:plugin@0.9.0),
+#                                    extra-import.wasm (an import the host lacks),
+#                                    describe-panic.wasm, bad-descriptor.wasm
 #   target/plugins/fixtures/poison-fixed/poison.wasm
 #                                    the `poison` fixture built with its feature `fixed`: the
-#                                    fixed plugin of the same name and version, alone in its
-#                                    folder (the host loads every *.wasm of a folder)
+#                                    fixed plugin of the same name and version
+#   target/plugins/variants/account-balance-same/account-balance.wasm
+#                                    `account-balance` with its feature `same`: other code, same
+#                                    name, version and output
+#   target/plugins/variants/account-balance-v2/account-balance.wasm
+#                                    `account-balance` with its feature `v2`: version 2.0.0, every
+#                                    document with `"schema": 2`
+# A feature build is alone in its folder: the host loads every *.wasm of a folder.
 # Idempotent; cargo makes repeat runs cheap.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,15 +30,25 @@ out="$root/target/plugins"
 mkdir -p "$out/fixtures"
 built="$target_dir/wasm32-wasip2/release"
 cp "$built/account_balance.wasm" "$out/account-balance.wasm"
-cp "$built/misbehave.wasm" "$out/fixtures/misbehave.wasm"
-cp "$built/poison.wasm" "$out/fixtures/poison.wasm"
+for fixture in misbehave poison observer future-contract extra-import describe-panic \
+  bad-descriptor; do
+  cp "$built/${fixture//-/_}.wasm" "$out/fixtures/$fixture.wasm"
+done
 
-# The same package with another feature set gets a target dir of its own: sharing one, the
-# two builds would overwrite each other's poison.wasm and rebuild it on every run.
-fixed_dir="$target_dir/fixture-poison-fixed"
-cargo build --release --quiet --target wasm32-wasip2 \
-  --manifest-path "$root/plugins/Cargo.toml" --target-dir "$fixed_dir" \
-  -p poison --features fixed
-mkdir -p "$out/fixtures/poison-fixed"
-cp "$fixed_dir/wasm32-wasip2/release/poison.wasm" "$out/fixtures/poison-fixed/poison.wasm"
-echo "plugins built into $out: $(cd "$out" && ls *.wasm fixtures/*.wasm fixtures/*/*.wasm | tr '\n' ' ')"
+# build_feature PACKAGE FEATURE DEST: the package built with one feature, copied to DEST. Each
+# feature set gets a target dir of its own: sharing one, the builds would overwrite each
+# other's output and rebuild it on every run.
+build_feature() {
+  local package="$1" feature="$2" dest="$3"
+  local dir="$target_dir/fixture-$package-$feature"
+  cargo build --release --quiet --target wasm32-wasip2 \
+    --manifest-path "$root/plugins/Cargo.toml" --target-dir "$dir" \
+    -p "$package" --features "$feature"
+  mkdir -p "$(dirname "$dest")"
+  cp "$dir/wasm32-wasip2/release/${package//-/_}.wasm" "$dest"
+}
+
+build_feature poison fixed "$out/fixtures/poison-fixed/poison.wasm"
+build_feature account-balance same "$out/variants/account-balance-same/account-balance.wasm"
+build_feature account-balance v2 "$out/variants/account-balance-v2/account-balance.wasm"
+echo "plugins built into $out: $(cd "$out" && ls *.wasm fixtures/*.wasm fixtures/*/*.wasm variants/*/*.wasm | tr '\n' ' ')"

@@ -17,5 +17,6 @@ mod runtime;
 mod seed;
 mod store;
 mod support;
+mod uploads_runtime;
 mod waiters;
 mod watermark;

@@ -387,20 +387,14 @@ fn something_that_is_not_a_plugin_is_rejected_with_the_reason() {
         .load_bytes("garbage.wasm", b"definitely not wasm")
         .err()
         .unwrap();
-    assert!(
-        matches!(err, RuntimeError::InvalidComponent { .. }),
-        "{err}"
-    );
+    assert!(matches!(err, RuntimeError::NotAComponent { .. }), "{err}");
     assert!(err.to_string().contains("garbage.wasm"), "{err}");
 
     // A valid component that exports nothing: the error names what is missing.
     let empty_component = b"\0asm\x0d\x00\x01\x00";
     let err = rt.load_bytes("empty.wasm", empty_component).err().unwrap();
     let text = err.to_string();
-    assert!(
-        matches!(err, RuntimeError::InvalidComponent { .. }),
-        "{text}"
-    );
+    assert!(matches!(err, RuntimeError::WrongWorld { .. }), "{text}");
     assert!(
         text.contains("describe") || text.contains("handle"),
         "{text}"

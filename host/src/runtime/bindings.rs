@@ -14,3 +14,26 @@ pub mod projection {
         imports: { default: trappable },
     });
 }
+
+/// The `projector:plugin` versions a plugin may be built against, oldest first; the last is
+/// the one bound above (`wit/plugin.wit`), the others link to it semver-compatibly. A newer
+/// patch (0.1.2) would link too, but the host cannot know what it added, so it is refused by
+/// name rather than left to fail on a missing function.
+pub const SUPPORTED_CONTRACTS: &[&str] = &["0.1.0", "0.1.1"];
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_newest_supported_contract_is_the_one_bound() {
+        let wit = include_str!("../../../wit/plugin.wit");
+        let newest = super::SUPPORTED_CONTRACTS
+            .last()
+            .copied()
+            .unwrap_or_default();
+        assert!(
+            wit.lines()
+                .any(|line| line == format!("package projector:plugin@{newest};")),
+            "wit/plugin.wit is not projector:plugin@{newest}: update SUPPORTED_CONTRACTS"
+        );
+    }
+}

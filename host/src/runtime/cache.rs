@@ -8,17 +8,18 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 use wasmtime::Engine;
 
 use super::RuntimeError;
 
+/// `sha256` is the hex digest of `bytes`, computed once by the caller, which reports it too.
 pub(crate) fn load(
     engine: &Engine,
     cache_dir: Option<&Path>,
     origin: &str,
     bytes: &[u8],
+    sha256: &str,
 ) -> Result<(Component, bool), RuntimeError> {
     let start = Instant::now();
     let invalid = |err: wasmtime::Error| RuntimeError::InvalidComponent {
@@ -30,7 +31,7 @@ pub(crate) fn load(
         log_compiled(origin, start);
         return Ok((component, false));
     };
-    let path = entry_path(engine, dir, bytes);
+    let path = entry_path(engine, dir, sha256);
     if path.exists() {
         // SAFETY: the file is one this host wrote (below) with this engine configuration, which
         // the compatibility hash in its name guarantees; wasmtime re-checks the header.
@@ -71,11 +72,10 @@ fn log_compiled(origin: &str, start: Instant) {
     );
 }
 
-fn entry_path(engine: &Engine, dir: &Path, bytes: &[u8]) -> PathBuf {
+fn entry_path(engine: &Engine, dir: &Path, sha256: &str) -> PathBuf {
     let mut hasher = DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut hasher);
-    let digest = Sha256::digest(bytes);
-    dir.join(format!("{digest:x}-{:016x}.cwasm", hasher.finish()))
+    dir.join(format!("{sha256}-{:016x}.cwasm", hasher.finish()))
 }
 
 fn store_entry(dir: &Path, path: &Path, compiled: &[u8]) -> std::io::Result<()> {

@@ -7,6 +7,7 @@ mod cache;
 mod check;
 mod descriptor;
 mod host;
+mod inspect;
 mod sandbox;
 
 use std::path::{Path, PathBuf};
@@ -15,12 +16,14 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
 use crate::event::Event;
 use bindings::projection::projector::plugin::types as wit;
 use bindings::projection::{Projection, ProjectionPre};
+pub use bindings::SUPPORTED_CONTRACTS;
 pub use descriptor::{CollectionSpec, Descriptor};
 use host::HostState;
 pub use host::{BatchOutput, DocumentReader, MemoryDocuments};
@@ -64,6 +67,14 @@ impl Limits {
 
 /// A failure of a plugin call or of loading a plugin.
 ///
+/// Loading refuses bytes for one reason each, in the order it finds them: not a component
+/// ([`RuntimeError::NotAComponent`]), one the engine cannot compile
+/// ([`RuntimeError::InvalidComponent`]), another contract version
+/// ([`RuntimeError::UnsupportedContract`]), another world ([`RuntimeError::WrongWorld`]), an
+/// import the host lacks ([`RuntimeError::UnsupportedImport`]), a failing `describe`
+/// ([`RuntimeError::DescribeFailed`]), a descriptor the host refuses
+/// ([`RuntimeError::InvalidDescriptor`]). [`RuntimeError::code`] names each for an API.
+///
 /// When the host cuts a call short (deadline, memory cap, output cap, a trap, a broken
 /// contract), `at` is the event the call was on: the index in the batch the guest last gave to
 /// `log.begin-event` (contract 0.1.1), `None` for a plugin on 0.1.0 (which never calls it),
@@ -76,8 +87,65 @@ pub enum RuntimeError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{origin} is not a valid projector plugin: {reason}")]
+    /// Not a component: not WebAssembly at all, or a core module.
+    #[error(
+        "{origin} is not a WebAssembly component: {reason}; build the plugin with \
+         `cargo build --release --target wasm32-wasip2` and use the .wasm file it writes"
+    )]
+    NotAComponent { origin: String, reason: String },
+    /// A component the engine cannot compile: malformed, using a feature the engine does not
+    /// enable, or with more memories, tables or instances than a plugin may have.
+    #[error(
+        "{origin} is not a valid projector plugin: {reason}; it may be truncated or use a \
+         WebAssembly feature the host does not enable: rebuild it for wasm32-wasip2"
+    )]
     InvalidComponent { origin: String, reason: String },
+    /// A component that is not a projection (an observer, say); `exports` is what it exports.
+    #[error(
+        "{origin} is not a projection: {reason}, where a projection exports `describe` and \
+         `handle`; build it against the world `projection` of projector:plugin (the SDK's \
+         `export_projection!` does)"
+    )]
+    WrongWorld {
+        origin: String,
+        exports: Vec<String>,
+        reason: String,
+    },
+    /// A component built against a version of the contract the host does not bind: `found`,
+    /// from the name of `interface`.
+    #[error(
+        "{origin} is built against projector:plugin@{found} (it names {interface}), a \
+         contract version this host does not support; it supports {}: rebuild the plugin \
+         against one of them",
+        .supported.join(" and ")
+    )]
+    UnsupportedContract {
+        origin: String,
+        found: String,
+        interface: String,
+        supported: &'static [&'static str],
+    },
+    /// A component of the right world and contract that imports something else the host does
+    /// not provide (an interface of its own, `wasi:http`), or a contract interface of another
+    /// type.
+    #[error(
+        "{origin} imports what the host does not provide: {reason}; a projection may import \
+         projector:plugin's `state` and `log` and WASI 0.2, nothing else"
+    )]
+    UnsupportedImport { origin: String, reason: String },
+    /// `describe()` trapped, panicked or ran into a limit.
+    #[error(
+        "{origin}: describe() failed, so the host cannot tell which projection it is: \
+         {reason}; describe() must return the descriptor without panicking, trapping or \
+         reaching a limit"
+    )]
+    DescribeFailed { origin: String, reason: String },
+    /// `describe()` returned a descriptor that [`Descriptor::validate`] refuses.
+    #[error(
+        "{origin} describes itself with a descriptor the host refuses: {reason}; fix what \
+         describe() returns"
+    )]
+    InvalidDescriptor { origin: String, reason: String },
     #[error("plugin {plugin} trapped{}: {message}", on_event(.at, .event))]
     Trap {
         plugin: String,
@@ -180,11 +248,44 @@ impl RuntimeError {
                 at: *at,
                 named: false,
             },
-            Self::InvalidComponent { .. } | Self::Output { .. } => Fault::Plugin {
+            Self::NotAComponent { .. }
+            | Self::InvalidComponent { .. }
+            | Self::WrongWorld { .. }
+            | Self::UnsupportedContract { .. }
+            | Self::UnsupportedImport { .. }
+            | Self::DescribeFailed { .. }
+            | Self::InvalidDescriptor { .. }
+            | Self::Output { .. } => Fault::Plugin {
                 at: None,
                 named: false,
             },
             Self::Read { .. } | Self::State { .. } | Self::Engine(_) => Fault::Host,
+        }
+    }
+
+    /// A stable snake_case name of the failure, for an API's error body: an upload refused at
+    /// load gets `not_a_component`, `invalid_component`, `wrong_world`,
+    /// `unsupported_contract`, `unsupported_import`, `describe_failed` or
+    /// `invalid_descriptor`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Read { .. } => "unreadable",
+            Self::NotAComponent { .. } => "not_a_component",
+            Self::InvalidComponent { .. } => "invalid_component",
+            Self::WrongWorld { .. } => "wrong_world",
+            Self::UnsupportedContract { .. } => "unsupported_contract",
+            Self::UnsupportedImport { .. } => "unsupported_import",
+            Self::DescribeFailed { .. } => "describe_failed",
+            Self::InvalidDescriptor { .. } => "invalid_descriptor",
+            Self::Trap { .. } => "trap",
+            Self::DeadlineExceeded { .. } => "deadline_exceeded",
+            Self::MemoryLimit { .. } => "memory_limit",
+            Self::OutputLimit { .. } => "output_limit",
+            Self::Contract { .. } => "contract_violation",
+            Self::Guest { .. } => "guest_error",
+            Self::Output { .. } => "invalid_output",
+            Self::State { .. } => "state_read_failed",
+            Self::Engine(_) => "engine",
         }
     }
 }
@@ -305,19 +406,50 @@ impl Runtime {
     }
 
     /// Compiles (or loads from the cache), links, and asks the plugin to describe itself.
+    /// Bytes that are no loadable projection are refused with the reason
+    /// ([`RuntimeError::code`]), checked from the cheapest up: the header, the component's
+    /// type (contract version, world), the link, then `describe()`.
     pub fn load_bytes(&self, origin: &str, bytes: &[u8]) -> Result<Plugin, RuntimeError> {
-        let invalid = |err: wasmtime::Error| RuntimeError::InvalidComponent {
-            origin: origin.to_owned(),
-            reason: format!("{err:#}"),
-        };
+        inspect::check_header(origin, bytes)?;
+        let sha256 = format!("{:x}", Sha256::digest(bytes));
         let (component, from_cache) = cache::load(
             &self.engine,
             self.config.cache_dir.as_deref(),
             origin,
             bytes,
+            &sha256,
         )?;
-        let instance_pre = self.linker.instantiate_pre(&component).map_err(invalid)?;
-        let pre = ProjectionPre::new(instance_pre).map_err(invalid)?;
+        // The version first: another contract's world may well look like another world.
+        let contract = inspect::contract(&self.engine, origin, &component)?;
+        let exports = inspect::exports(&self.engine, &component);
+        inspect::check_world(origin, &exports)?;
+        let instance_pre = self.linker.instantiate_pre(&component).map_err(|err| {
+            RuntimeError::UnsupportedImport {
+                origin: origin.to_owned(),
+                reason: format!("{err:#}"),
+            }
+        })?;
+        // The names are the projection's; their types may still be another world's.
+        let pre = ProjectionPre::new(instance_pre).map_err(|err| RuntimeError::WrongWorld {
+            origin: origin.to_owned(),
+            reason: format!(
+                "{}, but not with the projection's types ({err:#})",
+                inspect::exports_reason(None, &exports)
+            ),
+            exports: exports.clone(),
+        })?;
+        // Exports of the projection's types come from its `types` interface: a component
+        // that names no interface of the contract was not built against it.
+        let Some(contract) = contract else {
+            return Err(RuntimeError::WrongWorld {
+                origin: origin.to_owned(),
+                reason: format!(
+                    "{}, but names no interface of projector:plugin",
+                    inspect::exports_reason(None, &exports)
+                ),
+                exports,
+            });
+        };
         let mut plugin = Plugin {
             name: origin.to_owned(),
             pre,
@@ -327,16 +459,61 @@ impl Runtime {
             limits: self.config.limits.clone(),
             descriptor: Descriptor::default(),
             from_cache,
+            info: PluginInfo {
+                world: inspect::PROJECTION.to_owned(),
+                contract: contract.to_owned(),
+                sha256,
+            },
         };
-        let raw = plugin.describe()?;
+        let raw = plugin.describe().map_err(|err| match err.fault() {
+            // The engine's trouble (no instance to be had), not the plugin's: try again.
+            Fault::Host => err,
+            Fault::Plugin { .. } => RuntimeError::DescribeFailed {
+                origin: origin.to_owned(),
+                reason: describe_failure(&err),
+            },
+        })?;
         plugin.descriptor =
-            Descriptor::validate(raw).map_err(|reason| RuntimeError::InvalidComponent {
+            Descriptor::validate(raw).map_err(|reason| RuntimeError::InvalidDescriptor {
                 origin: origin.to_owned(),
                 reason,
             })?;
         plugin.name = plugin.descriptor.name.clone();
         Ok(plugin)
     }
+}
+
+/// Why `describe()` failed, without the batch and event wording of a `handle` failure: a
+/// describe call has no events.
+fn describe_failure(err: &RuntimeError) -> String {
+    match err {
+        RuntimeError::Guest { message, .. } => message.clone(),
+        RuntimeError::Trap { message, .. } => format!("it trapped: {message}"),
+        RuntimeError::DeadlineExceeded { deadline_ms, .. } => {
+            format!("it ran past the deadline of {deadline_ms} ms")
+        }
+        RuntimeError::MemoryLimit { limit_mb, .. } => {
+            format!("it grew its memory past the limit of {limit_mb} MiB")
+        }
+        RuntimeError::OutputLimit { limit_mb, .. } => {
+            format!("it wrote more than {limit_mb} MiB of documents")
+        }
+        RuntimeError::Contract { message, .. } => format!("it broke the contract: {message}"),
+        other => other.to_string(),
+    }
+}
+
+/// What a loaded plugin is, beyond its descriptor: for an API to show, and to tell two uploads
+/// apart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginInfo {
+    /// The world the component exports: `projection`.
+    pub world: String,
+    /// The `projector:plugin` version the component was built against, one of
+    /// [`SUPPORTED_CONTRACTS`] (e.g. `0.1.1`).
+    pub contract: String,
+    /// The SHA-256 of the component's bytes, lowercase hex.
+    pub sha256: String,
 }
 
 /// Counts the engine pool's free instance slots, so a call waits for one rather than failing
@@ -441,6 +618,7 @@ pub struct Plugin {
     limits: Limits,
     descriptor: Descriptor,
     from_cache: bool,
+    info: PluginInfo,
 }
 
 impl Plugin {
@@ -455,6 +633,11 @@ impl Plugin {
 
     pub fn descriptor(&self) -> &Descriptor {
         &self.descriptor
+    }
+
+    /// The component's world, contract version and digest.
+    pub fn info(&self) -> &PluginInfo {
+        &self.info
     }
 
     fn store(&self, events: &[Event], docs: Arc<dyn DocumentReader>) -> Store<HostState> {

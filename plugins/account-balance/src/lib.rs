@@ -1,4 +1,9 @@
 //! One document per account in collection `accounts`, keyed by the account's stream id.
+//!
+//! Two features build the variants the host's hot-swap tests upload over this plugin:
+//! `same` changes the code but not the name, version or output (it logs a line once per
+//! batch); `v2` bumps the version to 2.0.0 and stamps `"schema": 2` on every document, so a
+//! read model mixing the two versions shows.
 
 use projector_sdk::prelude::*;
 
@@ -21,18 +26,45 @@ pub struct Account {
     pub tx_count: u64,
     pub status: String,
     pub last_version: u64,
+    /// The document layout's version; only `v2` writes it.
+    #[cfg(feature = "v2")]
+    #[serde(default)]
+    pub schema: u32,
+}
+
+/// A new version is rebuilt beside the live read model, so `v2` must say it is another one.
+pub const VERSION: &str = if cfg!(feature = "v2") {
+    "2.0.0"
+} else {
+    "1.0.0"
+};
+
+#[cfg(feature = "v2")]
+const SCHEMA: u32 = 2;
+
+/// `same`: one debug line per batch. Every batch runs in a fresh instance, so a flag in the
+/// instance's memory is once per batch.
+#[cfg(feature = "same")]
+fn log_batch_once() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static LOGGED: AtomicBool = AtomicBool::new(false);
+    if !LOGGED.swap(true, Ordering::Relaxed) {
+        projector_sdk::log::debug("account-balance (variant same): batch started");
+    }
 }
 
 pub struct AccountBalance;
 
 impl Projection for AccountBalance {
     fn describe() -> Descriptor {
-        Descriptor::new("account-balance", "1.0.0")
+        Descriptor::new("account-balance", VERSION)
             .events(&["AccountOpened", "Deposited", "Withdrawn", "AccountClosed"])
             .collection("accounts", &["owner", "status"])
     }
 
     fn handle(event: &Event, state: &mut State) -> Result<()> {
+        #[cfg(feature = "same")]
+        log_batch_once();
         let (id, version) = (&event.stream, event.version);
         let (delta, verb) = match event.event_type.as_str() {
             "AccountOpened" => {
@@ -44,6 +76,8 @@ impl Projection for AccountBalance {
                     currency,
                     status,
                     last_version,
+                    #[cfg(feature = "v2")]
+                    schema: SCHEMA,
                     ..Default::default()
                 };
                 state.put("accounts", id, account);
@@ -67,6 +101,10 @@ impl Projection for AccountBalance {
             })?;
             a.tx_count += 1;
             a.last_version = version;
+            #[cfg(feature = "v2")]
+            {
+                a.schema = SCHEMA;
+            }
             if event.event_type == "AccountClosed" {
                 a.status = "closed".into();
             }
@@ -174,6 +212,27 @@ mod tests {
             .emit("a", "Withdrawn", json!({"amount": i64::MIN}))
             .unwrap_err();
         assert!(err.message.contains("withdrawal"), "{err}");
+    }
+
+    /// What the variants promise: `v2` differs by its version and `"schema": 2` only.
+    #[test]
+    fn documents_carry_a_schema_field_in_v2_only() {
+        let mut h = Harness::<AccountBalance>::new();
+        opened(&mut h, "a");
+        h.emit("a", "Deposited", json!({"amount": 7})).unwrap();
+        let doc: serde_json::Value = h.doc("accounts", "a").unwrap();
+        let mut expected = json!({"owner": "alice", "currency": "EUR", "balance": 7,
+                                  "tx_count": 1, "status": "open", "last_version": 2});
+        if cfg!(feature = "v2") {
+            expected["schema"] = json!(2);
+        }
+        assert_eq!(doc, expected);
+        let version = if cfg!(feature = "v2") {
+            "2.0.0"
+        } else {
+            "1.0.0"
+        };
+        assert_eq!(AccountBalance::describe().version, version);
     }
 
     #[test]

@@ -48,8 +48,8 @@ pub(crate) fn log(level: crate::log::Level, message: &str) {
     host_log::log(level, message);
 }
 
-/// A panic aborts the instance (wasm has no unwinding); before it does, tell the host which
-/// event caused it, since the trap alone cannot.
+/// A panic aborts the instance (wasm has no unwinding); before it does, tell the host why and
+/// which event caused it (none in `describe`), since the trap alone cannot.
 fn install_panic_hook() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -75,6 +75,8 @@ pub struct Adapter<P>(PhantomData<P>);
 
 impl<P: Projection + 'static> bindings::Guest for Adapter<P> {
     fn describe() -> types::Descriptor {
+        // A panic here refuses the plugin at load: the host's error then carries its message.
+        install_panic_hook();
         let Descriptor {
             name,
             version,
