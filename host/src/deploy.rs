@@ -23,7 +23,6 @@ use std::time::{Duration, SystemTime};
 
 use axum::http::StatusCode;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::config::Config;
@@ -61,7 +60,9 @@ pub enum DeployError {
         version: String,
         known: String,
     },
-    #[error("version {version} of {name} serves reads: activate another version before dropping it")]
+    #[error(
+        "version {version} of {name} serves reads: activate another version before dropping it"
+    )]
     ActiveVersion { name: String, version: String },
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -72,6 +73,10 @@ pub enum DeployError {
 impl DeployError {
     pub fn status(&self) -> StatusCode {
         match self {
+            // The engine itself failing is ours, not the upload's.
+            Self::Invalid(invalid) if matches!(invalid.fault(), crate::runtime::Fault::Host) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Invalid(_) | Self::NameMismatch { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::ShapeChanged { .. } | Self::ActiveVersion { .. } => StatusCode::CONFLICT,
             Self::UnknownProjection(_) | Self::UnknownVersion { .. } => StatusCode::NOT_FOUND,
@@ -81,7 +86,8 @@ impl DeployError {
 
     pub fn code(&self) -> &'static str {
         match self {
-            Self::Invalid(_) => "invalid_plugin",
+            // Which check failed: not_a_component, wrong_world, unsupported_contract, ...
+            Self::Invalid(invalid) => invalid.code(),
             Self::NameMismatch { .. } => "name_mismatch",
             Self::ShapeChanged { .. } => "shape_changed",
             Self::UnknownProjection(_) => "unknown_projection",
@@ -226,15 +232,15 @@ impl Deployer {
                 });
             }
         }
-        let sha256 = hex(&Sha256::digest(bytes.as_slice()));
+        let sha256 = plugin.info().sha256.clone();
         let _changing = self.changing.lock().await;
         let entry = self.catalog_entry(&descriptor.name).await?;
         let stored = StoredPlugin {
             name: descriptor.name.clone(),
             version: descriptor.version.clone(),
             sha256: sha256.clone(),
-            world: "projection".into(),
-            contract: contract_of(&plugin),
+            world: plugin.info().world.clone(),
+            contract: plugin.info().contract.clone(),
             descriptor: descriptor.clone(),
             origin: origin.into(),
             uploaded_at: crate::store::now_ms(),
@@ -396,26 +402,40 @@ impl Deployer {
         Ok(())
     }
 
-    /// What this instance has loaded.
+    /// What this instance runs: each projection's serving and building versions.
     pub fn loaded(&self) -> Vec<Loaded> {
         let mut loaded: Vec<Loaded> = self
             .loaded
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .values()
-            .cloned()
+            .filter_map(|plugin| {
+                let role = self.role(&plugin.stored.name, &plugin.stored.version)?;
+                Some(Loaded {
+                    role,
+                    ..plugin.clone()
+                })
+            })
             .collect();
-        for plugin in &mut loaded {
-            let entry = self.registry.entry(&plugin.stored.name);
-            let building = entry
-                .and_then(|e| e.building)
-                .is_some_and(|b| b.projection.descriptor().version == plugin.stored.version);
-            plugin.role = if building { "building" } else { "active" };
-        }
         loaded.sort_by(|a, b| {
             (&a.stored.name, &a.stored.version).cmp(&(&b.stored.name, &b.stored.version))
         });
         loaded
+    }
+
+    /// `active` or `building`, if this instance runs that version.
+    fn role(&self, name: &str, version: &str) -> Option<&'static str> {
+        let entry = self.registry.entry(name)?;
+        if entry.active.projection.descriptor().version == version {
+            Some("active")
+        } else if entry
+            .building
+            .is_some_and(|b| b.projection.descriptor().version == version)
+        {
+            Some("building")
+        } else {
+            None
+        }
     }
 
     /// Whether `name`'s building version waits for an operator's `activate`.
@@ -512,6 +532,11 @@ impl Deployer {
                     .retain(|(n, _), _| *n != name);
             }
         }
+        // Code no version runs any more (replaced, cut over from, dropped) is let go.
+        self.loaded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|(name, version), _| self.role(name, version).is_some());
         *self.applied.lock().unwrap_or_else(PoisonError::into_inner) = (revision, manual);
         Ok(())
     }
@@ -519,9 +544,12 @@ impl Deployer {
     /// Makes this instance run what the catalog says for one projection.
     async fn apply(&self, entry: &CatalogEntry) -> Result<(), String> {
         let name = &entry.name;
-        let active_plugin = entry
-            .plugin(&entry.active)
-            .ok_or_else(|| format!("the catalog has no code for its active version {}", entry.active))?;
+        let active_plugin = entry.plugin(&entry.active).ok_or_else(|| {
+            format!(
+                "the catalog has no code for its active version {}",
+                entry.active
+            )
+        })?;
         let active_code = self.load(active_plugin).await?;
         let local = self.registry.entry(name);
         let mut next = match local.clone() {
@@ -558,9 +586,7 @@ impl Deployer {
                 tracing::info!(projection = %name, from = %local.active.projection.descriptor().version, to = %entry.active, checkpoint = promoted.projection.checkpoint(), "cut over: the new version serves");
                 let old = Entry {
                     active: local.active.clone(),
-                    building: local
-                        .building
-                        .filter(|b| !Arc::ptr_eq(b, &promoted)),
+                    building: local.building.filter(|b| !Arc::ptr_eq(b, &promoted)),
                 };
                 let next = Entry {
                     active: promoted,
@@ -837,13 +863,4 @@ pub fn shape_change(running: &Descriptor, new: &Descriptor) -> Option<String> {
         return Some("event types".into());
     }
     None
-}
-
-/// The contract version a plugin was built against, as far as the host can tell.
-fn contract_of(_plugin: &Plugin) -> String {
-    "0.1".into()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

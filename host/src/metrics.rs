@@ -35,6 +35,8 @@ pub struct ProjectionMetrics {
     /// From the last batch on the old code (or the swap, if later) to the first batch on the
     /// new code, for each same-version swap.
     pub swap_pause: Histogram,
+    /// The last swap's pause, in microseconds (a gauge; 0 before the first).
+    pub last_swap_pause_micros: AtomicU64,
 }
 
 /// A Prometheus histogram: cumulative bucket counts, their sum, in seconds.

@@ -6,6 +6,7 @@ mod bad_input;
 mod contract;
 mod faults;
 mod hardening;
+mod hot_swap;
 mod isolation;
 mod live_load;
 mod numbers;

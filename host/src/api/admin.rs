@@ -6,14 +6,14 @@
 
 use std::time::Duration;
 
-use axum::extract::{Path, Request, State};
-use axum::http::{header, StatusCode};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, RawQuery};
+use axum::extract::{Path, Request, State};
 use axum::http::HeaderMap;
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put, MethodRouter};
 use axum::{Json, Router};
 use serde_json::{json, Value};
@@ -215,7 +215,10 @@ fn query_params(
         if !known.contains(&&*key) {
             return Err(ApiError::bad_request(
                 "invalid_parameter",
-                format!("unknown parameter `{key}` (this route takes: {})", known.join(", ")),
+                format!(
+                    "unknown parameter `{key}` (this route takes: {})",
+                    known.join(", ")
+                ),
             ));
         }
         params.insert(key.into_owned(), value.into_owned());
@@ -297,7 +300,10 @@ async fn activate(
 ) -> Result<Response, ApiError> {
     let params = query_params(query.as_deref(), &["version"])?;
     let version = params.get("version").ok_or_else(|| {
-        ApiError::bad_request("invalid_parameter", "`version` is required: the version to make serve")
+        ApiError::bad_request(
+            "invalid_parameter",
+            "`version` is required: the version to make serve",
+        )
     })?;
     let deployed = app.deploy.activate(&name, version).await?;
     let status = if deployed.active == *version {
@@ -343,7 +349,9 @@ mod tests {
         for &(method, path) in ADMIN_ROUTES {
             let last = path.rsplit('/').next().unwrap();
             let known = match method {
-                "POST" => ["pause", "resume", "restart", "retry", "skip", "activate"].contains(&last),
+                "POST" => {
+                    ["pause", "resume", "restart", "retry", "skip", "activate"].contains(&last)
+                }
                 "PUT" | "GET" => path.starts_with("/admin/plugins"),
                 "DELETE" => path.starts_with("/admin/projections/"),
                 _ => false,

@@ -211,14 +211,9 @@ fn version_summary(app: &AppState, projection: &Projection, head: u64) -> Value 
     let health = projection.health();
     let rate = projection.positions_per_second();
     let left = head.saturating_sub(checkpoint);
-    let loaded = app
-        .deploy
-        .loaded()
-        .into_iter()
-        .find(|l| {
-            l.stored.name == projection.name()
-                && l.stored.version == projection.descriptor().version
-        });
+    let loaded = app.deploy.loaded().into_iter().find(|l| {
+        l.stored.name == projection.name() && l.stored.version == projection.descriptor().version
+    });
     json!({
         "version": projection.descriptor().version,
         "status": health.status,
@@ -233,10 +228,11 @@ fn version_summary(app: &AppState, projection: &Projection, head: u64) -> Value 
             Some(if app.deploy.manual_cutover(projection.name()) { "manual" } else { "auto" })
         } else { None },
         "sha256": loaded.as_ref().map(|l| l.stored.sha256.clone()),
+        "swap_pauses": projection.metrics.swap_pause.count(),
+        "last_swap_pause_ms": ProjectionMetrics::get(&projection.metrics.last_swap_pause_micros) as f64 / 1000.0,
         "loaded_at": loaded.map(|l| l.loaded_at),
     })
 }
-
 
 pub async fn list_projections(State(app): State<AppState>) -> Json<Value> {
     let projections = app.projections.projections();

@@ -773,8 +773,7 @@ impl Runner {
         }
         let (plugin, generation) = self.projection.plugin();
         if let Some(first) = events.first() {
-            self.projection
-                .batch_starts(generation, first.timestamp_ms);
+            self.projection.batch_starts(generation, first.timestamp_ms);
         }
         let store = Arc::new(StoreReader {
             store: self.store.clone(),

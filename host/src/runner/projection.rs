@@ -192,9 +192,13 @@ impl Projection {
             return;
         };
         if ran < generation && first_appended_ms <= swapped_ms {
-            self.metrics
-                .swap_pause
-                .observe(swapped.max(ended).elapsed());
+            let pause = swapped.max(ended).elapsed();
+            self.metrics.swap_pause.observe(pause);
+            ProjectionMetrics::set(
+                &self.metrics.last_swap_pause_micros,
+                pause.as_micros() as u64,
+            );
+            tracing::info!(projection = %self.name(), pause_ms = pause.as_secs_f64() * 1000.0, "first batch on the swapped code");
         }
     }
 
