@@ -15,6 +15,9 @@
 #   target/plugins/variants/account-balance-v2/account-balance.wasm
 #                                    `account-balance` with its feature `v2`: version 2.0.0, every
 #                                    document with `"schema": 2`
+#   target/plugins/variants/account-balance-reshape/account-balance.wasm
+#                                    `account-balance` with its feature `reshape`: the same
+#                                    version with one more indexed field (a swap refuses it)
 # A feature build is alone in its folder: the host loads every *.wasm of a folder.
 # Idempotent; cargo makes repeat runs cheap.
 set -euo pipefail
@@ -51,4 +54,5 @@ build_feature() {
 build_feature poison fixed "$out/fixtures/poison-fixed/poison.wasm"
 build_feature account-balance same "$out/variants/account-balance-same/account-balance.wasm"
 build_feature account-balance v2 "$out/variants/account-balance-v2/account-balance.wasm"
+build_feature account-balance reshape "$out/variants/account-balance-reshape/account-balance.wasm"
 echo "plugins built into $out: $(cd "$out" && ls *.wasm fixtures/*.wasm fixtures/*/*.wasm variants/*/*.wasm | tr '\n' ' ')"

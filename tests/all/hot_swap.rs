@@ -373,7 +373,7 @@ on_both_stores! {
         let (status, _) = admin_call(&api, "POST", &format!("/admin/projections/{NAME}/activate?version={V2}"), None).await;
         assert_eq!(status, 404, "a dropped version is gone");
 
-        // Removing the projection: its reads are gone, and a restart does not bring it back.
+        // Removing the projection: its reads are gone.
         let (status, body) = admin_call(&api, "DELETE", &format!("/admin/projections/{NAME}"), None).await;
         assert_eq!(status, 200, "{body}");
         let (status, _) = api.get(&format!("/projections/{NAME}")).await;
@@ -440,6 +440,13 @@ async fn bad_uploads_are_refused_with_the_reason_and_nothing_changes() {
         );
         assert_eq!(active_sha(&api).await, serving, "{what} changed the plugin");
     }
+    // The same version with another shape (one more indexed field).
+    let (got, body) = upload(&api, &variant("reshape"), "").await;
+    assert_eq!(got, 409, "{body}");
+    assert_eq!(body["error"]["code"], "shape_changed", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("bump the version to rebuild"), "{message}");
+    assert_eq!(active_sha(&api).await, serving);
     // Not sent as a component.
     let response = api
         .http
