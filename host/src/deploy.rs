@@ -822,50 +822,6 @@ fn deployed(entry: &CatalogEntry, stored: &StoredPlugin, action: &'static str) -
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::runtime::CollectionSpec;
-
-    fn descriptor(collections: &[(&str, &[&str])], event_types: &[&str]) -> Descriptor {
-        Descriptor {
-            name: "p".into(),
-            version: "1".into(),
-            event_types: event_types.iter().map(|t| t.to_string()).collect(),
-            collections: collections
-                .iter()
-                .map(|(name, indexes)| CollectionSpec {
-                    name: name.to_string(),
-                    indexes: indexes.iter().map(|i| i.to_string()).collect(),
-                })
-                .collect(),
-        }
-    }
-
-    #[test]
-    fn a_swap_may_reorder_but_not_change_the_read_models_shape() {
-        let running = descriptor(&[("a", &["x", "y"]), ("b", &[])], &["E1", "E2"]);
-        let reordered = descriptor(&[("b", &[]), ("a", &["y", "x", "x"])], &["E2", "E1"]);
-        assert_eq!(shape_change(&running, &reordered), None);
-        let more_collections =
-            descriptor(&[("a", &["x", "y"]), ("b", &[]), ("c", &[])], &["E1", "E2"]);
-        assert_eq!(
-            shape_change(&running, &more_collections).as_deref(),
-            Some("collections or indexed fields")
-        );
-        let other_index = descriptor(&[("a", &["x"]), ("b", &[])], &["E1", "E2"]);
-        assert_eq!(
-            shape_change(&running, &other_index).as_deref(),
-            Some("collections or indexed fields")
-        );
-        let other_events = descriptor(&[("a", &["x", "y"]), ("b", &[])], &["E1"]);
-        assert_eq!(
-            shape_change(&running, &other_events).as_deref(),
-            Some("event types")
-        );
-    }
-}
-
 fn unknown_version(entry: &CatalogEntry, version: &str) -> DeployError {
     DeployError::UnknownVersion {
         name: entry.name.clone(),
@@ -909,4 +865,48 @@ pub fn shape_change(running: &Descriptor, new: &Descriptor) -> Option<String> {
         return Some("event types".into());
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::CollectionSpec;
+
+    fn descriptor(collections: &[(&str, &[&str])], event_types: &[&str]) -> Descriptor {
+        Descriptor {
+            name: "p".into(),
+            version: "1".into(),
+            event_types: event_types.iter().map(|t| t.to_string()).collect(),
+            collections: collections
+                .iter()
+                .map(|(name, indexes)| CollectionSpec {
+                    name: name.to_string(),
+                    indexes: indexes.iter().map(|i| i.to_string()).collect(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_swap_may_reorder_but_not_change_the_read_models_shape() {
+        let running = descriptor(&[("a", &["x", "y"]), ("b", &[])], &["E1", "E2"]);
+        let reordered = descriptor(&[("b", &[]), ("a", &["y", "x", "x"])], &["E2", "E1"]);
+        assert_eq!(shape_change(&running, &reordered), None);
+        let more_collections =
+            descriptor(&[("a", &["x", "y"]), ("b", &[]), ("c", &[])], &["E1", "E2"]);
+        assert_eq!(
+            shape_change(&running, &more_collections).as_deref(),
+            Some("collections or indexed fields")
+        );
+        let other_index = descriptor(&[("a", &["x"]), ("b", &[])], &["E1", "E2"]);
+        assert_eq!(
+            shape_change(&running, &other_index).as_deref(),
+            Some("collections or indexed fields")
+        );
+        let other_events = descriptor(&[("a", &["x", "y"]), ("b", &[])], &["E1"]);
+        assert_eq!(
+            shape_change(&running, &other_events).as_deref(),
+            Some("event types")
+        );
+    }
 }
