@@ -196,12 +196,7 @@ pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
     let _ = writeln!(out, "# TYPE projector_rebuild_progress gauge");
     for (name, entry) in app.projections.entries() {
         if let Some(building) = entry.building {
-            let checkpoint = building.projection.checkpoint();
-            let progress = if head == 0 {
-                1.0
-            } else {
-                checkpoint.min(head) as f64 / head as f64
-            };
+            let progress = building.projection.progress_towards(head);
             let _ = writeln!(
                 out,
                 "projector_rebuild_progress{{projection=\"{name}\",version=\"{}\"}} {progress:.4}",

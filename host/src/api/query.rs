@@ -221,7 +221,7 @@ fn version_summary(app: &AppState, projection: &Projection, head: u64) -> Value 
         "checkpoint": checkpoint,
         "head": head,
         "lag": left,
-        "progress": if head == 0 { 1.0 } else { checkpoint.min(head) as f64 / head as f64 },
+        "progress": (projection.progress_towards(head) * 1000.0).round() / 1000.0,
         "positions_per_second": (rate * 10.0).round() / 10.0,
         "eta_seconds": if left == 0 { Some(0.0) } else if rate > 0.0 { Some((left as f64 / rate * 10.0).round() / 10.0) } else { None },
         "cutover": if projection.is_building() {

@@ -39,6 +39,9 @@ pub struct Projection {
     started_ms: AtomicU64,
     /// Its checkpoint then: with `started_ms`, how fast it has gone since.
     started_at: AtomicU64,
+    /// Where its log starts (before the first event it read, when it started from nothing):
+    /// PostgreSQL positions are tokens that start far above 0.
+    origin: AtomicU64,
 }
 
 /// The code a projection runs, how many times it was swapped here, and what the swap pause
@@ -90,6 +93,7 @@ impl Projection {
             unapplied: Mutex::new(VecDeque::new()),
             started_ms: AtomicU64::new(now_ms()),
             started_at: AtomicU64::new(checkpoint),
+            origin: AtomicU64::new(0),
         }
     }
 
@@ -103,6 +107,17 @@ impl Projection {
             Some(&(_, appended)) if appended >= started => now_ms().saturating_sub(appended),
             _ => 0,
         }
+    }
+
+    /// How far it has come towards `head`, 0 to 1, by position from where its log starts: an
+    /// estimate on PostgreSQL, whose positions are tokens, exact on SQLite.
+    pub fn progress_towards(&self, head: u64) -> f64 {
+        let origin = self.origin.load(Ordering::Relaxed);
+        let checkpoint = self.checkpoint().max(origin);
+        if head <= checkpoint {
+            return 1.0;
+        }
+        (checkpoint - origin) as f64 / (head - origin) as f64
     }
 
     /// Positions applied per second since it started here (0 before a second has passed).
@@ -138,6 +153,14 @@ impl Projection {
         let (Some(first), Some(last)) = (events.first(), events.last()) else {
             return;
         };
+        if self.checkpoint() == 0 {
+            let _ = self.origin.compare_exchange(
+                0,
+                first.position.saturating_sub(1),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
         let mut unapplied = self.unapplied();
         if unapplied
             .back()
