@@ -14,8 +14,13 @@ cargo test --manifest-path plugins/Cargo.toml --target-dir target --workspace --
 echo "== PostgreSQL: a throwaway cluster for the tests =="
 pg_dir="$(mktemp -d "${TMPDIR:-/tmp}/projector-pg.XXXXXX")"
 export PROJECTOR_TEST_POSTGRES="$(bash scripts/pg-test-cluster.sh start "$pg_dir")"
-trap 'bash scripts/pg-test-cluster.sh stop "$pg_dir"; rm -rf "$pg_dir"' EXIT
 echo "cluster at $PROJECTOR_TEST_POSTGRES ($pg_dir)"
+
+echo "== Kafka: a throwaway broker (tansu) for the tests =="
+kafka_dir="$(mktemp -d "${TMPDIR:-/tmp}/projector-kafka.XXXXXX")"
+trap 'bash scripts/pg-test-cluster.sh stop "$pg_dir"; rm -rf "$pg_dir"; bash scripts/kafka-test-broker.sh stop "$kafka_dir"; rm -rf "$kafka_dir"' EXIT
+export PROJECTOR_TEST_KAFKA="$(bash scripts/kafka-test-broker.sh start "$kafka_dir")"
+echo "broker at $PROJECTOR_TEST_KAFKA ($kafka_dir)"
 
 echo "== host: unit and integration tests =="
 export PROJECTOR_PLUGINS_BUILT=1

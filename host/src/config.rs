@@ -28,6 +28,9 @@ pub struct Config {
     pub http: HttpConfig,
     pub postgres: PostgresConfig,
     pub outbox: OutboxConfig,
+    /// Where events come from: the outbox (default) or Kafka.
+    pub source: SourceConfig,
+    pub kafka: KafkaConfig,
     pub admin: AdminConfig,
     /// Settings of single projections, by name (`[projections.account-balance]`).
     pub projections: std::collections::BTreeMap<String, ProjectionConfig>,
@@ -46,8 +49,74 @@ impl Default for Config {
             http: HttpConfig::default(),
             postgres: PostgresConfig::default(),
             outbox: OutboxConfig::default(),
+            source: SourceConfig::default(),
+            kafka: KafkaConfig::default(),
             admin: AdminConfig::default(),
             projections: Default::default(),
+        }
+    }
+}
+
+/// Where events come from.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SourceConfig {
+    pub kind: SourceKind,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    /// The host reads the outbox table itself (and takes appends through `POST /events`).
+    #[default]
+    Outbox,
+    /// Debezium's outbox EventRouter topics, consumed from Kafka (see `source::kafka`).
+    Kafka,
+}
+
+/// The Kafka source (`source.kind = "kafka"`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port...]`.
+    pub brokers: String,
+    /// Topics, comma-separated; one starting with `^` is a regular expression.
+    pub topics: String,
+    /// The consumer group every instance joins: its members share the partitions.
+    pub group_id: String,
+    /// How long a member may be silent before its partitions move to the others.
+    pub session_timeout_ms: u64,
+    /// How long the broker may hold a fetch open waiting for messages: a live event's latency.
+    pub fetch_wait_ms: u64,
+    /// Where the event type comes from: `header:NAME`, `field:NAME` (a top-level field of the
+    /// payload) or `fixed:TYPE`.
+    pub event_type: String,
+    /// Where the stream type comes from: `topic` (the topic without `topic_prefix`) or
+    /// `header:NAME`.
+    pub stream_type: String,
+    /// Stripped from a topic's name to make the stream type.
+    pub topic_prefix: String,
+    /// A header carrying the event's version in its stream (Debezium's
+    /// `table.fields.additional.placement=version:header:version`); empty: versions are
+    /// counted per stream in arrival order.
+    pub version_header: String,
+    /// Most messages written in one transaction.
+    pub max_batch_messages: usize,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            topics: "^outbox\\.event\\..*".into(),
+            group_id: "projector".into(),
+            session_timeout_ms: 10_000,
+            fetch_wait_ms: 10,
+            event_type: "header:eventType".into(),
+            stream_type: "topic".into(),
+            topic_prefix: "outbox.event.".into(),
+            version_header: String::new(),
+            max_batch_messages: 5000,
         }
     }
 }
@@ -276,6 +345,8 @@ const NOT_SETTINGS: &[&str] = &[
     "PROJECTOR_CACHE_DIR",
     "PROJECTOR_PLUGINS_BUILT",
     "PROJECTOR_TEST_POSTGRES",
+    "PROJECTOR_TEST_KAFKA",
+    "PROJECTOR_CACHE",
 ];
 
 impl Config {

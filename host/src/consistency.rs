@@ -55,6 +55,14 @@ pub enum WaitError {
     Timeout { reached: u64, target: u64 },
     #[error("timed out waiting for {stream}@{version} to be appended")]
     NotAppended { stream: String, version: u64 },
+    #[error("timed out waiting for event {id} to reach the log")]
+    EventNotAppended { id: String },
+    #[error("event {id} (position {position}) was set aside as a dead letter: {reason}")]
+    EventDeadLettered {
+        id: String,
+        position: u64,
+        reason: String,
+    },
     #[error("the projection has failed at position {reached}, before position {target}")]
     Failed { reached: u64, target: u64 },
     /// The version waited on stopped serving; the caller waits on the one that serves now.
@@ -69,6 +77,41 @@ pub enum WaitError {
     },
     #[error(transparent)]
     Source(#[from] SourceError),
+}
+
+/// The position of each event id, waiting (until `deadline`) for those not in the log yet:
+/// woken by the head moving (an append, a Kafka batch), never polled.
+pub async fn event_positions(
+    source: &dyn Source,
+    ids: &[String],
+    deadline: Instant,
+) -> Result<Vec<u64>, WaitError> {
+    let mut positions: Vec<Option<u64>> = vec![None; ids.len()];
+    let mut head = source.head();
+    loop {
+        // Marked seen before looking, so a move after the look still wakes us.
+        head.borrow_and_update();
+        for (id, position) in ids.iter().zip(positions.iter_mut()) {
+            if position.is_none() {
+                *position = source.position_of_event(id).await?;
+            }
+        }
+        if let Some(missing) = ids
+            .iter()
+            .zip(&positions)
+            .find_map(|(id, p)| p.is_none().then_some(id))
+        {
+            match tokio::time::timeout_at(deadline, head.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => {
+                    return Err(WaitError::EventNotAppended {
+                        id: missing.clone(),
+                    })
+                }
+            }
+        }
+        return Ok(positions.into_iter().flatten().collect());
+    }
 }
 
 /// Turns `min_position` and `wait_for` into the one position to wait for, and the position of

@@ -11,11 +11,13 @@ use tokio::sync::watch;
 
 use crate::api::{self, server, AppState};
 use crate::config::Config;
+use crate::config::SourceKind;
 use crate::consistency::Appends;
 use crate::data_lock::{DataLock, LockError};
 use crate::deploy::Deployer;
 use crate::registry::Registry;
 use crate::runtime::{Runtime, RuntimeConfig, RuntimeError};
+use crate::source::kafka::{KafkaError, KafkaSource};
 use crate::source::outbox::SqliteOutbox;
 use crate::source::pg_outbox::PgOutbox;
 use crate::source::{Source, SourceError};
@@ -40,6 +42,8 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Deploy(crate::deploy::DeployError),
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
     #[error("two plugins are both projection {name:?}: {first} and {second}")]
     DuplicateProjection {
         name: String,
@@ -132,9 +136,22 @@ pub async fn serve(
         Some(Some(dir)) => Some(DataLock::acquire(&dir)?),
         _ => None,
     };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let kafka = config.source.kind == SourceKind::Kafka;
+    let mut consuming = None;
     let (store, source): (Arc<dyn Store>, Arc<dyn Source>) = if url.starts_with("sqlite:") {
         let db = Sqlite::open(&url).await?;
-        (Arc::new(db.clone()), Arc::new(SqliteOutbox::new(db).await?))
+        let outbox = Arc::new(SqliteOutbox::new(db.clone()).await?);
+        if kafka {
+            let (started, task) =
+                KafkaSource::start(&config.kafka, outbox.clone(), stop_rx.clone())?;
+            consuming = Some((started.stats, task));
+        }
+        (Arc::new(db), outbox)
+    } else if kafka {
+        return Err(ServeError::Kafka(KafkaError::Settings(
+            "source.kind = \"kafka\" runs on the SQLite store in this version; on PostgreSQL read the outbox table directly (source.kind = \"outbox\")".into(),
+        )));
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
         let db = Postgres::open(&url, &config.postgres).await?;
         tracing::info!(database = %redact(&url), outbox = %config.outbox.table, "using PostgreSQL");
@@ -156,7 +173,6 @@ pub async fn serve(
         tracing::warn!(dir = %config.plugins.display(), "no plugins in the folder: serving what the catalog holds (upload with PUT /admin/plugins/NAME)");
     }
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let registry = Arc::new(Registry::default());
     let config = Arc::new(config);
     let deployer = Deployer::new(
@@ -187,6 +203,7 @@ pub async fn serve(
         config: Arc::new(config.http.clone()),
         admin: Arc::new(config.admin.clone()),
         backpressure: config.backpressure(),
+        kafka: consuming.as_ref().map(|(stats, _)| stats.clone()),
     });
     let limits = server::Limits::new(&config.http, fd_limit);
     let listener = server::bind(&config.listen)
@@ -207,6 +224,9 @@ pub async fn serve(
     server::serve(listener, app, limits, shutdown).await;
     let _ = stop_tx.send(true);
     let _ = following.await;
+    if let Some((_, task)) = consuming {
+        let _ = task.await;
+    }
     for supervised in registry.all_supervised() {
         supervised.stopped().await;
     }

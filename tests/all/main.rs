@@ -8,6 +8,7 @@ mod faults;
 mod hardening;
 mod hot_swap;
 mod isolation;
+mod kafka;
 mod live_load;
 mod numbers;
 mod pipeline;

@@ -217,6 +217,17 @@ impl From<WaitError> for ApiError {
                     .with("position", reached)
                     .with("target", target)
             }
+            WaitError::EventNotAppended { id } => {
+                Self::new(StatusCode::GATEWAY_TIMEOUT, "wait_timeout", message).with("event", id)
+            }
+            WaitError::EventDeadLettered {
+                id,
+                position,
+                reason,
+            } => Self::new(StatusCode::CONFLICT, "dead_lettered", message)
+                .with("event", id)
+                .with("position", position)
+                .with("reason", reason),
             WaitError::NotAppended { stream, version } => {
                 Self::new(StatusCode::GATEWAY_TIMEOUT, "wait_timeout", message)
                     .with("stream", stream)

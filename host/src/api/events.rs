@@ -16,6 +16,13 @@ pub async fn append(
     State(app): State<AppState>,
     body: Result<Json<Box<RawValue>>, JsonRejection>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    if app.kafka.is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "source_is_kafka",
+            "this server takes its events from Kafka (source.kind = \"kafka\"): write them to the outbox table Debezium reads",
+        ));
+    }
     let Json(body) = body?;
     let events = parse(&body)?;
     app.backpressure.admit(&app.projections).await?;

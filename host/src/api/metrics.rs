@@ -204,6 +204,37 @@ pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
             );
         }
     }
+    if let Some(kafka) = &app.kafka {
+        let (events, duplicates, tombstones, bad) = kafka.counts();
+        let _ = writeln!(
+            out,
+            "# HELP projector_kafka_messages_total Kafka messages taken into the log by this instance, by outcome: event, duplicate (an event id already in the log), tombstone (skipped), bad (dead-lettered)."
+        );
+        let _ = writeln!(out, "# TYPE projector_kafka_messages_total counter");
+        for (outcome, count) in [
+            ("event", events),
+            ("duplicate", duplicates),
+            ("tombstone", tombstones),
+            ("bad", bad),
+        ] {
+            let _ = writeln!(
+                out,
+                "projector_kafka_messages_total{{outcome=\"{outcome}\"}} {count}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP projector_kafka_lag_messages A partition's high watermark minus the next offset this instance takes into the log (partitions this instance holds)."
+        );
+        let _ = writeln!(out, "# TYPE projector_kafka_lag_messages gauge");
+        for p in kafka.partitions() {
+            let _ = writeln!(
+                out,
+                "projector_kafka_lag_messages{{topic=\"{}\",partition=\"{}\"}} {}",
+                p.topic, p.partition, p.lag
+            );
+        }
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 

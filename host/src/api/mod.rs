@@ -37,6 +37,8 @@ pub struct AppState {
     pub config: Arc<HttpConfig>,
     pub admin: Arc<AdminConfig>,
     pub backpressure: Backpressure,
+    /// The Kafka consumer's counters and partitions, with `source.kind = "kafka"`.
+    pub kafka: Option<Arc<crate::source::kafka::KafkaStats>>,
 }
 
 pub fn router(state: AppState) -> Router {

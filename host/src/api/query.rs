@@ -19,6 +19,8 @@ use serde::Serialize;
 #[derive(Default)]
 struct ReadParams {
     wait_for: Vec<StreamVersion>,
+    /// Event ids (the outbox row's id the application wrote) to wait for.
+    wait_for_event: Vec<String>,
     min_position: Option<u64>,
     timeout_ms: Option<u64>,
     limit: Option<u32>,
@@ -47,6 +49,15 @@ impl ReadParams {
                     .push(value.parse().map_err(|reason: String| {
                         ApiError::bad_request("invalid_parameter", format!("`wait_for`: {reason}"))
                     })?),
+                "wait_for_event" => {
+                    if value.is_empty() {
+                        return Err(ApiError::bad_request(
+                            "invalid_parameter",
+                            "`wait_for_event` names no event id",
+                        ));
+                    }
+                    params.wait_for_event.push(value.into_owned())
+                }
                 "min_position" => params.min_position = Some(parse_number(&name, &value)?),
                 "timeout_ms" => params.timeout_ms = Some(parse_number(&name, &value)?),
                 "limit" => params.limit = Some(parse_number(&name, &value)?),
@@ -90,7 +101,8 @@ impl ReadParams {
         app: &AppState,
         mut projection: Arc<Projection>,
     ) -> Result<Arc<Projection>, ApiError> {
-        if self.wait_for.is_empty() && self.min_position.is_none() {
+        if self.wait_for.is_empty() && self.min_position.is_none() && self.wait_for_event.is_empty()
+        {
             return Ok(projection);
         }
         let http = &app.config;
@@ -102,6 +114,10 @@ impl ReadParams {
         let (target, positions) =
             consistency::target_position(&app.appends, self.min_position, &self.wait_for, deadline)
                 .await?;
+        let events =
+            consistency::event_positions(app.source.as_ref(), &self.wait_for_event, deadline)
+                .await?;
+        let target = events.iter().copied().fold(target, u64::max);
         loop {
             match projection.committed().wait_for(target, deadline).await {
                 Err(WaitError::Retired { reached }) if self.version.is_none() => {
@@ -130,6 +146,23 @@ impl ReadParams {
                 return Err(WaitError::DeadLettered {
                     stream: wanted.stream.clone(),
                     version: wanted.version,
+                    position,
+                    reason: letter.reason,
+                }
+                .into());
+            }
+        }
+        for (id, position) in self.wait_for_event.iter().zip(events) {
+            let letters = app
+                .store
+                .dead_letters(projection.descriptor(), position.saturating_sub(1), 1)
+                .await?;
+            if let Some(letter) = letters
+                .into_iter()
+                .find(|l| l.position == position && l.is_open())
+            {
+                return Err(WaitError::EventDeadLettered {
+                    id: id.clone(),
                     position,
                     reason: letter.reason,
                 }
@@ -240,7 +273,17 @@ pub async fn list_projections(State(app): State<AppState>) -> Json<Value> {
     for projection in &projections {
         all.push(summary(&app, projection).await);
     }
-    Json(json!({ "projections": all, "watermark": watermark(&app) }))
+    let kafka = app.kafka.as_ref().map(|k| {
+        let (events, duplicates, tombstones, bad) = k.counts();
+        json!({
+            "partitions": k.partitions(),
+            "events": events,
+            "duplicates": duplicates,
+            "tombstones": tombstones,
+            "bad": bad,
+        })
+    });
+    Json(json!({ "projections": all, "watermark": watermark(&app), "kafka": kafka }))
 }
 
 /// The source's watermark: held or not, and by which transaction (null for a source without
@@ -343,7 +386,7 @@ pub async fn get_document(
     if let Some((field, _)) = params.filters.first() {
         return Err(ApiError::bad_request(
             "invalid_parameter",
-            format!("unknown parameter `{field}` (a document read takes wait_for, min_position, timeout_ms and version)"),
+            format!("unknown parameter `{field}` (a document read takes wait_for, wait_for_event, min_position, timeout_ms and version)"),
         ));
     }
     let projection = params.wait(&app, projection).await?;

@@ -2,6 +2,7 @@
 //! order, and tells them when new ones arrive.
 
 pub mod group;
+pub mod kafka;
 pub mod outbox;
 pub mod pg_outbox;
 
@@ -111,6 +112,12 @@ pub trait Source: Send + Sync {
 
     /// The newest position known; changes whenever events arrive.
     fn head(&self) -> watch::Receiver<u64>;
+
+    /// The position of the event with this id, if it is in the log.
+    async fn position_of_event(&self, id: &str) -> Result<Option<u64>, SourceError> {
+        let _ = id;
+        Ok(None)
+    }
 
     /// The position of a stream's version, if it has been appended.
     async fn position_of(&self, stream: &str, version: u64) -> Result<Option<u64>, SourceError>;

@@ -38,6 +38,23 @@ fn db_err(context: &str) -> impl FnOnce(sqlx::Error) -> SourceError + '_ {
 }
 
 impl SqliteOutbox {
+    /// Takes a batch of Kafka messages into the outbox (see `source::kafka`).
+    pub async fn ingest(
+        &self,
+        group: &str,
+        batch: &super::kafka::Batch,
+    ) -> Result<super::kafka::Written, SourceError> {
+        super::kafka::sqlite::write(&self.db, &self.head, group, batch).await
+    }
+
+    /// The next offset of every partition `group` has taken.
+    pub async fn kafka_offsets(
+        &self,
+        group: &str,
+    ) -> Result<HashMap<(String, i32), i64>, SourceError> {
+        super::kafka::sqlite::offsets(&self.db, group).await
+    }
+
     pub async fn new(db: Sqlite) -> Result<Self, SourceError> {
         let head = read_head(&db).await?;
         let head = Arc::new(watch::Sender::new(head));
@@ -147,7 +164,8 @@ fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Event, SourceError> {
         .map_err(db_err("reading an outbox position"))? as u64;
     let id = row.try_get::<String, _>(1).ok();
     let stream = row.try_get::<String, _>(2).ok();
-    let event_type = row.try_get::<String, _>(4).ok();
+    // No type (a Kafka message whose type could not be read): every projection sets it aside.
+    let event_type = row.try_get::<String, _>(4).ok().filter(|t| !t.is_empty());
     let malformed = |reason: String| SourceError::Malformed {
         position,
         id: id.clone(),
@@ -163,10 +181,17 @@ fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Event, SourceError> {
         row.try_get::<i64, _>(i)
             .map_err(|e| malformed(format!("column {i} is not an integer: {e}")))
     };
+    let headers: Vec<(String, String)> = serde_json::from_str(&text(7)?)
+        .map_err(|e| malformed(format!("headers are not a list of pairs: {e}")))?;
+    // A Kafka message no event could be made of, kept with why (see `source::kafka`).
+    if let Some((_, reason)) = headers
+        .iter()
+        .find(|(name, _)| name == super::kafka::MALFORMED_HEADER)
+    {
+        return Err(malformed(reason.clone()));
+    }
     let payload = RawValue::from_string(text(6)?)
         .map_err(|e| malformed(format!("payload is not JSON: {e}")))?;
-    let headers = serde_json::from_str(&text(7)?)
-        .map_err(|e| malformed(format!("headers are not a list of pairs: {e}")))?;
     Ok(Event {
         position,
         id: text(1)?,
@@ -324,6 +349,15 @@ impl Source for SqliteOutbox {
         .await
         .map_err(db_err("reading a stream's version"))?;
         Ok(version as u64)
+    }
+
+    async fn position_of_event(&self, id: &str) -> Result<Option<u64>, SourceError> {
+        let position: Option<i64> = sqlx::query_scalar("SELECT position FROM outbox WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.db.read)
+            .await
+            .map_err(db_err("looking up an event by id"))?;
+        Ok(position.map(|p| p as u64))
     }
 
     async fn append(&self, mut events: Vec<NewEvent>) -> Result<Vec<Appended>, AppendError> {

@@ -132,6 +132,10 @@ struct Statements {
     /// The newest position below the limit `$1`, and the newest committed one.
     head: String,
     position_of: Option<String>,
+    /// The position of an event by its id (`$1`, text).
+    position_of_event: String,
+    /// Whether the id column is a `uuid` (an id that is not one is then nowhere).
+    uuid_ids: bool,
     /// Where the events of a range landed; `None` without versions or when the stream column
     /// does not compare as text (uuid, citext...): a stream asked in another spelling would
     /// be missed.
@@ -980,6 +984,12 @@ fn statements(c: &OutboxConfig, columns: &Columns, database_oid: i64) -> Stateme
              w.l FROM (SELECT GREATEST($1::bigint, \
              pg_snapshot_xmin(pg_current_snapshot())::text::bigint << {ROW_BITS}) AS l) AS w"
         ),
+        position_of_event: if columns.types.get(&c.id_column).map(String::as_str) == Some("uuid") {
+            format!("SELECT {pos} FROM {t} WHERE {id} = $1::uuid")
+        } else {
+            format!("SELECT {pos} FROM {t} WHERE {id}::text = $1")
+        },
+        uuid_ids: columns.types.get(&c.id_column).map(String::as_str) == Some("uuid"),
         position_of: columns
             .version
             .then(|| format!("SELECT {pos} FROM {t} WHERE {stream} = {stream_param} AND {version} = $2")),
@@ -1302,6 +1312,18 @@ impl Source for PgOutbox {
             .fetch_optional(&self.db.pool)
             .await
             .map_err(db_err("looking up a stream version"))?;
+        Ok(position.flatten().map(|p| p as u64))
+    }
+
+    async fn position_of_event(&self, id: &str) -> Result<Option<u64>, SourceError> {
+        if self.sql.uuid_ids && uuid::Uuid::parse_str(id).is_err() {
+            return Ok(None);
+        }
+        let position: Option<Option<i64>> = sqlx::query_scalar(&self.sql.position_of_event)
+            .bind(id)
+            .fetch_optional(&self.db.pool)
+            .await
+            .map_err(db_err("looking up an event by id"))?;
         Ok(position.flatten().map(|p| p as u64))
     }
 

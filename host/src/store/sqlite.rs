@@ -34,6 +34,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         4,
         include_str!("../../../migrations/sqlite/0004_plugins.sql"),
     ),
+    (5, include_str!("../../../migrations/sqlite/0005_kafka.sql")),
 ];
 
 /// Rows per multi-row statement: large enough that a batch of 1000 documents is a handful of

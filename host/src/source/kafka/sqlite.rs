@@ -1,0 +1,272 @@
+//! Taking a batch of Kafka messages into the SQLite outbox: one transaction writes the events
+//! (each event id once), the messages no event can be made of (as rows the reader reports as
+//! malformed, so they are dead-lettered and their streams parked like any malformed row), and
+//! moves each partition's offset, compared and set.
+
+use std::collections::{HashMap, HashSet};
+
+use sqlx::{QueryBuilder, Row};
+use tokio::sync::watch;
+
+use super::decode::Decoding;
+use super::{Batch, Written, MALFORMED_HEADER};
+use crate::source::SourceError;
+use crate::store::now_ms;
+use crate::store::sqlite::Sqlite;
+
+const ROWS_PER_STATEMENT: usize = 500;
+
+fn db_err(context: &'static str) -> impl FnOnce(sqlx::Error) -> SourceError {
+    move |source| SourceError::Database {
+        context: context.to_owned(),
+        source,
+    }
+}
+
+/// The next offset of every partition `group` has taken, by (topic, partition).
+pub(crate) async fn offsets(
+    db: &Sqlite,
+    group: &str,
+) -> Result<HashMap<(String, i32), i64>, SourceError> {
+    let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT topic, partition, next_offset FROM kafka_offsets WHERE group_id = ?",
+    )
+    .bind(group)
+    .fetch_all(&db.read)
+    .await
+    .map_err(db_err("reading the Kafka offsets"))?;
+    Ok(rows
+        .into_iter()
+        .map(|(topic, partition, next)| ((topic, partition as i32), next))
+        .collect())
+}
+
+/// One row to insert.
+struct Row_ {
+    id: String,
+    stream: String,
+    stream_type: String,
+    event_type: String,
+    version: u64,
+    payload: String,
+    headers: String,
+    timestamp_ms: i64,
+}
+
+pub(crate) async fn write(
+    db: &Sqlite,
+    head: &watch::Sender<u64>,
+    group: &str,
+    batch: &Batch,
+) -> Result<Written, SourceError> {
+    db.check_file()?;
+    let mut tx = db
+        .write
+        .begin_with("BEGIN IMMEDIATE")
+        .await
+        .map_err(db_err("beginning a Kafka batch"))?;
+    // The fence: every partition must still be where this consumer found it.
+    let mut fenced = Vec::new();
+    for range in &batch.partitions {
+        let stored: Option<i64> = sqlx::query_scalar(
+            "SELECT next_offset FROM kafka_offsets WHERE group_id = ? AND topic = ? AND partition = ?",
+        )
+        .bind(group)
+        .bind(&range.topic)
+        .bind(range.partition)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_err("reading a Kafka offset"))?;
+        if let Some(stored) = stored.filter(|stored| *stored != range.from) {
+            fenced.push((range.topic.clone(), range.partition, stored));
+        }
+    }
+    if !fenced.is_empty() {
+        return Ok(Written {
+            fenced,
+            ..Written::default()
+        });
+    }
+    let mut written = Written::default();
+    // Current versions of the streams, and which ids exist already.
+    let mut streams: Vec<&str> = Vec::new();
+    let mut ids: Vec<&str> = Vec::new();
+    for message in &batch.messages {
+        match &message.decoding {
+            Decoding::Event(e) => {
+                streams.push(&e.stream);
+                ids.push(&e.id);
+            }
+            Decoding::Bad { stream, id, .. } => {
+                streams.push(stream.as_deref().unwrap_or(""));
+                if let Some(id) = id {
+                    ids.push(id);
+                }
+            }
+            Decoding::Tombstone => {}
+        }
+    }
+    streams.sort_unstable();
+    streams.dedup();
+    let mut versions: HashMap<String, u64> = HashMap::new();
+    for chunk in streams.chunks(ROWS_PER_STATEMENT) {
+        let mut sql =
+            QueryBuilder::new("SELECT stream, MAX(version) FROM outbox WHERE stream IN (");
+        let mut list = sql.separated(", ");
+        for stream in chunk {
+            list.push_bind(*stream);
+        }
+        sql.push(") GROUP BY stream");
+        for row in sql
+            .build()
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err("reading stream versions"))?
+        {
+            let stream: String = row.try_get(0).map_err(db_err("reading stream versions"))?;
+            let version = row.try_get::<i64, _>(1).unwrap_or(0).max(0) as u64;
+            versions.insert(stream, version);
+        }
+    }
+    let mut seen: HashSet<String> = HashSet::new();
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let mut sql = QueryBuilder::new("SELECT id FROM outbox WHERE id IN (");
+        let mut list = sql.separated(", ");
+        for id in chunk {
+            list.push_bind(*id);
+        }
+        sql.push(")");
+        for row in sql
+            .build()
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err("checking event ids"))?
+        {
+            seen.insert(row.try_get(0).map_err(db_err("checking event ids"))?);
+        }
+    }
+    let mut rows = Vec::with_capacity(batch.messages.len());
+    for message in &batch.messages {
+        match &message.decoding {
+            Decoding::Tombstone => written.tombstones += 1,
+            Decoding::Event(e) => {
+                // Debezium re-sends after a crash (new offsets, same ids): applied once.
+                if !seen.insert(e.id.clone()) {
+                    written.duplicates += 1;
+                    continue;
+                }
+                let current = versions.entry(e.stream.clone()).or_insert(0);
+                let version = match e.version {
+                    // A version that is not the stream's next: a re-sent event under another
+                    // id, or one out of order; the stream's order is the outbox's.
+                    Some(v) if v <= *current => {
+                        written.duplicates += 1;
+                        continue;
+                    }
+                    Some(v) => v,
+                    None => *current + 1,
+                };
+                *current = version;
+                let headers: Vec<(&String, &String)> = e.headers.iter().collect();
+                rows.push(Row_ {
+                    id: e.id.clone(),
+                    stream: e.stream.clone(),
+                    stream_type: e.stream_type.clone(),
+                    event_type: e.event_type.clone(),
+                    version,
+                    payload: e.payload.get().to_owned(),
+                    headers: serde_json::to_string(&headers).unwrap_or_else(|_| "[]".into()),
+                    timestamp_ms: e.timestamp_ms as i64,
+                });
+                written.events += 1;
+            }
+            Decoding::Bad {
+                stream,
+                id,
+                event_type,
+                reason,
+            } => {
+                let id = match id {
+                    // The same bad message re-sent: set aside once.
+                    Some(id) if !seen.insert(id.clone()) => {
+                        written.duplicates += 1;
+                        continue;
+                    }
+                    Some(id) => id.clone(),
+                    None => format!(
+                        "kafka:{}:{}:{}",
+                        message.topic, message.partition, message.offset
+                    ),
+                };
+                let stream = stream.clone().unwrap_or_default();
+                let current = versions.entry(stream.clone()).or_insert(0);
+                *current += 1;
+                let headers = serde_json::to_string(&[(MALFORMED_HEADER, reason.as_str())])
+                    .unwrap_or_else(|_| "[]".into());
+                rows.push(Row_ {
+                    id,
+                    stream,
+                    stream_type: String::new(),
+                    event_type: event_type.clone().unwrap_or_default(),
+                    version: *current,
+                    // Not JSON on purpose: the reader reports the row as malformed, with the
+                    // reason the marker header gives.
+                    payload: format!("!{reason}"),
+                    headers,
+                    timestamp_ms: now_ms(),
+                });
+                written.bad += 1;
+            }
+        }
+    }
+    let mut last = None;
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let mut sql = QueryBuilder::new(
+            "INSERT INTO outbox (id, stream, stream_type, event_type, version, payload, headers, timestamp_ms) ",
+        );
+        sql.push_values(chunk, |mut row, r| {
+            row.push_bind(r.id.as_str())
+                .push_bind(r.stream.as_str())
+                .push_bind(r.stream_type.as_str())
+                .push_bind(r.event_type.as_str())
+                .push_bind(r.version as i64)
+                .push_bind(r.payload.as_str())
+                .push_bind(r.headers.as_str())
+                .push_bind(r.timestamp_ms);
+        });
+        sql.push(" RETURNING position");
+        let positions: Vec<i64> = sql
+            .build_query_scalar()
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err("writing Kafka messages to the outbox"))?;
+        last = positions.into_iter().max().or(last);
+    }
+    let now = now_ms();
+    for range in &batch.partitions {
+        sqlx::query(
+            "INSERT INTO kafka_offsets (group_id, topic, partition, next_offset, updated_at) \
+             VALUES (?, ?, ?, ?, ?) ON CONFLICT (group_id, topic, partition) \
+             DO UPDATE SET next_offset = excluded.next_offset, updated_at = excluded.updated_at",
+        )
+        .bind(group)
+        .bind(&range.topic)
+        .bind(range.partition)
+        .bind(range.to)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err("moving a Kafka offset"))?;
+    }
+    tx.commit()
+        .await
+        .map_err(db_err("committing a Kafka batch"))?;
+    if let Some(last) = last {
+        head.send_if_modified(|h| {
+            let moved = last as u64 > *h;
+            *h = (*h).max(last as u64);
+            moved
+        });
+    }
+    Ok(written)
+}

@@ -1,0 +1,452 @@
+//! The Kafka source against a real Kafka-protocol broker (tansu, started by `scripts/test.sh`:
+//! `PROJECTOR_TEST_KAFKA`), with messages produced by rdkafka in each shape Debezium's outbox
+//! EventRouter writes (see KAFKA.md): decoded into events, each event id applied once, bad
+//! messages dead-lettered, read-your-writes by event id, and crashes mid-catch-up.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{json, Value};
+
+use crate::support::{eventually, plugin_set, tempdir, Api, Backend, Server};
+
+const NAME: &str = "account-balance";
+
+fn broker() -> String {
+    std::env::var("PROJECTOR_TEST_KAFKA").unwrap_or_else(|_| {
+        panic!(
+            "PROJECTOR_TEST_KAFKA is not set: run the tests with `bash scripts/test.sh`, which \
+             starts a throwaway broker, or point it at one (scripts/kafka-test-broker.sh start \
+             DIR prints the address)"
+        )
+    })
+}
+
+/// A topic and group of the test's own, on the shared broker.
+struct Setup {
+    topic: String,
+    group: String,
+    prefix: String,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let unique = uuid::Uuid::new_v4().simple().to_string();
+        let prefix = format!("t{}.outbox.event.", &unique[..12]);
+        Self {
+            topic: format!("{prefix}Account"),
+            group: format!("g{unique}"),
+            prefix,
+        }
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("PROJECTOR_SOURCE__KIND", "kafka".into()),
+            ("PROJECTOR_KAFKA__BROKERS", broker()),
+            ("PROJECTOR_KAFKA__TOPICS", self.topic.clone()),
+            ("PROJECTOR_KAFKA__TOPIC_PREFIX", self.prefix.clone()),
+            ("PROJECTOR_KAFKA__GROUP_ID", self.group.clone()),
+            // The broker holds a JoinGroup about half the session timeout.
+            ("PROJECTOR_KAFKA__SESSION_TIMEOUT_MS", "6000".into()),
+        ]
+    }
+
+    fn server(&self, data: &std::path::Path, plugins: &std::path::Path) -> Server {
+        let env = self.env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Server::start_on(&Backend::Sqlite, plugins, data, &env)
+    }
+}
+
+fn producer() -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", broker())
+        .set("linger.ms", "5")
+        .create()
+        .expect("a producer")
+}
+
+/// One message as Debezium would write it.
+struct Out {
+    key: Option<String>,
+    value: Option<String>,
+    headers: Vec<(&'static str, String)>,
+}
+
+/// The default shape: raw key, raw `id` and `eventType` headers, the payload's jsonb text as
+/// a JSON string.
+fn debezium(stream: &str, id: &str, event_type: &str, payload: &Value) -> Out {
+    Out {
+        key: Some(stream.to_owned()),
+        value: Some(serde_json::to_string(&payload.to_string()).unwrap()),
+        headers: vec![
+            ("__debezium.context.connectorName", "outbox".into()),
+            ("id", id.to_owned()),
+            ("eventType", event_type.to_owned()),
+        ],
+    }
+}
+
+async fn produce(producer: &FutureProducer, topic: &str, messages: &[Out]) {
+    // Enqueued at once (the producer batches them), then every delivery awaited.
+    let mut deliveries = Vec::with_capacity(messages.len());
+    for m in messages {
+        let mut headers = OwnedHeaders::new();
+        for (name, value) in &m.headers {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value.as_str()),
+            });
+        }
+        let mut record = FutureRecord::<str, str>::to(topic).headers(headers);
+        if let Some(key) = &m.key {
+            record = record.key(key.as_str());
+        }
+        if let Some(value) = &m.value {
+            record = record.payload(value.as_str());
+        }
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    deliveries.push(delivery);
+                    break;
+                }
+                // The local queue is full: let deliveries drain.
+                Err((_, back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+    }
+    for delivery in deliveries {
+        delivery
+            .await
+            .expect("delivery reported")
+            .map_err(|(e, _)| e)
+            .expect("produced");
+    }
+}
+
+/// Waits until every partition is taken into the log (lag 0) and the log holds `events`
+/// events, then until the projection has applied them all; the log's head.
+async fn all_taken(api: &Api, events: u64) -> u64 {
+    let head = eventually(Duration::from_secs(120), || async {
+        let (_, all) = api.get("/projections").await;
+        let partitions = all["kafka"]["partitions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let lag: i64 = partitions
+            .iter()
+            .map(|p| p["lag"].as_i64().unwrap_or(1))
+            .sum();
+        let (_, summary) = api.get(&format!("/projections/{NAME}")).await;
+        let head = summary["head"].as_u64().unwrap_or(0);
+        (!partitions.is_empty() && lag == 0 && head >= events)
+            .then_some(head)
+            .ok_or(format!("lag {lag}, head {head}: {}", all["kafka"]))
+    })
+    .await;
+    let (status, body) = api
+        .get(&format!(
+            "/projections/{NAME}?min_position={head}&timeout_ms=60000"
+        ))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    head
+}
+
+fn id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+async fn read(api: &Api, path: &str) -> (u16, Value) {
+    api.get(path).await
+}
+
+#[tokio::test]
+async fn every_debezium_shape_decodes_into_the_read_model() {
+    let setup = Setup::new();
+    let server = setup.server(&tempdir("kafka-shapes"), &plugin_set(&[NAME], &[]));
+    let api = server.api();
+    let p = producer();
+    let opened = id();
+    let mut messages = vec![debezium(
+        "acct-1",
+        &opened,
+        "AccountOpened",
+        &json!({"owner": "alice", "currency": "EUR"}),
+    )];
+    // table.expand.json.payload=true: the object itself.
+    messages.push(Out {
+        value: Some(r#"{"amount":10}"#.into()),
+        ..debezium("acct-1", &id(), "Deposited", &json!({}))
+    });
+    // StringConverter: the raw jsonb text.
+    messages.push(Out {
+        value: Some(r#"{"amount": 20}"#.into()),
+        ..debezium("acct-1", &id(), "Deposited", &json!({}))
+    });
+    // JsonConverter with schemas: an envelope around the string form.
+    messages.push(Out {
+        value: Some(
+            json!({"schema": {"type": "string"}, "payload": r#"{"amount": 30}"#}).to_string(),
+        ),
+        ..debezium("acct-1", &id(), "Deposited", &json!({}))
+    });
+    // JsonConverter keys and headers: quoted (a quoted key lands on another partition: a
+    // deployment quotes all its keys, so this stream is all quoted).
+    let quoted = id();
+    let quoted_out = |id: &str, event_type: &str, payload: &str| Out {
+        key: Some("\"acct-q\"".into()),
+        value: Some(serde_json::to_string(payload).unwrap()),
+        headers: vec![
+            ("id", format!("\"{id}\"")),
+            ("eventType", format!("\"{event_type}\"")),
+        ],
+    };
+    messages.push(quoted_out(
+        &id(),
+        "AccountOpened",
+        r#"{"owner": "quinn", "currency": "EUR"}"#,
+    ));
+    messages.push(quoted_out(&quoted, "Deposited", r#"{"amount": 40}"#));
+    // A tombstone: skipped.
+    messages.push(Out {
+        key: Some("acct-1".into()),
+        value: None,
+        headers: vec![],
+    });
+    produce(&p, &setup.topic, &messages).await;
+    let (status, doc) = read(
+        &api,
+        &format!("/projections/{NAME}/accounts/acct-q?wait_for_event={quoted}&timeout_ms=60000"),
+    )
+    .await;
+    assert_eq!(status, 200, "{doc}");
+    assert_eq!(doc["document"]["owner"], "quinn");
+    assert_eq!(doc["document"]["balance"], 40, "{doc}");
+    let last = messages[3].headers[1].1.clone();
+    let (status, doc) = read(
+        &api,
+        &format!("/projections/{NAME}/accounts/acct-1?wait_for_event={last}&timeout_ms=60000"),
+    )
+    .await;
+    assert_eq!(status, 200, "{doc}");
+    assert_eq!(doc["document"]["owner"], "alice");
+    assert_eq!(doc["document"]["balance"], 60, "{doc}");
+    assert_eq!(doc["document"]["tx_count"], 3);
+    all_taken(&api, 6).await;
+    let (_, all) = api.get("/projections").await;
+    assert_eq!(all["kafka"]["events"], 6, "{all}");
+    assert_eq!(all["kafka"]["tombstones"], 1, "{all}");
+    // An event id never produced: 504 once the wait is over.
+    let (status, body) = read(
+        &api,
+        &format!(
+            "/projections/{NAME}/accounts/acct-1?wait_for_event={}&timeout_ms=300",
+            id()
+        ),
+    )
+    .await;
+    assert_eq!(status, 504, "{body}");
+}
+
+#[tokio::test]
+async fn a_bad_message_is_dead_lettered_with_where_it_was_and_its_stream_parked() {
+    let setup = Setup::new();
+    let server = setup.server(&tempdir("kafka-bad"), &plugin_set(&[NAME], &[]));
+    let api = server.api();
+    let p = producer();
+    let bad = id();
+    let after = id();
+    let other = id();
+    produce(
+        &p,
+        &setup.topic,
+        &[
+            debezium(
+                "acct-1",
+                &id(),
+                "AccountOpened",
+                &json!({"owner": "a", "currency": "EUR"}),
+            ),
+            Out {
+                value: Some("{not json".into()),
+                ..debezium("acct-1", &bad, "Deposited", &json!({}))
+            },
+            debezium("acct-1", &after, "Deposited", &json!({"amount": 5})),
+            debezium(
+                "acct-2",
+                &id(),
+                "AccountOpened",
+                &json!({"owner": "b", "currency": "EUR"}),
+            ),
+            debezium("acct-2", &other, "Deposited", &json!({"amount": 7})),
+        ],
+    )
+    .await;
+    // The other stream goes on.
+    let (status, doc) = read(
+        &api,
+        &format!("/projections/{NAME}/accounts/acct-2?wait_for_event={other}&timeout_ms=60000"),
+    )
+    .await;
+    assert_eq!(status, 200, "{doc}");
+    assert_eq!(doc["document"]["balance"], 7);
+    // A read waiting for the bad event learns it was set aside.
+    let (status, body) = read(
+        &api,
+        &format!("/projections/{NAME}/accounts/acct-1?wait_for_event={bad}&timeout_ms=10000"),
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "dead_lettered");
+    let (_, letters) = api.get(&format!("/projections/{NAME}/_dead_letters")).await;
+    let letter = &letters["items"][0];
+    let reason = letter["reason"].as_str().unwrap();
+    assert!(reason.contains("not JSON"), "{reason}");
+    assert!(reason.contains(&setup.topic), "names the topic: {reason}");
+    assert_eq!(letter["stream"], "acct-1");
+    let (_, parked) = api.get(&format!("/projections/{NAME}/_parked")).await;
+    assert_eq!(parked["items"][0]["stream"], "acct-1", "{parked}");
+}
+
+/// Debezium re-sends after a crash: the same events under new offsets are applied once.
+#[tokio::test]
+async fn the_same_messages_produced_twice_are_applied_once() {
+    let setup = Setup::new();
+    let server = setup.server(&tempdir("kafka-dup"), &plugin_set(&[NAME], &[]));
+    let api = server.api();
+    let p = producer();
+    let accounts = 100;
+    let mut messages = Vec::new();
+    for a in 0..accounts {
+        messages.push(debezium(
+            &format!("acct-{a}"),
+            &id(),
+            "AccountOpened",
+            &json!({"owner": "o", "currency": "EUR"}),
+        ));
+    }
+    for d in 0..5000 {
+        messages.push(debezium(
+            &format!("acct-{}", d % accounts),
+            &id(),
+            "Deposited",
+            &json!({"amount": 1}),
+        ));
+    }
+    produce(&p, &setup.topic, &messages).await;
+    produce(&p, &setup.topic, &messages).await;
+    all_taken(&api, 5100).await;
+    // All of the second copy seen (counted as duplicates), nothing applied twice.
+    eventually(Duration::from_secs(60), || async {
+        let (_, all) = api.get("/projections").await;
+        let dups = all["kafka"]["duplicates"].as_u64().unwrap_or(0);
+        (dups == 5100)
+            .then_some(())
+            .ok_or(format!("duplicates {dups}"))
+    })
+    .await;
+    let (_, head) = api.get(&format!("/projections/{NAME}")).await;
+    let checkpoint = head["head"].as_u64().unwrap();
+    for a in 0..accounts {
+        let (status, doc) = read(
+            &api,
+            &format!(
+                "/projections/{NAME}/accounts/acct-{a}?min_position={checkpoint}&timeout_ms=30000"
+            ),
+        )
+        .await;
+        assert_eq!(status, 200, "{doc}");
+        assert_eq!(doc["document"]["balance"], 50, "acct-{a}: {doc}");
+        assert_eq!(doc["document"]["tx_count"], 50);
+    }
+}
+
+/// kill -9 at random points of a catch-up: every restart seeks to the offsets the database
+/// holds; the read model ends exact.
+#[tokio::test]
+async fn a_consumer_killed_ten_times_mid_catch_up_ends_exact() {
+    let setup = Setup::new();
+    let data = tempdir("kafka-kill");
+    let plugins = plugin_set(&[NAME], &[]);
+    let p = producer();
+    let streams = 1000;
+    let events = 50_000;
+    let mut messages = Vec::with_capacity(events);
+    let mut expected: BTreeMap<String, i64> = BTreeMap::new();
+    for s in 0..streams {
+        messages.push(debezium(
+            &format!("acct-{s}"),
+            &id(),
+            "AccountOpened",
+            &json!({"owner": "o", "currency": "EUR"}),
+        ));
+    }
+    for e in 0..events - streams {
+        let stream = format!("acct-{}", e % streams);
+        let amount = (e % 7) as i64 + 1;
+        *expected.entry(stream.clone()).or_default() += amount;
+        messages.push(debezium(
+            &stream,
+            &id(),
+            "Deposited",
+            &json!({"amount": amount}),
+        ));
+    }
+    produce(&p, &setup.topic, &messages).await;
+    let mut rng_state = 0x9e37_79b9_u64;
+    for kill in 0..10 {
+        let mut server = setup.server(&data, &plugins);
+        let api = server.api();
+        // Wait until the log has grown, then kill at a pseudo-random later point.
+        rng_state = rng_state.wrapping_mul(6364136223846793005).wrapping_add(1);
+        let wait_ms = 300 + rng_state % 1500;
+        let start = std::time::Instant::now();
+        eventually(Duration::from_secs(60), || async {
+            let (_, all) = api.get("/projections").await;
+            let taken = all["kafka"]["events"].as_u64().unwrap_or(0);
+            (taken > 0 || start.elapsed() > Duration::from_millis(wait_ms) * 4)
+                .then_some(())
+                .ok_or(format!("nothing taken yet (kill {kill})"))
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+        server.kill();
+    }
+    let server = setup.server(&data, &plugins);
+    let api = server.api();
+    let head = all_taken(&api, events as u64).await;
+    assert_eq!(head, events as u64, "every event in the log once");
+    for (stream, balance) in &expected {
+        let (status, doc) = read(
+            &api,
+            &format!("/projections/{NAME}/accounts/{stream}?min_position={head}&timeout_ms=60000"),
+        )
+        .await;
+        assert_eq!(status, 200, "{doc}");
+        assert_eq!(doc["document"]["balance"], *balance, "{stream}: {doc}");
+    }
+}
+
+#[tokio::test]
+async fn appends_over_http_are_refused_when_events_come_from_kafka() {
+    let setup = Setup::new();
+    let server = setup.server(&tempdir("kafka-append"), &plugin_set(&[NAME], &[]));
+    let (status, body) = server
+        .api()
+        .post(
+            "/events",
+            &json!({"stream": "s", "stream_type": "T", "type": "E", "payload": {}}),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "source_is_kafka");
+}
