@@ -148,17 +148,23 @@ pub async fn serve(
             consuming = Some((started.stats, task));
         }
         (Arc::new(db), outbox)
-    } else if kafka {
-        return Err(ServeError::Kafka(KafkaError::Settings(
-            "source.kind = \"kafka\" runs on the SQLite store in this version; on PostgreSQL read the outbox table directly (source.kind = \"outbox\")".into(),
-        )));
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
         let db = Postgres::open(&url, &config.postgres).await?;
-        tracing::info!(database = %redact(&url), outbox = %config.outbox.table, "using PostgreSQL");
-        (
-            Arc::new(db.clone()),
-            Arc::new(PgOutbox::open(db, &config.outbox).await?),
-        )
+        // With Kafka the log is the host's own table, never the outbox Debezium reads.
+        let log = if kafka {
+            crate::source::kafka::postgres::prepare(&db).await?;
+            crate::source::kafka::postgres::log_config(&config.postgres.schema)
+        } else {
+            config.outbox.clone()
+        };
+        tracing::info!(database = %redact(&url), log = %log.table, "using PostgreSQL");
+        let outbox = Arc::new(PgOutbox::open(db.clone(), &log).await?);
+        if kafka {
+            let (started, task) =
+                KafkaSource::start(&config.kafka, outbox.clone(), stop_rx.clone())?;
+            consuming = Some((started.stats, task));
+        }
+        (Arc::new(db), outbox)
     } else {
         return Err(ServeError::DatabaseUrl(redact(&url)));
     };

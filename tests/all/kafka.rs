@@ -11,7 +11,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{json, Value};
 
-use crate::support::{eventually, plugin_set, tempdir, Api, Backend, Server};
+use crate::support::{eventually, on_both_stores, plugin_set, tempdir, Api, Backend, Server};
 
 const NAME: &str = "account-balance";
 
@@ -55,10 +55,15 @@ impl Setup {
         ]
     }
 
-    fn server(&self, data: &std::path::Path, plugins: &std::path::Path) -> Server {
+    fn server(
+        &self,
+        backend: &Backend,
+        data: &std::path::Path,
+        plugins: &std::path::Path,
+    ) -> Server {
         let env = self.env();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        Server::start_on(&Backend::Sqlite, plugins, data, &env)
+        Server::start_on(backend, plugins, data, &env)
     }
 }
 
@@ -161,6 +166,31 @@ async fn all_taken(api: &Api, events: u64) -> u64 {
     head
 }
 
+/// Rows in the host's log: the SQLite outbox, or PostgreSQL's `kafka_log`.
+async fn log_count(backend: &Backend, data: &std::path::Path) -> i64 {
+    match backend {
+        Backend::Sqlite => {
+            let url = format!("sqlite://{}?mode=ro", data.join("projector.db").display());
+            let db = sqlx::SqlitePool::connect(&url).await.unwrap();
+            let n = sqlx::query_scalar("SELECT count(*) FROM outbox")
+                .fetch_one(&db)
+                .await
+                .unwrap();
+            db.close().await;
+            n
+        }
+        Backend::Postgres { url } => {
+            let db = sqlx::PgPool::connect(url).await.unwrap();
+            let n = sqlx::query_scalar("SELECT count(*) FROM projector.kafka_log")
+                .fetch_one(&db)
+                .await
+                .unwrap();
+            db.close().await;
+            n
+        }
+    }
+}
+
 fn id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
@@ -169,10 +199,10 @@ async fn read(api: &Api, path: &str) -> (u16, Value) {
     api.get(path).await
 }
 
-#[tokio::test]
-async fn every_debezium_shape_decodes_into_the_read_model() {
+on_both_stores! {
+async fn every_debezium_shape_decodes_into_the_read_model(backend) {
     let setup = Setup::new();
-    let server = setup.server(&tempdir("kafka-shapes"), &plugin_set(&[NAME], &[]));
+    let server = setup.server(&backend, &tempdir("kafka-shapes"), &plugin_set(&[NAME], &[]));
     let api = server.api();
     let p = producer();
     let opened = id();
@@ -257,10 +287,9 @@ async fn every_debezium_shape_decodes_into_the_read_model() {
     assert_eq!(status, 504, "{body}");
 }
 
-#[tokio::test]
-async fn a_bad_message_is_dead_lettered_with_where_it_was_and_its_stream_parked() {
+async fn a_bad_message_is_dead_lettered_with_where_it_was_and_its_stream_parked(backend) {
     let setup = Setup::new();
-    let server = setup.server(&tempdir("kafka-bad"), &plugin_set(&[NAME], &[]));
+    let server = setup.server(&backend, &tempdir("kafka-bad"), &plugin_set(&[NAME], &[]));
     let api = server.api();
     let p = producer();
     let bad = id();
@@ -318,10 +347,9 @@ async fn a_bad_message_is_dead_lettered_with_where_it_was_and_its_stream_parked(
 }
 
 /// Debezium re-sends after a crash: the same events under new offsets are applied once.
-#[tokio::test]
-async fn the_same_messages_produced_twice_are_applied_once() {
+async fn the_same_messages_produced_twice_are_applied_once(backend) {
     let setup = Setup::new();
-    let server = setup.server(&tempdir("kafka-dup"), &plugin_set(&[NAME], &[]));
+    let server = setup.server(&backend, &tempdir("kafka-dup"), &plugin_set(&[NAME], &[]));
     let api = server.api();
     let p = producer();
     let accounts = 100;
@@ -372,8 +400,7 @@ async fn the_same_messages_produced_twice_are_applied_once() {
 
 /// kill -9 at random points of a catch-up: every restart seeks to the offsets the database
 /// holds; the read model ends exact.
-#[tokio::test]
-async fn a_consumer_killed_ten_times_mid_catch_up_ends_exact() {
+async fn a_consumer_killed_ten_times_mid_catch_up_ends_exact(backend) {
     let setup = Setup::new();
     let data = tempdir("kafka-kill");
     let plugins = plugin_set(&[NAME], &[]);
@@ -404,7 +431,7 @@ async fn a_consumer_killed_ten_times_mid_catch_up_ends_exact() {
     produce(&p, &setup.topic, &messages).await;
     let mut rng_state = 0x9e37_79b9_u64;
     for kill in 0..10 {
-        let mut server = setup.server(&data, &plugins);
+        let mut server = setup.server(&backend, &data, &plugins);
         let api = server.api();
         // Wait until the log has grown, then kill at a pseudo-random later point.
         rng_state = rng_state.wrapping_mul(6364136223846793005).wrapping_add(1);
@@ -421,10 +448,10 @@ async fn a_consumer_killed_ten_times_mid_catch_up_ends_exact() {
         tokio::time::sleep(Duration::from_millis(wait_ms)).await;
         server.kill();
     }
-    let server = setup.server(&data, &plugins);
+    let server = setup.server(&backend, &data, &plugins);
     let api = server.api();
     let head = all_taken(&api, events as u64).await;
-    assert_eq!(head, events as u64, "every event in the log once");
+    assert_eq!(log_count(&backend, &data).await, events as i64, "every event in the log once");
     for (stream, balance) in &expected {
         let (status, doc) = read(
             &api,
@@ -436,10 +463,16 @@ async fn a_consumer_killed_ten_times_mid_catch_up_ends_exact() {
     }
 }
 
+}
+
 #[tokio::test]
 async fn appends_over_http_are_refused_when_events_come_from_kafka() {
     let setup = Setup::new();
-    let server = setup.server(&tempdir("kafka-append"), &plugin_set(&[NAME], &[]));
+    let server = setup.server(
+        &Backend::Sqlite,
+        &tempdir("kafka-append"),
+        &plugin_set(&[NAME], &[]),
+    );
     let (status, body) = server
         .api()
         .post(
@@ -449,4 +482,107 @@ async fn appends_over_http_are_refused_when_events_come_from_kafka() {
         .await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["error"]["code"], "source_is_kafka");
+}
+
+/// Scale-out on PostgreSQL: two instances in one group share the partitions; one is killed
+/// mid-catch-up (its partitions move to the other within the session timeout), a third joins;
+/// the read model ends exact.
+#[tokio::test]
+async fn instances_in_one_group_share_the_partitions_through_a_kill_and_a_join() {
+    let backend = Backend::postgres().await;
+    let setup = Setup::new();
+    let plugins = plugin_set(&[NAME], &[]);
+    let p = producer();
+    let streams = 400;
+    let events = 20_000;
+    let mut messages = Vec::with_capacity(events);
+    let mut expected: BTreeMap<String, i64> = BTreeMap::new();
+    for s in 0..streams {
+        messages.push(debezium(
+            &format!("acct-{s}"),
+            &id(),
+            "AccountOpened",
+            &json!({"owner": "o", "currency": "EUR"}),
+        ));
+    }
+    for e in 0..events - streams {
+        let stream = format!("acct-{}", e % streams);
+        let amount = (e % 5) as i64 + 1;
+        *expected.entry(stream.clone()).or_default() += amount;
+        messages.push(debezium(
+            &stream,
+            &id(),
+            "Deposited",
+            &json!({"amount": amount}),
+        ));
+    }
+    // The topic exists (and has its partitions) once the accounts are opened.
+    produce(&p, &setup.topic, &messages[..streams]).await;
+    let mut a = setup.server(&backend, &tempdir("group-a"), &plugins);
+    let b = setup.server(&backend, &tempdir("group-b"), &plugins);
+    let (api_a, api_b) = (a.api(), b.api());
+    // Both members hold partitions before the deposits are produced.
+    eventually(Duration::from_secs(60), || async {
+        let (_, x) = api_a.get("/projections").await;
+        let (_, y) = api_b.get("/projections").await;
+        let held = |v: &Value| v["kafka"]["partitions"].as_array().map_or(0, Vec::len);
+        (held(&x) > 0 && held(&y) > 0 && held(&x) + held(&y) == 4)
+            .then_some(())
+            .ok_or(format!("a holds {}, b holds {}", held(&x), held(&y)))
+    })
+    .await;
+    produce(&p, &setup.topic, &messages[streams..]).await;
+    eventually(Duration::from_secs(60), || async {
+        let (_, x) = api_a.get("/projections").await;
+        let taken = x["kafka"]["events"].as_u64().unwrap_or(0);
+        (taken > 0)
+            .then_some(())
+            .ok_or("a took nothing yet".to_owned())
+    })
+    .await;
+    a.kill();
+    let c = setup.server(&backend, &tempdir("group-c"), &plugins);
+    let api_c = c.api();
+    // B and C end up holding all four partitions, and the log holds every event once.
+    eventually(Duration::from_secs(90), || async {
+        let (_, y) = api_b.get("/projections").await;
+        let (_, z) = api_c.get("/projections").await;
+        let parts = |v: &Value| {
+            v["kafka"]["partitions"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        };
+        let all: Vec<Value> = parts(&y).into_iter().chain(parts(&z)).collect();
+        let distinct: std::collections::BTreeSet<String> =
+            all.iter().map(|p| p["partition"].to_string()).collect();
+        let lag: i64 = all.iter().map(|p| p["lag"].as_i64().unwrap_or(1)).sum();
+        (distinct.len() == 4 && all.len() == 4 && lag == 0)
+            .then_some(())
+            .ok_or(format!("partitions {all:?}"))
+    })
+    .await;
+    // The log itself, from the database: every event once (the lag above is each member's
+    // view; the count is the truth).
+    let unused = tempdir("unused");
+    eventually(Duration::from_secs(90), || async {
+        let total = log_count(&backend, &unused).await;
+        (total == events as i64)
+            .then_some(())
+            .ok_or(format!("{total} events in the log"))
+    })
+    .await;
+    let (_, summary) = api_b.get(&format!("/projections/{NAME}")).await;
+    let head = summary["head"].as_u64().unwrap();
+    for (stream, balance) in &expected {
+        let (status, doc) = api_b
+            .get(&format!(
+                "/projections/{NAME}/accounts/{stream}?min_position={head}&timeout_ms=60000"
+            ))
+            .await;
+        assert_eq!(status, 200, "{doc}");
+        assert_eq!(doc["document"]["balance"], *balance, "{stream}: {doc}");
+    }
+    let total = log_count(&backend, &tempdir("unused")).await;
+    assert_eq!(total, events as i64, "every event in the log once");
 }

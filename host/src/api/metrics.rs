@@ -228,10 +228,11 @@ pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
         );
         let _ = writeln!(out, "# TYPE projector_kafka_lag_messages gauge");
         for p in kafka.partitions() {
+            let Some(lag) = p.lag else { continue };
             let _ = writeln!(
                 out,
-                "projector_kafka_lag_messages{{topic=\"{}\",partition=\"{}\"}} {}",
-                p.topic, p.partition, p.lag
+                "projector_kafka_lag_messages{{topic=\"{}\",partition=\"{}\"}} {lag}",
+                p.topic, p.partition
             );
         }
     }

@@ -168,6 +168,10 @@ pub struct PgOutbox {
 }
 
 impl PgOutbox {
+    pub(crate) fn db(&self) -> &Postgres {
+        &self.db
+    }
+
     /// Prepares the outbox table (creating it, or adding the position column and triggers to
     /// an existing one) and starts watching it.
     pub async fn open(db: Postgres, config: &OutboxConfig) -> Result<Self, SourceError> {
@@ -1124,7 +1128,12 @@ fn event_from_row(row: &PgRow) -> Result<Event, SourceError> {
         .unwrap_or_default() as u64;
     let id = row.try_get::<Option<String>, _>(1).ok().flatten();
     let stream = row.try_get::<Option<String>, _>(2).ok().flatten();
-    let event_type = row.try_get::<Option<String>, _>(4).ok().flatten();
+    // No type (a Kafka message whose type could not be read): every projection sets it aside.
+    let event_type = row
+        .try_get::<Option<String>, _>(4)
+        .ok()
+        .flatten()
+        .filter(|t| !t.is_empty());
     let malformed = |reason: String| SourceError::Malformed {
         position,
         id: id.clone(),
@@ -1132,6 +1141,17 @@ fn event_from_row(row: &PgRow) -> Result<Event, SourceError> {
         event_type: event_type.clone(),
         reason,
     };
+    // A Kafka message no event could be made of, kept with why (see `source::kafka`).
+    if let Ok(Some(text)) = row.try_get::<Option<String>, _>(7) {
+        if let Ok(headers) = parse_headers(&text) {
+            if let Some((_, reason)) = headers
+                .iter()
+                .find(|(name, _)| name == super::kafka::MALFORMED_HEADER)
+            {
+                return Err(malformed(reason.clone()));
+            }
+        }
+    }
     let text = |i: usize, what: &str| -> Result<String, SourceError> {
         match row.try_get::<Option<String>, _>(i) {
             Ok(Some(value)) => Ok(value),

@@ -122,6 +122,11 @@ impl Postgres {
         Ok(())
     }
 
+    /// The schema of the catalog and read models, quoted.
+    pub(crate) fn schema(&self) -> &str {
+        &self.schema
+    }
+
     fn table(&self, projection: &Descriptor, collection: &str) -> String {
         format!("{}.\"{}\"", self.schema, table_name(projection, collection))
     }

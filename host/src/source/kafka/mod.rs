@@ -21,6 +21,7 @@
 //! order the log takes events.
 
 pub mod decode;
+pub mod postgres;
 pub(crate) mod sqlite;
 
 use std::collections::{HashMap, HashSet};
@@ -38,7 +39,39 @@ use tokio::sync::watch;
 
 use self::decode::{Decoding, Message, Rules};
 use super::outbox::SqliteOutbox;
+use super::pg_outbox::PgOutbox;
+use super::SourceError;
 use crate::config::KafkaConfig;
+
+/// The host's log as the Kafka consumer writes it: the SQLite outbox, or the PostgreSQL
+/// `kafka_log` table.
+#[async_trait::async_trait]
+pub trait KafkaLog: Send + Sync {
+    /// Writes a batch in one transaction (nothing of it when a partition was fenced).
+    async fn ingest(&self, group: &str, batch: &Batch) -> Result<Written, SourceError>;
+    /// The next offset of every partition `group` has taken.
+    async fn kafka_offsets(&self, group: &str) -> Result<HashMap<(String, i32), i64>, SourceError>;
+}
+
+#[async_trait::async_trait]
+impl KafkaLog for SqliteOutbox {
+    async fn ingest(&self, group: &str, batch: &Batch) -> Result<Written, SourceError> {
+        SqliteOutbox::ingest(self, group, batch).await
+    }
+    async fn kafka_offsets(&self, group: &str) -> Result<HashMap<(String, i32), i64>, SourceError> {
+        SqliteOutbox::kafka_offsets(self, group).await
+    }
+}
+
+#[async_trait::async_trait]
+impl KafkaLog for PgOutbox {
+    async fn ingest(&self, group: &str, batch: &Batch) -> Result<Written, SourceError> {
+        postgres::write(self.db(), self, group, batch).await
+    }
+    async fn kafka_offsets(&self, group: &str) -> Result<HashMap<(String, i32), i64>, SourceError> {
+        postgres::offsets(self.db(), group).await
+    }
+}
 
 /// The header that marks a log row made of a message no event could be made of; its value is
 /// the reason. The outbox reader reports such a row as malformed.
@@ -92,8 +125,9 @@ struct StatsInner {
     duplicates: u64,
     tombstones: u64,
     bad: u64,
-    /// (topic, partition) -> (next offset to take, high watermark)
-    partitions: HashMap<(String, i32), (i64, i64)>,
+    /// (topic, partition) -> (next offset to take, high watermark: -1 until librdkafka's
+    /// statistics report it from a fetch, whether this member has written a batch of it)
+    partitions: HashMap<(String, i32), (i64, i64, bool)>,
 }
 
 /// One partition as `/metrics` shows it.
@@ -102,8 +136,9 @@ pub struct PartitionLag {
     pub topic: String,
     pub partition: i32,
     pub next_offset: i64,
-    pub high_watermark: i64,
-    pub lag: i64,
+    /// `None` until a fetch response has told it.
+    pub high_watermark: Option<i64>,
+    pub lag: Option<i64>,
 }
 
 impl KafkaStats {
@@ -124,12 +159,12 @@ impl KafkaStats {
             .lock()
             .partitions
             .iter()
-            .map(|((topic, partition), (next, high))| PartitionLag {
+            .map(|((topic, partition), (next, high, _))| PartitionLag {
                 topic: topic.clone(),
                 partition: *partition,
                 next_offset: *next,
-                high_watermark: *high,
-                lag: (high - next).max(0),
+                high_watermark: (*high >= 0).then_some(*high),
+                lag: (*high >= 0).then(|| (high - next).max(0)),
             })
             .collect();
         all.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
@@ -147,7 +182,7 @@ struct Assignment {
 }
 
 struct Context {
-    outbox: Arc<SqliteOutbox>,
+    outbox: Arc<dyn KafkaLog>,
     group: String,
     runtime: tokio::runtime::Handle,
     assignment: Arc<Mutex<Assignment>>,
@@ -161,8 +196,9 @@ impl ClientContext for Context {
         let mut s = self.stats.lock();
         for (topic, t) in statistics.topics {
             for (partition, p) in t.partitions {
-                if let Some((next, high)) = s.partitions.get_mut(&(topic.clone(), partition)) {
-                    if p.hi_offset >= 0 {
+                if let Some((next, high, _)) = s.partitions.get_mut(&(topic.clone(), partition)) {
+                    // Only once fetching: before, the figure is not the broker's watermark.
+                    if p.fetch_state == "active" && p.hi_offset >= 0 {
                         *high = p.hi_offset.max(*next);
                     }
                 }
@@ -214,7 +250,10 @@ impl ConsumerContext for Context {
                     let _ = tpl.set_partition_offset(&topic, partition, Offset::Offset(offset));
                     assignment.next.insert(key.clone(), offset);
                     assignment.revoked.remove(&key);
-                    self.stats.lock().partitions.insert(key, (offset, offset));
+                    self.stats
+                        .lock()
+                        .partitions
+                        .insert(key, (offset, -1, false));
                     tracing::info!(topic, partition, offset, "partition assigned");
                 }
                 let assigned = if cooperative {
@@ -273,7 +312,7 @@ impl KafkaSource {
     /// Joins the group and takes messages into `outbox` until `shutdown`.
     pub fn start(
         config: &KafkaConfig,
-        outbox: Arc<SqliteOutbox>,
+        outbox: Arc<dyn KafkaLog>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), KafkaError> {
         let rules = Rules::new(config).map_err(KafkaError::Settings)?;
@@ -332,7 +371,7 @@ const LINGER: Duration = Duration::from_millis(2);
 async fn consume(
     consumer: StreamConsumer<Context>,
     rules: Rules,
-    outbox: Arc<SqliteOutbox>,
+    outbox: Arc<dyn KafkaLog>,
     group: String,
     max_batch: usize,
     assignment: Arc<Mutex<Assignment>>,
@@ -488,8 +527,10 @@ fn record(
         s.bad += written.bad;
         for range in &batch.partitions {
             let key = (range.topic.clone(), range.partition);
-            let high = s.partitions.get(&key).map_or(range.to, |&(_, high)| high);
-            s.partitions.insert(key, (range.to, high.max(range.to)));
+            // A watermark not told yet stays unknown: the batch says nothing of what follows.
+            let high = s.partitions.get(&key).map_or(-1, |&(_, high, _)| high);
+            let high = if high < 0 { high } else { high.max(range.to) };
+            s.partitions.insert(key, (range.to, high, true));
             let _ =
                 tpl.add_partition_offset(&range.topic, range.partition, Offset::Offset(range.to));
         }

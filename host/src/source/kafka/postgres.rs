@@ -1,0 +1,279 @@
+//! Taking a batch of Kafka messages into the PostgreSQL log: the table `kafka_log` of
+//! `postgres.schema`, with the outbox's default columns, which a [`PgOutbox`] reads like any
+//! outbox (gap-safe, positions by its trigger). Never the application's outbox table: Debezium
+//! reads that one, and would send the events round again.
+//!
+//! One transaction per batch, as on SQLite: each partition's offset row is locked and compared
+//! (the fence against a member that lost the partition), each event id written once, bad
+//! messages kept as rows the reader reports as malformed, offsets moved.
+
+use std::collections::{HashMap, HashSet};
+
+use sha2::{Digest, Sha256};
+
+use super::decode::Decoding;
+use super::{Batch, Written, MALFORMED_HEADER};
+use crate::config::OutboxConfig;
+use crate::source::pg_outbox::PgOutbox;
+use crate::source::{Source, SourceError};
+use crate::store::now_ms;
+use crate::store::postgres::Postgres;
+
+fn db_err(context: &'static str) -> impl FnOnce(sqlx::Error) -> SourceError {
+    move |source| SourceError::Database {
+        context: context.to_owned(),
+        source,
+    }
+}
+
+/// The log's table: the outbox layout's default column names, in the host's schema.
+pub fn log_config(schema: &str) -> OutboxConfig {
+    OutboxConfig {
+        table: format!("{schema}.kafka_log"),
+        ..OutboxConfig::default()
+    }
+}
+
+/// The offsets table, created if missing.
+pub(crate) async fn prepare(db: &Postgres) -> Result<(), SourceError> {
+    let schema = db.schema();
+    sqlx::query(&format!(
+        "CREATE TABLE IF NOT EXISTS {schema}.kafka_offsets (\
+         group_id text NOT NULL, topic text NOT NULL, partition integer NOT NULL, \
+         next_offset bigint NOT NULL, updated_at bigint NOT NULL, \
+         PRIMARY KEY (group_id, topic, partition))"
+    ))
+    .execute(&db.pool)
+    .await
+    .map_err(db_err("creating the Kafka offsets table"))?;
+    Ok(())
+}
+
+pub(crate) async fn offsets(
+    db: &Postgres,
+    group: &str,
+) -> Result<HashMap<(String, i32), i64>, SourceError> {
+    let rows: Vec<(String, i32, i64)> = sqlx::query_as(&format!(
+        "SELECT topic, partition, next_offset FROM {}.kafka_offsets WHERE group_id = $1",
+        db.schema()
+    ))
+    .bind(group)
+    .fetch_all(&db.pool)
+    .await
+    .map_err(db_err("reading the Kafka offsets"))?;
+    Ok(rows
+        .into_iter()
+        .map(|(topic, partition, next)| ((topic, partition), next))
+        .collect())
+}
+
+/// The log's id column is a `uuid` (as Debezium's outbox): an id that is not one is mapped to
+/// one, the same each time, so it is still taken once.
+fn uuid_of(id: &str) -> String {
+    uuid::Uuid::parse_str(id)
+        .unwrap_or_else(|_| {
+            let digest = Sha256::digest(id.as_bytes());
+            let mut bytes = [0u8; 16];
+            bytes.copy_from_slice(&digest[..16]);
+            uuid::Builder::from_custom_bytes(bytes).into_uuid()
+        })
+        .to_string()
+}
+
+pub(crate) async fn write(
+    db: &Postgres,
+    log: &PgOutbox,
+    group: &str,
+    batch: &Batch,
+) -> Result<Written, SourceError> {
+    let schema = db.schema();
+    let table = format!("{schema}.\"kafka_log\"");
+    let mut tx = db
+        .pool
+        .begin()
+        .await
+        .map_err(db_err("beginning a Kafka batch"))?;
+    let mut fenced = Vec::new();
+    for range in &batch.partitions {
+        sqlx::query(&format!(
+            "INSERT INTO {schema}.kafka_offsets (group_id, topic, partition, next_offset, updated_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING"
+        ))
+        .bind(group)
+        .bind(&range.topic)
+        .bind(range.partition)
+        .bind(range.from)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err("reading a Kafka offset"))?;
+        // Locked until the commit: another member's batch for the partition waits, then
+        // finds the offset moved.
+        let stored: i64 = sqlx::query_scalar(&format!(
+            "SELECT next_offset FROM {schema}.kafka_offsets \
+             WHERE group_id = $1 AND topic = $2 AND partition = $3 FOR UPDATE"
+        ))
+        .bind(group)
+        .bind(&range.topic)
+        .bind(range.partition)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_err("reading a Kafka offset"))?;
+        if stored != range.from {
+            fenced.push((range.topic.clone(), range.partition, stored));
+        }
+    }
+    if !fenced.is_empty() {
+        return Ok(Written {
+            fenced,
+            ..Written::default()
+        });
+    }
+    let mut streams: Vec<String> = Vec::new();
+    let mut ids: Vec<String> = Vec::new();
+    for message in &batch.messages {
+        match &message.decoding {
+            Decoding::Event(e) => {
+                streams.push(e.stream.clone());
+                ids.push(uuid_of(&e.id));
+            }
+            Decoding::Bad { stream, id, .. } => {
+                streams.push(stream.clone().unwrap_or_default());
+                if let Some(id) = id {
+                    ids.push(uuid_of(id));
+                }
+            }
+            Decoding::Tombstone => {}
+        }
+    }
+    streams.sort_unstable();
+    streams.dedup();
+    let mut versions: HashMap<String, u64> = sqlx::query_as::<_, (String, i64)>(&format!(
+        "SELECT aggregateid, MAX(version) FROM {table} WHERE aggregateid = ANY($1) GROUP BY 1"
+    ))
+    .bind(&streams)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db_err("reading stream versions"))?
+    .into_iter()
+    .map(|(s, v)| (s, v.max(0) as u64))
+    .collect();
+    let mut seen: HashSet<String> = sqlx::query_scalar::<_, String>(&format!(
+        "SELECT id::text FROM {table} WHERE id = ANY($1::uuid[])"
+    ))
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db_err("checking event ids"))?
+    .into_iter()
+    .collect();
+    let mut written = Written::default();
+    let (mut c_id, mut c_type_of_stream, mut c_stream, mut c_type) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut c_payload, mut c_version, mut c_headers, mut c_ts) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for message in &batch.messages {
+        match &message.decoding {
+            Decoding::Tombstone => written.tombstones += 1,
+            Decoding::Event(e) => {
+                let id = uuid_of(&e.id);
+                if !seen.insert(id.clone()) {
+                    written.duplicates += 1;
+                    continue;
+                }
+                let current = versions.entry(e.stream.clone()).or_insert(0);
+                let version = match e.version {
+                    Some(v) if v <= *current => {
+                        written.duplicates += 1;
+                        continue;
+                    }
+                    Some(v) => v,
+                    None => *current + 1,
+                };
+                *current = version;
+                let headers: Vec<(&String, &String)> = e.headers.iter().collect();
+                c_id.push(id);
+                c_type_of_stream.push(e.stream_type.clone());
+                c_stream.push(e.stream.clone());
+                c_type.push(e.event_type.clone());
+                c_payload.push(Some(e.payload.get().to_owned()));
+                c_version.push(version as i64);
+                c_headers.push(serde_json::to_string(&headers).unwrap_or_else(|_| "[]".into()));
+                c_ts.push(e.timestamp_ms as i64);
+                written.events += 1;
+            }
+            Decoding::Bad {
+                stream,
+                id,
+                event_type,
+                reason,
+            } => {
+                let id = uuid_of(&id.clone().unwrap_or_else(|| {
+                    format!(
+                        "kafka:{}:{}:{}",
+                        message.topic, message.partition, message.offset
+                    )
+                }));
+                if !seen.insert(id.clone()) {
+                    written.duplicates += 1;
+                    continue;
+                }
+                let stream = stream.clone().unwrap_or_default();
+                let current = versions.entry(stream.clone()).or_insert(0);
+                *current += 1;
+                c_id.push(id);
+                c_type_of_stream.push(String::new());
+                c_stream.push(stream);
+                c_type.push(event_type.clone().unwrap_or_default());
+                // NULL: the reader reads the row alone and reports it, with the marker's reason.
+                c_payload.push(None);
+                c_version.push(*current as i64);
+                c_headers.push(
+                    serde_json::to_string(&[(MALFORMED_HEADER, reason.as_str())])
+                        .unwrap_or_else(|_| "[]".into()),
+                );
+                c_ts.push(now_ms());
+                written.bad += 1;
+            }
+        }
+    }
+    if !c_id.is_empty() {
+        sqlx::query(&format!(
+            "INSERT INTO {table} (id, aggregatetype, aggregateid, type, payload, version, headers, created_at) \
+             SELECT i, st, s, ty, p::json, v, h::jsonb, to_timestamp(ts / 1000.0) \
+             FROM UNNEST($1::text[]::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], \
+             $7::text[], $8::bigint[]) WITH ORDINALITY AS u(i, st, s, ty, p, v, h, ts, n) ORDER BY n"
+        ))
+        .bind(&c_id)
+        .bind(&c_type_of_stream)
+        .bind(&c_stream)
+        .bind(&c_type)
+        .bind(&c_payload)
+        .bind(&c_version)
+        .bind(&c_headers)
+        .bind(&c_ts)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err("writing Kafka messages to the log"))?;
+    }
+    for range in &batch.partitions {
+        sqlx::query(&format!(
+            "UPDATE {schema}.kafka_offsets SET next_offset = $4, updated_at = $5 \
+             WHERE group_id = $1 AND topic = $2 AND partition = $3"
+        ))
+        .bind(group)
+        .bind(&range.topic)
+        .bind(range.partition)
+        .bind(range.to)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err("moving a Kafka offset"))?;
+    }
+    tx.commit()
+        .await
+        .map_err(db_err("committing a Kafka batch"))?;
+    // The head watcher looks now, not at its next timed check.
+    log.nudge();
+    Ok(written)
+}
