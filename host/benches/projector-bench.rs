@@ -19,6 +19,8 @@
 //! `append-batching`: the append path alone, closed loop: 64 writers of single-event appends
 //! against 64-event batches (`BENCH_BATCHING_MODES=64x1,1x64,4x64,64x64`).
 //! `PROJECTOR_*` settings in the environment apply to the server of these two.
+//! `kafka` (`kafka-catchup`, `kafka-live`, `kafka-ryw`; by name only): the Kafka source against
+//! a tansu broker the bench starts (see `benches/scenarios/kafka.rs`).
 //! Default: all. `catchup-poison` and `isolate-loop` need `target/plugins/fixtures/poison.wasm`
 //! (`bash scripts/build-plugins.sh`).
 //! On PostgreSQL: `pg-catchup`, `pg-native`, `pg-live`, `pg-ryw`, `pg-live-sweep`,
@@ -37,6 +39,9 @@
 //! deadline_ms=1000 secs=… deadline_ratio=… isolation_calls=…` (target deadline_ratio ≤ 3);
 //! `ryw-herd` adds `waiters=… server_cpu_ms_per_append=… cpu_ratio=…` (CPU over that with no
 //! waiters, target ≤ 1.5 at 2,000).
+
+#[path = "scenarios/kafka.rs"]
+mod kafka;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -2179,6 +2184,20 @@ async fn main() {
     if wants("append-batching") {
         println!("\n## Append batching on SQLite (HTTP)");
         scenario_append_batching("", RunDb::Sqlite).await;
+    }
+    // Kafka: by name only (`kafka` for the three), as the bench starts a broker of its own.
+    let wants_kafka = |s: &str| args.iter().any(|a| a == s || a == "kafka");
+    if wants_kafka("kafka-catchup") {
+        println!("\n## Kafka catch-up into SQLite");
+        kafka::catchup().await;
+    }
+    if wants_kafka("kafka-live") {
+        println!("\n## Kafka live: produce ack -> queryable");
+        kafka::live().await;
+    }
+    if wants_kafka("kafka-ryw") {
+        println!("\n## Kafka read-your-writes (banking seed)");
+        kafka::ryw().await;
     }
 
     let (pg_catchup, pg_native) = (wants_pg("pg-catchup"), wants_pg("pg-native"));

@@ -1,0 +1,412 @@
+//! `projector-bench -- kafka`: the Kafka source against a tansu broker the bench starts
+//! (`scripts/kafka-test-broker.sh`), with `serve` in-process on SQLite and account-balance.
+//!
+//! - `kafka-catchup`: `BENCH_KAFKA_EVENTS` (200,000) messages over 10,000 streams in 4
+//!   partitions produced first, then the server started: time until the projection has applied
+//!   them all (log written and projected), events/s. Target ≥ 200,000.
+//! - `kafka-live`: `BENCH_KAFKA_RATE` (1,000) events/s produced for `BENCH_KAFKA_SECS` (10) s,
+//!   open loop; each event read back with `wait_for_event` right after its produce ack: ack →
+//!   queryable p50/p99 (target p99 ≤ 10 ms).
+//! - `kafka-ryw`: the banking seed: 100 accounts opened, each waited for with
+//!   `wait_for_event`, then 1,000 deposits, each waited for: per-operation latency.
+//!
+//! Prints `RESULT scenario=kafka-… events=… evps=… p50_ms=… p99_ms=…`.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+use tokio::sync::watch;
+
+use projector::config::{Config, SourceKind};
+
+use super::{report, root, tempdir};
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A broker of the bench's own: its address, and what stops it.
+struct Broker {
+    address: String,
+    dir: std::path::PathBuf,
+}
+
+impl Broker {
+    fn start() -> Self {
+        let dir = tempdir("kafka-broker");
+        let out = std::process::Command::new("bash")
+            .arg(root().join("scripts/kafka-test-broker.sh"))
+            .arg("start")
+            .arg(&dir)
+            .output()
+            .expect("run scripts/kafka-test-broker.sh");
+        assert!(out.status.success(), "the broker did not start: {out:?}");
+        Self {
+            address: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            dir,
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .arg(root().join("scripts/kafka-test-broker.sh"))
+            .arg("stop")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+fn producer(broker: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", broker)
+        .set("linger.ms", "1")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .expect("a producer")
+}
+
+/// A Debezium-shaped record (default converters): the payload's jsonb text as a JSON string.
+fn record<'a>(
+    topic: &'a str,
+    stream: &'a str,
+    id: &'a str,
+    event_type: &'a str,
+    value: &'a str,
+) -> FutureRecord<'a, str, str> {
+    FutureRecord::to(topic).key(stream).payload(value).headers(
+        OwnedHeaders::new()
+            .insert(Header {
+                key: "id",
+                value: Some(id),
+            })
+            .insert(Header {
+                key: "eventType",
+                value: Some(event_type),
+            }),
+    )
+}
+
+fn value(payload: serde_json::Value) -> String {
+    serde_json::to_string(&payload.to_string()).unwrap_or_default()
+}
+
+/// Enqueues every record (waiting when the local queue is full), then awaits the deliveries.
+async fn produce_all(
+    producer: &FutureProducer,
+    records: Vec<(String, String, String, String)>,
+    topic: &str,
+) {
+    let mut deliveries = Vec::with_capacity(records.len());
+    for (stream, id, event_type, value) in &records {
+        let mut r = record(topic, stream, id, event_type, value);
+        loop {
+            match producer.send_result(r) {
+                Ok(d) => {
+                    deliveries.push(d);
+                    break;
+                }
+                Err((_, back)) => {
+                    r = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
+    }
+    for d in deliveries {
+        let _ = d.await;
+    }
+}
+
+/// `serve` in-process on SQLite with the Kafka source: the server's future (run it beside the
+/// client: it is not `Send`), where its address arrives, and what stops it.
+fn server(
+    broker: &str,
+    topic: &str,
+    group: &str,
+) -> (
+    impl std::future::Future<Output = Result<(), projector::serve::ServeError>>,
+    tokio::sync::oneshot::Receiver<std::net::SocketAddr>,
+    watch::Sender<bool>,
+) {
+    let dir = tempdir("kafka");
+    let mut config = Config::load(None, Vec::new()).unwrap();
+    config.listen = "127.0.0.1:0".into();
+    config.data_dir = dir;
+    config.plugins = root().join("target/plugins");
+    config.source.kind = SourceKind::Kafka;
+    config.kafka.brokers = broker.to_owned();
+    config.kafka.topics = topic.to_owned();
+    config.kafka.group_id = group.to_owned();
+    config.kafka.session_timeout_ms = 6000;
+    // Catch-up is not held back by the live-lag bound.
+    config.runner.max_lag_ms = 0;
+    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+    let (stop, mut stopped) = watch::channel(false);
+    let future = projector::serve::serve(
+        config,
+        move |addr| {
+            let _ = addr_tx.send(addr);
+        },
+        async move {
+            let _ = stopped.changed().await;
+        },
+    );
+    (future, addr_rx, stop)
+}
+
+pub async fn catchup() {
+    let broker = Broker::start();
+    let events = env_usize("BENCH_KAFKA_EVENTS", 200_000);
+    let streams = 10_000.min(events / 2).max(1);
+    let topic = "outbox.event.Account";
+    let p = producer(&broker.address);
+    let mut records = Vec::with_capacity(events);
+    for s in 0..streams {
+        records.push((
+            format!("acct-{s}"),
+            uuid::Uuid::new_v4().to_string(),
+            "AccountOpened".to_owned(),
+            value(json!({"owner": "o", "currency": "EUR"})),
+        ));
+    }
+    for e in 0..events - streams {
+        records.push((
+            format!("acct-{}", e % streams),
+            uuid::Uuid::new_v4().to_string(),
+            "Deposited".to_owned(),
+            value(json!({"amount": 1})),
+        ));
+    }
+    let produced = Instant::now();
+    produce_all(&p, records, topic).await;
+    println!(
+        "produced {events} messages in {:.1} s",
+        produced.elapsed().as_secs_f64()
+    );
+    let start = Instant::now();
+    let (server, addr, stop) = server(&broker.address, topic, "bench-catchup");
+    let client = async move {
+        let base = format!("http://{}", addr.await.expect("the server's address"));
+        let http = reqwest::Client::new();
+        let mut taken_at = None;
+        loop {
+            let all: serde_json::Value = http
+                .get(format!("{base}/projections"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let taken = all["kafka"]["events"].as_u64().unwrap_or(0);
+            if taken >= events as u64 && taken_at.is_none() {
+                taken_at = Some(start.elapsed());
+            }
+            let p = &all["projections"][0];
+            if taken >= events as u64 && p["checkpoint"] == p["head"] && p["lag"] == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let log_secs = taken_at.map_or(secs, |t| t.as_secs_f64());
+        report(
+        "kafka-catchup",
+        events,
+        secs,
+        &mut [],
+        &format!(
+            "log_evps={:.0} streams={streams} partitions=4 (from the server's start: group join included)",
+            events as f64 / log_secs
+        ),
+    );
+        let _ = stop.send(true);
+    };
+    let (served, ()) = tokio::join!(server, client);
+    served.expect("serve");
+}
+
+pub async fn live() {
+    let broker = Broker::start();
+    let rate = env_usize("BENCH_KAFKA_RATE", 1000);
+    let secs = env_usize("BENCH_KAFKA_SECS", 10);
+    let topic = "outbox.event.Account";
+    let p = producer(&broker.address);
+    // The topic and its partitions exist before the server subscribes.
+    produce_all(
+        &p,
+        (0..100)
+            .map(|s| {
+                (
+                    format!("acct-{s}"),
+                    uuid::Uuid::new_v4().to_string(),
+                    "AccountOpened".to_owned(),
+                    value(json!({"owner": "o", "currency": "EUR"})),
+                )
+            })
+            .collect(),
+        topic,
+    )
+    .await;
+    let (server, addr, stop) = server(&broker.address, topic, "bench-live");
+    let client = async move {
+        let base = format!("http://{}", addr.await.expect("the server's address"));
+        let http = reqwest::Client::new();
+        // Ready: the opened accounts are applied.
+        loop {
+            let all: serde_json::Value = http
+                .get(format!("{base}/projections"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if all["kafka"]["events"].as_u64().unwrap_or(0) >= 100 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let total = rate * secs;
+        let interval = Duration::from_secs_f64(1.0 / rate as f64);
+        let start = Instant::now();
+        let mut reads = Vec::with_capacity(total);
+        for n in 0..total {
+            let due = start + interval * n as u32;
+            tokio::time::sleep_until(due.into()).await;
+            let (p, http, base) = (p.clone(), http.clone(), base.clone());
+            reads.push(tokio::spawn(async move {
+            let id = uuid::Uuid::new_v4().to_string();
+            let stream = format!("acct-{}", n % 100);
+            let v = value(json!({"amount": 1}));
+            let delivered = p
+                .send(record(topic, &stream, &id, "Deposited", &v), Duration::from_secs(30))
+                .await;
+            if delivered.is_err() {
+                return None;
+            }
+            let acked = Instant::now();
+            let r = http
+                .get(format!(
+                    "{base}/projections/account-balance/accounts/{stream}?wait_for_event={id}&timeout_ms=30000"
+                ))
+                .send()
+                .await
+                .ok()?;
+            r.status()
+                .is_success()
+                .then(|| acked.elapsed().as_secs_f64() * 1000.0)
+        }));
+        }
+        let mut latencies = Vec::with_capacity(total);
+        let mut failed = 0;
+        for r in reads {
+            match r.await.ok().flatten() {
+                Some(ms) => latencies.push(ms),
+                None => failed += 1,
+            }
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        report(
+            "kafka-live",
+            total,
+            elapsed,
+            &mut latencies,
+            &format!("rate={rate} failed={failed} (produce ack -> queryable)"),
+        );
+        let _ = stop.send(true);
+    };
+    let (served, ()) = tokio::join!(server, client);
+    served.expect("serve");
+}
+
+pub async fn ryw() {
+    let broker = Broker::start();
+    let topic = "outbox.event.Account";
+    let p = producer(&broker.address);
+    // Creates the topic before the server subscribes.
+    produce_all(
+        &p,
+        vec![(
+            "warmup".into(),
+            uuid::Uuid::new_v4().to_string(),
+            "Noise".into(),
+            value(json!({})),
+        )],
+        topic,
+    )
+    .await;
+    let (server, addr, stop) = server(&broker.address, topic, "bench-ryw");
+    let client = async move {
+        let base = format!("http://{}", addr.await.expect("the server's address"));
+        let http = reqwest::Client::new();
+        let wait = |stream: String, event_type: &'static str, payload: serde_json::Value| {
+            let (p, http, base) = (p.clone(), http.clone(), base.clone());
+            async move {
+                let id = uuid::Uuid::new_v4().to_string();
+                let v = value(payload);
+                let started = Instant::now();
+                p.send(
+                    record(topic, &stream, &id, event_type, &v),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .expect("produced");
+                let r = http
+                .get(format!(
+                    "{base}/projections/account-balance/accounts/{stream}?wait_for_event={id}&timeout_ms=60000"
+                ))
+                .send()
+                .await
+                .expect("read");
+                assert!(r.status().is_success(), "{}", r.status());
+                started.elapsed().as_secs_f64() * 1000.0
+            }
+        };
+        let start = Instant::now();
+        let mut latencies = Vec::new();
+        for a in 0..100 {
+            latencies.push(
+                wait(
+                    format!("acct-{a}"),
+                    "AccountOpened",
+                    json!({"owner": "o", "currency": "EUR"}),
+                )
+                .await,
+            );
+        }
+        let opened = start.elapsed().as_secs_f64();
+        for n in 0..1000 {
+            latencies.push(
+                wait(
+                    format!("acct-{}", n % 100),
+                    "Deposited",
+                    json!({"amount": 1}),
+                )
+                .await,
+            );
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        report(
+            "kafka-ryw",
+            1100,
+            elapsed,
+            &mut latencies,
+            &format!(
+                "accounts_opened_s={opened:.2} (each operation: produce, then wait_for_event)"
+            ),
+        );
+        let _ = stop.send(true);
+    };
+    let (served, ()) = tokio::join!(server, client);
+    served.expect("serve");
+}
