@@ -18,13 +18,42 @@
 //! appends/s, append and commit → queryable latencies, max lag, refusals, CPU.
 //! `append-batching`: the append path alone, closed loop: 64 writers of single-event appends
 //! against 64-event batches (`BENCH_BATCHING_MODES=64x1,1x64,4x64,64x64`).
-//! `PROJECTOR_*` settings in the environment apply to the server of these two.
+//! `swap`: hot swap under live load, against `serve` in-process on SQLite with the admin API
+//! on. A backlog of `BENCH_SWAP_BACKLOG` (200000) events over `BENCH_SWAP_ACCOUNTS` (1000)
+//! accounts (their openings, then deposits of 1) is appended before any projection runs; then
+//! account-balance 1.0.0 is uploaded (`PUT /admin/plugins/account-balance`) and timed from the
+//! upload until it has applied the backlog: the plain catch-up, `catchup_evps` (measured in the
+//! same server and database that the rebuild runs in later, with nothing else running). Then
+//! live load, open loop from 64 writers: `BENCH_SWAP_RATE` (1000) single-event appends/s for
+//! `BENCH_SWAP_SECS` (30) s, each followed by a read of its account with
+//! `wait_for=stream@version` (timeout 30 s), and a reader paging `accounts?limit=100`
+//! (`BENCH_SWAP_PAGE_RATE` pages/s, 100; 0: back to back) that counts pages mixing documents
+//! with and without `schema`. Meanwhile, one upload every `BENCH_SWAP_EVERY_SECS` (2) s:
+//! `BENCH_SWAP_COUNT` (5) same-version swaps, alternately the `same` variant and the original,
+//! each followed by polling `GET /projections/account-balance` until `active.swap_pauses`
+//! moves, its `active.last_swap_pause_ms` recorded (a swap with no event waiting is not
+//! measured by the host: another is made, up to as many again); then 2.0.0, rebuilt beside the
+//! live version: `rebuild_evps` = the events up to the head seen just before the upload (the
+//! backlog and the live appends so far) / the time from the upload until 2.0.0's checkpoint
+//! reaches that head, and `cutover_secs` until it serves. The catch-up and the rebuild are both
+//! timed from the upload, with the code already in the compile cache. At the end every
+//! account's `balance` and `tx_count` must equal the deposits the bench got a 201 for.
+//! Prints `RESULT scenario=swap pause_ms_p50=… pause_ms_p99=… rebuild_evps=… catchup_evps=…
+//! ratio=… appends=… reads_ok=… errors_5xx=… mixed_pages=… lost_or_twice=…` and more
+//! (`ratio` = rebuild_evps / catchup_evps; targets: pause p99 ≤ 50 ms, ratio ≥ 0.7,
+//! errors_5xx, mixed_pages and lost_or_twice 0). With five pauses their p99 is their maximum.
+//! `rebuild_events` and `rebuild_secs` are printed too (the backlog alone over `rebuild_secs`
+//! is the stricter reading), and the cores used during each of the two timed windows by this
+//! process and outside it (`*_cpu_outside`: PostgreSQL and anything else on the machine): both
+//! rates are CPU-bound, so a ratio measured while other work ran says so there.
+//! Needs the variants of `bash scripts/build-plugins.sh`.
+//! `PROJECTOR_*` settings in the environment apply to the server of these three.
 //! `kafka` (`kafka-catchup`, `kafka-live`, `kafka-ryw`; by name only): the Kafka source against
 //! a tansu broker the bench starts (see `benches/scenarios/kafka.rs`).
 //! Default: all. `catchup-poison` and `isolate-loop` need `target/plugins/fixtures/poison.wasm`
 //! (`bash scripts/build-plugins.sh`).
 //! On PostgreSQL: `pg-catchup`, `pg-native`, `pg-live`, `pg-ryw`, `pg-live-sweep`,
-//! `pg-append-batching` (`pg`: all of them, with `pg-read` and `pg-raw`), the same
+//! `pg-append-batching`, `pg-swap` (`pg`: all of them, with `pg-read` and `pg-raw`), the same
 //! scenarios on a `PgOutbox` and the PostgreSQL store. They run on `BENCH_POSTGRES_URL` (an admin
 //! URL, `postgres://postgres@127.0.0.1:PORT/postgres`; `all` includes them only when it is set)
 //! or else on a throwaway durable cluster (`scripts/pg-test-cluster.sh start DIR --durable`),
@@ -1187,19 +1216,46 @@ impl Http {
     /// for the next request.
     async fn request(&mut self, path: &str, body: Option<String>) -> Result<Answer, String> {
         use axum::http::{header, Method, Request};
+        let builder = Request::builder();
+        let request = match body {
+            Some(body) => builder
+                .method(Method::POST)
+                .uri(path)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(axum::body::Body::from(body)),
+            None => builder
+                .method(Method::GET)
+                .uri(path)
+                .body(axum::body::Body::empty()),
+        };
+        self.exchange(request.map_err(|e| e.to_string())?).await
+    }
+
+    /// `PUT /admin/plugins/{name}` with a component's bytes and the admin token.
+    async fn upload(&mut self, name: &str, token: &str, wasm: Vec<u8>) -> Result<Answer, String> {
+        use axum::http::{header, Method, Request};
+        let request = Request::builder()
+            .method(Method::PUT)
+            .uri(format!("/admin/plugins/{name}"))
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(header::CONTENT_TYPE, "application/wasm")
+            .body(axum::body::Body::from(wasm))
+            .map_err(|e| e.to_string())?;
+        self.exchange(request).await
+    }
+
+    /// Sends `request`; a transport error reconnects for the next one.
+    async fn exchange(
+        &mut self,
+        mut request: axum::http::Request<axum::body::Body>,
+    ) -> Result<Answer, String> {
+        use axum::http::header;
+        request.headers_mut().insert(
+            header::HOST,
+            header::HeaderValue::from_str(&self.addr.to_string()).map_err(|e| e.to_string())?,
+        );
         let result = async {
             self.send.ready().await.map_err(|e| e.to_string())?;
-            let builder = Request::builder()
-                .uri(path)
-                .header(header::HOST, self.addr.to_string());
-            let request = match body {
-                Some(body) => builder
-                    .method(Method::POST)
-                    .header(header::CONTENT_TYPE, "application/json")
-                    .body(axum::body::Body::from(body)),
-                None => builder.method(Method::GET).body(axum::body::Body::empty()),
-            }
-            .map_err(|e| e.to_string())?;
             let response = self
                 .send
                 .send_request(request)
@@ -1279,6 +1335,13 @@ struct CpuUse {
     server: f64,
     /// Every process on the machine, the bench included.
     machine: f64,
+}
+
+impl CpuUse {
+    /// Every other process on the machine (PostgreSQL's among them, and whatever else runs).
+    fn outside(&self) -> f64 {
+        (self.machine - self.client - self.server).max(0.0)
+    }
 }
 
 struct CpuMeter {
@@ -1881,6 +1944,768 @@ async fn scenario_append_batching(prefix: &str, db: RunDb<'_>) {
     let _ = std::fs::remove_dir_all(&no_plugins);
 }
 
+// ---------------------------------------------------------------------------------------------
+// swap and pg-swap: same-version swaps and a new version's rebuild under live HTTP load.
+
+const SWAP_TOKEN: &str = "projector-bench-admin";
+const SWAP_NAME: &str = "account-balance";
+
+/// An account-balance build the swaps upload: `same` (other code, same version and output) or
+/// `v2` (version 2.0.0, `"schema": 2` in every document).
+fn variant_file(which: &str) -> PathBuf {
+    root()
+        .join("target/plugins/variants")
+        .join(format!("account-balance-{which}"))
+        .join("account-balance.wasm")
+}
+
+/// One deposit of 1 to `account` as an HTTP client sends it (the live sweep's payload, amount 1:
+/// every account's balance and `tx_count` then count its deposits).
+fn deposit_json(account: usize, i: usize) -> String {
+    format!(
+        r#"{{"stream":"acct-{account:06}","stream_type":"Account","type":"Deposited","payload":{{"amount":1,"reference":"tx-{i:024}","channel":"sepa-instant-transfer","note":"monthly savings plan"}}}}"#
+    )
+}
+
+#[derive(Clone, Copy)]
+struct SwapParams {
+    /// Events in the log before the live load (the accounts' openings among them).
+    backlog: usize,
+    accounts: usize,
+    rate: usize,
+    secs: f64,
+    /// Between two uploads.
+    every: Duration,
+    /// Pages the reader asks for per second (0: one after another).
+    page_rate: usize,
+    /// Same-version swaps whose pause is measured (5: their p99 is their maximum).
+    swaps: usize,
+}
+
+/// The components uploaded: the original 1.0.0, `same`, `v2`.
+struct SwapCode {
+    original: Vec<u8>,
+    same: Vec<u8>,
+    v2: Vec<u8>,
+}
+
+/// Answers that were not what they should be, over every request of the scenario.
+#[derive(Default)]
+struct Tally {
+    errors_5xx: usize,
+    transport_errors: usize,
+    first_failure: Option<String>,
+}
+
+impl Tally {
+    /// The answer if it came, counting a 5xx or a transport error.
+    fn note(&mut self, what: &str, answer: Result<Answer, String>) -> Option<Answer> {
+        match answer {
+            Ok(a) => {
+                if a.status >= 500 {
+                    self.errors_5xx += 1;
+                    self.failed(what, &a);
+                }
+                Some(a)
+            }
+            Err(err) => {
+                self.transport_errors += 1;
+                self.first_failure
+                    .get_or_insert_with(|| format!("{what}: {err}"));
+                None
+            }
+        }
+    }
+
+    fn failed(&mut self, what: &str, a: &Answer) {
+        self.first_failure.get_or_insert_with(|| {
+            format!("{what}: {} {}", a.status, String::from_utf8_lossy(&a.body))
+        });
+    }
+
+    fn add(&mut self, other: Tally) {
+        self.errors_5xx += other.errors_5xx;
+        self.transport_errors += other.transport_errors;
+        if self.first_failure.is_none() {
+            self.first_failure = other.first_failure;
+        }
+    }
+}
+
+fn answer_json(a: &Answer) -> serde_json::Value {
+    serde_json::from_slice(&a.body).unwrap_or(serde_json::Value::Null)
+}
+
+/// `GET /projections/account-balance`, if it answered 200.
+async fn swap_summary(http: &mut Http, tally: &mut Tally) -> Option<serde_json::Value> {
+    let answer = tally.note(
+        "summary",
+        http.request(&format!("/projections/{SWAP_NAME}"), None)
+            .await,
+    )?;
+    (answer.status == 200).then(|| answer_json(&answer))
+}
+
+/// Long-polls until `version` (`None`: the serving one) has committed `position`; false if it
+/// has not within `within`.
+async fn swap_wait(
+    http: &mut Http,
+    tally: &mut Tally,
+    version: Option<&str>,
+    position: u64,
+    within: Duration,
+) -> bool {
+    let deadline = Instant::now() + within;
+    let version = version.map(|v| format!("&version={v}")).unwrap_or_default();
+    let path = format!(
+        "/projections/{SWAP_NAME}/_streams/acct-000000?min_position={position}&timeout_ms=10000{version}"
+    );
+    while Instant::now() < deadline {
+        match tally.note("wait", http.request(&path, None).await) {
+            Some(a) if a.status == 200 => return true,
+            // Not there yet.
+            Some(a) if a.status == 504 => {}
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    false
+}
+
+/// What the swap scenario measured.
+#[derive(Default)]
+struct SwapPoint {
+    /// How long account-balance 1.0.0 took to apply the backlog, and the CPU meanwhile.
+    catchup_secs: f64,
+    catchup_cpu: CpuUse,
+    /// `active.last_swap_pause_ms` after each measured swap.
+    pauses_ms: Vec<f64>,
+    swaps: usize,
+    /// Swaps whose pause the host did not measure (no event waiting at the swap).
+    unmeasured_swaps: usize,
+    /// `PUT` sent → its 200.
+    swap_upload_ms: Vec<f64>,
+    /// The events up to the head when 2.0.0 was uploaded (its rebuild covers them: the backlog
+    /// and the live appends before), and the time from the upload until its checkpoint reached
+    /// that head. Counted in events: PostgreSQL's positions are not dense.
+    rebuild_events: usize,
+    rebuild_secs: f64,
+    rebuild_cpu: CpuUse,
+    /// From the upload of 2.0.0 until it serves; and whether that was before the live load
+    /// ended.
+    cutover_secs: f64,
+    cutover_under_load: bool,
+    appends_ok: usize,
+    appends_not_201: usize,
+    reads_ok: usize,
+    reads_not_200: usize,
+    pages: usize,
+    pages_not_200: usize,
+    mixed_pages: usize,
+    /// At the end: accounts whose balance or `tx_count` is not what was appended, and by how
+    /// many deposits in all (lost or applied twice); documents without `"schema": 2`.
+    accounts: usize,
+    wrong_accounts: usize,
+    lost_or_twice: u64,
+    without_schema: usize,
+    /// Append sent → 201; read sent → 200 (it waits for the append); append due → sent.
+    append_ms: Vec<f64>,
+    read_ms: Vec<f64>,
+    late_ms: Vec<f64>,
+    /// From the first due append to the last answer.
+    live_secs: f64,
+    tally: Tally,
+    cpu: CpuUse,
+}
+
+/// What one live writer did.
+#[derive(Default)]
+struct SwapWriter {
+    /// Deposits acknowledged (201), by account.
+    deposits: Vec<u64>,
+    /// The position of each acknowledged append.
+    positions: Vec<u64>,
+    appends_ok: usize,
+    appends_not_201: usize,
+    reads_ok: usize,
+    reads_not_200: usize,
+    append_ms: Vec<f64>,
+    read_ms: Vec<f64>,
+    late_ms: Vec<f64>,
+    tally: Tally,
+}
+
+/// The swaps and the rebuild, one upload every `every` from `start`.
+#[derive(Default)]
+struct SwapControl {
+    pauses_ms: Vec<f64>,
+    swaps: usize,
+    unmeasured_swaps: usize,
+    swap_upload_ms: Vec<f64>,
+    /// The head when 2.0.0 was uploaded.
+    rebuild_head: u64,
+    rebuild_secs: f64,
+    rebuild_cpu: CpuUse,
+    cutover_secs: f64,
+    cutover_at: Option<Instant>,
+    tally: Tally,
+}
+
+async fn swap_control(
+    addr: std::net::SocketAddr,
+    code: Arc<SwapCode>,
+    start: Instant,
+    p: SwapParams,
+) -> SwapControl {
+    let every = p.every;
+    let mut admin = Http::connect(addr).await;
+    let mut poll = Http::connect(addr).await;
+    let mut c = SwapControl::default();
+    let pauses = |s: &serde_json::Value| s["active"]["swap_pauses"].as_u64().unwrap_or(0);
+    // `p.swaps` measured swaps, alternating `same` and the original; a swap the host could not
+    // measure (no event was waiting) is made up for by another, up to as many again.
+    while c.pauses_ms.len() < p.swaps && c.swaps < 2 * p.swaps {
+        tokio::time::sleep_until((start + every * (c.swaps as u32 + 1)).into()).await;
+        let Some(before) = swap_summary(&mut poll, &mut c.tally).await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let before = pauses(&before);
+        let wasm = if c.swaps % 2 == 0 {
+            &code.same
+        } else {
+            &code.original
+        };
+        c.swaps += 1;
+        let sent = Instant::now();
+        let Some(answer) = c.tally.note(
+            "swap upload",
+            admin.upload(SWAP_NAME, SWAP_TOKEN, wasm.clone()).await,
+        ) else {
+            continue;
+        };
+        if answer.status != 200 || answer_json(&answer)["action"] != "swapped" {
+            c.tally.failed("swap upload", &answer);
+            continue;
+        }
+        c.swap_upload_ms.push(sent.elapsed().as_secs_f64() * 1e3);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut measured = false;
+        while Instant::now() < deadline {
+            if let Some(s) = swap_summary(&mut poll, &mut c.tally).await {
+                if pauses(&s) > before {
+                    c.pauses_ms.push(
+                        s["active"]["last_swap_pause_ms"]
+                            .as_f64()
+                            .unwrap_or(f64::NAN),
+                    );
+                    measured = true;
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if !measured {
+            c.unmeasured_swaps += 1;
+        }
+    }
+
+    // The new version: rebuilt from position 0 beside the serving one.
+    tokio::time::sleep_until((start + every * (c.swaps as u32 + 1)).into()).await;
+    let head = loop {
+        if let Some(s) = swap_summary(&mut poll, &mut c.tally).await {
+            break s["head"].as_u64().unwrap_or(0);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let meter = CpuMeter::start();
+    let uploaded = Instant::now();
+    let answer = c.tally.note(
+        "v2 upload",
+        admin.upload(SWAP_NAME, SWAP_TOKEN, code.v2.clone()).await,
+    );
+    match answer {
+        Some(a) if a.status == 202 && answer_json(&a)["action"] == "rebuilding" => {}
+        Some(a) => {
+            c.tally.failed("v2 upload", &a);
+            return c;
+        }
+        None => return c,
+    }
+    c.rebuild_head = head;
+    if swap_wait(
+        &mut poll,
+        &mut c.tally,
+        Some("2.0.0"),
+        head,
+        Duration::from_secs(600),
+    )
+    .await
+    {
+        c.rebuild_secs = uploaded.elapsed().as_secs_f64();
+        c.rebuild_cpu = meter.stop();
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while Instant::now() < deadline {
+        if let Some(s) = swap_summary(&mut poll, &mut c.tally).await {
+            if s["version"] == "2.0.0" {
+                c.cutover_at = Some(Instant::now());
+                c.cutover_secs = uploaded.elapsed().as_secs_f64();
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c
+}
+
+/// The client of the swap scenario: the backlog, its catch-up by 1.0.0, then the live load
+/// with the swaps and the rebuild, then the check of every account.
+async fn swap_client(addr: std::net::SocketAddr, p: SwapParams, code: SwapCode) -> SwapPoint {
+    let mut point = SwapPoint::default();
+    let mut setup = Http::connect(addr).await;
+    // The backlog, before any projection runs: the accounts' openings, then deposits of 1.
+    let mut deposits = vec![0u64; p.accounts];
+    let mut head = 0;
+    let appended = Instant::now();
+    let all: Vec<usize> = (0..p.backlog).collect();
+    for chunk in all.chunks(500) {
+        let events: Vec<String> = chunk
+            .iter()
+            .map(|&i| {
+                if i < p.accounts {
+                    let e = new_event(i, p.accounts);
+                    json!({"stream": e.stream, "stream_type": e.stream_type, "type": e.event_type,
+                           "payload": serde_json::from_str::<serde_json::Value>(e.payload.get()).unwrap()})
+                    .to_string()
+                } else {
+                    deposits[i % p.accounts] += 1;
+                    deposit_json(i % p.accounts, i)
+                }
+            })
+            .collect();
+        let body = format!(r#"{{"events":[{}]}}"#, events.join(","));
+        let answer = setup
+            .request("/events", Some(body))
+            .await
+            .expect("backlog append");
+        assert_eq!(answer.status, 201, "backlog append: {:?}", answer.body);
+        head = answer_position(&answer.body).expect("backlog append: no position");
+    }
+    println!(
+        "  (setup: {} events over {} accounts appended in {:.2} s)",
+        p.backlog,
+        p.accounts,
+        appended.elapsed().as_secs_f64()
+    );
+
+    // The plain catch-up: account-balance 1.0.0 uploaded over the backlog, until it has
+    // applied the head (timed like the rebuild below: from the upload).
+    let mut admin = Http::connect(addr).await;
+    let meter = CpuMeter::start();
+    let sent = Instant::now();
+    let answer = admin
+        .upload(SWAP_NAME, SWAP_TOKEN, code.original.clone())
+        .await
+        .expect("uploading account-balance 1.0.0");
+    assert_eq!(answer.status, 201, "uploading 1.0.0: {:?}", answer.body);
+    assert!(
+        swap_wait(
+            &mut setup,
+            &mut point.tally,
+            None,
+            head,
+            Duration::from_secs(600)
+        )
+        .await,
+        "account-balance 1.0.0 did not catch up with the backlog"
+    );
+    point.catchup_secs = sent.elapsed().as_secs_f64();
+    point.catchup_cpu = meter.stop();
+    drop(admin);
+
+    // The live load, open loop: each append followed by a read of its account that waits for
+    // it; beside it one reader paging through the accounts, and the uploads.
+    let code = Arc::new(code);
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut connections = Vec::new();
+    for _ in 0..LIVE_WRITERS {
+        connections.push(Http::connect(addr).await);
+    }
+    let mut pager = Http::connect(addr).await;
+    let meter = CpuMeter::start();
+    let start = Instant::now() + Duration::from_millis(20);
+    let end = start + Duration::from_secs_f64(p.secs);
+    let (stop_pager, pager_stopped) = watch::channel(false);
+    let reader = tokio::spawn(async move {
+        let (mut pages, mut not_200, mut mixed, mut tally) = (0, 0, 0, Tally::default());
+        let mut cursor: Option<String> = None;
+        let mut paced =
+            tokio::time::interval(Duration::from_secs_f64(1.0 / p.page_rate.max(1) as f64));
+        paced.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !*pager_stopped.borrow() {
+            if p.page_rate > 0 {
+                paced.tick().await;
+            }
+            let path = match &cursor {
+                Some(c) => format!("/projections/{SWAP_NAME}/accounts?limit=100&cursor={c}"),
+                None => format!("/projections/{SWAP_NAME}/accounts?limit=100"),
+            };
+            let Some(answer) = tally.note("page", pager.request(&path, None).await) else {
+                continue;
+            };
+            pages += 1;
+            if answer.status != 200 {
+                not_200 += 1;
+                tally.failed("page", &answer);
+                cursor = None;
+                continue;
+            }
+            let page = answer_json(&answer);
+            let items = page["items"].as_array().cloned().unwrap_or_default();
+            let with_schema = items
+                .iter()
+                .filter(|d| !d["document"]["schema"].is_null())
+                .count();
+            if with_schema > 0 && with_schema < items.len() {
+                mixed += 1;
+            }
+            cursor = page["next_cursor"].as_str().map(str::to_owned);
+        }
+        (pages, not_200, mixed, tally)
+    });
+    let control = tokio::spawn(swap_control(addr, code.clone(), start, p));
+    let mut writers = tokio::task::JoinSet::new();
+    for mut http in connections {
+        let next = next.clone();
+        writers.spawn(async move {
+            let mut w = SwapWriter {
+                deposits: vec![0; p.accounts],
+                ..SwapWriter::default()
+            };
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let due = start + Duration::from_secs_f64(n as f64 / p.rate as f64);
+                if due >= end || Instant::now() >= end {
+                    break;
+                }
+                tokio::time::sleep_until(due.into()).await;
+                let account = n % p.accounts;
+                let sent = Instant::now();
+                w.late_ms
+                    .push(sent.saturating_duration_since(due).as_secs_f64() * 1e3);
+                let answer = http
+                    .request("/events", Some(deposit_json(account, p.backlog + n)))
+                    .await;
+                let Some(answer) = w.tally.note("append", answer) else {
+                    w.appends_not_201 += 1;
+                    continue;
+                };
+                if answer.status != 201 {
+                    w.appends_not_201 += 1;
+                    w.tally.failed("append", &answer);
+                    continue;
+                }
+                w.appends_ok += 1;
+                w.deposits[account] += 1;
+                w.append_ms.push(sent.elapsed().as_secs_f64() * 1e3);
+                let body = answer_json(&answer);
+                w.positions.push(body["position"].as_u64().unwrap_or(0));
+                let version = body["events"][0]["version"].as_u64().unwrap_or(0);
+                let path = format!(
+                    "/projections/{SWAP_NAME}/accounts/acct-{account:06}?wait_for=acct-{account:06}@{version}&timeout_ms=30000"
+                );
+                let sent = Instant::now();
+                match w.tally.note("read", http.request(&path, None).await) {
+                    Some(a) if a.status == 200 => {
+                        w.reads_ok += 1;
+                        w.read_ms.push(sent.elapsed().as_secs_f64() * 1e3);
+                    }
+                    Some(a) => {
+                        w.reads_not_200 += 1;
+                        w.tally.failed("read", &a);
+                    }
+                    None => w.reads_not_200 += 1,
+                }
+            }
+            w
+        });
+    }
+    let mut positions = Vec::new();
+    while let Some(w) = writers.join_next().await {
+        let w = w.expect("a writer panicked");
+        for (total, d) in deposits.iter_mut().zip(&w.deposits) {
+            *total += d;
+        }
+        positions.extend(w.positions);
+        point.appends_ok += w.appends_ok;
+        point.appends_not_201 += w.appends_not_201;
+        point.reads_ok += w.reads_ok;
+        point.reads_not_200 += w.reads_not_200;
+        point.append_ms.extend(w.append_ms);
+        point.read_ms.extend(w.read_ms);
+        point.late_ms.extend(w.late_ms);
+        point.tally.add(w.tally);
+    }
+    let writers_done = Instant::now();
+    point.live_secs = start.elapsed().as_secs_f64();
+    point.cpu = meter.stop();
+    // The rebuild and the cut-over may outlast the live load: the reader pages on until then.
+    let c = control.await.expect("the swap control panicked");
+    stop_pager.send(true).unwrap();
+    let (pages, not_200, mixed, tally) = reader.await.expect("the page reader panicked");
+    (point.pages, point.pages_not_200, point.mixed_pages) = (pages, not_200, mixed);
+    point.tally.add(tally);
+    point.pauses_ms = c.pauses_ms;
+    point.swaps = c.swaps;
+    point.unmeasured_swaps = c.unmeasured_swaps;
+    point.swap_upload_ms = c.swap_upload_ms;
+    point.rebuild_events = p.backlog + positions.iter().filter(|&&at| at <= c.rebuild_head).count();
+    point.rebuild_secs = c.rebuild_secs;
+    point.rebuild_cpu = c.rebuild_cpu;
+    point.cutover_secs = c.cutover_secs;
+    point.cutover_under_load = c.cutover_at.is_some_and(|at| at <= writers_done);
+    point.tally.add(c.tally);
+
+    // Nothing lost, nothing applied twice: every account as the bench appended it.
+    assert!(
+        swap_wait(
+            &mut setup,
+            &mut point.tally,
+            None,
+            positions.iter().copied().max().unwrap_or(head),
+            Duration::from_secs(120)
+        )
+        .await,
+        "the serving version did not reach the last append"
+    );
+    let mut docs: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/projections/{SWAP_NAME}/accounts?limit=1000&cursor={c}"),
+            None => format!("/projections/{SWAP_NAME}/accounts?limit=1000"),
+        };
+        let answer = setup.request(&path, None).await.expect("listing accounts");
+        assert_eq!(answer.status, 200, "listing accounts: {:?}", answer.body);
+        let page = answer_json(&answer);
+        for item in page["items"].as_array().cloned().unwrap_or_default() {
+            let key = item["key"].as_str().unwrap_or_default().to_owned();
+            docs.insert(key, item["document"].clone());
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    point.accounts = docs.len();
+    for (account, &want) in deposits.iter().enumerate() {
+        let doc = docs.get(&format!("acct-{account:06}"));
+        let got = |field: &str| doc.and_then(|d| d[field].as_i64()).unwrap_or(0);
+        let off = (got("balance") - want as i64)
+            .unsigned_abs()
+            .max((got("tx_count") - want as i64).unsigned_abs());
+        if off > 0 || doc.is_none() {
+            point.wrong_accounts += 1;
+            point.lost_or_twice += off;
+        }
+    }
+    point.without_schema = docs.values().filter(|d| d["schema"] != 2).count();
+    point
+}
+
+fn swap_params() -> SwapParams {
+    let secs = |name: &str, default: f64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    };
+    let accounts = env_usize("BENCH_SWAP_ACCOUNTS", LIVE_STREAMS).max(1);
+    SwapParams {
+        backlog: env_usize("BENCH_SWAP_BACKLOG", 200_000).max(accounts),
+        accounts,
+        rate: env_usize("BENCH_SWAP_RATE", 1_000).max(1),
+        secs: secs("BENCH_SWAP_SECS", 30.0),
+        every: Duration::from_secs_f64(secs("BENCH_SWAP_EVERY_SECS", 2.0)),
+        page_rate: env_usize("BENCH_SWAP_PAGE_RATE", 100),
+        swaps: env_usize("BENCH_SWAP_COUNT", 5).max(1),
+    }
+}
+
+/// `swap`: a backlog caught up by account-balance 1.0.0, then live load during five
+/// same-version swaps and the rebuild of 2.0.0 beside the serving version.
+async fn scenario_swap(prefix: &str, db: RunDb<'_>) {
+    let p = swap_params();
+    let read = |file: PathBuf| {
+        std::fs::read(&file).unwrap_or_else(|err| {
+            panic!(
+                "{}: {err} (built by `bash scripts/build-plugins.sh`)",
+                file.display()
+            )
+        })
+    };
+    let code = SwapCode {
+        original: read(plugin_file()),
+        same: read(variant_file("same")),
+        v2: read(variant_file("v2")),
+    };
+    let cache = tempdir("swap-cache");
+    let run_dir = tempdir("swap-run");
+    let no_plugins = tempdir("swap-no-plugins");
+    let (url, name) = db.create().await;
+    let mut config = http_config(
+        &cache,
+        &run_dir,
+        url,
+        no_plugins.clone(),
+        RunnerConfig::default().max_lag_ms,
+    );
+    config.admin.token = SWAP_TOKEN.into();
+    // Compiled once before (into the server's cache): every upload below, timed or not, loads
+    // its code from the cache, as a repeated upload does.
+    let runtime = Runtime::new(RuntimeConfig {
+        limits: config.limits.clone(),
+        cache_dir: Some(config.data_dir.join("cache")),
+    })
+    .unwrap();
+    for (what, wasm) in [
+        ("original", &code.original),
+        ("same", &code.same),
+        ("v2", &code.v2),
+    ] {
+        runtime.load_bytes(what, wasm).unwrap();
+    }
+    drop(runtime);
+    println!(
+        "({} events of backlog over {} accounts caught up by 1.0.0, then {} appends/s for {} s from \
+         {LIVE_WRITERS} writers, open loop, each append followed by a read with wait_for; an upload \
+         every {:.1} s: {} measured same-version swaps, then 2.0.0 rebuilt beside live; a reader \
+         paging the accounts{}; pause: the host's active.last_swap_pause_ms (p99 of five = max); \
+         catch-up and rebuild: events covered / time from the upload; cpu in cores)",
+        p.backlog,
+        p.accounts,
+        p.rate,
+        p.secs,
+        p.every.as_secs_f64(),
+        p.swaps,
+        match p.page_rate {
+            0 => " back to back".to_owned(),
+            n => format!(" at {n} pages/s"),
+        }
+    );
+    let mut point = with_server(config, move |addr| swap_client(addr, p, code)).await;
+    db.discard(name).await;
+    for dir in [&cache, &run_dir, &no_plugins] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    for v in [
+        &mut point.pauses_ms,
+        &mut point.swap_upload_ms,
+        &mut point.append_ms,
+        &mut point.read_ms,
+        &mut point.late_ms,
+    ] {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    }
+    let scenario = format!("{prefix}swap");
+    let p50 = |v: &[f64]| percentile(v, 0.5);
+    let p99 = |v: &[f64]| percentile(v, 0.99);
+    let rate = |events: usize, secs: f64| {
+        if secs > 0.0 {
+            events as f64 / secs
+        } else {
+            0.0
+        }
+    };
+    let catchup_evps = rate(p.backlog, point.catchup_secs);
+    let rebuild_evps = rate(point.rebuild_events, point.rebuild_secs);
+    let ratio = if catchup_evps > 0.0 {
+        rebuild_evps / catchup_evps
+    } else {
+        0.0
+    };
+    let achieved = point.appends_ok as f64 / point.live_secs.max(p.secs);
+    let pauses = point
+        .pauses_ms
+        .iter()
+        .map(|p| format!("{p:.1}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    println!(
+        "| scenario | pause p50 | pause p99 (max) | catch-up ev/s | rebuild ev/s | ratio | cut-over | appends/s | append p99 | read p99 | late p99 | 5xx | appends ≠201 | reads ≠200 | mixed pages | lost/twice | cpu server |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {scenario:<8} | {:>6.1} ms | {:>8.1} ms | {catchup_evps:>13.0} | {rebuild_evps:>12.0} | {ratio:>5.2} | {:>6.1} s | {achieved:>9.0} | {:>7.1} ms | {:>6.1} ms | {:>5.1} ms | {:>3} | {:>12} | {:>10} | {:>11} | {:>10} | {:>10.2} |",
+        p50(&point.pauses_ms),
+        p99(&point.pauses_ms),
+        point.cutover_secs,
+        p99(&point.append_ms),
+        p99(&point.read_ms),
+        p99(&point.late_ms),
+        point.tally.errors_5xx,
+        point.appends_not_201,
+        point.reads_not_200,
+        point.mixed_pages,
+        point.lost_or_twice,
+        point.cpu.server,
+    );
+    println!(
+        "RESULT scenario={scenario} pause_ms_p50={:.3} pause_ms_p99={:.3} rebuild_evps={rebuild_evps:.0} \
+         catchup_evps={catchup_evps:.0} ratio={ratio:.3} appends={} reads_ok={} errors_5xx={} \
+         mixed_pages={} lost_or_twice={} pauses_ms={pauses} swaps={} unmeasured_swaps={} \
+         swap_upload_p50_ms={:.1} catchup_events={} catchup_secs={:.3} rebuild_events={} \
+         rebuild_secs={:.3} cutover_secs={:.3} cutover_under_load={} offered={} achieved={achieved:.0} \
+         appends_not_201={} reads_not_200={} transport_errors={} pages={} pages_not_200={} \
+         accounts={} wrong_accounts={} without_schema={} append_p50_ms={:.3} append_p99_ms={:.3} \
+         read_p50_ms={:.3} read_p99_ms={:.3} read_max_ms={:.3} late_p99_ms={:.3} cpu_client={:.2} \
+         cpu_server={:.2} cpu_machine={:.2} catchup_cpu_server={:.2} catchup_cpu_outside={:.2} \
+         rebuild_cpu_client={:.2} rebuild_cpu_server={:.2} rebuild_cpu_outside={:.2}",
+        p50(&point.pauses_ms),
+        p99(&point.pauses_ms),
+        point.appends_ok,
+        point.reads_ok,
+        point.tally.errors_5xx,
+        point.mixed_pages,
+        point.lost_or_twice,
+        point.swaps,
+        point.unmeasured_swaps,
+        p50(&point.swap_upload_ms),
+        p.backlog,
+        point.catchup_secs,
+        point.rebuild_events,
+        point.rebuild_secs,
+        point.cutover_secs,
+        point.cutover_under_load,
+        p.rate,
+        point.appends_not_201,
+        point.reads_not_200,
+        point.tally.transport_errors,
+        point.pages,
+        point.pages_not_200,
+        point.accounts,
+        point.wrong_accounts,
+        point.without_schema,
+        p50(&point.append_ms),
+        p99(&point.append_ms),
+        p50(&point.read_ms),
+        p99(&point.read_ms),
+        point.read_ms.last().copied().unwrap_or(0.0),
+        p99(&point.late_ms),
+        point.cpu.client,
+        point.cpu.server,
+        point.cpu.machine,
+        point.catchup_cpu.server,
+        point.catchup_cpu.outside(),
+        point.rebuild_cpu.client,
+        point.rebuild_cpu.server,
+        point.rebuild_cpu.outside(),
+    );
+    if let Some(failure) = &point.tally.first_failure {
+        println!("(first failure: {failure})");
+    }
+}
+
 /// Set in the server process `ryw-herd` starts: the bench's own binary, serving on a temp dir.
 const HERD_SERVE_ENV: &str = "PROJECTOR_BENCH_HERD_SERVE";
 
@@ -2199,12 +3024,25 @@ async fn main() {
         println!("\n## Kafka read-your-writes (banking seed)");
         kafka::ryw().await;
     }
+    if wants("swap") {
+        println!("\n## Plugin swaps and a rebuild under live load on SQLite (HTTP)");
+        scenario_swap("", RunDb::Sqlite).await;
+    }
 
     let (pg_catchup, pg_native) = (wants_pg("pg-catchup"), wants_pg("pg-native"));
     let (pg_live, pg_ryw) = (wants_pg("pg-live"), wants_pg("pg-ryw"));
     let (pg_read, pg_raw) = (wants_pg("pg-read"), wants_pg("pg-raw"));
     let (pg_sweep, pg_batching) = (wants_pg("pg-live-sweep"), wants_pg("pg-append-batching"));
-    if pg_catchup || pg_native || pg_live || pg_ryw || pg_read || pg_raw || pg_sweep || pg_batching
+    let pg_swap = wants_pg("pg-swap");
+    if pg_catchup
+        || pg_native
+        || pg_live
+        || pg_ryw
+        || pg_read
+        || pg_raw
+        || pg_sweep
+        || pg_batching
+        || pg_swap
     {
         let cluster = PgCluster::start();
         cluster.describe().await;
@@ -2244,6 +3082,10 @@ async fn main() {
         if pg_batching {
             println!("\n## Append batching on PostgreSQL (HTTP)");
             scenario_append_batching("pg-", RunDb::Postgres(&cluster)).await;
+        }
+        if pg_swap {
+            println!("\n## Plugin swaps and a rebuild under live load on PostgreSQL (HTTP)");
+            scenario_swap("pg-", RunDb::Postgres(&cluster)).await;
         }
     }
 }
