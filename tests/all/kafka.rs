@@ -97,8 +97,9 @@ fn debezium(stream: &str, id: &str, event_type: &str, payload: &Value) -> Out {
 }
 
 async fn produce(producer: &FutureProducer, topic: &str, messages: &[Out]) {
-    // Enqueued at once (the producer batches them), then every delivery awaited.
-    let mut deliveries = Vec::with_capacity(messages.len());
+    // Enqueued at once (the producer batches them), then every delivery awaited; when the
+    // local queue is full, the oldest delivery is awaited to make room.
+    let mut deliveries = std::collections::VecDeque::with_capacity(messages.len());
     for m in messages {
         let mut headers = OwnedHeaders::new();
         for (name, value) in &m.headers {
@@ -117,24 +118,30 @@ async fn produce(producer: &FutureProducer, topic: &str, messages: &[Out]) {
         loop {
             match producer.send_result(record) {
                 Ok(delivery) => {
-                    deliveries.push(delivery);
+                    deliveries.push_back(delivery);
                     break;
                 }
-                // The local queue is full: let deliveries drain.
-                Err((_, back)) => {
+                Err((err, back)) => {
                     record = back;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    let oldest = deliveries
+                        .pop_front()
+                        .unwrap_or_else(|| panic!("cannot enqueue with nothing in flight: {err}"));
+                    delivered(oldest).await;
                 }
             }
         }
     }
     for delivery in deliveries {
-        delivery
-            .await
-            .expect("delivery reported")
-            .map_err(|(e, _)| e)
-            .expect("produced");
+        delivered(delivery).await;
     }
+}
+
+async fn delivered(delivery: rdkafka::producer::DeliveryFuture) {
+    delivery
+        .await
+        .expect("delivery reported")
+        .map_err(|(e, _)| e)
+        .expect("produced");
 }
 
 /// Waits until every partition is taken into the log (lag 0) and the log holds `events`
@@ -164,6 +171,37 @@ async fn all_taken(api: &Api, events: u64) -> u64 {
         .await;
     assert_eq!(status, 200, "{body}");
     head
+}
+
+/// `streams` accounts opened, then deposits (of 1 to `amounts`) round-robin up to `events`
+/// messages: the messages, and each account's expected balance.
+fn opened_then_deposits(
+    streams: usize,
+    events: usize,
+    amounts: usize,
+) -> (Vec<Out>, BTreeMap<String, i64>) {
+    let mut messages = Vec::with_capacity(events);
+    let mut expected: BTreeMap<String, i64> = BTreeMap::new();
+    for s in 0..streams {
+        messages.push(debezium(
+            &format!("acct-{s}"),
+            &id(),
+            "AccountOpened",
+            &json!({"owner": "o", "currency": "EUR"}),
+        ));
+    }
+    for e in 0..events - streams {
+        let stream = format!("acct-{}", e % streams);
+        let amount = (e % amounts) as i64 + 1;
+        *expected.entry(stream.clone()).or_default() += amount;
+        messages.push(debezium(
+            &stream,
+            &id(),
+            "Deposited",
+            &json!({"amount": amount}),
+        ));
+    }
+    (messages, expected)
 }
 
 /// Rows in the host's log: the SQLite outbox, or PostgreSQL's `kafka_log`.
@@ -407,45 +445,27 @@ async fn a_consumer_killed_ten_times_mid_catch_up_ends_exact(backend) {
     let p = producer();
     let streams = 1000;
     let events = 50_000;
-    let mut messages = Vec::with_capacity(events);
-    let mut expected: BTreeMap<String, i64> = BTreeMap::new();
-    for s in 0..streams {
-        messages.push(debezium(
-            &format!("acct-{s}"),
-            &id(),
-            "AccountOpened",
-            &json!({"owner": "o", "currency": "EUR"}),
-        ));
-    }
-    for e in 0..events - streams {
-        let stream = format!("acct-{}", e % streams);
-        let amount = (e % 7) as i64 + 1;
-        *expected.entry(stream.clone()).or_default() += amount;
-        messages.push(debezium(
-            &stream,
-            &id(),
-            "Deposited",
-            &json!({"amount": amount}),
-        ));
-    }
+    let (messages, expected) = opened_then_deposits(streams, events, 7);
     produce(&p, &setup.topic, &messages).await;
     let mut rng_state = 0x9e37_79b9_u64;
     for kill in 0..10 {
         let mut server = setup.server(&backend, &data, &plugins);
         let api = server.api();
-        // Wait until the log has grown, then kill at a pseudo-random later point.
+        // Killed once this run has taken a pseudo-random number of messages (or the log is
+        // complete): a different point of the catch-up each time.
         rng_state = rng_state.wrapping_mul(6364136223846793005).wrapping_add(1);
-        let wait_ms = 300 + rng_state % 1500;
-        let start = std::time::Instant::now();
+        let step = 500 + rng_state % 5000;
         eventually(Duration::from_secs(60), || async {
             let (_, all) = api.get("/projections").await;
             let taken = all["kafka"]["events"].as_u64().unwrap_or(0);
-            (taken > 0 || start.elapsed() > Duration::from_millis(wait_ms) * 4)
+            let partitions = all["kafka"]["partitions"].as_array().cloned().unwrap_or_default();
+            let done = !partitions.is_empty()
+                && partitions.iter().all(|p| p["lag"].as_i64() == Some(0));
+            (taken >= step || done)
                 .then_some(())
-                .ok_or(format!("nothing taken yet (kill {kill})"))
+                .ok_or(format!("{taken} of {step} taken (kill {kill})"))
         })
         .await;
-        tokio::time::sleep(Duration::from_millis(wait_ms)).await;
         server.kill();
     }
     let server = setup.server(&backend, &data, &plugins);
@@ -495,27 +515,7 @@ async fn instances_in_one_group_share_the_partitions_through_a_kill_and_a_join()
     let p = producer();
     let streams = 400;
     let events = 20_000;
-    let mut messages = Vec::with_capacity(events);
-    let mut expected: BTreeMap<String, i64> = BTreeMap::new();
-    for s in 0..streams {
-        messages.push(debezium(
-            &format!("acct-{s}"),
-            &id(),
-            "AccountOpened",
-            &json!({"owner": "o", "currency": "EUR"}),
-        ));
-    }
-    for e in 0..events - streams {
-        let stream = format!("acct-{}", e % streams);
-        let amount = (e % 5) as i64 + 1;
-        *expected.entry(stream.clone()).or_default() += amount;
-        messages.push(debezium(
-            &stream,
-            &id(),
-            "Deposited",
-            &json!({"amount": amount}),
-        ));
-    }
+    let (messages, expected) = opened_then_deposits(streams, events, 5);
     // The topic exists (and has its partitions) once the accounts are opened.
     produce(&p, &setup.topic, &messages[..streams]).await;
     let mut a = setup.server(&backend, &tempdir("group-a"), &plugins);

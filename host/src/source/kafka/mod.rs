@@ -540,3 +540,125 @@ fn record(
         tracing::debug!(error = %err, "committing offsets to Kafka (for its tooling) failed");
     }
 }
+
+/// One row of the log a batch writes: an event, or a message kept as malformed (`payload`
+/// `None`, the reason in the marker header).
+#[derive(Debug)]
+pub(crate) struct LogRow {
+    pub id: String,
+    pub stream: String,
+    pub stream_type: String,
+    pub event_type: String,
+    pub version: u64,
+    pub payload: Option<String>,
+    pub headers: String,
+    pub timestamp_ms: i64,
+}
+
+/// The streams and ids (as the log keys them, `id_of`) a batch touches: what a store looks up
+/// before [`plan`].
+pub(crate) fn touched(batch: &Batch, id_of: impl Fn(&str) -> String) -> (Vec<String>, Vec<String>) {
+    let mut streams = Vec::new();
+    let mut ids = Vec::new();
+    for message in &batch.messages {
+        match &message.decoding {
+            Decoding::Event(e) => {
+                streams.push(e.stream.clone());
+                ids.push(id_of(&e.id));
+            }
+            Decoding::Bad { stream, id, .. } => {
+                streams.push(stream.clone().unwrap_or_default());
+                if let Some(id) = id {
+                    ids.push(id_of(id));
+                }
+            }
+            Decoding::Tombstone => {}
+        }
+    }
+    streams.sort_unstable();
+    streams.dedup();
+    (streams, ids)
+}
+
+/// The rows a batch adds to the log, given each stream's newest version and the ids the log
+/// holds (both updated as rows are planned): each event id once, a version from its header
+/// (one not above the stream's newest is a re-sent event) or the stream's next. Store-neutral:
+/// the stores differ only in their SQL.
+pub(crate) fn plan(
+    batch: &Batch,
+    versions: &mut HashMap<String, u64>,
+    seen: &mut HashSet<String>,
+    id_of: impl Fn(&str) -> String,
+) -> (Vec<LogRow>, Written) {
+    let mut written = Written::default();
+    let mut rows = Vec::with_capacity(batch.messages.len());
+    for message in &batch.messages {
+        match &message.decoding {
+            Decoding::Tombstone => written.tombstones += 1,
+            Decoding::Event(e) => {
+                // Debezium re-sends after a crash (new offsets, same ids): written once.
+                let id = id_of(&e.id);
+                if !seen.insert(id.clone()) {
+                    written.duplicates += 1;
+                    continue;
+                }
+                let current = versions.entry(e.stream.clone()).or_insert(0);
+                let version = match e.version {
+                    Some(v) if v <= *current => {
+                        written.duplicates += 1;
+                        continue;
+                    }
+                    Some(v) => v,
+                    None => *current + 1,
+                };
+                *current = version;
+                let headers: Vec<(&String, &String)> = e.headers.iter().collect();
+                rows.push(LogRow {
+                    id,
+                    stream: e.stream.clone(),
+                    stream_type: e.stream_type.clone(),
+                    event_type: e.event_type.clone(),
+                    version,
+                    payload: Some(e.payload.get().to_owned()),
+                    headers: serde_json::to_string(&headers).unwrap_or_else(|_| "[]".into()),
+                    timestamp_ms: e.timestamp_ms as i64,
+                });
+                written.events += 1;
+            }
+            Decoding::Bad {
+                stream,
+                id,
+                event_type,
+                reason,
+            } => {
+                let id = id_of(&id.clone().unwrap_or_else(|| {
+                    format!(
+                        "kafka:{}:{}:{}",
+                        message.topic, message.partition, message.offset
+                    )
+                }));
+                // The same bad message re-sent: set aside once.
+                if !seen.insert(id.clone()) {
+                    written.duplicates += 1;
+                    continue;
+                }
+                let stream = stream.clone().unwrap_or_default();
+                let current = versions.entry(stream.clone()).or_insert(0);
+                *current += 1;
+                rows.push(LogRow {
+                    id,
+                    stream,
+                    stream_type: String::new(),
+                    event_type: event_type.clone().unwrap_or_default(),
+                    version: *current,
+                    payload: None,
+                    headers: serde_json::to_string(&[(MALFORMED_HEADER, reason.as_str())])
+                        .unwrap_or_else(|_| "[]".into()),
+                    timestamp_ms: crate::store::now_ms(),
+                });
+                written.bad += 1;
+            }
+        }
+    }
+    (rows, written)
+}

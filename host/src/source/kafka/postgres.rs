@@ -11,8 +11,7 @@ use std::collections::{HashMap, HashSet};
 
 use sha2::{Digest, Sha256};
 
-use super::decode::Decoding;
-use super::{Batch, Written, MALFORMED_HEADER};
+use super::{plan, touched, Batch, Written};
 use crate::config::OutboxConfig;
 use crate::source::pg_outbox::PgOutbox;
 use crate::source::{Source, SourceError};
@@ -129,25 +128,7 @@ pub(crate) async fn write(
             ..Written::default()
         });
     }
-    let mut streams: Vec<String> = Vec::new();
-    let mut ids: Vec<String> = Vec::new();
-    for message in &batch.messages {
-        match &message.decoding {
-            Decoding::Event(e) => {
-                streams.push(e.stream.clone());
-                ids.push(uuid_of(&e.id));
-            }
-            Decoding::Bad { stream, id, .. } => {
-                streams.push(stream.clone().unwrap_or_default());
-                if let Some(id) = id {
-                    ids.push(uuid_of(id));
-                }
-            }
-            Decoding::Tombstone => {}
-        }
-    }
-    streams.sort_unstable();
-    streams.dedup();
+    let (streams, ids) = touched(batch, uuid_of);
     let mut versions: HashMap<String, u64> = sqlx::query_as::<_, (String, i64)>(&format!(
         "SELECT aggregateid, MAX(version) FROM {table} WHERE aggregateid = ANY($1) GROUP BY 1"
     ))
@@ -167,76 +148,18 @@ pub(crate) async fn write(
     .map_err(db_err("checking event ids"))?
     .into_iter()
     .collect();
-    let mut written = Written::default();
-    let (mut c_id, mut c_type_of_stream, mut c_stream, mut c_type) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut c_payload, mut c_version, mut c_headers, mut c_ts) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for message in &batch.messages {
-        match &message.decoding {
-            Decoding::Tombstone => written.tombstones += 1,
-            Decoding::Event(e) => {
-                let id = uuid_of(&e.id);
-                if !seen.insert(id.clone()) {
-                    written.duplicates += 1;
-                    continue;
-                }
-                let current = versions.entry(e.stream.clone()).or_insert(0);
-                let version = match e.version {
-                    Some(v) if v <= *current => {
-                        written.duplicates += 1;
-                        continue;
-                    }
-                    Some(v) => v,
-                    None => *current + 1,
-                };
-                *current = version;
-                let headers: Vec<(&String, &String)> = e.headers.iter().collect();
-                c_id.push(id);
-                c_type_of_stream.push(e.stream_type.clone());
-                c_stream.push(e.stream.clone());
-                c_type.push(e.event_type.clone());
-                c_payload.push(Some(e.payload.get().to_owned()));
-                c_version.push(version as i64);
-                c_headers.push(serde_json::to_string(&headers).unwrap_or_else(|_| "[]".into()));
-                c_ts.push(e.timestamp_ms as i64);
-                written.events += 1;
-            }
-            Decoding::Bad {
-                stream,
-                id,
-                event_type,
-                reason,
-            } => {
-                let id = uuid_of(&id.clone().unwrap_or_else(|| {
-                    format!(
-                        "kafka:{}:{}:{}",
-                        message.topic, message.partition, message.offset
-                    )
-                }));
-                if !seen.insert(id.clone()) {
-                    written.duplicates += 1;
-                    continue;
-                }
-                let stream = stream.clone().unwrap_or_default();
-                let current = versions.entry(stream.clone()).or_insert(0);
-                *current += 1;
-                c_id.push(id);
-                c_type_of_stream.push(String::new());
-                c_stream.push(stream);
-                c_type.push(event_type.clone().unwrap_or_default());
-                // NULL: the reader reads the row alone and reports it, with the marker's reason.
-                c_payload.push(None);
-                c_version.push(*current as i64);
-                c_headers.push(
-                    serde_json::to_string(&[(MALFORMED_HEADER, reason.as_str())])
-                        .unwrap_or_else(|_| "[]".into()),
-                );
-                c_ts.push(now_ms());
-                written.bad += 1;
-            }
-        }
-    }
+    let (rows, written) = plan(batch, &mut versions, &mut seen, uuid_of);
+    // Column by column, for one UNNEST.
+    let c_id: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+    let c_type_of_stream: Vec<&str> = rows.iter().map(|r| r.stream_type.as_str()).collect();
+    let c_stream: Vec<&str> = rows.iter().map(|r| r.stream.as_str()).collect();
+    let c_type: Vec<&str> = rows.iter().map(|r| r.event_type.as_str()).collect();
+    // NULL for a malformed row: the reader reads it alone and reports it, with the marker's
+    // reason.
+    let c_payload: Vec<Option<&str>> = rows.iter().map(|r| r.payload.as_deref()).collect();
+    let c_version: Vec<i64> = rows.iter().map(|r| r.version as i64).collect();
+    let c_headers: Vec<&str> = rows.iter().map(|r| r.headers.as_str()).collect();
+    let c_ts: Vec<i64> = rows.iter().map(|r| r.timestamp_ms).collect();
     if !c_id.is_empty() {
         sqlx::query(&format!(
             "INSERT INTO {table} (id, aggregatetype, aggregateid, type, payload, version, headers, created_at) \

@@ -8,8 +8,7 @@ use std::collections::{HashMap, HashSet};
 use sqlx::{QueryBuilder, Row};
 use tokio::sync::watch;
 
-use super::decode::Decoding;
-use super::{Batch, Written, MALFORMED_HEADER};
+use super::{plan, touched, Batch, Written};
 use crate::source::SourceError;
 use crate::store::now_ms;
 use crate::store::sqlite::Sqlite;
@@ -39,18 +38,6 @@ pub(crate) async fn offsets(
         .into_iter()
         .map(|(topic, partition, next)| ((topic, partition as i32), next))
         .collect())
-}
-
-/// One row to insert.
-struct Row_ {
-    id: String,
-    stream: String,
-    stream_type: String,
-    event_type: String,
-    version: u64,
-    payload: String,
-    headers: String,
-    timestamp_ms: i64,
 }
 
 pub(crate) async fn write(
@@ -87,34 +74,15 @@ pub(crate) async fn write(
             ..Written::default()
         });
     }
-    let mut written = Written::default();
     // Current versions of the streams, and which ids exist already.
-    let mut streams: Vec<&str> = Vec::new();
-    let mut ids: Vec<&str> = Vec::new();
-    for message in &batch.messages {
-        match &message.decoding {
-            Decoding::Event(e) => {
-                streams.push(&e.stream);
-                ids.push(&e.id);
-            }
-            Decoding::Bad { stream, id, .. } => {
-                streams.push(stream.as_deref().unwrap_or(""));
-                if let Some(id) = id {
-                    ids.push(id);
-                }
-            }
-            Decoding::Tombstone => {}
-        }
-    }
-    streams.sort_unstable();
-    streams.dedup();
+    let (streams, ids) = touched(batch, str::to_owned);
     let mut versions: HashMap<String, u64> = HashMap::new();
     for chunk in streams.chunks(ROWS_PER_STATEMENT) {
         let mut sql =
             QueryBuilder::new("SELECT stream, MAX(version) FROM outbox WHERE stream IN (");
         let mut list = sql.separated(", ");
         for stream in chunk {
-            list.push_bind(*stream);
+            list.push_bind(stream.as_str());
         }
         sql.push(") GROUP BY stream");
         for row in sql
@@ -133,7 +101,7 @@ pub(crate) async fn write(
         let mut sql = QueryBuilder::new("SELECT id FROM outbox WHERE id IN (");
         let mut list = sql.separated(", ");
         for id in chunk {
-            list.push_bind(*id);
+            list.push_bind(id.as_str());
         }
         sql.push(")");
         for row in sql
@@ -145,80 +113,7 @@ pub(crate) async fn write(
             seen.insert(row.try_get(0).map_err(db_err("checking event ids"))?);
         }
     }
-    let mut rows = Vec::with_capacity(batch.messages.len());
-    for message in &batch.messages {
-        match &message.decoding {
-            Decoding::Tombstone => written.tombstones += 1,
-            Decoding::Event(e) => {
-                // Debezium re-sends after a crash (new offsets, same ids): applied once.
-                if !seen.insert(e.id.clone()) {
-                    written.duplicates += 1;
-                    continue;
-                }
-                let current = versions.entry(e.stream.clone()).or_insert(0);
-                let version = match e.version {
-                    // A version that is not the stream's next: a re-sent event under another
-                    // id, or one out of order; the stream's order is the outbox's.
-                    Some(v) if v <= *current => {
-                        written.duplicates += 1;
-                        continue;
-                    }
-                    Some(v) => v,
-                    None => *current + 1,
-                };
-                *current = version;
-                let headers: Vec<(&String, &String)> = e.headers.iter().collect();
-                rows.push(Row_ {
-                    id: e.id.clone(),
-                    stream: e.stream.clone(),
-                    stream_type: e.stream_type.clone(),
-                    event_type: e.event_type.clone(),
-                    version,
-                    payload: e.payload.get().to_owned(),
-                    headers: serde_json::to_string(&headers).unwrap_or_else(|_| "[]".into()),
-                    timestamp_ms: e.timestamp_ms as i64,
-                });
-                written.events += 1;
-            }
-            Decoding::Bad {
-                stream,
-                id,
-                event_type,
-                reason,
-            } => {
-                let id = match id {
-                    // The same bad message re-sent: set aside once.
-                    Some(id) if !seen.insert(id.clone()) => {
-                        written.duplicates += 1;
-                        continue;
-                    }
-                    Some(id) => id.clone(),
-                    None => format!(
-                        "kafka:{}:{}:{}",
-                        message.topic, message.partition, message.offset
-                    ),
-                };
-                let stream = stream.clone().unwrap_or_default();
-                let current = versions.entry(stream.clone()).or_insert(0);
-                *current += 1;
-                let headers = serde_json::to_string(&[(MALFORMED_HEADER, reason.as_str())])
-                    .unwrap_or_else(|_| "[]".into());
-                rows.push(Row_ {
-                    id,
-                    stream,
-                    stream_type: String::new(),
-                    event_type: event_type.clone().unwrap_or_default(),
-                    version: *current,
-                    // Not JSON on purpose: the reader reports the row as malformed, with the
-                    // reason the marker header gives.
-                    payload: format!("!{reason}"),
-                    headers,
-                    timestamp_ms: now_ms(),
-                });
-                written.bad += 1;
-            }
-        }
-    }
+    let (rows, written) = plan(batch, &mut versions, &mut seen, str::to_owned);
     let mut last = None;
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
         let mut sql = QueryBuilder::new(
@@ -230,7 +125,9 @@ pub(crate) async fn write(
                 .push_bind(r.stream_type.as_str())
                 .push_bind(r.event_type.as_str())
                 .push_bind(r.version as i64)
-                .push_bind(r.payload.as_str())
+                // Not JSON on purpose for a malformed row: the reader reads it alone and
+                // reports it, with the marker header's reason.
+                .push_bind(r.payload.clone().unwrap_or_else(|| "!".to_owned()))
                 .push_bind(r.headers.as_str())
                 .push_bind(r.timestamp_ms);
         });
