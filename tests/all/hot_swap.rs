@@ -233,20 +233,38 @@ async fn read_model_matches_the_log(
 }
 
 /// Polls `check` until it gives a value; the panic names the test line that waited.
-async fn soon<T, F, Fut>(line: u32, within: Duration, mut check: F) -> T
+#[track_caller]
+fn soon<T, F, Fut>(within: Duration, mut check: F) -> impl std::future::Future<Output = T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    eventually(within, || {
-        let checked = check();
-        async move {
-            checked
-                .await
-                .ok_or_else(|| format!("the wait at hot_swap.rs:{line} never ended"))
-        }
-    })
-    .await
+    let at = std::panic::Location::caller();
+    async move {
+        eventually(within, || {
+            let checked = check();
+            async move {
+                checked
+                    .await
+                    .ok_or_else(|| format!("the wait at {at} never ended"))
+            }
+        })
+        .await
+    }
+}
+
+/// Deposits `amount` into acct-1 and reads the account back once the deposit is applied.
+async fn deposit_and_read(api: &Api, amount: i64) -> Value {
+    let (_, position) = api
+        .append("acct-1", "Deposited", json!({ "amount": amount }))
+        .await;
+    let (status, doc) = api
+        .get(&format!(
+            "/projections/{NAME}/accounts/acct-1?min_position={position}"
+        ))
+        .await;
+    assert_eq!(status, 200, "{doc}");
+    doc
 }
 
 async fn counter(api: &Api, line_start: &str) -> f64 {
@@ -277,7 +295,7 @@ on_both_stores! {
             assert_eq!(body["action"], "swapped", "{body}");
             assert_eq!(active_sha(&api).await, sha256_of(file));
             // The next batches run on the new code.
-            soon(249, Duration::from_secs(30), || async {
+            soon(Duration::from_secs(30), || async {
                 let now = api.projection(NAME).await["checkpoint"].as_u64().unwrap();
                 (now > before + 20).then_some(())
             })
@@ -288,7 +306,7 @@ on_both_stores! {
         assert_eq!(body["action"], "rebuilding");
         assert_eq!(body["active"], V1);
         assert_eq!(body["building"], V2);
-        let summary = soon(260, Duration::from_secs(120), || async {
+        let summary = soon(Duration::from_secs(120), || async {
             let summary = api.projection(NAME).await;
             (summary["version"] == V2).then_some(summary)
         })
@@ -297,7 +315,7 @@ on_both_stores! {
         assert_eq!(summary["active"]["version"], V2);
         // Reads and writes go on after the cut-over, on the new version.
         let reads_at_cutover = load.reads.load(Ordering::Relaxed);
-        soon(269, Duration::from_secs(30), || async {
+        soon(Duration::from_secs(30), || async {
             (load.reads.load(Ordering::Relaxed) > reads_at_cutover + 20).then_some(())
         })
         .await;
@@ -328,7 +346,7 @@ on_both_stores! {
         assert_eq!(status, 202, "{body}");
         assert_eq!(body["manual_cutover"], true);
         // Caught up, and still not serving.
-        let building = soon(300, Duration::from_secs(60), || async {
+        let building = soon(Duration::from_secs(60), || async {
             let summary = api.projection(NAME).await;
             let b = summary["building"].clone();
             (b["checkpoint"] == summary["head"] && b["lag"] == 0).then_some(b)
@@ -349,7 +367,7 @@ on_both_stores! {
 
         let (status, body) = admin_call(&api, "POST", &format!("/admin/projections/{NAME}/activate?version={V2}"), None).await;
         assert!(status == 200 || status == 202, "{status} {body}");
-        soon(321, Duration::from_secs(30), || async {
+        soon(Duration::from_secs(30), || async {
             (api.projection(NAME).await["version"] == V2).then_some(())
         })
         .await;
@@ -363,7 +381,7 @@ on_both_stores! {
         api.append("acct-1", "Deposited", json!({"amount": 5})).await;
         let (status, body) = admin_call(&api, "POST", &format!("/admin/projections/{NAME}/activate?version={V1}"), None).await;
         assert!(status == 200 || status == 202, "{status} {body}");
-        soon(335, Duration::from_secs(30), || async {
+        soon(Duration::from_secs(30), || async {
             (api.projection(NAME).await["version"] == V1).then_some(())
         })
         .await;
@@ -458,15 +476,7 @@ async fn bad_uploads_are_refused_with_the_reason_and_nothing_changes() {
         .unwrap();
     assert_eq!(response.status().as_u16(), 415);
     // The projection still runs the code it ran.
-    let (_, position) = api
-        .append("acct-1", "Deposited", json!({"amount": 3}))
-        .await;
-    let (status, doc) = api
-        .get(&format!(
-            "/projections/{NAME}/accounts/acct-1?min_position={position}"
-        ))
-        .await;
-    assert_eq!(status, 200, "{doc}");
+    let doc = deposit_and_read(&api, 3).await;
     assert_eq!(doc["document"]["balance"], 3);
 }
 
@@ -484,7 +494,7 @@ async fn a_rebuild_killed_midway_resumes_while_the_old_version_serves() {
     backlog(&api, 10, 30_000).await;
     let (status, body) = upload(&api, &variant("v2"), "").await;
     assert_eq!(status, 202, "{body}");
-    let at_kill = soon(411, Duration::from_secs(60), || async {
+    let at_kill = soon(Duration::from_secs(60), || async {
         let b = api.projection(NAME).await["building"].clone();
         let checkpoint = b["checkpoint"].as_u64().unwrap_or(0);
         (checkpoint > 1000).then_some(checkpoint)
@@ -509,7 +519,7 @@ async fn a_rebuild_killed_midway_resumes_while_the_old_version_serves() {
         building["checkpoint"].as_u64().unwrap() >= at_kill - 100,
         "the rebuild restarted from scratch: {building}"
     );
-    soon(431, Duration::from_secs(120), || async {
+    soon(Duration::from_secs(120), || async {
         (api.projection(NAME).await["version"] == V2).then_some(())
     })
     .await;
@@ -532,7 +542,7 @@ async fn an_upload_on_one_instance_runs_on_the_other() {
     assert_eq!(status, 200, "{body}");
     let uploaded = Instant::now();
     let want = sha256_of(&same);
-    soon(454, Duration::from_secs(10), || async {
+    soon(Duration::from_secs(10), || async {
         (active_sha(&api_b).await == want).then_some(())
     })
     .await;
@@ -543,7 +553,7 @@ async fn an_upload_on_one_instance_runs_on_the_other() {
     let (status, body) = upload(&api_a, &variant("v2"), "").await;
     assert_eq!(status, 202, "{body}");
     for api in [&api_a, &api_b] {
-        soon(462, Duration::from_secs(60), || async {
+        soon(Duration::from_secs(60), || async {
             (api.projection(NAME).await["version"] == V2).then_some(())
         })
         .await;
@@ -572,18 +582,10 @@ async fn watch_deploys_a_plugin_file_when_it_changes() {
     std::fs::copy(&same, &staged).unwrap();
     std::fs::rename(&staged, plugins.join("account-balance.wasm")).unwrap();
     let want = sha256_of(&same);
-    soon(487, Duration::from_secs(10), || async {
+    soon(Duration::from_secs(10), || async {
         (active_sha(&api).await == want).then_some(())
     })
     .await;
-    let (_, position) = api
-        .append("acct-1", "Deposited", json!({"amount": 2}))
-        .await;
-    let (status, doc) = api
-        .get(&format!(
-            "/projections/{NAME}/accounts/acct-1?min_position={position}"
-        ))
-        .await;
-    assert_eq!(status, 200, "{doc}");
+    let doc = deposit_and_read(&api, 2).await;
     assert_eq!(doc["document"]["balance"], 2);
 }
