@@ -556,7 +556,8 @@ async fn an_instance_that_loses_its_lease_stands_by_and_nothing_is_applied_twice
     let taker = loop {
         let a_status = api_a.projection("account-balance").await["status"].clone();
         let b_status = api_b.projection("account-balance").await["status"].clone();
-        let w_status = api_w.projection("account-balance").await["status"].clone();
+        // The writer runs the projection once its catalog poll has seen it (404 before).
+        let w_status = api_w.get("/projections/account-balance").await.1["status"].clone();
         if a_status == "standby" && b_status == "running" {
             break &api_b;
         }
