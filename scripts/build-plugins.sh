@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Builds every guest plugin for wasm32-wasip2 (release) into target/plugins/:
-#   target/plugins/*.wasm            example plugins (what `projector serve` loads by default)
-#   target/plugins/fixtures/*.wasm   misbehaving test fixtures, among them components the host
-#                                    must refuse to load: observer.wasm (the wrong world),
-#                                    future-contract.wasm (projector:plugin@0.9.0),
+#   target/plugins/*.wasm            example plugins (what `projector serve` loads by default):
+#                                    account-balance.wasm (a projection),
+#                                    large-withdrawal-alert.wasm (an observer)
+#   target/plugins/fixtures/*.wasm   test fixtures: relay.wasm (an observer whose every event is
+#                                    a webhook, and on request an emit, a log line or a
+#                                    failure), misbehaving projections, and components the host
+#                                    must refuse to load: future-contract.wasm
+#                                    (projector:plugin@0.9.0),
 #                                    extra-import.wasm (an import the host lacks),
 #                                    describe-panic.wasm, bad-descriptor.wasm
 #   target/plugins/fixtures/poison-fixed/poison.wasm
@@ -32,8 +36,13 @@ cargo build --release --quiet --target wasm32-wasip2 \
 out="$root/target/plugins"
 mkdir -p "$out/fixtures"
 built="$target_dir/wasm32-wasip2/release"
-cp "$built/account_balance.wasm" "$out/account-balance.wasm"
-for fixture in misbehave poison observer future-contract extra-import describe-panic \
+for plugin in account-balance large-withdrawal-alert; do
+  cp "$built/${plugin//-/_}.wasm" "$out/$plugin.wasm"
+done
+# The fixture `observer` (a bare wit-bindgen observer) gave way to `relay`: a copy left by an
+# older build would still be picked up by anything loading the folder.
+rm -f "$out/fixtures/observer.wasm"
+for fixture in misbehave poison relay future-contract extra-import describe-panic \
   bad-descriptor; do
   cp "$built/${fixture//-/_}.wasm" "$out/fixtures/$fixture.wasm"
 done

@@ -618,6 +618,7 @@ fn load(file: &Path, limits: Limits) -> Arc<dyn BatchHandler> {
     let runtime = Runtime::new(RuntimeConfig {
         limits,
         cache_dir: Some(root().join("target/bench-cache")),
+        ..Default::default()
     })
     .unwrap();
     match runtime.load_file(file) {
@@ -703,6 +704,7 @@ async fn scenario_wasm() {
     let rt = Runtime::new(RuntimeConfig {
         limits: Limits::default(),
         cache_dir: Some(cache.clone()),
+        ..Default::default()
     })
     .unwrap();
     let start = Instant::now();
@@ -1110,7 +1112,7 @@ async fn scenario_ryw(prefix: &str, database_url: Option<String>) {
     if let Some(url) = database_url {
         config.database_url = url;
     }
-    config.plugins = root().join("target/plugins");
+    config.plugins.dir = root().join("target/plugins");
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     let (stop, mut stopped) = watch::channel(false);
     let server = projector::serve::serve(
@@ -1436,7 +1438,7 @@ fn http_config(
     config.data_dir = cache_dir.to_owned();
     config.database_url = database_url
         .unwrap_or_else(|| format!("sqlite://{}", run_dir.join("projector.db").display()));
-    config.plugins = plugins;
+    config.plugins.dir = plugins;
     config.runner.max_lag_ms = max_lag_ms;
     config
 }
@@ -2566,6 +2568,7 @@ async fn scenario_swap(prefix: &str, db: RunDb<'_>) {
     let runtime = Runtime::new(RuntimeConfig {
         limits: config.limits.clone(),
         cache_dir: Some(config.data_dir.join("cache")),
+        ..Default::default()
     })
     .unwrap();
     for (what, wasm) in [
@@ -2715,7 +2718,7 @@ async fn herd_server(dir: PathBuf) {
     let mut config = Config::load(None, Vec::new()).unwrap();
     config.listen = "127.0.0.1:0".into();
     config.data_dir = dir;
-    config.plugins = root().join("target/plugins");
+    config.plugins.dir = root().join("target/plugins");
     // The waiting reads stay open for the whole measurement.
     config.http.max_wait_timeout_ms = 3_600_000;
     let closed = async {

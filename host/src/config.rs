@@ -19,8 +19,9 @@ pub struct Config {
     /// `sqlite://FILE` or `postgres://USER:PASSWORD@HOST:PORT/DB`; empty means
     /// `sqlite://<data_dir>/projector.db`.
     pub database_url: String,
-    /// Folder of plugins: every `*.wasm` in it is loaded (not its subfolders).
-    pub plugins: PathBuf,
+    /// Folder of plugins: every `*.wasm` in it is loaded (not its subfolders); or a table with
+    /// the folder as `dir` and each plugin's settings as `[plugins.<name>]`.
+    pub plugins: PluginsConfig,
     /// Deploy a plugin file of the folder again whenever it changes (`serve --watch`).
     pub watch_plugins: bool,
     pub runner: RunnerConfig,
@@ -34,6 +35,139 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Settings of single projections, by name (`[projections.account-balance]`).
     pub projections: std::collections::BTreeMap<String, ProjectionConfig>,
+    /// How each observer's actions are delivered, by name (`[observers.large-withdrawal-alert]`).
+    pub observers: std::collections::BTreeMap<String, DeliveryConfig>,
+}
+
+/// The plugins folder and the settings each plugin reads through its `config` import.
+///
+/// In the file either `plugins = "DIR"`, or a table: `[plugins] dir = "DIR"` and one table per
+/// plugin, `[plugins.large-withdrawal-alert] url = "..."`. A setting reaches the plugin as text:
+/// a string as written, a number or boolean in its TOML spelling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginsConfig {
+    pub dir: PathBuf,
+    pub settings: std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        Self {
+            dir: "target/plugins".into(),
+            settings: Default::default(),
+        }
+    }
+}
+
+impl PluginsConfig {
+    pub fn display(&self) -> std::path::Display<'_> {
+        self.dir.display()
+    }
+}
+
+impl Serialize for PluginsConfig {
+    // Without settings, a plain path: so `PROJECTOR_PLUGINS=DIR` overrides it as a value.
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        if self.settings.is_empty() {
+            return self.dir.serialize(serializer);
+        }
+        let mut map = serializer.serialize_map(Some(self.settings.len() + 1))?;
+        map.serialize_entry("dir", &self.dir)?;
+        for (name, settings) in &self.settings {
+            map.serialize_entry(name, settings)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for PluginsConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Dir(PathBuf),
+            Table(toml::Table),
+        }
+        let mut config = Self::default();
+        let table = match Raw::deserialize(deserializer)? {
+            Raw::Dir(dir) => {
+                config.dir = dir;
+                return Ok(config);
+            }
+            Raw::Table(table) => table,
+        };
+        for (key, value) in table {
+            match (key.as_str(), value) {
+                ("dir", toml::Value::String(dir)) => config.dir = dir.into(),
+                ("dir", other) => {
+                    return Err(D::Error::custom(format!(
+                        "plugins.dir must be a path, not {}",
+                        other.type_str()
+                    )))
+                }
+                (name, toml::Value::Table(values)) => {
+                    let mut settings = std::collections::BTreeMap::new();
+                    for (k, v) in values {
+                        let text = match v {
+                            toml::Value::String(s) => s,
+                            toml::Value::Table(_) => {
+                                return Err(D::Error::custom(format!(
+                                    "plugins.{name}.{k} is a table: a plugin's settings are \
+                                     values (strings, numbers, booleans, arrays)"
+                                )))
+                            }
+                            other => other.to_string(),
+                        };
+                        settings.insert(k, text);
+                    }
+                    config.settings.insert(name.to_owned(), settings);
+                }
+                (name, _) => {
+                    return Err(D::Error::custom(format!(
+                        "plugins.{name} must be a table of the plugin's settings \
+                         ([plugins.{name}]), or `dir`"
+                    )))
+                }
+            }
+        }
+        Ok(config)
+    }
+}
+
+/// How an observer's actions are delivered (`[observers.<name>]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Hosts its webhooks may call (`host` or `host:port`; `*.example.com` for subdomains).
+    /// Empty: none. A webhook elsewhere is dead-lettered without a request.
+    pub allow_hosts: Vec<String>,
+    /// One request's time limit, connecting included.
+    pub timeout_ms: u64,
+    /// The first retry's delay ceiling; each later one is `retry_factor` times more, up to
+    /// `retry_max_ms`, and the actual delay is drawn uniformly below it (full jitter).
+    pub retry_base_ms: u64,
+    pub retry_factor: f64,
+    pub retry_max_ms: u64,
+    /// Attempts in all (the first included) before an action is dead-lettered.
+    pub max_attempts: u32,
+    /// Actions in flight at once, each of another stream.
+    pub max_in_flight: usize,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            allow_hosts: Vec::new(),
+            timeout_ms: 10_000,
+            retry_base_ms: 1_000,
+            retry_factor: 2.0,
+            retry_max_ms: 300_000,
+            max_attempts: 10,
+            max_in_flight: 64,
+        }
+    }
 }
 
 impl Default for Config {
@@ -42,7 +176,7 @@ impl Default for Config {
             listen: "127.0.0.1:8080".into(),
             data_dir: "projector-data".into(),
             database_url: String::new(),
-            plugins: "target/plugins".into(),
+            plugins: PluginsConfig::default(),
             watch_plugins: false,
             runner: RunnerConfig::default(),
             limits: Limits::default(),
@@ -53,6 +187,7 @@ impl Default for Config {
             kafka: KafkaConfig::default(),
             admin: AdminConfig::default(),
             projections: Default::default(),
+            observers: Default::default(),
         }
     }
 }
@@ -449,6 +584,27 @@ impl Config {
                 return Err(ConfigError::Invalid(format!("{name} must be above 0")));
             }
         }
+        for (name, d) in &self.observers {
+            let positive = [
+                ("timeout_ms", d.timeout_ms),
+                ("retry_base_ms", d.retry_base_ms),
+                ("max_attempts", u64::from(d.max_attempts)),
+                ("max_in_flight", d.max_in_flight as u64),
+            ];
+            for (key, value) in positive {
+                if value == 0 {
+                    return Err(ConfigError::Invalid(format!(
+                        "observers.{name}.{key} must be above 0"
+                    )));
+                }
+            }
+            if !(d.retry_factor >= 1.0 && d.retry_factor.is_finite()) {
+                return Err(ConfigError::Invalid(format!(
+                    "observers.{name}.retry_factor {} must be at least 1",
+                    d.retry_factor
+                )));
+            }
+        }
         // A 32-bit guest addresses 4 GiB, which is also what each pooled memory slot reserves.
         if self.limits.memory_mb > 4096 {
             return Err(ConfigError::Invalid(format!(
@@ -501,6 +657,11 @@ impl Config {
             runner.on_error = on_error;
         }
         runner
+    }
+
+    /// How `observer`'s actions are delivered: `[observers.<name>]`, or the defaults.
+    pub fn delivery_for(&self, observer: &str) -> DeliveryConfig {
+        self.observers.get(observer).cloned().unwrap_or_default()
     }
 
     /// How appends hold back for the projections (see `backpressure`).

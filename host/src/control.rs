@@ -24,6 +24,11 @@ pub enum Command {
     Skip {
         position: u64,
     },
+    /// An observer's checkpoint moved to `position` (0: the start): it observes the events
+    /// after it again. The actions it decides again are logged already and not delivered twice.
+    Reset {
+        position: u64,
+    },
 }
 
 impl Command {
@@ -34,6 +39,7 @@ impl Command {
             Self::Restart => "restart",
             Self::Retry { .. } => "retry",
             Self::Skip { .. } => "skip",
+            Self::Reset { .. } => "reset",
         }
     }
 

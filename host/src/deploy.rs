@@ -644,6 +644,11 @@ impl Deployer {
         }
     }
 
+    /// How `observer`'s actions are delivered (its `[observers.<name>]` settings).
+    pub fn delivery_for(&self, observer: &str) -> crate::config::DeliveryConfig {
+        self.config.delivery_for(observer)
+    }
+
     /// Starts a supervisor for a version; `building` beside the serving one.
     async fn start(&self, code: Arc<Plugin>, building: bool) -> Result<Arc<Supervised>, String> {
         let checkpoint = self
@@ -651,6 +656,7 @@ impl Deployer {
             .prepare(code.descriptor())
             .await
             .map_err(|e| e.to_string())?;
+        let observer = code.is_observer();
         let projection = Arc::new(Projection::new(code, checkpoint));
         projection.set_building(building);
         let name = projection.name().to_owned();
@@ -659,6 +665,7 @@ impl Deployer {
             self.store.clone(),
             self.source.clone(),
             self.config.runner_for(&name),
+            observer.then(|| self.config.delivery_for(&name)),
             self.shutdown.clone(),
         ))
     }

@@ -9,6 +9,7 @@ pub mod data_lock;
 pub mod deploy;
 pub mod event;
 pub mod metrics;
+pub mod observer;
 pub mod registry;
 pub mod replay;
 pub mod runner;

@@ -97,6 +97,7 @@ fn main() -> anyhow::Result<()> {
             let runtime = Runtime::new(RuntimeConfig {
                 limits: Limits::default(),
                 cache_dir: Some(cache_dir),
+                ..Default::default()
             })?;
             let plugin = runtime.load_file(&plugin)?;
             let model = projector::replay::replay(&plugin, &events, batch_size)?;
@@ -124,7 +125,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         config.database_url = url;
     }
     if let Some(dir) = args.plugins {
-        config.plugins = dir;
+        config.plugins.dir = dir;
     }
     if args.watch {
         config.watch_plugins = true;

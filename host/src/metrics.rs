@@ -39,6 +39,81 @@ pub struct ProjectionMetrics {
     pub last_swap_pause_micros: AtomicU64,
 }
 
+/// How an observer's actions fare, by kind (webhook, emit, log) and outcome.
+#[derive(Debug)]
+pub struct DeliveryMetrics {
+    /// kind × outcome, counted.
+    outcomes: [[AtomicU64; 3]; 3],
+    /// Attempts made.
+    pub attempts: AtomicU64,
+    /// How long each attempt took.
+    pub duration: Histogram,
+    /// Loaded and waiting (a gauge).
+    pub queued: AtomicU64,
+    /// Attempts in flight now (a gauge).
+    pub in_flight: AtomicU64,
+    /// Streams waiting behind a dead action (a gauge).
+    pub blocked: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    Delivered,
+    /// An attempt failed and another is scheduled.
+    Retried,
+    Dead,
+}
+
+pub const ACTION_KINDS: [&str; 3] = ["webhook", "emit", "log"];
+pub const DELIVERY_OUTCOMES: [DeliveryOutcome; 3] = [
+    DeliveryOutcome::Delivered,
+    DeliveryOutcome::Retried,
+    DeliveryOutcome::Dead,
+];
+
+impl DeliveryOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Delivered => "delivered",
+            Self::Retried => "retried",
+            Self::Dead => "dead",
+        }
+    }
+}
+
+impl Default for DeliveryMetrics {
+    fn default() -> Self {
+        Self {
+            outcomes: Default::default(),
+            attempts: AtomicU64::new(0),
+            duration: Histogram::new(DURATION_BOUNDS),
+            queued: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            blocked: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Bounds for attempt durations: 1 ms to 30 s.
+const DURATION_BOUNDS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+impl DeliveryMetrics {
+    pub fn count(&self, kind: &str, outcome: DeliveryOutcome) {
+        let k = ACTION_KINDS.iter().position(|k| *k == kind).unwrap_or(0);
+        let o = DELIVERY_OUTCOMES
+            .iter()
+            .position(|o| *o == outcome)
+            .unwrap_or(0);
+        self.outcomes[k][o].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn counted(&self, kind: usize, outcome: usize) -> u64 {
+        self.outcomes[kind][outcome].load(Ordering::Relaxed)
+    }
+}
+
 /// A Prometheus histogram: cumulative bucket counts, their sum, in seconds.
 #[derive(Debug)]
 pub struct Histogram {

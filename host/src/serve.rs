@@ -172,8 +172,14 @@ pub async fn serve(
     let runtime = Arc::new(Runtime::new(RuntimeConfig {
         limits: config.limits.clone(),
         cache_dir: Some(config.data_dir.join("cache")),
+        plugin_settings: config
+            .plugins
+            .settings
+            .iter()
+            .map(|(name, settings)| (name.clone(), Arc::new(settings.clone())))
+            .collect(),
     })?);
-    let files = plugin_files(&config.plugins)?;
+    let files = plugin_files(&config.plugins.dir)?;
     check_duplicates(&runtime, &files)?;
     if files.is_empty() {
         tracing::warn!(dir = %config.plugins.display(), "no plugins in the folder: serving what the catalog holds (upload with PUT /admin/plugins/NAME)");
@@ -194,7 +200,7 @@ pub async fn serve(
     let following = tokio::spawn(deployer.clone().run());
     if config.watch_plugins {
         tracing::info!(dir = %config.plugins.display(), "watching the plugins folder: a changed file is deployed");
-        tokio::spawn(deployer.clone().watch(config.plugins.clone()));
+        tokio::spawn(deployer.clone().watch(config.plugins.dir.clone()));
     }
     if config.admin.token.is_empty() {
         tracing::info!("admin API off: set admin.token (PROJECTOR_ADMIN__TOKEN) to enable it");

@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
-use crate::config::RunnerConfig;
+use crate::config::{DeliveryConfig, RunnerConfig};
 use crate::control::{Command, CommandError, Commands, Outcome, Reply, Request};
+use crate::observer::Dispatcher;
 use crate::runner::{Projection, RunEnd, Runner, FIRST_RETRY};
 use crate::source::Source;
 use crate::store::{AdminAction, ProjectionStatus, Store, StoreError};
@@ -73,11 +74,13 @@ impl Supervised {
 
 /// Starts supervising `projection` until `shutdown` (or [`Supervised::stop`]); the handle for
 /// the registry.
+/// An observer's actions are delivered by a dispatcher beside its runner (`delivery`: how).
 pub fn spawn(
     projection: Arc<Projection>,
     store: Arc<dyn Store>,
     source: Arc<dyn Source>,
     config: RunnerConfig,
+    delivery: Option<DeliveryConfig>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Arc<Supervised> {
     let (stop, stopping) = watch::channel(false);
@@ -104,6 +107,7 @@ pub fn spawn(
         store,
         source,
         config,
+        delivery,
         own: tx.clone(),
     };
     let task = tokio::spawn(supervisor.run(rx, stopping));
@@ -115,11 +119,25 @@ pub fn spawn(
     })
 }
 
+/// Stops a dispatcher when dropped; it finishes the attempts in flight on its own.
+struct DispatchGuard {
+    stop: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for DispatchGuard {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        drop(self.task.take());
+    }
+}
+
 struct Supervisor {
     projection: Arc<Projection>,
     store: Arc<dyn Store>,
     source: Arc<dyn Source>,
     config: RunnerConfig,
+    delivery: Option<DeliveryConfig>,
     /// Its own queue, for commands that arrive through the store.
     own: mpsc::Sender<Request>,
 }
@@ -214,6 +232,9 @@ impl Supervisor {
         // that is down must not keep the supervisor from seeing the lease go.
         let polling = self.poll_queue();
         tokio::pin!(polling);
+        // An observer's deliveries go on while its runner restarts or waits for an operator:
+        // the actions it logged are not the failed event's.
+        let _dispatching = self.dispatch();
         loop {
             self.projection.resume_at(checkpoint);
             let (stop_tx, stop_rx) = watch::channel(false);
@@ -280,6 +301,32 @@ impl Supervisor {
         }
     }
 
+    /// Starts the observer's dispatcher; it stops when the guard is dropped.
+    fn dispatch(&self) -> Option<DispatchGuard> {
+        let delivery = self.delivery.clone()?;
+        if !self.projection.is_observer() {
+            return None;
+        }
+        let dispatcher = match Dispatcher::new(
+            self.projection.clone(),
+            self.store.clone(),
+            self.source.clone(),
+            delivery,
+        ) {
+            Ok(dispatcher) => dispatcher,
+            Err(err) => {
+                tracing::error!(observer = %self.projection.name(), error = %err, "cannot build the observer's HTTP client: its actions are not delivered");
+                return None;
+            }
+        };
+        let (stop, stopping) = watch::channel(false);
+        let task = tokio::spawn(dispatcher.run(stopping));
+        Some(DispatchGuard {
+            stop,
+            task: Some(task),
+        })
+    }
+
     /// A command for a failed projection; `true` when it is to run again.
     async fn while_failed(&self, request: Request) -> bool {
         let reason = self.projection.health().error.unwrap_or_default();
@@ -314,7 +361,7 @@ impl Supervisor {
                 request.answer(reply);
                 false
             }
-            Command::Retry { .. } | Command::Skip { .. } => {
+            Command::Retry { .. } | Command::Skip { .. } | Command::Reset { .. } => {
                 request.answer(Err(CommandError::Failed { reason }));
                 false
             }

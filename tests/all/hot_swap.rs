@@ -422,10 +422,16 @@ async fn bad_uploads_are_refused_with_the_reason_and_nothing_changes() {
             "not_a_component",
         ),
         (
-            "an observer",
-            std::fs::read(fixture_path("observer")).unwrap(),
+            "a component exporting nothing",
+            b"\0asm\x0d\x00\x01\x00".to_vec(),
             422,
             "wrong_world",
+        ),
+        (
+            "an observer of another name",
+            std::fs::read(fixture_path("relay")).unwrap(),
+            422,
+            "name_mismatch",
         ),
         (
             "a future contract",

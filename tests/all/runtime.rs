@@ -12,6 +12,7 @@ fn runtime(limits: Limits) -> Runtime {
     Runtime::new(RuntimeConfig {
         limits,
         cache_dir: None,
+        ..Default::default()
     })
     .expect("engine starts")
 }
@@ -407,6 +408,7 @@ fn a_second_start_loads_the_compiled_plugin_from_the_cache() {
     let config = || RuntimeConfig {
         limits: Limits::default(),
         cache_dir: Some(cache.clone()),
+        ..Default::default()
     };
     let first = Runtime::new(config()).unwrap();
     let plugin = first.load_file(&plugin_path("account-balance")).unwrap();

@@ -19,6 +19,7 @@ fn runtime() -> Runtime {
     Runtime::new(RuntimeConfig {
         limits: Limits::default(),
         cache_dir: None,
+        ..Default::default()
     })
     .expect("engine starts")
 }
@@ -99,22 +100,23 @@ fn a_core_module_is_not_a_component() {
 }
 
 #[test]
-fn an_observer_is_the_wrong_world() {
-    let err = refused(
-        "observer.wasm",
-        &read(&fixture_path("observer")),
-        "wrong_world",
-    );
-    match &err {
-        RuntimeError::WrongWorld { exports, .. } => {
-            assert_eq!(exports, &["describe", "on-events"], "{err}")
-        }
-        other => panic!("{other:?}"),
-    }
-    let text = err.to_string();
-    assert!(text.contains("`on-events`"), "{text}");
-    assert!(text.contains("observer world"), "{text}");
-    assert!(text.contains("`describe` and `handle`"), "{text}");
+fn an_observer_loads_as_an_observer() {
+    let plugin = runtime()
+        .load_bytes("relay.wasm", &read(&fixture_path("relay")))
+        .expect("an observer loads");
+    assert!(plugin.is_observer());
+    assert_eq!(plugin.info().world, "observer");
+    assert_eq!(plugin.info().contract, "0.1.2");
+    assert_eq!(plugin.name(), "relay");
+    assert!(plugin.descriptor().collections.is_empty());
+    let projection = runtime()
+        .load_bytes(
+            "account-balance.wasm",
+            &read(&plugin_path("account-balance")),
+        )
+        .unwrap();
+    assert!(!projection.is_observer());
+    assert_eq!(projection.info().world, "projection");
 }
 
 #[test]

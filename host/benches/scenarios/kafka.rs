@@ -140,7 +140,7 @@ fn server(
     let mut config = Config::load(None, Vec::new()).unwrap();
     config.listen = "127.0.0.1:0".into();
     config.data_dir = dir;
-    config.plugins = root().join("target/plugins");
+    config.plugins.dir = root().join("target/plugins");
     config.source.kind = SourceKind::Kafka;
     config.kafka.brokers = broker.to_owned();
     config.kafka.topics = topic.to_owned();

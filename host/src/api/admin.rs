@@ -43,6 +43,12 @@ pub const ADMIN_ROUTES: &[(&str, &str)] = &[
     ("POST", "/admin/projections/{name}/activate"),
     ("DELETE", "/admin/projections/{name}/versions/{version}"),
     ("DELETE", "/admin/projections/{name}"),
+    ("POST", "/admin/observers/{name}/pause"),
+    ("POST", "/admin/observers/{name}/resume"),
+    ("POST", "/admin/observers/{name}/restart"),
+    ("POST", "/admin/observers/{name}/reset"),
+    ("POST", "/admin/observers/{name}/dead-letters/{id}/retry"),
+    ("POST", "/admin/observers/{name}/dead-letters/{id}/skip"),
 ];
 
 /// How long a route waits for a command's answer (a retry runs the plugin; a command for
@@ -66,6 +72,16 @@ pub fn router(state: AppState) -> Router<AppState> {
 }
 
 fn handler(method: &str, path: &str, max_plugin: usize) -> MethodRouter<AppState> {
+    if path.starts_with("/admin/observers/") {
+        return match path.rsplit('/').next().unwrap_or_default() {
+            "reset" => post(reset_observer),
+            "retry" => post(retry_action),
+            "skip" => post(skip_action),
+            "pause" => post(pause),
+            "resume" => post(resume),
+            _ => post(restart),
+        };
+    }
     match (method, path.rsplit('/').next().unwrap_or_default()) {
         ("PUT", _) => put(upload).layer(DefaultBodyLimit::max(max_plugin)),
         ("GET", _) => get(list_plugins),
@@ -196,6 +212,90 @@ async fn skip(
 ) -> Result<Json<Value>, ApiError> {
     let position = position(&at)?;
     send(&app, &name, Command::Skip { position }).await
+}
+
+/// `POST /admin/observers/{name}/reset?position=N` (default 0): the observer observes the
+/// events after N again; what it decides again was logged already and is not delivered twice.
+async fn reset_observer(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    super::observers::observer(&app, &name)?;
+    let params = query_params(query.as_deref(), &["position"])?;
+    let position = match params.get("position") {
+        Some(text) => text.parse().map_err(|_| {
+            ApiError::bad_request(
+                "invalid_position",
+                format!("position={text:?} is not a position"),
+            )
+        })?,
+        None => 0,
+    };
+    send(&app, &name, Command::Reset { position }).await
+}
+
+async fn retry_action(
+    State(app): State<AppState>,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    resolve_action(&app, &name, &id, true).await
+}
+
+async fn skip_action(
+    State(app): State<AppState>,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    resolve_action(&app, &name, &id, false).await
+}
+
+/// A dead action's retry (pending again, attempts from 0) or skip; the dispatcher (here, or on
+/// the instance that runs the observer, within a second) lets its stream go on.
+async fn resolve_action(
+    app: &AppState,
+    name: &str,
+    id: &str,
+    retry: bool,
+) -> Result<Json<Value>, ApiError> {
+    let observer = super::observers::observer(app, name)?;
+    let id: i64 = id.parse().map_err(|_| {
+        ApiError::bad_request(
+            "invalid_id",
+            format!("{id:?} is not an action id (a dead letter's `id`)"),
+        )
+    })?;
+    let Some(action) = app.store.resolve_action(name, id, retry).await? else {
+        let found = app.store.actions_by_id(name, &[id]).await?;
+        return Err(match found.first() {
+            Some(action) => ApiError::new(
+                StatusCode::CONFLICT,
+                "not_dead",
+                format!(
+                    "action {id} of {name} is {}, not dead: only a dead action can be retried or skipped",
+                    action.state.as_str()
+                ),
+            ),
+            None => ApiError::not_found(
+                "unknown_dead_letter",
+                format!("{name} has no action {id}"),
+            ),
+        });
+    };
+    observer.nudge();
+    let verb = if retry { "retried" } else { "skipped" };
+    tracing::info!(observer = %name, action = id, key = %action.key, "dead action {verb} by an operator");
+    Ok(Json(json!({
+        "observer": name,
+        "outcome": {
+            "status": action.state,
+            "message": if retry {
+                format!("action {id} is delivered again, from its first attempt; its stream's waiting actions follow it")
+            } else {
+                format!("action {id} is skipped; its stream's waiting actions go on")
+            },
+        },
+        "action": action,
+    })))
 }
 
 impl From<DeployError> for ApiError {

@@ -236,7 +236,78 @@ pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
             );
         }
     }
+    observers(&mut out, &projections);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// Observers' deliveries: outcomes by kind, attempts, durations, and what waits.
+fn observers(out: &mut String, all: &[std::sync::Arc<crate::runner::Projection>]) {
+    use crate::metrics::{ACTION_KINDS, DELIVERY_OUTCOMES};
+    use std::sync::atomic::Ordering::Relaxed;
+    let observers: Vec<_> = all.iter().filter(|p| p.is_observer()).collect();
+    let _ = writeln!(out, "# HELP projector_actions_total Observer actions finished on this instance, by kind and outcome: delivered, retried (an attempt failed, another is scheduled), dead.");
+    let _ = writeln!(out, "# TYPE projector_actions_total counter");
+    for o in &observers {
+        for (k, kind) in ACTION_KINDS.iter().enumerate() {
+            for (i, outcome) in DELIVERY_OUTCOMES.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "projector_actions_total{{observer=\"{}\",kind=\"{kind}\",outcome=\"{}\"}} {}",
+                    o.name(),
+                    outcome.as_str(),
+                    o.delivery.counted(k, i)
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP projector_action_attempts_total Delivery attempts made on this instance."
+    );
+    let _ = writeln!(out, "# TYPE projector_action_attempts_total counter");
+    for o in &observers {
+        let _ = writeln!(
+            out,
+            "projector_action_attempts_total{{observer=\"{}\"}} {}",
+            o.name(),
+            o.delivery.attempts.load(Relaxed)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP projector_action_duration_seconds How long one delivery attempt took."
+    );
+    let _ = writeln!(out, "# TYPE projector_action_duration_seconds histogram");
+    for o in &observers {
+        o.delivery.duration.render(
+            out,
+            "projector_action_duration_seconds",
+            &format!("observer=\"{}\"", o.name()),
+        );
+    }
+    let _ = writeln!(out, "# HELP projector_actions_pending Actions loaded and waiting for an attempt on this instance.");
+    let _ = writeln!(out, "# TYPE projector_actions_pending gauge");
+    for o in &observers {
+        let _ = writeln!(
+            out,
+            "projector_actions_pending{{observer=\"{}\"}} {}",
+            o.name(),
+            o.delivery.queued.load(Relaxed)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP projector_actions_in_flight Delivery attempts in flight."
+    );
+    let _ = writeln!(out, "# TYPE projector_actions_in_flight gauge");
+    for o in &observers {
+        let _ = writeln!(
+            out,
+            "projector_actions_in_flight{{observer=\"{}\"}} {}",
+            o.name(),
+            o.delivery.in_flight.load(Relaxed)
+        );
+    }
 }
 
 fn seconds(micros: u64) -> String {

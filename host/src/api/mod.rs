@@ -5,6 +5,7 @@ mod error;
 mod events;
 mod health;
 mod metrics;
+mod observers;
 mod query;
 pub mod server;
 
@@ -63,6 +64,12 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/projections/{name}/{collection}/{key}",
             get(query::get_document),
+        )
+        .route("/observers", get(observers::list_observers))
+        .route("/observers/{name}", get(observers::get_observer))
+        .route(
+            "/observers/{name}/_dead_letters",
+            get(observers::list_dead_letters),
         )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

@@ -270,7 +270,8 @@ fn version_summary(app: &AppState, projection: &Projection, head: u64) -> Value 
 pub async fn list_projections(State(app): State<AppState>) -> Json<Value> {
     let projections = app.projections.projections();
     let mut all = Vec::with_capacity(projections.len());
-    for projection in &projections {
+    // Observers have a list of their own (`GET /observers`).
+    for projection in projections.iter().filter(|p| !p.is_observer()) {
         all.push(summary(&app, projection).await);
     }
     let kafka = app.kafka.as_ref().map(|k| {

@@ -493,9 +493,62 @@ impl Runner {
             }
             Command::Retry { position } => self.resolve(p, *position, false).await,
             Command::Skip { position } => self.resolve(p, *position, true).await,
+            Command::Reset { position } => {
+                let reply = self.reset(p, *position, shutdown).await;
+                let ok = reply.is_ok();
+                request.answer(reply);
+                // The runner starts again from the checkpoint it moved.
+                return ok.then_some(RunEnd::Restart);
+            }
         };
         request.answer(reply);
         None
+    }
+
+    /// Moves an observer's checkpoint (back, usually) in one commit, recorded as an admin
+    /// action. Only observers: a projection's documents would not match a moved checkpoint.
+    async fn reset(
+        &self,
+        p: &mut Pipeline,
+        position: u64,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Outcome, CommandError> {
+        let name = self.projection.name().to_owned();
+        if !self.projection.is_observer() {
+            return Err(CommandError::WrongState {
+                status: "a projection".into(),
+                hint: "only an observer's checkpoint can be reset; rebuild a projection by \
+                       uploading a new version"
+                    .into(),
+            });
+        }
+        let from = p.handled_to;
+        let action = crate::store::AdminAction {
+            action: "reset".into(),
+            target: Some(position),
+            at: crate::store::now_ms(),
+            outcome: format!("checkpoint moved from {from} to {position}"),
+        };
+        let batch = Batch {
+            actions: std::slice::from_ref(&action),
+            from,
+            to: position,
+            ..Batch::default()
+        };
+        self.commit_batch(&batch, &mut p.backoff, shutdown)
+            .await
+            .map_err(|_| CommandError::unavailable("the observer stopped before the reset"))?;
+        p.handled_to = position;
+        p.prefetched = None;
+        tracing::info!(observer = %name, from, to = position, "observer checkpoint reset");
+        Ok(Outcome {
+            status: "running".into(),
+            message: format!(
+                "{name} observes again from position {position} (it was at {from}); actions it \
+                 decides again are logged already and are not delivered twice"
+            ),
+            ..Outcome::default()
+        })
     }
 
     async fn read(&self, after: u64) -> Result<Vec<Event>, Problem> {

@@ -26,6 +26,12 @@ pub struct Projection {
     /// and records no status of the projection's.
     building: AtomicBool,
     pub metrics: ProjectionMetrics,
+    /// An observer's deliveries (unused by a projection).
+    pub delivery: crate::metrics::DeliveryMetrics,
+    /// Wakes an observer's dispatcher: an operator retried or skipped a dead action.
+    nudge: Arc<tokio::sync::Notify>,
+    /// Whether its plugin is an observer (a swap keeps the world).
+    observer: bool,
     /// What it has committed, and the reads waiting for it.
     pub(super) progress: Committed,
     health: Mutex<Health>,
@@ -69,6 +75,9 @@ impl Projection {
     pub fn new(plugin: Arc<dyn BatchHandler>, checkpoint: u64) -> Self {
         Self {
             descriptor: plugin.descriptor().clone(),
+            observer: plugin.is_observer(),
+            delivery: Default::default(),
+            nudge: Arc::default(),
             plugin: RwLock::new(Plugged {
                 handler: plugin,
                 generation: 0,
@@ -248,6 +257,20 @@ impl Projection {
 
     pub fn name(&self) -> &str {
         &self.descriptor().name
+    }
+
+    /// Whether it is an observer: its batches decide actions for a dispatcher to deliver.
+    pub fn is_observer(&self) -> bool {
+        self.observer
+    }
+
+    /// Tells the observer's dispatcher that dead actions changed (a retry, a skip).
+    pub fn nudge(&self) {
+        self.nudge.notify_one();
+    }
+
+    pub(crate) fn nudged(&self) -> Arc<tokio::sync::Notify> {
+        self.nudge.clone()
     }
 
     /// Every change of the progress, for observers; a read that waits uses

@@ -307,6 +307,45 @@ impl Store for MemStore {
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
+    // The runner logs actions through `commit`; the dispatcher's queries are not its concern.
+    async fn open_actions(
+        &self,
+        _: &str,
+        _: i64,
+        _: u32,
+    ) -> Result<Vec<crate::observer::Logged>, StoreError> {
+        Ok(Vec::new())
+    }
+    async fn actions_by_id(
+        &self,
+        _: &str,
+        _: &[i64],
+    ) -> Result<Vec<crate::observer::Logged>, StoreError> {
+        Ok(Vec::new())
+    }
+    async fn update_actions(&self, _: &[crate::observer::Update]) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn list_actions(
+        &self,
+        _: &str,
+        _: crate::observer::ActionState,
+        _: i64,
+        _: u32,
+    ) -> Result<Vec<crate::observer::Logged>, StoreError> {
+        Ok(Vec::new())
+    }
+    async fn action_counts(&self, _: &str) -> Result<crate::observer::Counts, StoreError> {
+        Ok(crate::observer::Counts::default())
+    }
+    async fn resolve_action(
+        &self,
+        _: &str,
+        _: i64,
+        _: bool,
+    ) -> Result<Option<crate::observer::Logged>, StoreError> {
+        Ok(None)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

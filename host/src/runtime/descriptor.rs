@@ -35,8 +35,23 @@ impl CollectionSpec {
 }
 
 impl Descriptor {
-    pub(crate) fn validate(raw: wit::Descriptor) -> Result<Self, String> {
-        check_name("projection name", &raw.name)?;
+    /// Checks what a plugin declared; an observer (`observer`) writes no documents, so it may
+    /// declare no collection.
+    pub(crate) fn validate(raw: wit::Descriptor, observer: bool) -> Result<Self, String> {
+        check_name(
+            if observer {
+                "observer name"
+            } else {
+                "projection name"
+            },
+            &raw.name,
+        )?;
+        if observer && !raw.collections.is_empty() {
+            return Err(format!(
+                "an observer writes no documents, but it declares {} collection(s)",
+                raw.collections.len()
+            ));
+        }
         if raw.version.is_empty()
             || raw.version.len() > 32
             || !raw
@@ -137,17 +152,23 @@ mod tests {
 
     #[test]
     fn accepts_plain_names_and_dotted_index_paths() {
-        let d = Descriptor::validate(raw("account-balance", "owner.address.city")).unwrap();
+        let d = Descriptor::validate(raw("account-balance", "owner.address.city"), false).unwrap();
         assert_eq!(d.collections[0].indexes, ["owner.address.city"]);
     }
 
     #[test]
     fn rejects_names_that_could_escape_a_table_name_or_url() {
         for bad in ["", "Upper", "a b", "x;drop", "../up", "1abc"] {
-            assert!(Descriptor::validate(raw(bad, "f")).is_err(), "{bad:?}");
+            assert!(
+                Descriptor::validate(raw(bad, "f"), false).is_err(),
+                "{bad:?}"
+            );
         }
         for bad in ["", "a..b", "a'b", "a-b", "$.x"] {
-            assert!(Descriptor::validate(raw("ok", bad)).is_err(), "{bad:?}");
+            assert!(
+                Descriptor::validate(raw("ok", bad), false).is_err(),
+                "{bad:?}"
+            );
         }
     }
 }

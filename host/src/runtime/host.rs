@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::projection::projector::plugin::{log, state, types};
+use super::bindings::projection::projector::plugin::{config, log, state, types};
 use super::sandbox::{self, GuestOutput, Limiter};
 use super::{BoxError, Descriptor, Limits};
 use crate::event::Event;
@@ -56,10 +56,12 @@ impl DocumentReader for MemoryDocuments {
 }
 
 /// What one successful batch wrote: collection → key → document (`None`: deleted), in key
-/// order, each document once however often the plugin wrote it.
+/// order, each document once however often the plugin wrote it; or, from an observer, the
+/// actions it decided, in event order.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct BatchOutput {
     pub writes: BTreeMap<String, BTreeMap<String, Option<Vec<u8>>>>,
+    pub actions: Vec<crate::observer::Decided>,
 }
 
 impl BatchOutput {
@@ -76,6 +78,8 @@ pub(crate) struct HostState {
     stderr: GuestOutput,
     pub limiter: Limiter,
     docs: Arc<dyn DocumentReader>,
+    /// The operator's `[plugins.<name>]` settings, for the `config` import.
+    config: Arc<BTreeMap<String, String>>,
     collections: HashSet<String>,
     writes: HashMap<String, HashMap<String, Option<Vec<u8>>>>,
     output_bytes: usize,
@@ -102,6 +106,7 @@ impl HostState {
         descriptor: &Descriptor,
         events: &[Event],
         docs: Arc<dyn DocumentReader>,
+        config: Arc<BTreeMap<String, String>>,
     ) -> Self {
         let stdout = GuestOutput::new(STDIO_CAP);
         let stderr = GuestOutput::new(STDIO_CAP);
@@ -116,6 +121,7 @@ impl HostState {
                 memory_exceeded: false,
             },
             docs,
+            config,
             collections: descriptor
                 .collections
                 .iter()
@@ -141,6 +147,7 @@ impl HostState {
                 .into_iter()
                 .map(|(collection, docs)| (collection, docs.into_iter().collect()))
                 .collect(),
+            actions: Vec::new(),
         }
     }
 
@@ -257,5 +264,19 @@ impl log::Host for HostState {
     fn begin_event(&mut self, event_index: u32) -> wasmtime::Result<()> {
         self.current_event = (event_index != u32::MAX).then_some(event_index as usize);
         Ok(())
+    }
+}
+
+impl config::Host for HostState {
+    fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        Ok(self.config.get(&key).cloned())
+    }
+
+    fn entries(&mut self) -> wasmtime::Result<Vec<(String, String)>> {
+        Ok(self
+            .config
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
     }
 }

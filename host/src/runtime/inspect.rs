@@ -14,7 +14,7 @@ const PACKAGE: &str = "projector:plugin/";
 /// The world a projection exports, and the functions that make it one.
 pub(crate) const PROJECTION: &str = "projection";
 const PROJECTION_EXPORTS: [&str; 2] = ["describe", "handle"];
-const OBSERVER: &str = "observer";
+pub(crate) const OBSERVER: &str = "observer";
 const OBSERVER_EXPORTS: [&str; 2] = ["describe", "on-events"];
 
 /// Refuses bytes that are no component before they reach the compiler, whose error for a core
@@ -109,10 +109,11 @@ pub(crate) fn world_of(exports: &[String]) -> Option<&'static str> {
     }
 }
 
-/// Refuses a component that does not export the projection world, naming what it exports.
-pub(crate) fn check_world(origin: &str, exports: &[String]) -> Result<(), RuntimeError> {
+/// The world a component exports (projection or observer); refuses one that exports
+/// neither, naming what it exports.
+pub(crate) fn check_world(origin: &str, exports: &[String]) -> Result<&'static str, RuntimeError> {
     match world_of(exports) {
-        Some(PROJECTION) => Ok(()),
+        Some(world) => Ok(world),
         world => Err(RuntimeError::WrongWorld {
             origin: origin.to_owned(),
             exports: exports.to_vec(),
@@ -166,11 +167,15 @@ mod tests {
         assert_eq!(world_of(&names(&["describe", "handle"])), Some(PROJECTION));
         assert_eq!(world_of(&names(&["on-events", "describe"])), Some(OBSERVER));
         assert_eq!(world_of(&names(&["describe"])), None);
-        let err = check_world("o.wasm", &names(&["describe", "on-events"])).unwrap_err();
+        assert_eq!(
+            check_world("o.wasm", &names(&["describe", "on-events"])).unwrap(),
+            OBSERVER
+        );
+        let err = check_world("d.wasm", &names(&["describe"])).unwrap_err();
         assert_eq!(err.code(), "wrong_world");
         let text = err.to_string();
+        assert!(text.contains("`describe`"), "{text}");
         assert!(text.contains("`on-events`"), "{text}");
-        assert!(text.contains("observer world"), "{text}");
         let err = check_world("e.wasm", &[]).unwrap_err();
         assert!(err.to_string().contains("exports nothing"), "{err}");
     }

@@ -21,6 +21,7 @@ use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
 use crate::event::Event;
+use bindings::observer::ObserverPre;
 use bindings::projection::projector::plugin::types as wit;
 use bindings::projection::{Projection, ProjectionPre};
 pub use bindings::SUPPORTED_CONTRACTS;
@@ -100,11 +101,11 @@ pub enum RuntimeError {
          WebAssembly feature the host does not enable: rebuild it for wasm32-wasip2"
     )]
     InvalidComponent { origin: String, reason: String },
-    /// A component that is not a projection (an observer, say); `exports` is what it exports.
+    /// A component that is neither a projection nor an observer; `exports` is what it exports.
     #[error(
-        "{origin} is not a projection: {reason}, where a projection exports `describe` and \
-         `handle`; build it against the world `projection` of projector:plugin (the SDK's \
-         `export_projection!` does)"
+        "{origin} is not a projector plugin: {reason}, where a projection exports `describe` \
+         and `handle` and an observer `describe` and `on-events`; build it against a world of \
+         projector:plugin (the SDK's `export_projection!` or `export_observer!` does)"
     )]
     WrongWorld {
         origin: String,
@@ -311,6 +312,9 @@ pub struct RuntimeConfig {
     pub limits: Limits,
     /// Where compiled plugins are cached; `None` compiles on every load.
     pub cache_dir: Option<PathBuf>,
+    /// Each plugin's `[plugins.<name>]` settings, by plugin name, for its `config` import.
+    pub plugin_settings:
+        std::collections::BTreeMap<String, Arc<std::collections::BTreeMap<String, String>>>,
 }
 
 /// Plugin calls that may run at once, each in an instance slot of the engine's pool; a call
@@ -374,6 +378,8 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        // The projection world's imports are a superset of the observer's: one linker serves
+        // both.
         Projection::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let ticker_stop = Arc::new(AtomicBool::new(false));
@@ -422,22 +428,27 @@ impl Runtime {
         // The version first: another contract's world may well look like another world.
         let contract = inspect::contract(&self.engine, origin, &component)?;
         let exports = inspect::exports(&self.engine, &component);
-        inspect::check_world(origin, &exports)?;
+        let world = inspect::check_world(origin, &exports)?;
         let instance_pre = self.linker.instantiate_pre(&component).map_err(|err| {
             RuntimeError::UnsupportedImport {
                 origin: origin.to_owned(),
                 reason: format!("{err:#}"),
             }
         })?;
-        // The names are the projection's; their types may still be another world's.
-        let pre = ProjectionPre::new(instance_pre).map_err(|err| RuntimeError::WrongWorld {
+        // The names are the world's; their types may still be another's.
+        let wrong_types = |err: wasmtime::Error| RuntimeError::WrongWorld {
             origin: origin.to_owned(),
             reason: format!(
-                "{}, but not with the projection's types ({err:#})",
+                "{}, but not with the {world}'s types ({err:#})",
                 inspect::exports_reason(None, &exports)
             ),
             exports: exports.clone(),
-        })?;
+        };
+        let pre = if world == inspect::OBSERVER {
+            Pre::Observer(ObserverPre::new(instance_pre).map_err(wrong_types)?)
+        } else {
+            Pre::Projection(ProjectionPre::new(instance_pre).map_err(wrong_types)?)
+        };
         // Exports of the projection's types come from its `types` interface: a component
         // that names no interface of the contract was not built against it.
         let Some(contract) = contract else {
@@ -459,8 +470,9 @@ impl Runtime {
             limits: self.config.limits.clone(),
             descriptor: Descriptor::default(),
             from_cache,
+            settings: Arc::default(),
             info: PluginInfo {
-                world: inspect::PROJECTION.to_owned(),
+                world: world.to_owned(),
                 contract: contract.to_owned(),
                 sha256,
             },
@@ -474,11 +486,19 @@ impl Runtime {
             },
         })?;
         plugin.descriptor =
-            Descriptor::validate(raw).map_err(|reason| RuntimeError::InvalidDescriptor {
-                origin: origin.to_owned(),
-                reason,
+            Descriptor::validate(raw, world == inspect::OBSERVER).map_err(|reason| {
+                RuntimeError::InvalidDescriptor {
+                    origin: origin.to_owned(),
+                    reason,
+                }
             })?;
         plugin.name = plugin.descriptor.name.clone();
+        plugin.settings = self
+            .config
+            .plugin_settings
+            .get(&plugin.name)
+            .cloned()
+            .unwrap_or_default();
         Ok(plugin)
     }
 }
@@ -507,7 +527,7 @@ fn describe_failure(err: &RuntimeError) -> String {
 /// apart.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PluginInfo {
-    /// The world the component exports: `projection`.
+    /// The world the component exports: `projection` or `observer`.
     pub world: String,
     /// The `projector:plugin` version the component was built against, one of
     /// [`SUPPORTED_CONTRACTS`] (e.g. `0.1.1`).
@@ -585,6 +605,10 @@ pub trait BatchHandler: Send + Sync {
         events: Vec<Event>,
         docs: Arc<dyn DocumentReader>,
     ) -> Result<BatchOutput, Failed>;
+    /// Whether its batches decide actions (an observer) rather than write documents.
+    fn is_observer(&self) -> bool {
+        false
+    }
 }
 
 /// A failed batch call: why, and the batch's events, given back.
@@ -605,12 +629,24 @@ impl BatchHandler for Plugin {
     ) -> Result<BatchOutput, Failed> {
         self.handle_batch(events, docs)
     }
+    fn is_observer(&self) -> bool {
+        Plugin::is_observer(self)
+    }
 }
 
-/// A loaded projection plugin, ready to run batches. Cheap to share across threads.
+/// A component's world, linked and ready to instantiate.
+enum Pre {
+    Projection(ProjectionPre<HostState>),
+    Observer(ObserverPre<HostState>),
+}
+
+/// A loaded plugin (a projection or an observer), ready to run batches. Cheap to share across
+/// threads.
 pub struct Plugin {
     name: String,
-    pre: ProjectionPre<HostState>,
+    pre: Pre,
+    /// Its `[plugins.<name>]` settings (the `config` import).
+    settings: Arc<std::collections::BTreeMap<String, String>>,
     engine: Engine,
     slots: Arc<Slots>,
     /// Held so the deadline clock keeps ticking for as long as this plugin can be called.
@@ -640,8 +676,20 @@ impl Plugin {
         &self.info
     }
 
+    /// Whether it is an observer (its batches decide actions) rather than a projection.
+    pub fn is_observer(&self) -> bool {
+        matches!(self.pre, Pre::Observer(_))
+    }
+
     fn store(&self, events: &[Event], docs: Arc<dyn DocumentReader>) -> Store<HostState> {
-        let state = HostState::new(&self.name, &self.limits, &self.descriptor, events, docs);
+        let state = HostState::new(
+            &self.name,
+            &self.limits,
+            &self.descriptor,
+            events,
+            docs,
+            self.settings.clone(),
+        );
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
         let ticks = self
@@ -657,8 +705,16 @@ impl Plugin {
         // Declared before the store: dropped after it, when its instance is back in the pool.
         let _slot = self.slots.acquire();
         let mut store = self.store(&[], Arc::new(MemoryDocuments::default()));
-        let result = match self.pre.instantiate(&mut store) {
-            Ok(instance) => instance.call_describe(&mut store),
+        let result = match &self.pre {
+            Pre::Projection(pre) => pre
+                .instantiate(&mut store)
+                .map(|instance| instance.call_describe(&mut store)),
+            Pre::Observer(pre) => pre
+                .instantiate(&mut store)
+                .map(|instance| instance.call_describe(&mut store)),
+        };
+        let result = match result {
+            Ok(result) => result,
             Err(err) => {
                 store.data_mut().flush_logs();
                 return Err(self.classify(&mut store, err, &[], Stage::Instantiate));
@@ -691,8 +747,20 @@ impl Plugin {
         let _slot = self.slots.acquire();
         let mut store = self.store(&events, docs);
         let wit_events: Vec<wit::Event> = events.into_iter().map(to_wit).collect();
-        let result = match self.pre.instantiate(&mut store) {
-            Ok(instance) => instance.call_handle(&mut store, &wit_events),
+        let instantiated = match &self.pre {
+            Pre::Projection(pre) => pre.instantiate(&mut store).map(|instance| {
+                instance
+                    .call_handle(&mut store, &wit_events)
+                    .map(|r| r.map(|()| None))
+            }),
+            Pre::Observer(pre) => pre.instantiate(&mut store).map(|instance| {
+                instance
+                    .call_on_events(&mut store, &wit_events)
+                    .map(|r| r.map(Some))
+            }),
+        };
+        let result = match instantiated {
+            Ok(result) => result,
             Err(err) => {
                 store.data_mut().flush_logs();
                 let error = self.classify(&mut store, err, &wit_events, Stage::Instantiate);
@@ -701,7 +769,16 @@ impl Plugin {
         };
         store.data_mut().flush_logs();
         let error = match result {
-            Ok(Ok(())) => {
+            Ok(Ok(Some(actions))) => match self.decided(&wit_events, actions) {
+                Ok(actions) => {
+                    return Ok(BatchOutput {
+                        actions,
+                        ..BatchOutput::default()
+                    })
+                }
+                Err(error) => error,
+            },
+            Ok(Ok(None)) => {
                 let output = store.into_data().into_output();
                 match check::check_documents(&output) {
                     Ok(()) => return Ok(output),
@@ -715,6 +792,68 @@ impl Plugin {
             Err(err) => self.classify(&mut store, err, &wit_events, Stage::Call),
         };
         Err(give_back(error, wit_events))
+    }
+
+    /// An observer's actions, keyed: each gets its index among its event's actions. An action
+    /// naming no event of the batch breaks the contract; so does more output than the limit.
+    fn decided(
+        &self,
+        events: &[wit::Event],
+        actions: Vec<wit::Action>,
+    ) -> Result<Vec<crate::observer::Decided>, RuntimeError> {
+        let mut per_event = vec![0u32; events.len()];
+        let mut bytes = 0usize;
+        let mut decided = Vec::with_capacity(actions.len());
+        for action in actions {
+            let index = action.event_index as usize;
+            let (Some(event), Some(count)) = (events.get(index), per_event.get_mut(index)) else {
+                return Err(RuntimeError::Contract {
+                    plugin: self.name.clone(),
+                    message: format!(
+                        "returned an action for event #{index}, which a batch of {} events does \
+                         not have",
+                        events.len()
+                    ),
+                    at: None,
+                    event: String::new(),
+                });
+            };
+            let kind = match action.kind {
+                wit::ActionKind::Webhook(w) => crate::observer::ActionKind::Webhook {
+                    method: w.method,
+                    url: w.url,
+                    headers: w.headers,
+                    body: w.body,
+                },
+                wit::ActionKind::Emit(e) => crate::observer::ActionKind::Emit {
+                    stream: e.stream,
+                    stream_type: e.stream_type,
+                    event_type: e.event_type,
+                    payload: e.payload,
+                },
+                wit::ActionKind::Log(message) => crate::observer::ActionKind::Log { message },
+            };
+            bytes = bytes.saturating_add(kind.body().len() + kind.spec().len());
+            if bytes > self.limits.output_bytes() {
+                return Err(RuntimeError::OutputLimit {
+                    plugin: self.name.clone(),
+                    limit_mb: self.limits.max_output_mb,
+                    at: Some(index),
+                    event: locate(events, index).1,
+                });
+            }
+            decided.push(crate::observer::Decided {
+                event_id: event.id.clone(),
+                index: *count,
+                stream: event.stream.clone(),
+                position: event.position,
+                kind,
+            });
+            *count += 1;
+        }
+        // Delivered per stream in event order: the log keeps them in that order.
+        decided.sort_by_key(|d| d.position);
+        Ok(decided)
     }
 
     /// A failure the guest named: an error it returned or a panic it reported. An index past

@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::event::Event;
+use crate::observer::{ActionKind, ActionState, Counts, Logged, Update};
 use crate::runtime::{BatchOutput, Descriptor};
 
 #[derive(Debug, thiserror::Error)]
@@ -403,6 +404,41 @@ pub trait Store: Send + Sync {
 
     /// Whether the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// An observer's actions not delivered yet and its dead ones, after log id `after`, in
+    /// log order, at most `limit`.
+    async fn open_actions(
+        &self,
+        observer: &str,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<Logged>, StoreError>;
+
+    /// The logged actions with these ids.
+    async fn actions_by_id(&self, observer: &str, ids: &[i64]) -> Result<Vec<Logged>, StoreError>;
+
+    /// Writes delivery outcomes, all in one transaction.
+    async fn update_actions(&self, updates: &[Update]) -> Result<(), StoreError>;
+
+    /// An observer's actions in `state`, from log id `after` on, in log order.
+    async fn list_actions(
+        &self,
+        observer: &str,
+        state: ActionState,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<Logged>, StoreError>;
+
+    async fn action_counts(&self, observer: &str) -> Result<Counts, StoreError>;
+
+    /// An operator's retry (`retry`) or skip of a dead action: pending again with its attempts
+    /// reset, or skipped. `None` when the observer has no dead action `id`.
+    async fn resolve_action(
+        &self,
+        observer: &str,
+        id: i64,
+        retry: bool,
+    ) -> Result<Option<Logged>, StoreError>;
 }
 
 /// The right to run one projection, held until dropped.
@@ -595,6 +631,7 @@ impl Default for Batch<'_> {
     fn default() -> Self {
         static NOTHING: BatchOutput = BatchOutput {
             writes: std::collections::BTreeMap::new(),
+            actions: Vec::new(),
         };
         Self {
             output: &NOTHING,
@@ -752,4 +789,64 @@ pub(crate) fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// The columns of a logged action, in the order [`logged_from_row`] decodes them.
+pub(crate) const LOGGED_COLUMNS: &str = "id, observer, event_id, idx, stream, position, spec, \
+     body, state, attempts, next_at, last_status, last_error, created_at, updated_at";
+
+/// Decodes a [`LOGGED_COLUMNS`] row.
+pub(crate) fn logged_from_row<R>(row: &R) -> Result<Logged, StoreError>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let err = || StoreError::db("reading observer actions");
+    let observer: String = row.try_get(1).map_err(err())?;
+    let event_id: String = row.try_get(2).map_err(err())?;
+    let index = row.try_get::<i64, _>(3).map_err(err())? as u32;
+    let spec: String = row.try_get(6).map_err(err())?;
+    let body: Vec<u8> = row.try_get(7).map_err(err())?;
+    let kind = ActionKind::from_stored(&spec, body).map_err(|e| {
+        StoreError::db("reading an observer action's spec")(sqlx::Error::Decode(e.into()))
+    })?;
+    let state: String = row.try_get(8).map_err(err())?;
+    Ok(Logged {
+        id: row.try_get(0).map_err(err())?,
+        key: crate::observer::action::key(&observer, &event_id, index),
+        observer,
+        event_id,
+        index,
+        stream: row.try_get(4).map_err(err())?,
+        position: row.try_get::<i64, _>(5).map_err(err())? as u64,
+        kind,
+        state: ActionState::parse(&state),
+        attempts: row.try_get::<i64, _>(9).map_err(err())? as u32,
+        next_at: row.try_get(10).map_err(err())?,
+        last_status: row
+            .try_get::<Option<i64>, _>(11)
+            .map_err(err())?
+            .map(|s| s as u16),
+        last_error: row.try_get(12).map_err(err())?,
+        created_at: row.try_get(13).map_err(err())?,
+        updated_at: row.try_get(14).map_err(err())?,
+    })
+}
+
+/// Per-state counts from `(state, count)` rows.
+pub(crate) fn counts(rows: Vec<(String, i64)>) -> Counts {
+    let mut counts = Counts::default();
+    for (state, n) in rows {
+        let n = n as u64;
+        match ActionState::parse(&state) {
+            ActionState::Pending => counts.pending += n,
+            ActionState::Done => counts.done += n,
+            ActionState::Dead => counts.dead += n,
+            ActionState::Skipped => counts.skipped += n,
+        }
+    }
+    counts
 }

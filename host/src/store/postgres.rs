@@ -23,7 +23,9 @@ use super::{
     ANSWERED_COMMANDS_KEPT_MS, LETTER_COLUMNS,
 };
 use super::{catalog_entries, descriptor_json, stored_plugin_from_row, PLUGIN_COLUMNS};
+use super::{counts, logged_from_row, LOGGED_COLUMNS};
 use crate::config::PostgresConfig;
+use crate::observer::{ActionState, Counts, Logged, Update};
 use crate::runtime::Descriptor;
 
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -42,6 +44,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (
         4,
         include_str!("../../../migrations/postgres/0004_plugins.sql"),
+    ),
+    (
+        6,
+        include_str!("../../../migrations/postgres/0006_observers.sql"),
     ),
 ];
 
@@ -850,6 +856,8 @@ impl Store for Postgres {
             .await
             .map_err(StoreError::db("beginning a batch"))?;
         self.write_letters(&mut tx, projection, batch, now).await?;
+        self.log_actions(&mut tx, projection, &output.actions, now)
+            .await?;
         for (collection, writes) in &output.writes {
             let table = self.table(projection, collection);
             let mut keys = Vec::with_capacity(writes.len());
@@ -1252,6 +1260,181 @@ impl Store for Postgres {
             .execute(&self.pool)
             .await
             .map_err(StoreError::db("ping"))?;
+        Ok(())
+    }
+
+    async fn open_actions(
+        &self,
+        observer: &str,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<Logged>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {LOGGED_COLUMNS} FROM {}.observer_actions WHERE observer = $1 AND id > $2 \
+             AND state IN ('pending', 'dead') ORDER BY id LIMIT $3",
+            self.schema
+        ))
+        .bind(observer)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::db("reading open observer actions"))?;
+        rows.iter().map(logged_from_row).collect()
+    }
+
+    async fn actions_by_id(&self, observer: &str, ids: &[i64]) -> Result<Vec<Logged>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {LOGGED_COLUMNS} FROM {}.observer_actions WHERE observer = $1 \
+             AND id = ANY($2) ORDER BY id",
+            self.schema
+        ))
+        .bind(observer)
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::db("reading observer actions"))?;
+        rows.iter().map(logged_from_row).collect()
+    }
+
+    async fn update_actions(&self, updates: &[Update]) -> Result<(), StoreError> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = updates.iter().map(|u| u.id).collect();
+        let states: Vec<&str> = updates.iter().map(|u| u.state.as_str()).collect();
+        let attempts: Vec<i64> = updates.iter().map(|u| i64::from(u.attempts)).collect();
+        let next_at: Vec<i64> = updates.iter().map(|u| u.next_at).collect();
+        let status: Vec<Option<i64>> = updates
+            .iter()
+            .map(|u| u.last_status.map(i64::from))
+            .collect();
+        let errors: Vec<Option<String>> = updates.iter().map(|u| u.last_error.clone()).collect();
+        sqlx::query(&format!(
+            "UPDATE {}.observer_actions AS a SET state = u.state, attempts = u.attempts, \
+             next_at = u.next_at, last_status = u.last_status, last_error = u.last_error, \
+             updated_at = $7 \
+             FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], \
+             $6::text[]) AS u(id, state, attempts, next_at, last_status, last_error) \
+             WHERE a.id = u.id",
+            self.schema
+        ))
+        .bind(&ids)
+        .bind(&states)
+        .bind(&attempts)
+        .bind(&next_at)
+        .bind(&status)
+        .bind(&errors)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::db("recording action deliveries"))?;
+        Ok(())
+    }
+
+    async fn list_actions(
+        &self,
+        observer: &str,
+        state: ActionState,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<Logged>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {LOGGED_COLUMNS} FROM {}.observer_actions WHERE observer = $1 \
+             AND state = $2 AND id > $3 ORDER BY id LIMIT $4",
+            self.schema
+        ))
+        .bind(observer)
+        .bind(state.as_str())
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::db("listing observer actions"))?;
+        rows.iter().map(logged_from_row).collect()
+    }
+
+    async fn action_counts(&self, observer: &str) -> Result<Counts, StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(&format!(
+            "SELECT state, COUNT(*) FROM {}.observer_actions WHERE observer = $1 GROUP BY state",
+            self.schema
+        ))
+        .bind(observer)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::db("counting observer actions"))?;
+        Ok(counts(rows))
+    }
+
+    async fn resolve_action(
+        &self,
+        observer: &str,
+        id: i64,
+        retry: bool,
+    ) -> Result<Option<Logged>, StoreError> {
+        let (state, attempts) = if retry {
+            ("pending", "0")
+        } else {
+            ("skipped", "attempts")
+        };
+        let row = sqlx::query(&format!(
+            "UPDATE {}.observer_actions SET state = '{state}', attempts = {attempts}, \
+             next_at = 0, updated_at = $1 WHERE observer = $2 AND id = $3 AND state = 'dead' \
+             RETURNING {LOGGED_COLUMNS}",
+            self.schema
+        ))
+        .bind(now_ms())
+        .bind(observer)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(StoreError::db("resolving a dead action"))?;
+        row.as_ref().map(logged_from_row).transpose()
+    }
+}
+
+impl Postgres {
+    /// Logs a batch's decided actions in its transaction, in one statement; an action whose
+    /// key is logged already (decided again by a replay) is passed over.
+    async fn log_actions(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        observer: &Descriptor,
+        actions: &[crate::observer::Decided],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        if actions.is_empty() {
+            return Ok(());
+        }
+        let event_ids: Vec<&str> = actions.iter().map(|a| a.event_id.as_str()).collect();
+        let indexes: Vec<i64> = actions.iter().map(|a| i64::from(a.index)).collect();
+        let streams: Vec<&str> = actions.iter().map(|a| a.stream.as_str()).collect();
+        let positions: Vec<i64> = actions.iter().map(|a| a.position as i64).collect();
+        let kinds: Vec<&str> = actions.iter().map(|a| a.kind.as_str()).collect();
+        let specs: Vec<String> = actions.iter().map(|a| a.kind.spec()).collect();
+        let bodies: Vec<&[u8]> = actions.iter().map(|a| a.kind.body()).collect();
+        // WITH ORDINALITY: ids follow the batch's order, which is each stream's event order.
+        sqlx::query(&format!(
+            "INSERT INTO {}.observer_actions (observer, event_id, idx, stream, position, kind, \
+             spec, body, created_at, updated_at) \
+             SELECT $1, e, i, s, p, k, sp, b, $9, $9 FROM UNNEST($2::text[], $3::bigint[], \
+             $4::text[], $5::bigint[], $6::text[], $7::text[], $8::bytea[]) \
+             WITH ORDINALITY AS t(e, i, s, p, k, sp, b, n) ORDER BY n \
+             ON CONFLICT (observer, event_id, idx) DO NOTHING",
+            self.schema
+        ))
+        .bind(&observer.name)
+        .bind(&event_ids)
+        .bind(&indexes)
+        .bind(&streams)
+        .bind(&positions)
+        .bind(&kinds)
+        .bind(&specs)
+        .bind(&bodies)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::db("logging observer actions"))?;
         Ok(())
     }
 }

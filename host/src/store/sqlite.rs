@@ -21,6 +21,8 @@ use super::{
     ANSWERED_COMMANDS_KEPT_MS, LETTER_COLUMNS,
 };
 use super::{catalog_entries, descriptor_json, stored_plugin_from_row, PLUGIN_COLUMNS};
+use super::{counts, logged_from_row, LOGGED_COLUMNS};
+use crate::observer::{ActionState, Counts, Logged, Update};
 use crate::runtime::Descriptor;
 
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -35,6 +37,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../../../migrations/sqlite/0004_plugins.sql"),
     ),
     (5, include_str!("../../../migrations/sqlite/0005_kafka.sql")),
+    (
+        6,
+        include_str!("../../../migrations/sqlite/0006_observers.sql"),
+    ),
 ];
 
 /// Rows per multi-row statement: large enough that a batch of 1000 documents is a handful of
@@ -945,6 +951,7 @@ impl Store for Sqlite {
             .await
             .map_err(StoreError::db("beginning a batch"))?;
         write_letters(&mut tx, projection, batch, now).await?;
+        log_actions(&mut tx, projection, &output.actions, now).await?;
         for (collection, writes) in &output.writes {
             let table = table_name(projection, collection);
             let fields = projection
@@ -1313,6 +1320,210 @@ impl Store for Sqlite {
             .map_err(StoreError::db("ping"))?;
         Ok(())
     }
+
+    async fn open_actions(
+        &self,
+        observer: &str,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<Logged>, StoreError> {
+        self.check_file()?;
+        let rows = sqlx::query(&format!(
+            "SELECT {LOGGED_COLUMNS} FROM observer_actions WHERE observer = ? AND id > ? \
+             AND state IN ('pending', 'dead') ORDER BY id LIMIT ?"
+        ))
+        .bind(observer)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await
+        .map_err(StoreError::db("reading open observer actions"))?;
+        rows.iter().map(logged_from_row).collect()
+    }
+
+    async fn actions_by_id(&self, observer: &str, ids: &[i64]) -> Result<Vec<Logged>, StoreError> {
+        self.check_file()?;
+        let mut found = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+            let mut sql = QueryBuilder::new(format!(
+                "SELECT {LOGGED_COLUMNS} FROM observer_actions WHERE observer = "
+            ));
+            sql.push_bind(observer).push(" AND id IN (");
+            let mut list = sql.separated(", ");
+            for id in chunk {
+                list.push_bind(*id);
+            }
+            sql.push(") ORDER BY id");
+            let rows = sql
+                .build()
+                .fetch_all(&self.read)
+                .await
+                .map_err(StoreError::db("reading observer actions"))?;
+            for row in &rows {
+                found.push(logged_from_row(row)?);
+            }
+        }
+        Ok(found)
+    }
+
+    async fn update_actions(&self, updates: &[Update]) -> Result<(), StoreError> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        self.check_file()?;
+        let now = now_ms();
+        let mut tx = self
+            .write
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(StoreError::db("beginning an action update"))?;
+        // Most updates are deliveries: one statement for all of them.
+        let (done, other): (Vec<&Update>, Vec<&Update>) = updates
+            .iter()
+            .partition(|u| u.state == ActionState::Done && u.last_error.is_none());
+        for chunk in done.chunks(ROWS_PER_STATEMENT) {
+            let mut sql =
+                QueryBuilder::new("UPDATE observer_actions SET state = 'done', updated_at = ");
+            sql.push_bind(now).push(", attempts = CASE id");
+            for u in chunk {
+                sql.push(" WHEN ")
+                    .push_bind(u.id)
+                    .push(" THEN ")
+                    .push_bind(i64::from(u.attempts));
+            }
+            sql.push(" END, last_status = CASE id");
+            for u in chunk {
+                sql.push(" WHEN ")
+                    .push_bind(u.id)
+                    .push(" THEN ")
+                    .push_bind(u.last_status.map(i64::from));
+            }
+            sql.push(" END WHERE id IN (");
+            let mut list = sql.separated(", ");
+            for u in chunk {
+                list.push_bind(u.id);
+            }
+            sql.push(")");
+            sql.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::db("recording delivered actions"))?;
+        }
+        for u in other {
+            sqlx::query(
+                "UPDATE observer_actions SET state = ?, attempts = ?, next_at = ?, \
+                 last_status = ?, last_error = ?, updated_at = ? WHERE id = ?",
+            )
+            .bind(u.state.as_str())
+            .bind(i64::from(u.attempts))
+            .bind(u.next_at)
+            .bind(u.last_status.map(i64::from))
+            .bind(&u.last_error)
+            .bind(now)
+            .bind(u.id)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::db("recording an action's attempt"))?;
+        }
+        tx.commit()
+            .await
+            .map_err(StoreError::db("committing action updates"))
+    }
+
+    async fn list_actions(
+        &self,
+        observer: &str,
+        state: ActionState,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<Logged>, StoreError> {
+        self.check_file()?;
+        let rows = sqlx::query(&format!(
+            "SELECT {LOGGED_COLUMNS} FROM observer_actions WHERE observer = ? AND state = ? \
+             AND id > ? ORDER BY id LIMIT ?"
+        ))
+        .bind(observer)
+        .bind(state.as_str())
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await
+        .map_err(StoreError::db("listing observer actions"))?;
+        rows.iter().map(logged_from_row).collect()
+    }
+
+    async fn action_counts(&self, observer: &str) -> Result<Counts, StoreError> {
+        self.check_file()?;
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT state, COUNT(*) FROM observer_actions WHERE observer = ? GROUP BY state",
+        )
+        .bind(observer)
+        .fetch_all(&self.read)
+        .await
+        .map_err(StoreError::db("counting observer actions"))?;
+        Ok(counts(rows))
+    }
+
+    async fn resolve_action(
+        &self,
+        observer: &str,
+        id: i64,
+        retry: bool,
+    ) -> Result<Option<Logged>, StoreError> {
+        self.check_file()?;
+        let (state, attempts) = if retry {
+            ("pending", "0")
+        } else {
+            ("skipped", "attempts")
+        };
+        let row = sqlx::query(&format!(
+            "UPDATE observer_actions SET state = '{state}', attempts = {attempts}, next_at = 0, \
+             updated_at = ? WHERE observer = ? AND id = ? AND state = 'dead' \
+             RETURNING {LOGGED_COLUMNS}"
+        ))
+        .bind(now_ms())
+        .bind(observer)
+        .bind(id)
+        .fetch_optional(&self.write)
+        .await
+        .map_err(StoreError::db("resolving a dead action"))?;
+        row.as_ref().map(logged_from_row).transpose()
+    }
+}
+
+/// Logs a batch's decided actions in its transaction; an action whose key is logged already
+/// (decided again by a replay) is passed over.
+async fn log_actions(
+    tx: &mut sqlx::SqliteConnection,
+    observer: &Descriptor,
+    actions: &[crate::observer::Decided],
+    now: i64,
+) -> Result<(), StoreError> {
+    const COLUMNS: usize = 10;
+    for chunk in actions.chunks(MAX_BINDS / COLUMNS) {
+        let mut sql = QueryBuilder::new(
+            "INSERT INTO observer_actions (observer, event_id, idx, stream, position, kind, \
+             spec, body, created_at, updated_at) ",
+        );
+        sql.push_values(chunk, |mut row, a| {
+            row.push_bind(&observer.name)
+                .push_bind(&a.event_id)
+                .push_bind(i64::from(a.index))
+                .push_bind(&a.stream)
+                .push_bind(a.position as i64)
+                .push_bind(a.kind.as_str())
+                .push_bind(a.kind.spec())
+                .push_bind(a.kind.body())
+                .push_bind(now)
+                .push_bind(now);
+        });
+        sql.push(" ON CONFLICT (observer, event_id, idx) DO NOTHING");
+        sql.build()
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::db("logging observer actions"))?;
+    }
+    Ok(())
 }
 
 /// Moves the catalog's revision, in the transaction of the change.

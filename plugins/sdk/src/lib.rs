@@ -1,4 +1,4 @@
-//! Write a projector projection in plain Rust.
+//! Write projector plugins in plain Rust: projections and observers.
 //!
 //! A projection is a type implementing [`Projection`]: it describes itself and handles one
 //! event at a time against a [`State`] of JSON documents. [`export_projection!`] turns it into a
@@ -26,9 +26,43 @@
 //! h.emit("cart-1", "ItemAdded", serde_json::json!({})).unwrap();
 //! assert_eq!(h.doc::<u64>("counts", "cart-1"), Some(2));
 //! ```
+//!
+//! An observer is a type implementing [`Observer`]: for each event it adds [`Actions`] (a
+//! [`Webhook`] to call, an [`Emit`]ted event to append, a log line), which the host carries out
+//! once each, with retries; the guest itself reaches nothing outside. [`export_observer!`]
+//! exports it and [`testing::ObserverHarness`] returns its actions in tests. Both kinds read the
+//! operator's settings for the plugin with [`config`].
+//!
+//! ```
+//! use projector_sdk::prelude::*;
+//! use projector_sdk::ActionKind;
+//!
+//! struct CartAbandoned;
+//!
+//! impl Observer for CartAbandoned {
+//!     fn describe() -> Descriptor {
+//!         Descriptor::new("cart-abandoned", "1.0.0").events(&["CartAbandoned"])
+//!     }
+//!     fn on_event(event: &Event, actions: &mut Actions) -> Result<()> {
+//!         let url = config::get("url").ok_or_else(|| Error::msg("set `url`"))?;
+//!         actions.webhook(Webhook::post(&url).json(&serde_json::json!({"cart": event.stream}))?);
+//!         Ok(())
+//!     }
+//! }
+//! projector_sdk::export_observer!(CartAbandoned);
+//!
+//! let mut h = projector_sdk::testing::ObserverHarness::<CartAbandoned>::new()
+//!     .config("url", "https://crm.example/hooks/cart");
+//! let actions = h.observe("cart-1", "CartAbandoned", serde_json::json!({})).unwrap();
+//! let [ActionKind::Webhook(hook)] = actions.as_slice() else { panic!("{actions:?}") };
+//! assert_eq!(hook.url, "https://crm.example/hooks/cart");
+//! assert_eq!(hook.body, br#"{"cart":"cart-1"}"#);
+//! ```
 
+pub mod config;
 mod event;
 pub mod log;
+mod observer;
 mod state;
 pub mod testing;
 
@@ -37,17 +71,20 @@ pub mod testing;
 pub mod guest;
 
 pub use event::Event;
+pub use observer::{run_observer_batch, Action, ActionKind, Actions, Emit, Observer, Webhook};
 pub use serde;
 pub use serde_json;
 pub use state::{Backend, State};
 
 /// The usual imports for a plugin crate.
 pub mod prelude {
-    pub use crate::{Descriptor, Error, Event, Projection, Result, State};
+    pub use crate::config;
+    pub use crate::{Actions, Descriptor, Emit, Error, Event, Observer, Projection, Result};
+    pub use crate::{State, Webhook};
     pub use serde::{Deserialize, Serialize};
 }
 
-/// What a projection tells the host about itself.
+/// What a projection or an observer tells the host about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Descriptor {
     pub name: String,
@@ -169,6 +206,17 @@ const NO_EVENT: u32 = u32::MAX;
 pub(crate) static CURRENT_EVENT: std::sync::atomic::AtomicU32 =
     std::sync::atomic::AtomicU32::new(NO_EVENT);
 
+/// The error of the batch's event `index`, naming the event so the operator can find it.
+fn event_failed(index: usize, event: &Event, err: &Error) -> BatchError {
+    BatchError {
+        index,
+        message: format!(
+            "{} (version {} of stream {}): {}",
+            event.event_type, event.version, event.stream, err
+        ),
+    }
+}
+
 /// Records which event the SDK is on, for its panic hook and (in WASM) for the host, which
 /// names it when it cuts the call short (deadline, memory, output cap, trap).
 fn begin_event(index: u32) {
@@ -186,13 +234,7 @@ pub fn run_batch<P: Projection>(
     let mut state = State::new(backend);
     for (index, event) in events.iter().enumerate() {
         begin_event(u32::try_from(index).unwrap_or(NO_EVENT));
-        P::handle(event, &mut state).map_err(|err| BatchError {
-            index,
-            message: format!(
-                "{} (version {} of stream {}): {}",
-                event.event_type, event.version, event.stream, err
-            ),
-        })?;
+        P::handle(event, &mut state).map_err(|err| event_failed(index, event, &err))?;
     }
     // Past the events: writing back the documents is the batch's doing, not its last event's.
     begin_event(NO_EVENT);
@@ -216,6 +258,36 @@ macro_rules! export_projection {
                 __ProjectorGuest with_types_in $crate::guest::bindings
             );
         };
+    };
+}
+
+/// Exports an [`Observer`] as the component's `observer` world. Natively it expands to nothing,
+/// so the same crate builds and tests on the host.
+#[macro_export]
+macro_rules! export_observer {
+    ($ty:ty) => {
+        // The bindings need a module: their export glue names its types by path.
+        #[cfg(target_arch = "wasm32")]
+        type __ProjectorObserverImpl = $ty;
+
+        #[cfg(target_arch = "wasm32")]
+        #[doc(hidden)]
+        mod __projector_observer {
+            $crate::__observer_bindings!();
+
+            pub struct Adapter;
+
+            impl Guest for Adapter {
+                fn describe() -> Descriptor {
+                    $crate::guest::observer_describe::<super::__ProjectorObserverImpl>()
+                }
+                fn on_events(events: Vec<Event>) -> Result<Vec<Action>, HandleError> {
+                    $crate::guest::observer_on_events::<super::__ProjectorObserverImpl>(events)
+                }
+            }
+
+            __export_observer_impl!(Adapter with_types_in self);
+        }
     };
 }
 
