@@ -48,6 +48,8 @@
 //! rates are CPU-bound, so a ratio measured while other work ran says so there.
 //! Needs the variants of `bash scripts/build-plugins.sh`.
 //! `PROJECTOR_*` settings in the environment apply to the server of these three.
+//! `observer`: the `relay` observer delivering one webhook per event to a local receiver (see
+//! `benches/scenarios/observer.rs`); needs `target/plugins/fixtures/relay.wasm`.
 //! `kafka` (`kafka-catchup`, `kafka-live`, `kafka-ryw`; by name only): the Kafka source against
 //! a tansu broker the bench starts (see `benches/scenarios/kafka.rs`).
 //! Default: all. `catchup-poison` and `isolate-loop` need `target/plugins/fixtures/poison.wasm`
@@ -71,6 +73,8 @@
 
 #[path = "scenarios/kafka.rs"]
 mod kafka;
+#[path = "scenarios/observer.rs"]
+mod observer;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -3026,6 +3030,10 @@ async fn main() {
     if wants_kafka("kafka-ryw") {
         println!("\n## Kafka read-your-writes (banking seed)");
         kafka::ryw().await;
+    }
+    if wants("observer") {
+        println!("\n## Observer: one webhook per event to a local receiver (SQLite)");
+        observer::observer().await;
     }
     if wants("swap") {
         println!("\n## Plugin swaps and a rebuild under live load on SQLite (HTTP)");

@@ -52,6 +52,13 @@ pub enum DeployError {
         version: String,
         what: String,
     },
+    /// An observer uploaded under a projection's name, or the other way round.
+    #[error("{name} is a {running}; a plugin of the {uploaded} world cannot replace it: give it a name of its own")]
+    WorldChanged {
+        name: String,
+        running: String,
+        uploaded: String,
+    },
     #[error("no projection named {0:?}")]
     UnknownProjection(String),
     #[error("{name} has no version {version:?} in the catalog (versions: {known})")]
@@ -78,7 +85,9 @@ impl DeployError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::Invalid(_) | Self::NameMismatch { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::ShapeChanged { .. } | Self::ActiveVersion { .. } => StatusCode::CONFLICT,
+            Self::ShapeChanged { .. } | Self::ActiveVersion { .. } | Self::WorldChanged { .. } => {
+                StatusCode::CONFLICT
+            }
             Self::UnknownProjection(_) | Self::UnknownVersion { .. } => StatusCode::NOT_FOUND,
             Self::Store(_) | Self::Aborted(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -90,6 +99,7 @@ impl DeployError {
             Self::Invalid(invalid) => invalid.code(),
             Self::NameMismatch { .. } => "name_mismatch",
             Self::ShapeChanged { .. } => "shape_changed",
+            Self::WorldChanged { .. } => "world_changed",
             Self::UnknownProjection(_) => "unknown_projection",
             Self::UnknownVersion { .. } => "unknown_version",
             Self::ActiveVersion { .. } => "active_version",
@@ -250,6 +260,15 @@ impl Deployer {
             // Registered by a projector from before the catalog: nothing to build beside.
             Some(entry) if entry.plugin(&entry.active).is_none() => (Placement::Active, "created"),
             Some(entry) => {
+                if let Some(active) = entry.plugin(&entry.active) {
+                    if active.world != stored.world {
+                        return Err(DeployError::WorldChanged {
+                            name: descriptor.name.clone(),
+                            running: active.world.clone(),
+                            uploaded: stored.world.clone(),
+                        });
+                    }
+                }
                 let serving = entry.active == descriptor.version;
                 let building = entry.building.as_deref() == Some(&descriptor.version);
                 let same = entry.plugin(&descriptor.version);

@@ -430,3 +430,112 @@ async fn a_webhook_outside_the_allow_list_is_dead_lettered_without_a_request() {
         0
     );
 }
+
+/// An event `on-events` fails on is dead-lettered and its stream parked, like a projection's;
+/// the other streams' actions are delivered, and the metrics count them.
+#[tokio::test]
+async fn an_event_the_observer_fails_on_parks_its_stream_only() {
+    let receiver = Receiver::start(Behaviour::default()).await;
+    let server = start(&Backend::Sqlite, &receiver, FLAKY, &[]);
+    let api = server.api();
+    let event = |stream: &str, payload: Value| json!({"stream": stream, "stream_type": "Account", "type": "Deposited", "payload": payload});
+    post_events(
+        &api,
+        vec![
+            event("good-1", json!({"amount": 1})),
+            event("sick-1", json!({"fail": true})),
+            event("sick-1", json!({"amount": 2})),
+            event("good-1", json!({"amount": 3})),
+        ],
+    )
+    .await;
+    eventually(Duration::from_secs(30), || async {
+        let n = receiver.accepted().len();
+        if n == 2 {
+            Ok(())
+        } else {
+            Err(format!("{n} accepted"))
+        }
+    })
+    .await;
+    let (_, letters) = api
+        .get(&format!("/projections/{OBSERVER}/_dead_letters"))
+        .await;
+    let items = letters["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2, "{letters}");
+    assert_eq!(items[0]["kind"], "plugin", "{letters}");
+    assert!(
+        items[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("asked to fail"),
+        "{letters}"
+    );
+    assert_eq!(items[1]["kind"], "parked", "{letters}");
+    let summary = observer(&api).await;
+    assert_eq!(summary["event_dead_letters"], 1, "{summary}");
+    assert_eq!(summary["actions"]["done"], 2, "{summary}");
+    let (_, metrics) = api.get_text("/metrics").await;
+    assert!(
+        metrics.contains(
+            "projector_actions_total{observer=\"relay\",kind=\"webhook\",outcome=\"delivered\"} 2"
+        ),
+        "{metrics}"
+    );
+    // Observers are not projections: listed apart.
+    let (_, projections) = api.get("/projections").await;
+    assert!(
+        projections["projections"].as_array().unwrap().is_empty(),
+        "{projections}"
+    );
+}
+
+/// An `emit` appends its event once, with an id derived from the action's key: the observer
+/// sees it (and relays it) once, even after its checkpoint is reset and the emit decided again.
+#[tokio::test]
+async fn an_emitted_event_is_appended_once_even_when_decided_again() {
+    let receiver = Receiver::start(Behaviour::default()).await;
+    let server = start(&Backend::Sqlite, &receiver, FLAKY, &[]);
+    let api = server.api();
+    post_events(&api, vec![json!({
+        "stream": "order-1", "stream_type": "Order", "type": "Emit", "payload": {"stream": "derived-1"},
+    })]).await;
+    let relayed = || {
+        receiver
+            .log
+            .lock()
+            .unwrap()
+            .arrivals
+            .iter()
+            .filter(|a| a.status == 200)
+            .count()
+    };
+    // The Emit event's webhook, then the Relayed event's.
+    eventually(Duration::from_secs(30), || async {
+        let n = receiver.accepted().len();
+        if n == 2 {
+            Ok(())
+        } else {
+            Err(format!("{n} accepted"))
+        }
+    })
+    .await;
+    let (status, derived) = api.get("/observers/relay").await;
+    assert_eq!(status, 200);
+    let head = derived["head"].as_u64().unwrap();
+    assert_eq!(head, 2, "the emitted event is the log's second: {derived}");
+    let (status, body) = admin(&api, &format!("/admin/observers/{OBSERVER}/reset")).await;
+    assert_eq!(status, 200, "{body}");
+    eventually(Duration::from_secs(30), || async {
+        let s = observer(&api).await;
+        if s["checkpoint"].as_u64() >= Some(head) && s["actions"]["done"] == 3 {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    })
+    .await;
+    let after = observer(&api).await;
+    assert_eq!(after["head"], head, "appended again: {after}");
+    assert_eq!(relayed(), 2);
+}

@@ -251,7 +251,7 @@ fn a_loaded_plugin_reports_its_world_contract_and_digest() {
 
     let (plugin, bytes) = load(&plugin_path("account-balance"));
     assert_eq!(plugin.info().world, "projection");
-    assert_eq!(plugin.info().contract, "0.1.1");
+    assert_eq!(plugin.info().contract, "0.1.2");
     assert_eq!(plugin.info().sha256, sha256(&bytes));
 }
 
@@ -305,7 +305,7 @@ fn the_same_version_variant_differs_in_code_only() {
     assert_ne!(same.info().sha256, live.info().sha256);
     assert_eq!(same.name(), live.name());
     assert_eq!(same.descriptor(), live.descriptor());
-    assert_eq!(same.info().contract, "0.1.1");
+    assert_eq!(same.info().contract, "0.1.2");
     assert_eq!(accounts(&same), batch().1);
     assert_eq!(accounts(&same), accounts(&live));
 }

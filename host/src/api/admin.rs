@@ -79,7 +79,8 @@ fn handler(method: &str, path: &str, max_plugin: usize) -> MethodRouter<AppState
             "skip" => post(skip_action),
             "pause" => post(pause),
             "resume" => post(resume),
-            _ => post(restart),
+            "restart" => post(restart),
+            _ => post(unknown_admin_route),
         };
     }
     match (method, path.rsplit('/').next().unwrap_or_default()) {
@@ -212,6 +213,10 @@ async fn skip(
 ) -> Result<Json<Value>, ApiError> {
     let position = position(&at)?;
     send(&app, &name, Command::Skip { position }).await
+}
+
+async fn unknown_admin_route() -> ApiError {
+    ApiError::not_found("no_route", "no such admin endpoint; see the README")
 }
 
 /// `POST /admin/observers/{name}/reset?position=N` (default 0): the observer observes the
@@ -449,6 +454,9 @@ mod tests {
         for &(method, path) in ADMIN_ROUTES {
             let last = path.rsplit('/').next().unwrap();
             let known = match method {
+                "POST" if path.starts_with("/admin/observers/") => {
+                    ["pause", "resume", "restart", "retry", "skip", "reset"].contains(&last)
+                }
                 "POST" => {
                     ["pause", "resume", "restart", "retry", "skip", "activate"].contains(&last)
                 }

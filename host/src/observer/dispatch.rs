@@ -39,6 +39,11 @@ const MAX_QUEUED: usize = 20_000;
 /// retried or skipped them); a local retry or skip is seen at once.
 const DEAD_POLL: Duration = Duration::from_secs(1);
 
+/// Outcomes are written when this many are waiting, or this long after the last write, or when
+/// nothing is in flight.
+const WRITE_BATCH: usize = 512;
+const WRITE_EVERY: Duration = Duration::from_millis(20);
+
 /// How often the log is read when nothing wakes the dispatcher (a commit wakes it at once).
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
@@ -161,6 +166,7 @@ impl Dispatcher {
         let mut updates: Vec<Update> = Vec::new();
         let mut dead_checked = Instant::now();
         let mut loaded = Instant::now();
+        let mut written = Instant::now();
         // A version being rebuilt logs actions that the serving version's dispatcher delivers;
         // once it takes over, its own does.
         while self.observer.is_building() {
@@ -194,9 +200,14 @@ impl Dispatcher {
                     }
                 }
             }
-            // Outcomes first: a dead action must be dead in the log before it is read back.
-            if !updates.is_empty() {
+            // Outcomes in batches: one transaction for many deliveries.
+            if !updates.is_empty()
+                && (updates.len() >= WRITE_BATCH
+                    || written.elapsed() >= WRITE_EVERY
+                    || flying.is_empty())
+            {
                 self.write(&mut updates).await;
+                written = Instant::now();
             }
             if !q.blocked.is_empty() && dead_checked.elapsed() >= DEAD_POLL {
                 dead_checked = Instant::now();
@@ -221,6 +232,11 @@ impl Dispatcher {
                     IDLE_POLL
                 } else {
                     DEAD_POLL
+                })
+                .min(if updates.is_empty() {
+                    IDLE_POLL
+                } else {
+                    WRITE_EVERY
                 });
             tokio::select! {
                 Some(done) = flying.join_next(), if !flying.is_empty() => {
@@ -407,6 +423,16 @@ impl Dispatcher {
         if updates.is_empty() {
             return;
         }
+        // One action may have failed an attempt and been delivered since: only its last
+        // outcome counts (a store may apply the updates in any order).
+        let mut seen = HashSet::with_capacity(updates.len());
+        let mut last: Vec<Update> = Vec::with_capacity(updates.len());
+        for update in updates.iter().rev() {
+            if seen.insert(update.id) {
+                last.push(update.clone());
+            }
+        }
+        *updates = last;
         match self.store.update_actions(updates).await {
             Ok(()) => updates.clear(),
             Err(err) => {

@@ -24,7 +24,8 @@ use crate::store::{DeadLetter, LetterKind, LetterState};
 /// What an isolation kept and set aside.
 #[derive(Default)]
 pub(super) struct Isolated {
-    /// The documents of every event that succeeded, later writes over earlier ones.
+    /// The documents of every event that succeeded, later writes over earlier ones; an
+    /// observer's actions, in event order.
     pub output: BatchOutput,
     /// Culprits and the events parked behind them.
     pub letters: Vec<DeadLetter>,
@@ -38,6 +39,12 @@ impl Isolated {
                 .entry(collection)
                 .or_default()
                 .extend(writes);
+        }
+        if !output.actions.is_empty() {
+            self.output.actions.extend(output.actions);
+            // Sub-batches run in position order, but the log must be in event order whatever
+            // the split.
+            self.output.actions.sort_by_key(|a| a.position);
         }
     }
 }
