@@ -65,3 +65,4 @@ build_feature account-balance same "$out/variants/account-balance-same/account-b
 build_feature account-balance v2 "$out/variants/account-balance-v2/account-balance.wasm"
 build_feature account-balance reshape "$out/variants/account-balance-reshape/account-balance.wasm"
 echo "plugins built into $out: $(cd "$out" && ls *.wasm fixtures/*.wasm fixtures/*/*.wasm variants/*/*.wasm | tr '\n' ' ')"
+bash "$root/scripts/python-plugins.sh"

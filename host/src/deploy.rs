@@ -254,7 +254,9 @@ impl Deployer {
             descriptor: descriptor.clone(),
             origin: origin.into(),
             uploaded_at: crate::store::now_ms(),
+            code_changed_at: None,
         };
+        let mut stored = stored;
         let (placement, action) = match &entry {
             None => (Placement::Active, "created"),
             // Registered by a projector from before the catalog: nothing to build beside.
@@ -284,6 +286,16 @@ impl Deployer {
                             what,
                         });
                     }
+                }
+                if let Some(old) = same.filter(|p| p.sha256 != sha256) {
+                    // Other code under a version that has run: what it wrote before stays the
+                    // old code's work. Said loudly, and kept, so an operator can rebuild.
+                    if serving || building {
+                        stored.code_changed_at = Some(stored.uploaded_at);
+                        tracing::warn!(projection = %descriptor.name, version = %descriptor.version, old_sha256 = %old.sha256, new_sha256 = %sha256, origin, "other code under the same version: documents written before keep what the old code made; POST /admin/projections/{}/rebuild rebuilds them", descriptor.name);
+                    }
+                } else if let Some(same) = same {
+                    stored.code_changed_at = same.code_changed_at;
                 }
                 if serving {
                     (Placement::Active, "swapped")

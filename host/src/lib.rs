@@ -1,6 +1,7 @@
 //! projector: event-sourcing projections and observers as sandboxed WebAssembly components.
 
 pub mod api;
+pub mod author;
 pub mod backpressure;
 pub mod config;
 pub mod consistency;

@@ -13,6 +13,9 @@ use projector::runtime::{Limits, Runtime, RuntimeConfig};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// On an error, print its debug form (and a backtrace, with RUST_BACKTRACE=1).
+    #[arg(long, global = true)]
+    debug: bool,
 }
 
 #[derive(Subcommand)]
@@ -34,6 +37,39 @@ enum Command {
         /// Events per `handle` call.
         #[arg(long, default_value_t = 1000)]
         batch_size: usize,
+        /// Cache for compiled plugins.
+        #[arg(
+            long,
+            env = "PROJECTOR_CACHE_DIR",
+            default_value = "projector-data/cache"
+        )]
+        cache_dir: PathBuf,
+        /// Go on past bad lines and events the plugin fails on: report each, print the
+        /// partial read model, exit with 2.
+        #[arg(long)]
+        keep_going: bool,
+    },
+    /// Write a new plugin crate NAME (a projection; `--observer` for an observer) that builds
+    /// and tests as written.
+    New {
+        name: String,
+        /// An observer (side effects as data) instead of a projection.
+        #[arg(long)]
+        observer: bool,
+        /// The folder to create it in.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The SDK crate's folder [env: PROJECTOR_SDK] (default: this projector's checkout, or
+        /// the published crate).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Build a plugin crate into a component (adds the wasm32-wasip2 target if missing); print
+    /// its path, size and what it declares.
+    Build {
+        /// The crate's folder.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
         /// Cache for compiled plugins.
         #[arg(
             long,
@@ -71,7 +107,33 @@ struct ServeArgs {
     watch: bool,
 }
 
-fn main() -> anyhow::Result<()> {
+/// Errors are printed once, cause by cause without repeats, and without a backtrace unless
+/// `--debug`.
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let debug = cli.debug;
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) if debug => {
+            eprintln!("error: {err:?}");
+            std::process::ExitCode::FAILURE
+        }
+        Err(err) => {
+            let mut text = err.to_string();
+            for cause in err.chain().skip(1) {
+                let cause = cause.to_string();
+                if !text.contains(&cause) {
+                    text.push_str(": ");
+                    text.push_str(&cause);
+                }
+            }
+            eprintln!("error: {text}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PROJECTOR_LOG")
@@ -85,14 +147,15 @@ fn main() -> anyhow::Result<()> {
         // runner with it.
         .log_internal_errors(false)
         .init();
-    match Cli::parse().command {
-        Command::Serve(args) => serve(args),
+    match cli.command {
+        Command::Serve(args) => serve(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Replay {
             plugin,
             events,
             out,
             batch_size,
             cache_dir,
+            keep_going,
         } => {
             let runtime = Runtime::new(RuntimeConfig {
                 limits: Limits::default(),
@@ -100,15 +163,82 @@ fn main() -> anyhow::Result<()> {
                 ..Default::default()
             })?;
             let plugin = runtime.load_file(&plugin)?;
-            let model = projector::replay::replay(&plugin, &events, batch_size)?;
-            let mut json = serde_json::to_string_pretty(&model)?;
+            let mut replayed =
+                projector::replay::replay_with(&plugin, &events, batch_size, keep_going)?;
+            if !keep_going && !replayed.failures.is_empty() {
+                return Err(replayed.failures.remove(0).into());
+            }
+            let mut json = serde_json::to_string_pretty(&replayed.model)?;
             json.push('\n');
             match out {
                 Some(path) => std::fs::write(&path, json)
                     .with_context(|| format!("writing {}", path.display()))?,
                 None => print!("{json}"),
             }
-            Ok(())
+            if keep_going && !replayed.failures.is_empty() {
+                for failure in &replayed.failures {
+                    eprintln!("error: {failure}");
+                }
+                eprintln!(
+                    "{} events or lines left out; the read model above is without them",
+                    replayed.failures.len()
+                );
+                return Ok(std::process::ExitCode::from(2));
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::New {
+            name,
+            observer,
+            dir,
+            sdk,
+        } => {
+            let sdk = match sdk {
+                Some(path) => projector::author::Sdk::Path(
+                    path.canonicalize()
+                        .with_context(|| format!("the SDK folder {}", path.display()))?,
+                ),
+                None => projector::author::Sdk::locate(),
+            };
+            let created = projector::author::new_plugin(&dir, &name, observer, &sdk)?;
+            println!(
+                "created {} ({}); next: cd {} && cargo test && projector build",
+                created.display(),
+                if observer {
+                    "an observer"
+                } else {
+                    "a projection"
+                },
+                created.display()
+            );
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Build { dir, cache_dir } => {
+            let built = projector::author::build_plugin(&dir, Some(cache_dir))?;
+            let d = built.plugin.descriptor();
+            let info = built.plugin.info();
+            println!("{}", built.path.display());
+            println!(
+                "  {} bytes, world {}, contract {}, sha256 {}",
+                built.bytes, info.world, info.contract, info.sha256
+            );
+            println!("  {} {}", d.name, d.version);
+            println!(
+                "  events: {}",
+                if d.event_types.is_empty() {
+                    "all".to_owned()
+                } else {
+                    d.event_types.join(", ")
+                }
+            );
+            for c in &d.collections {
+                println!(
+                    "  collection {} (indexed: {})",
+                    c.name,
+                    c.indexes.join(", ")
+                );
+            }
+            Ok(std::process::ExitCode::SUCCESS)
         }
     }
 }

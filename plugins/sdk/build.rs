@@ -1,15 +1,16 @@
 //! Writes `__observer_bindings!`, which generates the `observer` world's bindings in the plugin
 //! crate that exports an observer (see `src/guest.rs` for why not in this crate). wit-bindgen
-//! reads a relative `path` from the crate that invokes it, so the macro names the contract's WIT
-//! folder by its absolute path, known only here.
+//! reads a relative `path` from the crate that invokes it, so the macro names this crate's WIT
+//! folder by its absolute path, known only here. The folder is the crate's own (`wit/`, a copy
+//! of the repository's contract), so a vendored or packaged copy of the crate finds it too.
 
 use std::path::Path;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=../../wit/plugin.wit");
+    println!("cargo:rerun-if-changed=wit/plugin.wit");
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")?;
-    let wit = Path::new(&manifest_dir).join("../../wit").canonicalize()?;
+    let wit = Path::new(&manifest_dir).join("wit").canonicalize()?;
     // `with` wants the interfaces' versioned names: read the version the contract has now.
     let contract = std::fs::read_to_string(wit.join("plugin.wit"))?;
     let version = contract

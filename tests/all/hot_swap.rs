@@ -609,3 +609,34 @@ async fn watch_deploys_a_plugin_file_when_it_changes() {
     let doc = deposit_and_read(&api, 2).await;
     assert_eq!(doc["document"]["balance"], 2);
 }
+
+/// Other code under the same version, at a restart with the changed file in the folder: taken,
+/// but said (a warning naming both digests) and shown (`code_changed_at`).
+#[tokio::test]
+async fn other_code_under_the_same_version_is_warned_about_and_shown() {
+    let plugins = plugin_set(&[NAME], &[]);
+    let data = tempdir("code-changed");
+    let mut server = Server::start_with(&plugins, &data, &admin_env());
+    let api = server.api();
+    api.open_account("acct-1", "ann").await;
+    let summary = api.projection(NAME).await;
+    assert!(summary["code_changed_at"].is_null(), "{summary}");
+    let old = sha256_of(&plugin_path(NAME));
+    let new = sha256_of(&variant("same"));
+    std::fs::copy(variant("same"), plugins.join(format!("{NAME}.wasm"))).unwrap();
+    server.kill();
+    server.restart();
+    let api = server.api();
+    let summary = api.projection(NAME).await;
+    assert!(summary["code_changed_at"].as_i64().is_some(), "{summary}");
+    assert_eq!(summary["active"]["sha256"], new, "{summary}");
+    let log = std::fs::read_to_string(data.join("server.log")).unwrap();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("other code under the same version"))
+        .unwrap_or_else(|| panic!("no warning in:\n{log}"));
+    assert!(
+        warning.contains(&old) && warning.contains(&new),
+        "{warning}"
+    );
+}

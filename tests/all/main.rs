@@ -2,6 +2,7 @@
 //! real library and binary against real plugins compiled from `plugins/`.
 
 mod admin;
+mod author;
 mod bad_input;
 mod contract;
 mod faults;
@@ -18,6 +19,8 @@ mod receiver;
 mod replay;
 mod restart;
 mod runtime;
+mod sdk_package;
+mod second_language;
 mod seed;
 mod store;
 mod support;

@@ -229,6 +229,9 @@ async fn summary(app: &AppState, projection: &Projection) -> Value {
             "malformed_since_start": ProjectionMetrics::get(&projection.metrics.dead_letters_malformed),
             "plugin_since_start": ProjectionMetrics::get(&projection.metrics.dead_letters_plugin),
         },
+        "code_changed_at": app.deploy.loaded().into_iter().find(|l| {
+            l.stored.name == descriptor.name && l.stored.version == descriptor.version
+        }).and_then(|l| l.stored.code_changed_at),
         "active": version_summary(app, projection, head),
         "building": app
             .projections
@@ -261,6 +264,7 @@ fn version_summary(app: &AppState, projection: &Projection, head: u64) -> Value 
             Some(if app.deploy.manual_cutover(projection.name()) { "manual" } else { "auto" })
         } else { None },
         "sha256": loaded.as_ref().map(|l| l.stored.sha256.clone()),
+        "code_changed_at": loaded.as_ref().and_then(|l| l.stored.code_changed_at),
         "swap_pauses": projection.metrics.swap_pause.count(),
         "last_swap_pause_ms": ProjectionMetrics::get(&projection.metrics.last_swap_pause_micros) as f64 / 1000.0,
         "loaded_at": loaded.map(|l| l.loaded_at),

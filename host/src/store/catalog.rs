@@ -23,6 +23,9 @@ pub struct StoredPlugin {
     pub origin: String,
     /// When this code was stored, ms since the epoch.
     pub uploaded_at: i64,
+    /// When other code last replaced this version's under the same version (a swap): what
+    /// that version wrote before is the old code's work until it is rebuilt.
+    pub code_changed_at: Option<i64>,
 }
 
 /// A projection as the catalog has it.

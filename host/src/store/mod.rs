@@ -520,7 +520,7 @@ pub(crate) fn field_column(field: &str) -> String {
 
 /// The columns of a stored plugin (not its code), as [`stored_plugin_from_row`] decodes them.
 pub(crate) const PLUGIN_COLUMNS: &str =
-    "name, version, sha256, world, contract, descriptor, origin, uploaded_at";
+    "name, version, sha256, world, contract, descriptor, origin, uploaded_at, code_changed_at";
 
 pub(crate) fn stored_plugin_from_row<R>(row: &R) -> Result<catalog::StoredPlugin, StoreError>
 where
@@ -547,6 +547,7 @@ where
         descriptor,
         origin: row.try_get(6).map_err(err())?,
         uploaded_at: row.try_get(7).map_err(err())?,
+        code_changed_at: row.try_get(8).map_err(err())?,
     })
 }
 

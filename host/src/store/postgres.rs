@@ -49,6 +49,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         6,
         include_str!("../../../migrations/postgres/0006_observers.sql"),
     ),
+    (
+        7,
+        include_str!("../../../migrations/postgres/0007_code_changed.sql"),
+    ),
 ];
 
 /// How often a held lease checks that its connection (and so the lock) is still there.
@@ -513,11 +517,11 @@ impl Store for Postgres {
             .await
             .map_err(StoreError::db("storing a plugin"))?;
         sqlx::query(&format!(
-            "INSERT INTO {schema}.plugins (name, version, sha256, world, contract, descriptor, origin, uploaded_at, bytes) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+            "INSERT INTO {schema}.plugins (name, version, sha256, world, contract, descriptor, origin, uploaded_at, bytes, code_changed_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
              ON CONFLICT (name, version) DO UPDATE SET sha256 = excluded.sha256, world = excluded.world, \
              contract = excluded.contract, descriptor = excluded.descriptor, origin = excluded.origin, \
-             uploaded_at = excluded.uploaded_at, bytes = excluded.bytes"
+             uploaded_at = excluded.uploaded_at, bytes = excluded.bytes, code_changed_at = excluded.code_changed_at"
         ))
         .bind(&plugin.name)
         .bind(&plugin.version)
@@ -528,6 +532,7 @@ impl Store for Postgres {
         .bind(&plugin.origin)
         .bind(plugin.uploaded_at)
         .bind(bytes)
+        .bind(plugin.code_changed_at)
         .execute(&mut *tx)
         .await
         .map_err(StoreError::db("storing a plugin"))?;

@@ -41,6 +41,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         6,
         include_str!("../../../migrations/sqlite/0006_observers.sql"),
     ),
+    (
+        7,
+        include_str!("../../../migrations/sqlite/0007_code_changed.sql"),
+    ),
 ];
 
 /// Rows per multi-row statement: large enough that a batch of 1000 documents is a handful of
@@ -683,11 +687,11 @@ impl Store for Sqlite {
             .await
             .map_err(StoreError::db("storing a plugin"))?;
         sqlx::query(
-            "INSERT INTO plugins (name, version, sha256, world, contract, descriptor, origin, uploaded_at, bytes) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
+            "INSERT INTO plugins (name, version, sha256, world, contract, descriptor, origin, uploaded_at, bytes, code_changed_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
              ON CONFLICT (name, version) DO UPDATE SET sha256 = excluded.sha256, world = excluded.world, \
              contract = excluded.contract, descriptor = excluded.descriptor, origin = excluded.origin, \
-             uploaded_at = excluded.uploaded_at, bytes = excluded.bytes",
+             uploaded_at = excluded.uploaded_at, bytes = excluded.bytes, code_changed_at = excluded.code_changed_at",
         )
         .bind(&plugin.name)
         .bind(&plugin.version)
@@ -698,6 +702,7 @@ impl Store for Sqlite {
         .bind(&plugin.origin)
         .bind(plugin.uploaded_at)
         .bind(bytes)
+        .bind(plugin.code_changed_at)
         .execute(&mut *tx)
         .await
         .map_err(StoreError::db("storing a plugin"))?;

@@ -18,9 +18,11 @@ pub struct Event {
 }
 
 impl Event {
-    /// Decodes the JSON payload into `T`, naming the event type on failure.
+    /// Decodes the JSON payload into `T`. An error names the event type and the path of the
+    /// field at fault: `invalid OrderPlaced payload: items[0].price: invalid type: string "x",
+    /// expected i64 at line 1 column 30`.
     pub fn payload<T: DeserializeOwned>(&self) -> Result<T, Error> {
-        serde_json::from_slice(&self.payload)
+        crate::decode_json(&self.payload)
             .map_err(|err| Error::msg(format!("invalid {} payload: {err}", self.event_type)))
     }
 
@@ -29,5 +31,67 @@ impl Event {
             .iter()
             .find(|(key, _)| key == name)
             .map(|(_, value)| value.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::Deserialize;
+
+    use super::Event;
+
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)] // Only decoded, to see where decoding fails.
+    struct Order {
+        items: Vec<Item>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct Item {
+        sku: String,
+        price: i64,
+    }
+
+    fn event(payload: &str) -> Event {
+        Event {
+            event_type: "OrderPlaced".into(),
+            payload: payload.as_bytes().to_vec(),
+            ..Event::default()
+        }
+    }
+
+    #[test]
+    fn a_payload_error_names_the_path_of_the_field() {
+        let bad = event(r#"{"items":[{"sku":"a","price":1},{"sku":"b","price":"x"}]}"#);
+        let err = bad.payload::<Order>().unwrap_err();
+        assert!(
+            err.message().starts_with(
+                r#"invalid OrderPlaced payload: items[1].price: invalid type: string "x", expected i64"#
+            ),
+            "{err}"
+        );
+        let missing = event(r#"{"items":[{"price":1}]}"#);
+        let err = missing.payload::<Order>().unwrap_err();
+        assert!(
+            err.message()
+                .starts_with("invalid OrderPlaced payload: items[0]: missing field `sku`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_payload_that_is_wrong_as_a_whole_has_no_path() {
+        let err = event(r#""an order""#).payload::<Order>().unwrap_err();
+        assert!(
+            err.message()
+                .starts_with("invalid OrderPlaced payload: invalid type: string"),
+            "{err}"
+        );
+        let err = event(r#"{"items":[]} trailing"#)
+            .payload::<Order>()
+            .unwrap_err();
+        assert!(err.message().contains("trailing characters"), "{err}");
+        assert!(event(r#"{"items":[]}"#).payload::<Order>().is_ok());
     }
 }

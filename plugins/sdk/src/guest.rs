@@ -19,7 +19,8 @@ pub use wit_bindgen;
 pub mod bindings {
     wit_bindgen::generate!({
         world: "projection",
-        path: "../../wit",
+        // Relative to this crate's manifest: the crate's own copy of the contract.
+        path: "wit",
         pub_export_macro: true,
         export_macro_name: "__export_projection",
         default_bindings_module: "::projector_sdk::guest::bindings",

@@ -169,6 +169,15 @@ impl<E: std::error::Error> From<E> for Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Decodes JSON into `T`, naming the path of the field at fault (`items[0].price: invalid
+/// type: ...`): serde_json alone names only a line and a column of text nobody sees.
+pub(crate) fn decode_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|err| err.to_string())?;
+    de.end().map_err(|err| err.to_string())?;
+    Ok(value)
+}
+
 /// A failed batch: the index of the event that failed and the reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchError {
@@ -197,6 +206,8 @@ impl std::fmt::Display for BatchError {
         }
     }
 }
+
+impl std::error::Error for BatchError {}
 
 /// [`CURRENT_EVENT`] when the SDK is not inside one event: before the first and while it
 /// writes back the batch's documents.
@@ -353,6 +364,20 @@ mod tests {
             "{err}"
         );
         assert!(h.state.docs.is_empty(), "a failed batch changes nothing");
+    }
+
+    #[test]
+    fn the_crates_wit_is_a_copy_of_the_repositorys_contract() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        // Outside the repository (a packaged or vendored copy) there is nothing to compare.
+        let Ok(contract) = std::fs::read(dir.join("../../wit/plugin.wit")) else {
+            return;
+        };
+        let copy = std::fs::read(dir.join("wit/plugin.wit")).unwrap();
+        assert!(
+            copy == contract,
+            "plugins/sdk/wit/plugin.wit differs from wit/plugin.wit: copy wit/plugin.wit over it"
+        );
     }
 
     #[test]

@@ -63,7 +63,7 @@ impl Webhook {
 
     /// The body decoded as JSON (for tests).
     pub fn body_json<T: DeserializeOwned>(&self) -> Result<T> {
-        serde_json::from_slice(&self.body)
+        crate::decode_json(&self.body)
             .map_err(|err| Error::msg(format!("webhook body to {}: {err}", self.url)))
     }
 }
@@ -96,7 +96,7 @@ impl Emit {
 
     /// The payload decoded as JSON (for tests).
     pub fn payload_json<T: DeserializeOwned>(&self) -> Result<T> {
-        serde_json::from_slice(&self.payload)
+        crate::decode_json(&self.payload)
             .map_err(|err| Error::msg(format!("{} payload: {err}", self.event_type)))
     }
 }

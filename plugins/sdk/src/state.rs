@@ -192,7 +192,7 @@ fn typed_mut<'e, T: DeserializeOwned + Serialize + 'static>(
     key: &str,
 ) -> Result<Option<&'e mut T>, Error> {
     let decode = |bytes: &[u8]| {
-        serde_json::from_slice::<T>(bytes).map_err(|err| {
+        crate::decode_json::<T>(bytes).map_err(|err| {
             Error::msg(format!(
                 "document {collection}/{key} does not decode as {}: {err}",
                 std::any::type_name::<T>()
@@ -211,5 +211,38 @@ fn typed_mut<'e, T: DeserializeOwned + Serialize + 'static>(
     match &mut entry.slot {
         Slot::Typed(doc) => Ok(doc.as_any_mut().downcast_mut::<T>()),
         _ => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::{Deserialize, Serialize};
+
+    use super::State;
+    use crate::testing::MemoryBackend;
+    use crate::Backend;
+
+    #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+    struct Cart {
+        items: Vec<Item>,
+    }
+
+    #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+    struct Item {
+        price: i64,
+    }
+
+    #[test]
+    fn a_document_that_does_not_decode_names_the_path_of_the_field() {
+        let mut backend = MemoryBackend::default();
+        backend.put("carts", "c-1", br#"{"items":[{"price":1},{"price":"x"}]}"#);
+        let mut state = State::new(&mut backend);
+        let err = state.get::<Cart>("carts", "c-1").unwrap_err();
+        assert!(
+            err.message().starts_with(
+                r#"document carts/c-1 does not decode as projector_sdk::state::tests::Cart: items[1].price: invalid type: string "x", expected i64"#
+            ),
+            "{err}"
+        );
     }
 }
