@@ -35,6 +35,16 @@ if ! "$tool" --version 2>/dev/null | grep -qx "componentize-py $componentize_py_
   # A venv records its own path in its scripts: it is built where it will live, and a half
   # installed one fails the version check above next time, so it is made anew.
   rm -rf "$venv"
+  # A fresh Debian has python3 without its venv module (or no python3 at all): install them
+  # as the PostgreSQL script installs postgresql.
+  if ! "$python" -m venv --help >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    echo "python-plugins: installing python3-venv with apt-get" >&2
+    sudo_cmd=""
+    if [[ "$(id -u)" != 0 ]] && command -v sudo >/dev/null 2>&1; then sudo_cmd="sudo"; fi
+    $sudo_cmd apt-get install -y -qq python3 python3-venv >/dev/null 2>&1 ||
+      { $sudo_cmd apt-get update -qq >/dev/null 2>&1 &&
+        $sudo_cmd apt-get install -y -qq python3 python3-venv >/dev/null 2>&1; } || true
+  fi
   if ! "$python" -m venv "$venv"; then
     rm -rf "$venv"
     echo "python-plugins: \`$python -m venv\` failed: install Python 3 with its venv module" \

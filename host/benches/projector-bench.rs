@@ -52,6 +52,8 @@
 //! `benches/scenarios/observer.rs`); needs `target/plugins/fixtures/relay.wasm`.
 //! `kafka` (`kafka-catchup`, `kafka-live`, `kafka-ryw`; by name only): the Kafka source against
 //! a tansu broker the bench starts (see `benches/scenarios/kafka.rs`).
+//! `catchup-python`: the catch-up of `catchup` with the Python account-balance
+//! (`plugins/account-balance-py`, componentize-py), printed beside `catch-up-wasm`.
 //! Default: all. `catchup-poison` and `isolate-loop` need `target/plugins/fixtures/poison.wasm`
 //! (`bash scripts/build-plugins.sh`).
 //! On PostgreSQL: `pg-catchup`, `pg-native`, `pg-live`, `pg-ryw`, `pg-live-sweep`,
@@ -117,6 +119,11 @@ fn root() -> PathBuf {
 
 fn plugin_file() -> PathBuf {
     root().join("target/plugins/account-balance.wasm")
+}
+
+/// The same projection in Python (componentize-py), built by `scripts/build-plugins.sh`.
+fn python_file() -> PathBuf {
+    root().join("target/plugins/variants/account-balance-py/account-balance-py.wasm")
 }
 
 /// The fixture that fails on the events whose payload says `"poison": "<how>"`.
@@ -822,6 +829,20 @@ async fn scenario_catchup(template: &Template<'_>, events: usize) -> f64 {
         &format!("store={} median {runs}", template.store()),
     );
     secs
+}
+
+/// The Python account-balance over the same log: what a second language costs, beside
+/// `catch-up-wasm` (the Rust one), with the same batches, store and limits.
+async fn scenario_catchup_python(template: &Template<'_>, events: usize) {
+    let plugin = load(&python_file(), Limits::default());
+    let (secs, runs, _) = median_catch_up(template, plugin).await;
+    report(
+        &format!("{}catch-up-python", template.prefix()),
+        events,
+        secs,
+        &mut [],
+        &format!("store={} median {runs}", template.store()),
+    );
 }
 
 /// The `poison` fixture's catch-up over `clean`, then over the same log with ten poisoned
@@ -2963,6 +2984,7 @@ async fn main() {
         "raw",
         "read",
         "catchup-poison",
+        "catchup-python",
     ]
     .iter()
     .any(|s| wants(s));
@@ -2971,6 +2993,9 @@ async fn main() {
         let file = template(events, streams, &Poisons::new()).await;
         let full = Template::Sqlite(&file);
         catch_ups(&full, events, wants("catchup"), wants("native")).await;
+        if wants("catchup-python") {
+            scenario_catchup_python(&full, events).await;
+        }
         if wants("raw") {
             scenario_raw(&Template::Sqlite(&file), events, streams).await;
         }
