@@ -19,6 +19,9 @@
 #   target/plugins/variants/account-balance-v2/account-balance.wasm
 #                                    `account-balance` with its feature `v2`: version 2.0.0, every
 #                                    document with `"schema": 2`
+#   target/plugins/variants/account-balance-fixed/account-balance.wasm
+#                                    `account-balance` with its feature `fixed`: version 1.0.0,
+#                                    every document written with `"fixed": true`
 #   target/plugins/variants/account-balance-reshape/account-balance.wasm
 #                                    `account-balance` with its feature `reshape`: the same
 #                                    version with one more indexed field (a swap refuses it)
@@ -64,5 +67,6 @@ build_feature poison fixed "$out/fixtures/poison-fixed/poison.wasm"
 build_feature account-balance same "$out/variants/account-balance-same/account-balance.wasm"
 build_feature account-balance v2 "$out/variants/account-balance-v2/account-balance.wasm"
 build_feature account-balance reshape "$out/variants/account-balance-reshape/account-balance.wasm"
+build_feature account-balance fixed "$out/variants/account-balance-fixed/account-balance.wasm"
 echo "plugins built into $out: $(cd "$out" && ls *.wasm fixtures/*.wasm fixtures/*/*.wasm variants/*/*.wasm | tr '\n' ' ')"
 bash "$root/scripts/python-plugins.sh"

@@ -59,6 +59,8 @@ pub enum DeployError {
         running: String,
         uploaded: String,
     },
+    #[error("{name} is rebuilding version {version} already: wait for its cut-over, or drop it")]
+    Building { name: String, version: String },
     #[error("no projection named {0:?}")]
     UnknownProjection(String),
     #[error("{name} has no version {version:?} in the catalog (versions: {known})")]
@@ -85,9 +87,10 @@ impl DeployError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::Invalid(_) | Self::NameMismatch { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::ShapeChanged { .. } | Self::ActiveVersion { .. } | Self::WorldChanged { .. } => {
-                StatusCode::CONFLICT
-            }
+            Self::ShapeChanged { .. }
+            | Self::ActiveVersion { .. }
+            | Self::WorldChanged { .. }
+            | Self::Building { .. } => StatusCode::CONFLICT,
             Self::UnknownProjection(_) | Self::UnknownVersion { .. } => StatusCode::NOT_FOUND,
             Self::Store(_) | Self::Aborted(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -100,6 +103,7 @@ impl DeployError {
             Self::NameMismatch { .. } => "name_mismatch",
             Self::ShapeChanged { .. } => "shape_changed",
             Self::WorldChanged { .. } => "world_changed",
+            Self::Building { .. } => "rebuild_running",
             Self::UnknownProjection(_) => "unknown_projection",
             Self::UnknownVersion { .. } => "unknown_version",
             Self::ActiveVersion { .. } => "active_version",
@@ -257,6 +261,17 @@ impl Deployer {
             code_changed_at: None,
         };
         let mut stored = stored;
+        // A version rebuilt beside itself is stored as `V~rN`: code of version V goes to it.
+        if let Some(entry) = &entry {
+            let storage = std::iter::once(entry.active.as_str())
+                .chain(entry.building.as_deref())
+                .find(|v| base_version(v) == descriptor.version && *v != descriptor.version);
+            if let Some(storage) = storage {
+                stored.version = storage.to_owned();
+                stored.descriptor.version = storage.to_owned();
+            }
+        }
+        let descriptor = stored.descriptor.clone();
         let (placement, action) = match &entry {
             None => (Placement::Active, "created"),
             // Registered by a projector from before the catalog: nothing to build beside.
@@ -339,6 +354,58 @@ impl Deployer {
             .await?
             .into_iter()
             .find(|e| e.name == name))
+    }
+
+    /// Rebuilds the serving version beside itself, from position 0 with its current code, and
+    /// cuts over once caught up: after a fix shipped under the same version, the documents the
+    /// old code wrote are made again. Stored as `V~rN` (N counting rebuilds of V).
+    pub async fn rebuild(&self, name: &str) -> Result<Deployed, DeployError> {
+        let _changing = self.changing.lock().await;
+        let entry = self
+            .catalog_entry(name)
+            .await?
+            .ok_or_else(|| DeployError::UnknownProjection(name.to_owned()))?;
+        if let Some(building) = &entry.building {
+            return Err(DeployError::Building {
+                name: name.to_owned(),
+                version: building.clone(),
+            });
+        }
+        let active = entry
+            .plugin(&entry.active)
+            .cloned()
+            .ok_or_else(|| unknown_version(&entry, &entry.active))?;
+        let (_, bytes) = self
+            .store
+            .plugin_code(name, &entry.active)
+            .await?
+            .ok_or_else(|| unknown_version(&entry, &entry.active))?;
+        let base = base_version(&entry.active).to_owned();
+        let next = entry
+            .plugins
+            .iter()
+            .filter_map(|p| p.version.strip_prefix(&format!("{base}~r")))
+            .filter_map(|n| n.parse::<u32>().ok())
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let mut stored = active.clone();
+        stored.version = format!("{base}~r{next}");
+        stored.descriptor.version = stored.version.clone();
+        stored.origin = "rebuild".into();
+        stored.uploaded_at = crate::store::now_ms();
+        stored.code_changed_at = None;
+        self.store.prepare(&stored.descriptor).await?;
+        self.store
+            .save_plugin(&stored, &bytes, Placement::Build { manual: false })
+            .await?;
+        tracing::info!(projection = %name, version = %entry.active, rebuild = %stored.version, "rebuilding the serving version beside itself");
+        self.sync_locked(true).await?;
+        let entry = self
+            .catalog_entry(name)
+            .await?
+            .ok_or_else(|| DeployError::UnknownProjection(name.to_owned()))?;
+        Ok(deployed(&entry, &stored, "rebuilding"))
     }
 
     /// Makes `version` serve: at once if it is the one building and has caught up, else once
@@ -587,7 +654,9 @@ impl Deployer {
         let local = self.registry.entry(name);
         let mut next = match local.clone() {
             None => {
-                let supervised = self.start(active_code, false).await?;
+                let supervised = self
+                    .start(active_code, &active_plugin.descriptor, false)
+                    .await?;
                 tracing::info!(projection = %name, version = %entry.active, "projection started");
                 Entry {
                     active: supervised,
@@ -605,7 +674,10 @@ impl Deployer {
                         self.swap_if_new(&b, active_code);
                         b
                     }
-                    _ => self.start(active_code, false).await?,
+                    _ => {
+                        self.start(active_code, &active_plugin.descriptor, false)
+                            .await?
+                    }
                 };
                 promoted.projection.set_building(false);
                 if let Err(err) = self
@@ -646,7 +718,7 @@ impl Deployer {
                     .plugin(version)
                     .ok_or_else(|| format!("the catalog has no code for version {version}"))?;
                 let code = self.load(stored).await?;
-                let supervised = self.start(code, true).await?;
+                let supervised = self.start(code, &stored.descriptor, true).await?;
                 tracing::info!(projection = %name, version, from = supervised.projection.checkpoint(), "rebuilding beside the active version");
                 next.building = Some(supervised);
             }
@@ -680,15 +752,21 @@ impl Deployer {
         self.config.delivery_for(observer)
     }
 
-    /// Starts a supervisor for a version; `building` beside the serving one.
-    async fn start(&self, code: Arc<Plugin>, building: bool) -> Result<Arc<Supervised>, String> {
+    /// Starts a supervisor for a version; `building` beside the serving one. `stored` is the
+    /// version as the catalog keeps it: the plugin's own, or `V~rN` for V rebuilt beside itself.
+    async fn start(
+        &self,
+        code: Arc<Plugin>,
+        stored: &crate::runtime::Descriptor,
+        building: bool,
+    ) -> Result<Arc<Supervised>, String> {
         let checkpoint = self
             .store
-            .prepare(code.descriptor())
+            .prepare(stored)
             .await
             .map_err(|e| e.to_string())?;
         let observer = code.is_observer();
-        let projection = Arc::new(Projection::new(code, checkpoint));
+        let projection = Arc::new(Projection::stored_as(code, stored.clone(), checkpoint));
         projection.set_building(building);
         let name = projection.name().to_owned();
         Ok(supervisor::spawn(
@@ -858,6 +936,11 @@ fn deployed(entry: &CatalogEntry, stored: &StoredPlugin, action: &'static str) -
         building: entry.building.clone(),
         manual_cutover: entry.manual_cutover,
     }
+}
+
+/// The plugin's own version of a stored one: `V` of `V~rN` (V rebuilt beside itself).
+pub fn base_version(stored: &str) -> &str {
+    stored.split_once("~r").map_or(stored, |(base, _)| base)
 }
 
 fn unknown_version(entry: &CatalogEntry, version: &str) -> DeployError {

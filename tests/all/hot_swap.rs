@@ -640,3 +640,117 @@ async fn other_code_under_the_same_version_is_warned_about_and_shown() {
         "{warning}"
     );
 }
+
+/// A fix shipped under the same version changes only what is written after it; `rebuild`
+/// makes the serving version again beside itself with the current code, cuts over, and leaves
+/// documents equal to a replay of the log with that code.
+#[tokio::test]
+async fn rebuild_remakes_the_serving_version_with_its_current_code() {
+    let data = tempdir("rebuild-same");
+    let server = Server::start_with(&plugin_set(&[NAME], &[]), &data, &admin_env());
+    let api = server.api();
+    let mut log: Vec<Value> = Vec::new();
+    let mut append = |stream: &str, event_type: &str, payload: Value| {
+        log.push(json!({"stream": stream, "stream_type": "Account", "type": event_type, "payload": payload}));
+        log.last().cloned().unwrap()
+    };
+    let mut batch = Vec::new();
+    for a in 0..6 {
+        batch.push(append(
+            &format!("acct-{a}"),
+            "AccountOpened",
+            json!({"owner": "o", "currency": "EUR"}),
+        ));
+        batch.push(append(
+            &format!("acct-{a}"),
+            "Deposited",
+            json!({"amount": 10 + a}),
+        ));
+    }
+    let (status, body) = api.post("/events", &json!({ "events": batch })).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = upload(&api, &variant("fixed"), "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["action"], "swapped", "{body}");
+    // Only the accounts written after the fix carry it.
+    let (status, body) = api
+        .post(
+            "/events",
+            &json!({ "events": [append("acct-0", "Deposited", json!({"amount": 5}))] }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let position = body["position"].as_u64().unwrap();
+    let (_, page) = api
+        .get(&format!(
+            "/projections/{NAME}/accounts?min_position={position}&timeout_ms=30000"
+        ))
+        .await;
+    let fixed = |page: &Value| {
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["document"]["fixed"] == true)
+            .count()
+    };
+    assert_eq!(fixed(&page), 1, "{page}");
+    assert!(api.projection(NAME).await["code_changed_at"].is_i64());
+    let (status, body) = admin_call(
+        &api,
+        "POST",
+        &format!("/admin/projections/{NAME}/rebuild"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["building"], "1.0.0~r1", "{body}");
+    let (status, again) = admin_call(
+        &api,
+        "POST",
+        &format!("/admin/projections/{NAME}/rebuild"),
+        None,
+    )
+    .await;
+    assert!(status == 409 || again["active"] == "1.0.0~r1", "{again}");
+    let summary = soon(Duration::from_secs(60), || async {
+        let summary = api.projection(NAME).await;
+        (summary["version"] == "1.0.0~r1").then_some(summary)
+    })
+    .await;
+    assert!(summary["code_changed_at"].is_null(), "{summary}");
+    // Every document as a replay of the whole log with the fixed code makes it.
+    let dir = tempdir("rebuild-replay");
+    let events = dir.join("events.jsonl");
+    let lines: Vec<String> = log.iter().map(Value::to_string).collect();
+    std::fs::write(&events, lines.join("\n")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_projector"))
+        .args(["replay", "--plugin"])
+        .arg(variant("fixed"))
+        .arg("--events")
+        .arg(&events)
+        .arg("--cache-dir")
+        .arg(dir.join("cache"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let model: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (_, page) = api
+        .get(&format!("/projections/{NAME}/accounts?limit=100"))
+        .await;
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(items.len(), 6, "{page}");
+    assert_eq!(fixed(&page), 6, "{page}");
+    for item in items {
+        let key = item["key"].as_str().unwrap();
+        assert_eq!(item["document"], model["accounts"][key], "{key}");
+    }
+    // The fixed code uploaded again is what serves: unchanged.
+    let (status, body) = upload(&api, &variant("fixed"), "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["action"], "unchanged", "{body}");
+}

@@ -41,6 +41,7 @@ pub const ADMIN_ROUTES: &[(&str, &str)] = &[
     ("PUT", "/admin/plugins/{name}"),
     ("GET", "/admin/plugins"),
     ("POST", "/admin/projections/{name}/activate"),
+    ("POST", "/admin/projections/{name}/rebuild"),
     ("DELETE", "/admin/projections/{name}/versions/{version}"),
     ("DELETE", "/admin/projections/{name}"),
     ("POST", "/admin/observers/{name}/pause"),
@@ -89,6 +90,7 @@ fn handler(method: &str, path: &str, max_plugin: usize) -> MethodRouter<AppState
         ("DELETE", "{version}") => delete(drop_version),
         ("DELETE", _) => delete(remove),
         (_, "activate") => post(activate),
+        (_, "rebuild") => post(rebuild),
         (_, "pause") => post(pause),
         (_, "resume") => post(resume),
         (_, "restart") => post(restart),
@@ -419,6 +421,16 @@ async fn activate(
     Ok((status, Json(deployed)).into_response())
 }
 
+/// `POST /admin/projections/{name}/rebuild`: the serving version rebuilt beside itself with its
+/// current code (stored as `V~rN`), cut over once caught up; 202 while it builds.
+async fn rebuild(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let deployed = app.deploy.rebuild(&name).await?;
+    Ok((StatusCode::ACCEPTED, Json(deployed)).into_response())
+}
+
 /// `DELETE /admin/projections/{name}/versions/{version}`: drops an inactive version's tables.
 async fn drop_version(
     State(app): State<AppState>,
@@ -457,9 +469,10 @@ mod tests {
                 "POST" if path.starts_with("/admin/observers/") => {
                     ["pause", "resume", "restart", "retry", "skip", "reset"].contains(&last)
                 }
-                "POST" => {
-                    ["pause", "resume", "restart", "retry", "skip", "activate"].contains(&last)
-                }
+                "POST" => [
+                    "pause", "resume", "restart", "retry", "skip", "activate", "rebuild",
+                ]
+                .contains(&last),
                 "PUT" | "GET" => path.starts_with("/admin/plugins"),
                 "DELETE" => path.starts_with("/admin/projections/"),
                 _ => false,

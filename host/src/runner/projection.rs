@@ -73,8 +73,19 @@ pub struct Health {
 
 impl Projection {
     pub fn new(plugin: Arc<dyn BatchHandler>, checkpoint: u64) -> Self {
+        let descriptor = plugin.descriptor().clone();
+        Self::stored_as(plugin, descriptor, checkpoint)
+    }
+
+    /// A projection whose version is stored under `descriptor`'s version rather than the
+    /// plugin's own (`V~rN`: V rebuilt beside itself); its shape is the plugin's.
+    pub fn stored_as(
+        plugin: Arc<dyn BatchHandler>,
+        descriptor: Descriptor,
+        checkpoint: u64,
+    ) -> Self {
         Self {
-            descriptor: plugin.descriptor().clone(),
+            descriptor,
             observer: plugin.is_observer(),
             delivery: Default::default(),
             nudge: Arc::default(),

@@ -3,7 +3,9 @@
 //! Two features build the variants the host's hot-swap tests upload over this plugin:
 //! `same` changes the code but not the name, version or output (it logs a line once per
 //! batch); `v2` bumps the version to 2.0.0 and stamps `"schema": 2` on every document, so a
-//! read model mixing the two versions shows.
+//! read model mixing the two versions shows; `fixed` keeps version 1.0.0 but stamps
+//! `"fixed": true` on every document it writes (a fix shipped under the same version, which only
+//! a rebuild applies to documents written before).
 
 use projector_sdk::prelude::*;
 
@@ -30,6 +32,10 @@ pub struct Account {
     #[cfg(feature = "v2")]
     #[serde(default)]
     pub schema: u32,
+    /// Only `fixed` writes it.
+    #[cfg(feature = "fixed")]
+    #[serde(default)]
+    pub fixed: bool,
 }
 
 /// A new version is rebuilt beside the live read model, so `v2` must say it is another one.
@@ -85,6 +91,8 @@ impl Projection for AccountBalance {
                     last_version,
                     #[cfg(feature = "v2")]
                     schema: SCHEMA,
+                    #[cfg(feature = "fixed")]
+                    fixed: true,
                     ..Default::default()
                 };
                 state.put("accounts", id, account);
@@ -111,6 +119,10 @@ impl Projection for AccountBalance {
             #[cfg(feature = "v2")]
             {
                 a.schema = SCHEMA;
+            }
+            #[cfg(feature = "fixed")]
+            {
+                a.fixed = true;
             }
             if event.event_type == "AccountClosed" {
                 a.status = "closed".into();
