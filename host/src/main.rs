@@ -134,19 +134,34 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PROJECTOR_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        // A log that cannot be written (its disk full) must cost the log line, not the task
-        // that logged it: tracing-subscriber would otherwise report the failure with
-        // `eprintln!`, which panics when stderr fails too, taking a request's connection or a
-        // runner with it.
-        .log_internal_errors(false)
-        .init();
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_env("PROJECTOR_LOG")
+            .unwrap_or_else(|_| "info".into())
+    };
+    // A log that cannot be written (its disk full) must cost the log line, not the task that
+    // logged it: tracing-subscriber would otherwise report the failure with `eprintln!`, which
+    // panics when stderr fails too, taking a request's connection or a runner with it.
+    match std::env::var("PROJECTOR_LOG_FORMAT").as_deref() {
+        // One JSON object per line, with the fields of the spans it is in (the projection and
+        // version of a runner's line, the request id of a request's).
+        Ok("json") => tracing_subscriber::fmt()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .log_internal_errors(false)
+            .init(),
+        Ok("text") | Err(_) => tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .log_internal_errors(false)
+            .init(),
+        Ok(other) => {
+            anyhow::bail!("PROJECTOR_LOG_FORMAT={other:?}: use `text` (the default) or `json`")
+        }
+    }
     match cli.command {
         Command::Serve(args) => serve(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Replay {

@@ -37,6 +37,107 @@ pub struct ProjectionMetrics {
     pub swap_pause: Histogram,
     /// The last swap's pause, in microseconds (a gauge; 0 before the first).
     pub last_swap_pause_micros: AtomicU64,
+    /// Each batch's plugin call.
+    pub batch_duration: Histogram,
+    /// Each batch's commit (documents and checkpoint in one transaction).
+    pub commit_duration: Histogram,
+}
+
+/// The HTTP side: each request's duration by route and status, and how long reads waited for
+/// read-your-writes. One per server, in the app state.
+#[derive(Debug, Default)]
+pub struct HttpMetrics {
+    /// Reads that named a position or a version: from arrival until the projection reached it.
+    pub read_wait: Histogram,
+    /// (route template, status) → durations.
+    requests:
+        std::sync::Mutex<std::collections::BTreeMap<(String, u16), std::sync::Arc<Histogram>>>,
+}
+
+impl HttpMetrics {
+    pub fn observe_request(&self, route: &str, status: u16, took: Duration) {
+        let histogram = {
+            let mut requests = self
+                .requests
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            requests
+                .entry((route.to_owned(), status))
+                .or_default()
+                .clone()
+        };
+        histogram.observe(took);
+    }
+
+    pub fn requests(&self) -> Vec<((String, u16), std::sync::Arc<Histogram>)> {
+        self.requests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+/// What the process uses, from `/proc/self` (Linux; elsewhere nothing is reported).
+pub struct ProcessMetrics {
+    pub resident_bytes: Option<u64>,
+    pub cpu_seconds: Option<f64>,
+    pub open_fds: Option<u64>,
+    pub max_fds: Option<u64>,
+    pub start_time_seconds: Option<f64>,
+}
+
+impl ProcessMetrics {
+    pub fn read() -> Self {
+        let page = 4096u64;
+        // Clock ticks per second: 100 on every Linux this runs on (sysconf(_SC_CLK_TCK)).
+        let ticks = 100.0;
+        let statm = std::fs::read_to_string("/proc/self/statm").ok();
+        let resident_bytes = statm
+            .as_deref()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map(|pages| pages * page);
+        // Fields after the command's closing parenthesis: state is field 3, utime 14, stime
+        // 15, starttime 22 (1-based, as proc(5) numbers them).
+        let stat = std::fs::read_to_string("/proc/self/stat").ok();
+        let fields: Vec<&str> = stat
+            .as_deref()
+            .and_then(|s| s.rsplit_once(')'))
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<f64>().ok());
+        let cpu_seconds = match (field(14), field(15)) {
+            (Some(user), Some(system)) => Some((user + system) / ticks),
+            _ => None,
+        };
+        let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        });
+        let start_time_seconds = match (boot, field(22)) {
+            (Some(boot), Some(start)) => Some(boot + start / ticks),
+            _ => None,
+        };
+        let open_fds = std::fs::read_dir("/proc/self/fd")
+            .ok()
+            .map(|d| d.count() as u64);
+        let max_fds = std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("Max open files"))
+                    .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+            });
+        Self {
+            resident_bytes,
+            cpu_seconds,
+            open_fds,
+            max_fds,
+            start_time_seconds,
+        }
+    }
 }
 
 /// How an observer's actions fare, by kind (webhook, emit, log) and outcome.
@@ -175,8 +276,13 @@ impl Histogram {
         let count = self.count();
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
         let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum:.6}");
-        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braces} {sum:.6}");
+        let _ = writeln!(out, "{name}_count{braces} {count}");
     }
 }
 

@@ -216,6 +216,7 @@ pub async fn serve(
         admin: Arc::new(config.admin.clone()),
         backpressure: config.backpressure(),
         kafka: consuming.as_ref().map(|(stats, _)| stats.clone()),
+        http: Arc::default(),
     });
     let limits = server::Limits::new(&config.http, fd_limit);
     let listener = server::bind(&config.listen)

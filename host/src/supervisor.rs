@@ -110,7 +110,17 @@ pub fn spawn(
         delivery,
         own: tx.clone(),
     };
-    let task = tokio::spawn(supervisor.run(rx, stopping));
+    // Every line its runner and dispatcher log names the projection and version (the JSON log
+    // carries the span's fields on each line).
+    let span = tracing::info_span!(
+        "projection",
+        projection = %projection.name(),
+        version = %projection.descriptor().version
+    );
+    let task = tokio::spawn(tracing::Instrument::instrument(
+        supervisor.run(rx, stopping),
+        span,
+    ));
     Arc::new(Supervised {
         projection,
         commands: tx,
@@ -320,7 +330,10 @@ impl Supervisor {
             }
         };
         let (stop, stopping) = watch::channel(false);
-        let task = tokio::spawn(dispatcher.run(stopping));
+        let task = tokio::spawn(tracing::Instrument::instrument(
+            dispatcher.run(stopping),
+            tracing::Span::current(),
+        ));
         Some(DispatchGuard {
             stop,
             task: Some(task),

@@ -11,6 +11,7 @@ mod hot_swap;
 mod isolation;
 mod kafka;
 mod live_load;
+mod metrics_format;
 mod numbers;
 mod observers;
 mod pipeline;

@@ -237,7 +237,95 @@ pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
         }
     }
     observers(&mut out, &projections);
+    durations(&mut out, &app, &projections);
+    process(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// Histograms: each batch's plugin call and commit per projection, reads' waits, requests.
+fn durations(out: &mut String, app: &AppState, all: &[std::sync::Arc<crate::runner::Projection>]) {
+    for (name, help, pick) in [
+        (
+            "projector_batch_duration_seconds",
+            "One batch's plugin call.",
+            (|p: &crate::runner::Projection| &p.metrics.batch_duration)
+                as fn(&crate::runner::Projection) -> &crate::metrics::Histogram,
+        ),
+        (
+            "projector_commit_duration_seconds",
+            "One batch's commit: its documents and the checkpoint in one transaction.",
+            |p| &p.metrics.commit_duration,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        for p in all {
+            let labels = format!(
+                "projection=\"{}\",version=\"{}\"",
+                p.name(),
+                p.descriptor().version
+            );
+            pick(p).render(out, name, &labels);
+        }
+    }
+    let _ = writeln!(out, "# HELP projector_read_wait_seconds How long a read that named a position or a stream version waited for the projection to reach it.");
+    let _ = writeln!(out, "# TYPE projector_read_wait_seconds histogram");
+    app.http
+        .read_wait
+        .render(out, "projector_read_wait_seconds", "");
+    let _ = writeln!(out, "# HELP projector_http_request_duration_seconds HTTP requests by route template and status.");
+    let _ = writeln!(
+        out,
+        "# TYPE projector_http_request_duration_seconds histogram"
+    );
+    for ((route, status), histogram) in app.http.requests() {
+        let labels = format!("route=\"{}\",status=\"{status}\"", route.replace('"', "'"));
+        histogram.render(out, "projector_http_request_duration_seconds", &labels);
+    }
+}
+
+/// The process's own: memory, CPU, file descriptors (Prometheus's `process_*` names).
+fn process(out: &mut String) {
+    let p = crate::metrics::ProcessMetrics::read();
+    let families: [(&str, &str, &str, Option<String>); 5] = [
+        (
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            p.resident_bytes.map(|v| v.to_string()),
+        ),
+        (
+            "process_cpu_seconds_total",
+            "counter",
+            "User and system CPU time spent, in seconds.",
+            p.cpu_seconds.map(|v| format!("{v:.2}")),
+        ),
+        (
+            "process_open_fds",
+            "gauge",
+            "Open file descriptors.",
+            p.open_fds.map(|v| v.to_string()),
+        ),
+        (
+            "process_max_fds",
+            "gauge",
+            "The open-files limit.",
+            p.max_fds.map(|v| v.to_string()),
+        ),
+        (
+            "process_start_time_seconds",
+            "gauge",
+            "When the process started, in seconds since the epoch.",
+            p.start_time_seconds.map(|v| format!("{v:.2}")),
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        if let Some(value) = value {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name} {value}");
+        }
+    }
 }
 
 /// Observers' deliveries: outcomes by kind, attempts, durations, and what waits.

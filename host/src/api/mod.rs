@@ -40,6 +40,8 @@ pub struct AppState {
     pub backpressure: Backpressure,
     /// The Kafka consumer's counters and partitions, with `source.kind = "kafka"`.
     pub kafka: Option<Arc<crate::source::kafka::KafkaStats>>,
+    /// Request durations and read-your-writes waits.
+    pub http: Arc<crate::metrics::HttpMetrics>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -79,5 +81,40 @@ pub fn router(state: AppState) -> Router {
             ApiError::not_found("no_route", "no such endpoint; see the README for the API")
         })
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), timed))
         .with_state(state)
+}
+
+/// Times every request by its route template (`/projections/:name/:collection/:key`, not the
+/// path: a label per document would have no end) and status.
+async fn timed(
+    axum::extract::State(app): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        // `:name` rather than `{name}`: some scrapers' parsers stop a label value at a brace.
+        .map_or_else(
+            || "unmatched".to_owned(),
+            |m| m.as_str().replace('{', ":").replace('}', ""),
+        );
+    // The caller's id when it sends one, else ours: on every log line of the request (a span)
+    // and in the answer's `x-request-id`.
+    let id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
+    let span = tracing::info_span!("request", request_id = %id, method = %request.method(), route = %route);
+    let start = std::time::Instant::now();
+    let mut response = tracing::Instrument::instrument(next.run(request), span).await;
+    app.http
+        .observe_request(&route, response.status().as_u16(), start.elapsed());
+    if let Ok(value) = axum::http::HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
 }

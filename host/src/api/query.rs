@@ -106,6 +106,7 @@ impl ReadParams {
             return Ok(projection);
         }
         let http = &app.config;
+        let started = std::time::Instant::now();
         let deadline = consistency::deadline(
             self.timeout_ms,
             http.wait_timeout_ms,
@@ -132,6 +133,7 @@ impl ReadParams {
                 }
             }
         }
+        app.http.read_wait.observe(started.elapsed());
         // Passed is not applied: an event set aside (or parked behind one) is not in the
         // documents, and a reader waiting for it must not take them for its write.
         for (wanted, position) in self.wait_for.iter().zip(positions) {

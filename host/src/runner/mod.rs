@@ -154,7 +154,13 @@ impl Runner {
     ) -> RunEnd {
         let projection = self.projection.clone();
         let store = self.store.clone();
-        match tokio::spawn(self.run_commanded(shutdown, commands)).await {
+        let run = self.run_commanded(shutdown, commands);
+        match tokio::spawn(tracing::Instrument::instrument(
+            run,
+            tracing::Span::current(),
+        ))
+        .await
+        {
             Ok(end) => end,
             Err(err) => {
                 let error = format!("the runner crashed: {err}");
@@ -645,6 +651,7 @@ impl Runner {
                     self.source.nudge();
                     let metrics = &self.projection.metrics;
                     ProjectionMetrics::add_time(&metrics.commit_micros, start.elapsed());
+                    metrics.commit_duration.observe(start.elapsed());
                     ProjectionMetrics::add(&metrics.batches, 1);
                     ProjectionMetrics::add(&metrics.documents, batch.output.documents() as u64);
                     metrics.count_dead_letters(batch.dead_letters);
@@ -846,6 +853,7 @@ impl Runner {
         let start = std::time::Instant::now();
         let result = tokio::task::spawn_blocking(move || plugin.handle(events, reader)).await;
         ProjectionMetrics::add_time(&metrics.plugin_micros, start.elapsed());
+        metrics.batch_duration.observe(start.elapsed());
         self.projection.batch_ended(generation);
         match result {
             Ok(Ok(output)) => Ok(output),
