@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+mod ops;
+
 use projector::config::Config;
 use projector::runtime::{Limits, Runtime, RuntimeConfig};
 
@@ -64,6 +66,17 @@ enum Command {
         #[arg(long)]
         sdk: Option<PathBuf>,
     },
+    /// What runs on a server: projections and observers, status, lag, parked, dead letters.
+    Status {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// A projection's (or observer's) dead letters: list them, retry or skip one.
+    #[command(subcommand)]
+    DeadLetters(DeadLetters),
+    /// The plugins a server runs: list them, upload one (swap or rebuild).
+    #[command(subcommand)]
+    Plugins(Plugins),
     /// Build a plugin crate into a component (adds the wasm32-wasip2 target if missing); print
     /// its path, size and what it declares.
     Build {
@@ -109,6 +122,89 @@ struct ServeArgs {
 
 /// Errors are printed once, cause by cause without repeats, and without a backtrace unless
 /// `--debug`.
+/// Which server, as whom, and how to print.
+#[derive(Args)]
+struct Remote {
+    /// The server's base URL.
+    #[arg(long, env = "PROJECTOR_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// The admin token (for retry, skip and plugin commands).
+    #[arg(long, env = "PROJECTOR_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum DeadLetters {
+    /// Oldest first.
+    List {
+        name: String,
+        /// NAME is an observer: its dead actions.
+        #[arg(long)]
+        observer: bool,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Run it again (a projection's: by position; an observer's action: by id).
+    Retry {
+        name: String,
+        target: String,
+        #[arg(long)]
+        observer: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Pass over it: its stream goes on.
+    Skip {
+        name: String,
+        target: String,
+        #[arg(long)]
+        observer: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Subcommand)]
+enum Plugins {
+    List {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Same version: a swap; a new one: a rebuild beside the serving one.
+    Upload {
+        file: PathBuf,
+        /// The name to deploy it as (default: what the component calls itself).
+        #[arg(long)]
+        name: Option<String>,
+        /// A rebuild waits for `activate` instead of cutting over by itself.
+        #[arg(long)]
+        manual: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+/// Runs one client command of the operator's terminal and prints what it returns.
+fn remote<F, Fut>(remote: &Remote, run: F) -> anyhow::Result<std::process::ExitCode>
+where
+    F: FnOnce(ops::Client, bool) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<String>>,
+{
+    let client = ops::Client::new(&remote.url, remote.token.clone())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let out = runtime.block_on(run(client, remote.json))?;
+    println!("{}", out.trim_end());
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let debug = cli.debug;
@@ -228,6 +324,44 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             );
             Ok(std::process::ExitCode::SUCCESS)
         }
+        Command::Status { remote: r } => {
+            remote(&r, |c, json| async move { ops::status(&c, json).await })
+        }
+        Command::DeadLetters(DeadLetters::List {
+            name,
+            observer,
+            limit,
+            remote: r,
+        }) => remote(&r, |c, json| async move {
+            ops::dead_letters(&c, &name, observer, limit, json).await
+        }),
+        Command::DeadLetters(DeadLetters::Retry {
+            name,
+            target,
+            observer,
+            remote: r,
+        }) => remote(&r, |c, json| async move {
+            ops::resolve(&c, &name, &target, observer, "retry", json).await
+        }),
+        Command::DeadLetters(DeadLetters::Skip {
+            name,
+            target,
+            observer,
+            remote: r,
+        }) => remote(&r, |c, json| async move {
+            ops::resolve(&c, &name, &target, observer, "skip", json).await
+        }),
+        Command::Plugins(Plugins::List { remote: r }) => {
+            remote(&r, |c, json| async move { ops::plugins(&c, json).await })
+        }
+        Command::Plugins(Plugins::Upload {
+            file,
+            name,
+            manual,
+            remote: r,
+        }) => remote(&r, |c, json| async move {
+            ops::upload(&c, &file, name, manual, json).await
+        }),
         Command::Build { dir, cache_dir } => {
             let built = projector::author::build_plugin(&dir, Some(cache_dir))?;
             let d = built.plugin.descriptor();

@@ -14,6 +14,7 @@ mod live_load;
 mod metrics_format;
 mod numbers;
 mod observers;
+mod operator_cli;
 mod pipeline;
 mod postgres;
 mod receiver;
