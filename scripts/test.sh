@@ -22,6 +22,9 @@ trap 'bash scripts/pg-test-cluster.sh stop "$pg_dir"; rm -rf "$pg_dir"; bash scr
 export PROJECTOR_TEST_KAFKA="$(bash scripts/kafka-test-broker.sh start "$kafka_dir")"
 echo "broker at $PROJECTOR_TEST_KAFKA ($kafka_dir)"
 
+echo "== the browser for the UI test (Debian's chromium and chromedriver) =="
+bash scripts/browser.sh
+
 echo "== host: unit and integration tests =="
 export PROJECTOR_PLUGINS_BUILT=1
 if command -v cargo-nextest >/dev/null 2>&1; then

@@ -26,6 +26,7 @@ mod second_language;
 mod seed;
 mod store;
 mod support;
+mod ui;
 mod uploads_runtime;
 mod waiters;
 mod watermark;

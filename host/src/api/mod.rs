@@ -73,6 +73,7 @@ pub fn router(state: AppState) -> Router {
             "/observers/{name}/_dead_letters",
             get(observers::list_dead_letters),
         )
+        .route("/ui", get(ui))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(metrics::metrics))
@@ -83,6 +84,25 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn_with_state(state.clone(), timed))
         .with_state(state)
+}
+
+/// `GET /ui`: the operator's page, one file embedded in the binary (no CDN, no fonts: it works
+/// offline). It reads the same API as anyone; the admin token it asks for stays in the tab.
+async fn ui() -> impl axum::response::IntoResponse {
+    (
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "text/html; charset=utf-8",
+            ),
+            (
+                axum::http::header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:",
+            ),
+            (axum::http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("ui/index.html"),
+    )
 }
 
 /// Times every request by its route template (`/projections/:name/:collection/:key`, not the

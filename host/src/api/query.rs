@@ -222,6 +222,7 @@ async fn summary(app: &AppState, projection: &Projection) -> Value {
         "checkpoint": checkpoint,
         "head": head,
         "lag": head.saturating_sub(checkpoint),
+        "lag_seconds": (projection.lag_seconds() * 1000.0).round() / 1000.0,
         "event_types": descriptor.event_types,
         "collections": descriptor.collections,
         "parked_streams": parked.as_ref().map(Vec::len),
