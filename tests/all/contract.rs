@@ -382,3 +382,42 @@ fn a_failed_document_read_is_the_hosts_fault() {
     assert!(matches!(err, RuntimeError::State { .. }), "{err}");
     assert_eq!(err.fault(), Fault::Host);
 }
+
+/// One build of account-balance per contract version the host binds (0.1.0 and 0.1.1 kept in
+/// `tests/fixtures/`, 0.1.2 built today): each loads, reports its version, and makes the same
+/// documents from the same events.
+#[test]
+fn a_plugin_built_against_each_supported_contract_loads_and_agrees() {
+    let rt = runtime(Limits::default());
+    let builds = [
+        ("0.1.0", account_balance_0_1_0()),
+        (
+            "0.1.1",
+            repo_root().join("tests/fixtures/account-balance-0.1.1.wasm"),
+        ),
+        ("0.1.2", plugins_dir().join("account-balance.wasm")),
+    ];
+    let supported: Vec<&str> = builds.iter().map(|(v, _)| *v).collect();
+    assert_eq!(supported, projector::runtime::SUPPORTED_CONTRACTS);
+    let mut models = Vec::new();
+    for (version, path) in &builds {
+        let plugin = rt
+            .load_file(path)
+            .unwrap_or_else(|e| panic!("{version}: {e}"));
+        assert_eq!(plugin.info().contract, *version);
+        let mut ev = Events::default();
+        let batch = vec![
+            ev.next(
+                "a",
+                "AccountOpened",
+                json!({"owner": "o", "currency": "EUR"}),
+            ),
+            ev.next("a", "Deposited", json!({"amount": 7})),
+            ev.next("a", "Withdrawn", json!({"amount": 2})),
+        ];
+        let out = plugin.handle(batch, docs()).expect("batch runs");
+        models.push(doc(&out.writes["accounts"]["a"]));
+    }
+    assert!(models.windows(2).all(|w| w[0] == w[1]), "{models:?}");
+    assert_eq!(models[0]["balance"], 5);
+}
