@@ -25,6 +25,9 @@ echo "broker at $PROJECTOR_TEST_KAFKA ($kafka_dir)"
 echo "== the browser for the UI test (Debian's chromium and chromedriver) =="
 bash scripts/browser.sh
 
+echo "== schemathesis for the API contract check (tests/all/api_contract.rs runs it) =="
+bash scripts/schemathesis.sh install
+
 echo "== host: unit and integration tests =="
 export PROJECTOR_PLUGINS_BUILT=1
 if command -v cargo-nextest >/dev/null 2>&1; then

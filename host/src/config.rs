@@ -137,7 +137,7 @@ impl<'de> Deserialize<'de> for PluginsConfig {
 }
 
 /// How an observer's actions are delivered (`[observers.<name>]`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct DeliveryConfig {
     /// Hosts its webhooks may call (`host` or `host:port`; `*.example.com` for subdomains).

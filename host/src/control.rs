@@ -53,7 +53,7 @@ impl Command {
 }
 
 /// What a command did, in words and figures.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Outcome {
     /// The projection's status afterwards (`running`, `paused`, ...).
     pub status: String,

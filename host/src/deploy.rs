@@ -114,7 +114,7 @@ impl DeployError {
 }
 
 /// What an upload did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Deployed {
     pub name: String,
     pub version: String,
@@ -131,7 +131,7 @@ pub struct Deployed {
 }
 
 /// A plugin loaded on this instance.
-#[derive(Clone, Serialize)]
+#[derive(Clone, Serialize, utoipa::ToSchema)]
 pub struct Loaded {
     #[serde(flatten)]
     pub stored: StoredPlugin,

@@ -2,6 +2,7 @@
 //! real library and binary against real plugins compiled from `plugins/`.
 
 mod admin;
+mod api_contract;
 mod author;
 mod bad_input;
 mod contract;

@@ -14,15 +14,20 @@ use axum::http::HeaderMap;
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post, put, MethodRouter};
-use axum::{Json, Router};
+use axum::Json;
+use serde::Serialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::error::ApiError;
+use super::openapi::ErrorBody;
 use super::AppState;
-use crate::control::{Command, CommandError};
-use crate::deploy::DeployError;
+use crate::control::{Command, CommandError, Outcome};
+use crate::deploy::{DeployError, Deployed, Loaded};
+use crate::observer::{ActionState, Logged};
 
 /// Every admin route, `(method, path)`: the router is built from this list, and the tests
 /// walk it, so a route added here is guarded and checked like the others.
@@ -56,47 +61,38 @@ pub const ADMIN_ROUTES: &[(&str, &str)] = &[
 /// another instance goes through the database).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The admin routes, to nest under `/admin`, each behind the token check; unknown `/admin`
-/// paths are guarded too.
-pub fn router(state: AppState) -> Router<AppState> {
-    let mut router = Router::new();
+/// The admin routes, each registered with its `#[utoipa::path]` (relative to `/admin`).
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(pause))
+        .routes(routes!(resume))
+        .routes(routes!(restart))
+        .routes(routes!(retry))
+        .routes(routes!(skip))
+        .routes(routes!(upload))
+        .routes(routes!(list_plugins))
+        .routes(routes!(activate))
+        .routes(routes!(rebuild))
+        .routes(routes!(drop_version))
+        .routes(routes!(remove))
+        .routes(routes!(pause_observer))
+        .routes(routes!(resume_observer))
+        .routes(routes!(restart_observer))
+        .routes(routes!(reset_observer))
+        .routes(routes!(retry_action))
+        .routes(routes!(skip_action))
+}
+
+/// `routes`, to nest under `/admin`, each behind the token check; unknown `/admin` paths are
+/// guarded too. Only an upload reads a body, so the plugin size limit is the admin routes'.
+pub fn guarded(routes: OpenApiRouter<AppState>, state: AppState) -> OpenApiRouter<AppState> {
     let max_plugin = state.admin.max_plugin_mb.saturating_mul(1 << 20);
-    for &(method, path) in ADMIN_ROUTES {
-        let inner = path.strip_prefix("/admin").unwrap_or(path);
-        router = router.route(inner, handler(method, path, max_plugin));
-    }
-    router
+    routes
         .fallback(|| async {
             ApiError::not_found("no_route", "no such admin endpoint; see the README")
         })
+        .layer(DefaultBodyLimit::max(max_plugin))
         .layer(axum::middleware::from_fn_with_state(state, authorize))
-}
-
-fn handler(method: &str, path: &str, max_plugin: usize) -> MethodRouter<AppState> {
-    if path.starts_with("/admin/observers/") {
-        return match path.rsplit('/').next().unwrap_or_default() {
-            "reset" => post(reset_observer),
-            "retry" => post(retry_action),
-            "skip" => post(skip_action),
-            "pause" => post(pause),
-            "resume" => post(resume),
-            "restart" => post(restart),
-            _ => post(unknown_admin_route),
-        };
-    }
-    match (method, path.rsplit('/').next().unwrap_or_default()) {
-        ("PUT", _) => put(upload).layer(DefaultBodyLimit::max(max_plugin)),
-        ("GET", _) => get(list_plugins),
-        ("DELETE", "{version}") => delete(drop_version),
-        ("DELETE", _) => delete(remove),
-        (_, "activate") => post(activate),
-        (_, "rebuild") => post(rebuild),
-        (_, "pause") => post(pause),
-        (_, "resume") => post(resume),
-        (_, "restart") => post(restart),
-        (_, "retry") => post(retry),
-        _ => post(skip),
-    }
 }
 
 async fn authorize(State(app): State<AppState>, request: Request, next: Next) -> Response {
@@ -159,7 +155,57 @@ impl From<CommandError> for ApiError {
     }
 }
 
-async fn send(app: &AppState, name: &str, command: Command) -> Result<Json<Value>, ApiError> {
+/// What a command did to a projection or an observer.
+#[derive(Serialize, ToSchema)]
+pub struct CommandAnswer {
+    projection: String,
+    outcome: Outcome,
+}
+
+/// A dead action retried or skipped.
+#[derive(Serialize, ToSchema)]
+pub struct ActionAnswer {
+    observer: String,
+    outcome: ActionOutcome,
+    action: Logged,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ActionOutcome {
+    status: ActionState,
+    message: String,
+}
+
+/// A WebAssembly component, as bytes.
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary)]
+pub struct ComponentBytes(#[allow(dead_code)] Vec<u8>);
+
+/// What this instance has loaded.
+#[derive(Serialize, ToSchema)]
+pub struct PluginList {
+    plugins: Vec<Loaded>,
+}
+
+/// A version's tables dropped.
+#[derive(Serialize, ToSchema)]
+pub struct Dropped {
+    projection: String,
+    dropped: String,
+}
+
+/// A projection removed, every version's tables with it.
+#[derive(Serialize, ToSchema)]
+pub struct Removed {
+    projection: String,
+    removed: bool,
+}
+
+async fn send(
+    app: &AppState,
+    name: &str,
+    command: Command,
+) -> Result<Json<CommandAnswer>, ApiError> {
     let supervised = app.projections.supervised(name).ok_or_else(|| {
         ApiError::not_found(
             "unknown_projection",
@@ -168,7 +214,10 @@ async fn send(app: &AppState, name: &str, command: Command) -> Result<Json<Value
         .with("projections", json!(app.projections.names()))
     })?;
     let outcome = supervised.send(command, COMMAND_TIMEOUT).await?;
-    Ok(Json(json!({ "projection": name, "outcome": outcome })))
+    Ok(Json(CommandAnswer {
+        projection: name.to_owned(),
+        outcome,
+    }))
 }
 
 fn position(text: &str) -> Result<u64, ApiError> {
@@ -180,54 +229,221 @@ fn position(text: &str) -> Result<u64, ApiError> {
     })
 }
 
+#[utoipa::path(
+    post,
+    path = "/projections/{name}/pause",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(("name" = String, Path, description = "The projection")),
+    responses(
+        (status = 200, description = "Paused: it reads nothing until resumed", body = CommandAnswer),
+        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
+        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
+        (status = 404, description = "`unknown_projection`, `unknown_observer`, `unknown_dead_letter`", body = ErrorBody),
+        (status = 409, description = "`wrong_state`, `dead_letter_resolved`, `parked_behind`, `projection_failed`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+        (status = 504, description = "`command_timeout`", body = ErrorBody),
+    ),
+)]
 async fn pause(
     State(app): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CommandAnswer>, ApiError> {
     send(&app, &name, Command::Pause).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/projections/{name}/resume",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(("name" = String, Path, description = "The projection")),
+    responses(
+        (status = 200, description = "Running again", body = CommandAnswer),
+        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
+        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
+        (status = 404, description = "`unknown_projection`, `unknown_observer`, `unknown_dead_letter`", body = ErrorBody),
+        (status = 409, description = "`wrong_state`, `dead_letter_resolved`, `parked_behind`, `projection_failed`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+        (status = 504, description = "`command_timeout`", body = ErrorBody),
+    ),
+)]
 async fn resume(
     State(app): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CommandAnswer>, ApiError> {
     send(&app, &name, Command::Resume).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/projections/{name}/restart",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(("name" = String, Path, description = "The projection")),
+    responses(
+        (status = 200, description = "Restarted from its checkpoint", body = CommandAnswer),
+        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
+        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
+        (status = 404, description = "`unknown_projection`, `unknown_observer`, `unknown_dead_letter`", body = ErrorBody),
+        (status = 409, description = "`wrong_state`, `dead_letter_resolved`, `parked_behind`, `projection_failed`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+        (status = 504, description = "`command_timeout`", body = ErrorBody),
+    ),
+)]
 async fn restart(
     State(app): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CommandAnswer>, ApiError> {
     send(&app, &name, Command::Restart).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/projections/{name}/dead-letters/{position}/retry",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(("name" = String, Path, description = "The projection"), ("position" = String, Path, description = "The dead letter's `position`")),
+    responses(
+        (status = 200, description = "Run again; its parked stream follows", body = CommandAnswer),
+        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
+        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
+        (status = 404, description = "`unknown_projection`, `unknown_observer`, `unknown_dead_letter`", body = ErrorBody),
+        (status = 409, description = "`wrong_state`, `dead_letter_resolved`, `parked_behind`, `projection_failed`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+        (status = 504, description = "`command_timeout`", body = ErrorBody),
+        (status = 400, description = "`invalid_position`", body = ErrorBody),
+    ),
+)]
 async fn retry(
     State(app): State<AppState>,
     Path((name, at)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CommandAnswer>, ApiError> {
     let position = position(&at)?;
     send(&app, &name, Command::Retry { position }).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/projections/{name}/dead-letters/{position}/skip",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(("name" = String, Path, description = "The projection"), ("position" = String, Path, description = "The dead letter's `position`")),
+    responses(
+        (status = 200, description = "Passed over; its parked stream goes on", body = CommandAnswer),
+        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
+        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
+        (status = 404, description = "`unknown_projection`, `unknown_observer`, `unknown_dead_letter`", body = ErrorBody),
+        (status = 409, description = "`wrong_state`, `dead_letter_resolved`, `parked_behind`, `projection_failed`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+        (status = 504, description = "`command_timeout`", body = ErrorBody),
+        (status = 400, description = "`invalid_position`", body = ErrorBody),
+    ),
+)]
 async fn skip(
     State(app): State<AppState>,
     Path((name, at)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CommandAnswer>, ApiError> {
     let position = position(&at)?;
     send(&app, &name, Command::Skip { position }).await
 }
 
-async fn unknown_admin_route() -> ApiError {
-    ApiError::not_found("no_route", "no such admin endpoint; see the README")
+#[utoipa::path(
+    post,
+    path = "/observers/{name}/pause",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(("name" = String, Path, description = "The observer")),
+    responses(
+        (status = 200, description = "Paused: it observes nothing until resumed", body = CommandAnswer),
+        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
+        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
+        (status = 404, description = "`unknown_projection`, `unknown_observer`, `unknown_dead_letter`", body = ErrorBody),
+        (status = 409, description = "`wrong_state`, `dead_letter_resolved`, `parked_behind`, `projection_failed`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+        (status = 504, description = "`command_timeout`", body = ErrorBody),
+    ),
+)]
+async fn pause_observer(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<CommandAnswer>, ApiError> {
+    super::observers::observer(&app, &name)?;
+    send(&app, &name, Command::Pause).await
+}
+
+#[utoipa::path(
+    post,
+    path = "/observers/{name}/resume",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(("name" = String, Path, description = "The observer")),
+    responses(
+        (status = 200, description = "Running again", body = CommandAnswer),
+        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
+        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
+        (status = 404, description = "`unknown_projection`, `unknown_observer`, `unknown_dead_letter`", body = ErrorBody),
+        (status = 409, description = "`wrong_state`, `dead_letter_resolved`, `parked_behind`, `projection_failed`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+        (status = 504, description = "`command_timeout`", body = ErrorBody),
+    ),
+)]
+async fn resume_observer(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<CommandAnswer>, ApiError> {
+    super::observers::observer(&app, &name)?;
+    send(&app, &name, Command::Resume).await
+}
+
+#[utoipa::path(
+    post,
+    path = "/observers/{name}/restart",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(("name" = String, Path, description = "The observer")),
+    responses(
+        (status = 200, description = "Restarted from its checkpoint", body = CommandAnswer),
+        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
+        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
+        (status = 404, description = "`unknown_projection`, `unknown_observer`, `unknown_dead_letter`", body = ErrorBody),
+        (status = 409, description = "`wrong_state`, `dead_letter_resolved`, `parked_behind`, `projection_failed`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+        (status = 504, description = "`command_timeout`", body = ErrorBody),
+    ),
+)]
+async fn restart_observer(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<CommandAnswer>, ApiError> {
+    super::observers::observer(&app, &name)?;
+    send(&app, &name, Command::Restart).await
 }
 
 /// `POST /admin/observers/{name}/reset?position=N` (default 0): the observer observes the
 /// events after N again; what it decides again was logged already and is not delivered twice.
+#[utoipa::path(
+    post,
+    path = "/observers/{name}/reset",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(("name" = String, Path, description = "The observer"), ("position" = Option<u64>, Query, description = "Observe the events after this position again (default 0)")),
+    responses(
+        (status = 200, description = "Reset", body = CommandAnswer),
+        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
+        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
+        (status = 404, description = "`unknown_projection`, `unknown_observer`, `unknown_dead_letter`", body = ErrorBody),
+        (status = 409, description = "`wrong_state`, `dead_letter_resolved`, `parked_behind`, `projection_failed`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+        (status = 504, description = "`command_timeout`", body = ErrorBody),
+        (status = 400, description = "`invalid_position`, `invalid_parameter`", body = ErrorBody),
+    ),
+)]
 async fn reset_observer(
     State(app): State<AppState>,
     Path(name): Path<String>,
     RawQuery(query): RawQuery,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CommandAnswer>, ApiError> {
     super::observers::observer(&app, &name)?;
     let params = query_params(query.as_deref(), &["position"])?;
     let position = match params.get("position") {
@@ -242,17 +458,49 @@ async fn reset_observer(
     send(&app, &name, Command::Reset { position }).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/observers/{name}/dead-letters/{id}/retry",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(("name" = String, Path, description = "The observer"), ("id" = String, Path, description = "The dead action's `id`")),
+    responses(
+        (status = 200, description = "Delivered again from its first attempt; its stream's waiting actions follow", body = ActionAnswer),
+        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
+        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
+        (status = 400, description = "`invalid_id`", body = ErrorBody),
+        (status = 404, description = "`unknown_observer`, `unknown_dead_letter`", body = ErrorBody),
+        (status = 409, description = "`not_dead`: only a dead action can be retried or skipped", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`", body = ErrorBody),
+    ),
+)]
 async fn retry_action(
     State(app): State<AppState>,
     Path((name, id)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ActionAnswer>, ApiError> {
     resolve_action(&app, &name, &id, true).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/observers/{name}/dead-letters/{id}/skip",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(("name" = String, Path, description = "The observer"), ("id" = String, Path, description = "The dead action's `id`")),
+    responses(
+        (status = 200, description = "Skipped; its stream's waiting actions go on", body = ActionAnswer),
+        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
+        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
+        (status = 400, description = "`invalid_id`", body = ErrorBody),
+        (status = 404, description = "`unknown_observer`, `unknown_dead_letter`", body = ErrorBody),
+        (status = 409, description = "`not_dead`: only a dead action can be retried or skipped", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`", body = ErrorBody),
+    ),
+)]
 async fn skip_action(
     State(app): State<AppState>,
     Path((name, id)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ActionAnswer>, ApiError> {
     resolve_action(&app, &name, &id, false).await
 }
 
@@ -263,7 +511,7 @@ async fn resolve_action(
     name: &str,
     id: &str,
     retry: bool,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ActionAnswer>, ApiError> {
     let observer = super::observers::observer(app, name)?;
     let id: i64 = id.parse().map_err(|_| {
         ApiError::bad_request(
@@ -291,18 +539,19 @@ async fn resolve_action(
     observer.nudge();
     let verb = if retry { "retried" } else { "skipped" };
     tracing::info!(observer = %name, action = id, key = %action.key, "dead action {verb} by an operator");
-    Ok(Json(json!({
-        "observer": name,
-        "outcome": {
-            "status": action.state,
-            "message": if retry {
-                format!("action {id} is delivered again, from its first attempt; its stream's waiting actions follow it")
-            } else {
-                format!("action {id} is skipped; its stream's waiting actions go on")
-            },
+    let message = if retry {
+        format!("action {id} is delivered again, from its first attempt; its stream's waiting actions follow it")
+    } else {
+        format!("action {id} is skipped; its stream's waiting actions go on")
+    };
+    Ok(Json(ActionAnswer {
+        observer: name.to_owned(),
+        outcome: ActionOutcome {
+            status: action.state,
+            message,
         },
-        "action": action,
-    })))
+        action,
+    }))
 }
 
 impl From<DeployError> for ApiError {
@@ -333,6 +582,33 @@ fn query_params(
     Ok(params)
 }
 
+#[utoipa::path(
+    put,
+    path = "/plugins/{name}",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(
+        ("name" = String, Path, description = "The plugin's name, as its `describe()` gives it"),
+        ("cutover" = Option<String>, Query, description = "`auto` (default) or `manual`: a rebuild waits for `activate`"),
+    ),
+    request_body(
+        description = "The component's bytes (at most `admin.max_plugin_mb`)",
+        content((ComponentBytes = "application/wasm"), (ComponentBytes = "application/octet-stream")),
+    ),
+    responses(
+        (status = 200, description = "`swapped` (new code for the running version) or `unchanged`", body = Deployed),
+        (status = 201, description = "`created`: a new projection or observer", body = Deployed),
+        (status = 202, description = "`rebuilding`: a new version builds beside the serving one", body = Deployed),
+        (status = 400, description = "`invalid_parameter`, `unreadable_body`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
+        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
+        (status = 409, description = "`shape_changed` (bump the version to rebuild), `world_changed`, `rebuild_running`", body = ErrorBody),
+        (status = 413, description = "`plugin_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: send `application/wasm`", body = ErrorBody),
+        (status = 422, description = "Not loadable: `not_a_component`, `wrong_world`, `unsupported_contract`, `unsupported_import`, `describe_failed`, `invalid_descriptor`, `name_mismatch`", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`, `unavailable`", body = ErrorBody),
+    ),
+)]
 /// `PUT /admin/plugins/{name}` with the component's bytes: a swap (same version), a rebuild
 /// beside the serving version (new version; `?cutover=manual` waits for `activate`), or a new
 /// projection.
@@ -393,13 +669,46 @@ async fn upload(
 }
 
 /// `GET /admin/plugins`: what this instance has loaded.
-async fn list_plugins(State(app): State<AppState>) -> Json<Value> {
-    Json(json!({ "plugins": app.deploy.loaded() }))
+#[utoipa::path(
+    get,
+    path = "/plugins",
+    tag = "admin",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Each loaded plugin: name, world, contract, version, sha256, when loaded", body = PluginList),
+        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
+        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
+    ),
+)]
+async fn list_plugins(State(app): State<AppState>) -> Json<PluginList> {
+    Json(PluginList {
+        plugins: app.deploy.loaded(),
+    })
 }
 
 /// `POST /admin/projections/{name}/activate?version=V`: cut over to `V` (a manual rebuild that
 /// has caught up), or roll back to an older version (it catches up from its own checkpoint
 /// first, then cuts over).
+#[utoipa::path(
+    post,
+    path = "/projections/{name}/activate",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(
+        ("name" = String, Path, description = "The projection"),
+        ("version" = String, Query, description = "The version to make serve"),
+    ),
+    responses(
+        (status = 200, description = "Cut over: `version` serves", body = Deployed),
+        (status = 202, description = "An older version catches up from its checkpoint, then cuts over", body = Deployed),
+        (status = 400, description = "`invalid_parameter`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
+        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
+        (status = 404, description = "`unknown_projection`, `unknown_version`", body = ErrorBody),
+        (status = 409, description = "`rebuild_running`, `active_version`", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`, `unavailable`", body = ErrorBody),
+    ),
+)]
 async fn activate(
     State(app): State<AppState>,
     Path(name): Path<String>,
@@ -423,6 +732,21 @@ async fn activate(
 
 /// `POST /admin/projections/{name}/rebuild`: the serving version rebuilt beside itself with its
 /// current code (stored as `V~rN`), cut over once caught up; 202 while it builds.
+#[utoipa::path(
+    post,
+    path = "/projections/{name}/rebuild",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(("name" = String, Path, description = "The projection")),
+    responses(
+        (status = 202, description = "The serving version rebuilds beside itself (as `V~rN`)", body = Deployed),
+        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
+        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
+        (status = 404, description = "`unknown_projection`", body = ErrorBody),
+        (status = 409, description = "`rebuild_running`", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`, `unavailable`", body = ErrorBody),
+    ),
+)]
 async fn rebuild(
     State(app): State<AppState>,
     Path(name): Path<String>,
@@ -432,21 +756,59 @@ async fn rebuild(
 }
 
 /// `DELETE /admin/projections/{name}/versions/{version}`: drops an inactive version's tables.
+#[utoipa::path(
+    delete,
+    path = "/projections/{name}/versions/{version}",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(
+        ("name" = String, Path, description = "The projection"),
+        ("version" = String, Path, description = "An inactive version"),
+    ),
+    responses(
+        (status = 200, description = "Its tables dropped", body = Dropped),
+        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
+        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
+        (status = 404, description = "`unknown_projection`, `unknown_version`", body = ErrorBody),
+        (status = 409, description = "`active_version`, `rebuild_running`", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`, `unavailable`", body = ErrorBody),
+    ),
+)]
 async fn drop_version(
     State(app): State<AppState>,
     Path((name, version)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Dropped>, ApiError> {
     app.deploy.drop_version(&name, &version).await?;
-    Ok(Json(json!({ "projection": name, "dropped": version })))
+    Ok(Json(Dropped {
+        projection: name,
+        dropped: version,
+    }))
 }
 
 /// `DELETE /admin/projections/{name}`: removes a projection and every version's tables.
+#[utoipa::path(
+    delete,
+    path = "/projections/{name}",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(("name" = String, Path, description = "The projection or observer")),
+    responses(
+        (status = 200, description = "Removed, with every version's tables", body = Removed),
+        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
+        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
+        (status = 404, description = "`unknown_projection`", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`, `unavailable`", body = ErrorBody),
+    ),
+)]
 async fn remove(
     State(app): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Removed>, ApiError> {
     app.deploy.remove(&name).await?;
-    Ok(Json(json!({ "projection": name, "removed": true })))
+    Ok(Json(Removed {
+        projection: name,
+        removed: true,
+    }))
 }
 
 #[cfg(test)]
@@ -462,22 +824,41 @@ mod tests {
     }
 
     #[test]
-    fn every_listed_route_has_its_own_handler_name() {
-        for &(method, path) in ADMIN_ROUTES {
-            let last = path.rsplit('/').next().unwrap();
-            let known = match method {
-                "POST" if path.starts_with("/admin/observers/") => {
-                    ["pause", "resume", "restart", "retry", "skip", "reset"].contains(&last)
-                }
-                "POST" => [
-                    "pause", "resume", "restart", "retry", "skip", "activate", "rebuild",
-                ]
-                .contains(&last),
-                "PUT" | "GET" => path.starts_with("/admin/plugins"),
-                "DELETE" => path.starts_with("/admin/projections/"),
-                _ => false,
-            };
-            assert!(known, "{method} {path} has no handler");
+    fn the_listed_routes_are_the_documented_ones() {
+        let doc = serde_json::to_value(crate::api::openapi()).unwrap();
+        let mut documented: Vec<(String, String)> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(path, _)| path.starts_with("/admin/"))
+            .flat_map(|(path, item)| {
+                item.as_object()
+                    .unwrap()
+                    .keys()
+                    .map(|method| (method.to_uppercase(), path.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let mut listed: Vec<(String, String)> = ADMIN_ROUTES
+            .iter()
+            .map(|(m, p)| ((*m).to_owned(), (*p).to_owned()))
+            .collect();
+        documented.sort();
+        listed.sort();
+        assert_eq!(documented, listed);
+        for (method, path) in &listed {
+            let operation = &doc["paths"][path][method.to_lowercase()];
+            assert_eq!(
+                operation["security"],
+                json!([{ "admin_token": [] }]),
+                "{method} {path} does not name the admin token"
+            );
+            for status in ["401", "403"] {
+                assert!(
+                    operation["responses"][status].is_object(),
+                    "{method} {path} does not document {status}"
+                );
+            }
         }
     }
 }

@@ -4,18 +4,58 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use utoipa::ToSchema;
 
 use super::error::ApiError;
+use super::openapi::ErrorBody;
 use super::AppState;
 use crate::event::RawObject;
-use crate::source::NewEvent;
+use crate::source::{Appended, NewEvent};
 
+/// The body: one event, or several appended in one transaction.
+#[derive(Deserialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // Read by hand (see `parse`), described here for the document.
+pub enum AppendBody {
+    One(NewEvent),
+    Batch(EventList),
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct EventList {
+    #[schema(min_items = 1)]
+    events: Vec<NewEvent>,
+}
+
+/// Where each event landed, and the last one's position (to wait for with `min_position`).
+#[derive(Serialize, ToSchema)]
+pub struct AppendedEvents {
+    events: Vec<Appended>,
+    position: Option<u64>,
+}
+
+#[utoipa::path(
+    post,
+    path = "/events",
+    tag = "events",
+    request_body(content = AppendBody, description = "An event, or `{\"events\": [...]}` appended in one transaction; with `expected_version`, a stream's append is refused if the stream moved"),
+    responses(
+        (status = 201, description = "Appended", body = AppendedEvents),
+        (status = 400, description = "Not an event: `invalid_event` names the index and the field; `malformed_json`", body = ErrorBody),
+        (status = 409, description = "`version_conflict`, `duplicate_id`, `malformed_outbox_row`, or `source_is_kafka`", body = ErrorBody),
+        (status = 413, description = "Larger than `http.max_body_bytes`", body = ErrorBody),
+        (status = 415, description = "Not `application/json`", body = ErrorBody),
+        (status = 503, description = "`lagging` (with `Retry-After`), or the source is unavailable", body = ErrorBody),
+    ),
+)]
 pub async fn append(
     State(app): State<AppState>,
     body: Result<Json<Box<RawValue>>, JsonRejection>,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+) -> Result<(StatusCode, Json<AppendedEvents>), ApiError> {
     if app.kafka.is_some() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -45,7 +85,10 @@ pub async fn append(
     let position = appended.last().map(|a| a.position);
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "events": appended, "position": position })),
+        Json(AppendedEvents {
+            events: appended,
+            position,
+        }),
     ))
 }
 

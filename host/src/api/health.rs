@@ -5,17 +5,55 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
+use serde::Serialize;
 use serde_json::{json, Value};
+use utoipa::ToSchema;
 
 use super::AppState;
 use crate::metrics::ProjectionMetrics;
 use crate::store::ProjectionStatus;
 
-pub async fn healthz() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+/// `{"status": "ok"}`.
+#[derive(Serialize, ToSchema)]
+pub struct Alive {
+    status: &'static str,
 }
 
-pub async fn readyz(State(app): State<AppState>) -> (StatusCode, Json<Value>) {
+/// `ready`, or `not_ready` with the problems; notes on what serves but needs an operator.
+#[derive(Serialize, ToSchema)]
+pub struct Readiness {
+    /// `ready` or `not_ready`.
+    status: &'static str,
+    /// Each `{"component", "error", ...}`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<Object>)]
+    problems: Vec<Value>,
+    /// Each `{"component", "parked_streams"}`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<Object>)]
+    notes: Vec<Value>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "The process answers", body = Alive)),
+)]
+pub async fn healthz() -> Json<Alive> {
+    Json(Alive { status: "ok" })
+}
+
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready to serve", body = Readiness),
+        (status = 503, description = "Not ready: the database, a projection or the watermark, named in `problems`", body = Readiness),
+    ),
+)]
+pub async fn readyz(State(app): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let mut problems = Vec::new();
     if let Err(err) = app.store.ping().await {
         problems.push(json!({ "component": "database", "error": err.to_string() }));
@@ -56,16 +94,17 @@ pub async fn readyz(State(app): State<AppState>) -> (StatusCode, Json<Value>) {
             problems.push(problem);
         }
     }
-    if problems.is_empty() {
-        let mut body = json!({ "status": "ready" });
-        if !notes.is_empty() {
-            body["notes"] = json!(notes);
-        }
-        (StatusCode::OK, Json(body))
+    let (code, status) = if problems.is_empty() {
+        (StatusCode::OK, "ready")
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "not_ready", "problems": problems })),
-        )
-    }
+        (StatusCode::SERVICE_UNAVAILABLE, "not_ready")
+    };
+    (
+        code,
+        Json(Readiness {
+            status,
+            problems,
+            notes,
+        }),
+    )
 }

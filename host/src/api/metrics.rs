@@ -10,6 +10,12 @@ use super::AppState;
 use crate::metrics::ProjectionMetrics;
 use crate::store::ProjectionStatus;
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain")),
+)]
 pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
     let head = *app.source.head().borrow();
     let mut out = String::new();

@@ -6,14 +6,17 @@ mod events;
 mod health;
 mod metrics;
 mod observers;
+mod openapi;
 mod query;
 pub mod server;
 
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
 use axum::Router;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use admin::ADMIN_ROUTES;
 pub use error::ApiError;
@@ -44,40 +47,42 @@ pub struct AppState {
     pub http: Arc<crate::metrics::HttpMetrics>,
 }
 
+/// Every public route, each registered with its `#[utoipa::path]` so the document and the
+/// router cannot disagree (admin routes: [`admin::routes`]).
+fn public_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(events::append))
+        .routes(routes!(query::list_projections))
+        .routes(routes!(query::get_projection))
+        .routes(routes!(query::get_stream))
+        .routes(routes!(query::list_dead_letters))
+        .routes(routes!(query::list_parked))
+        .routes(routes!(query::list_documents))
+        .routes(routes!(query::get_document))
+        .routes(routes!(observers::list_observers))
+        .routes(routes!(observers::get_observer))
+        .routes(routes!(observers::list_dead_letters))
+        .routes(routes!(ui))
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(metrics::metrics))
+        .routes(routes!(openapi::document))
+}
+
+/// The API's OpenAPI 3.1 document (served at `/openapi.json`).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    public_routes()
+        .nest("/admin", admin::routes())
+        .split_for_parts()
+        .1
+}
+
 pub fn router(state: AppState) -> Router {
     let max_body = state.config.max_body_bytes;
-    Router::new()
-        .route("/events", post(events::append))
-        .route("/projections", get(query::list_projections))
-        .route("/projections/{name}", get(query::get_projection))
-        .route(
-            "/projections/{name}/_streams/{stream}",
-            get(query::get_stream),
-        )
-        .route(
-            "/projections/{name}/_dead_letters",
-            get(query::list_dead_letters),
-        )
-        .route("/projections/{name}/_parked", get(query::list_parked))
-        .route(
-            "/projections/{name}/{collection}",
-            get(query::list_documents),
-        )
-        .route(
-            "/projections/{name}/{collection}/{key}",
-            get(query::get_document),
-        )
-        .route("/observers", get(observers::list_observers))
-        .route("/observers/{name}", get(observers::get_observer))
-        .route(
-            "/observers/{name}/_dead_letters",
-            get(observers::list_dead_letters),
-        )
-        .route("/ui", get(ui))
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(metrics::metrics))
-        .nest("/admin", admin::router(state.clone()))
+    let (router, _) = public_routes()
+        .nest("/admin", admin::guarded(admin::routes(), state.clone()))
+        .split_for_parts();
+    router
         .fallback(|| async {
             ApiError::not_found("no_route", "no such endpoint; see the README for the API")
         })
@@ -88,6 +93,12 @@ pub fn router(state: AppState) -> Router {
 
 /// `GET /ui`: the operator's page, one file embedded in the binary (no CDN, no fonts: it works
 /// offline). It reads the same API as anyone; the admin token it asks for stays in the tab.
+#[utoipa::path(
+    get,
+    path = "/ui",
+    tag = "operations",
+    responses((status = 200, description = "The operator's page", content_type = "text/html")),
+)]
 async fn ui() -> impl axum::response::IntoResponse {
     (
         [

@@ -2,18 +2,24 @@
 //! observers decided and how delivering it goes. (The events an observer's plugin failed on are
 //! dead letters like a projection's: `GET /projections/{name}/_dead_letters`.)
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use axum::extract::{Path, RawQuery, State};
 use axum::Json;
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
 
 use super::error::ApiError;
+use super::openapi::ErrorBody;
 use super::AppState;
+use crate::config::DeliveryConfig;
 use crate::metrics::{ACTION_KINDS, DELIVERY_OUTCOMES};
-use crate::observer::{ActionState, Logged};
+use crate::observer::{ActionState, Counts, Logged};
 use crate::runner::Projection;
+use crate::store::ProjectionStatus;
 
 /// The observer named `name`, or a 404 listing those there are.
 pub(super) fn observer(app: &AppState, name: &str) -> Result<Arc<Projection>, ApiError> {
@@ -38,7 +44,35 @@ pub(super) fn observer(app: &AppState, name: &str) -> Result<Arc<Projection>, Ap
     }
 }
 
-async fn summary(app: &AppState, observer: &Projection) -> Value {
+/// An observer: where it is in the log, and how delivering what it decided goes.
+#[derive(Serialize, ToSchema)]
+pub struct ObserverSummary {
+    name: String,
+    version: String,
+    status: ProjectionStatus,
+    error: Option<String>,
+    retrying: Option<String>,
+    checkpoint: u64,
+    head: u64,
+    lag: u64,
+    event_types: Vec<String>,
+    /// Actions by state, from the log (null when the store could not be asked).
+    actions: Option<Counts>,
+    in_flight: u64,
+    queued: u64,
+    /// Streams waiting behind a dead action.
+    blocked_streams: u64,
+    attempts_since_start: u64,
+    /// Delivery outcomes since start, by action kind and outcome.
+    since_start: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Dead actions.
+    dead_letters: Option<u64>,
+    /// Events its plugin failed on (`/projections/{name}/_dead_letters`).
+    event_dead_letters: Option<usize>,
+    delivery: DeliveryConfig,
+}
+
+async fn summary(app: &AppState, observer: &Projection) -> ObserverSummary {
     let head = *app.source.head().borrow();
     let checkpoint = observer.checkpoint();
     let health = observer.health();
@@ -46,62 +80,115 @@ async fn summary(app: &AppState, observer: &Projection) -> Value {
     // Counted from the store: the same on every instance.
     let counts = app.store.action_counts(&descriptor.name).await.ok();
     let parked = app.store.parked(descriptor).await.ok();
-    let delivery = app.deploy.delivery_for(&descriptor.name);
     let d = &observer.delivery;
-    let mut since_start = serde_json::Map::new();
+    let mut since_start = BTreeMap::new();
     for (k, kind) in ACTION_KINDS.iter().enumerate() {
-        let mut outcomes = serde_json::Map::new();
-        for (o, outcome) in DELIVERY_OUTCOMES.iter().enumerate() {
-            outcomes.insert(outcome.as_str().into(), json!(d.counted(k, o)));
-        }
-        since_start.insert((*kind).into(), Value::Object(outcomes));
+        let outcomes = DELIVERY_OUTCOMES
+            .iter()
+            .enumerate()
+            .map(|(o, outcome)| (outcome.as_str().to_owned(), d.counted(k, o)))
+            .collect();
+        since_start.insert((*kind).to_owned(), outcomes);
     }
-    json!({
-        "name": descriptor.name,
-        "version": descriptor.version,
-        "status": health.status,
-        "error": health.error,
-        "retrying": health.retrying,
-        "checkpoint": checkpoint,
-        "head": head,
-        "lag": head.saturating_sub(checkpoint),
-        "event_types": descriptor.event_types,
-        "actions": counts,
-        "in_flight": d.in_flight.load(Relaxed),
-        "queued": d.queued.load(Relaxed),
-        "blocked_streams": d.blocked.load(Relaxed),
-        "attempts_since_start": d.attempts.load(Relaxed),
-        "since_start": since_start,
-        "dead_letters": counts.map(|c| c.dead),
-        "event_dead_letters": parked.as_ref().map(Vec::len),
-        "delivery": delivery,
-    })
+    ObserverSummary {
+        name: descriptor.name.clone(),
+        version: descriptor.version.clone(),
+        status: health.status,
+        error: health.error,
+        retrying: health.retrying,
+        checkpoint,
+        head,
+        lag: head.saturating_sub(checkpoint),
+        event_types: descriptor.event_types.clone(),
+        actions: counts,
+        in_flight: d.in_flight.load(Relaxed),
+        queued: d.queued.load(Relaxed),
+        blocked_streams: d.blocked.load(Relaxed),
+        attempts_since_start: d.attempts.load(Relaxed),
+        since_start,
+        dead_letters: counts.map(|c| c.dead),
+        event_dead_letters: parked.as_ref().map(Vec::len),
+        delivery: app.deploy.delivery_for(&descriptor.name),
+    }
 }
 
-pub async fn list_observers(State(app): State<AppState>) -> Json<Value> {
+/// Every observer.
+#[derive(Serialize, ToSchema)]
+pub struct ObserverList {
+    observers: Vec<ObserverSummary>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/observers",
+    tag = "observers",
+    responses((status = 200, description = "Every observer", body = ObserverList)),
+)]
+pub async fn list_observers(State(app): State<AppState>) -> Json<ObserverList> {
     let mut all = Vec::new();
     for observer in app.projections.projections() {
         if observer.is_observer() {
             all.push(summary(&app, &observer).await);
         }
     }
-    Json(json!({ "observers": all }))
+    Json(ObserverList { observers: all })
 }
 
+#[utoipa::path(
+    get,
+    path = "/observers/{name}",
+    tag = "observers",
+    params(("name" = String, Path, description = "The observer")),
+    responses(
+        (status = 200, description = "The observer", body = ObserverSummary),
+        (status = 404, description = "`unknown_observer`", body = ErrorBody),
+    ),
+)]
 pub async fn get_observer(
     State(app): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ObserverSummary>, ApiError> {
     let observer = observer(&app, &name)?;
     Ok(Json(summary(&app, &observer).await))
 }
 
+/// A page of dead actions.
+#[derive(Serialize, ToSchema)]
+pub struct ActionPage {
+    items: Vec<Logged>,
+    /// The `after` of the next page; null on the last.
+    next_after: Option<i64>,
+}
+
+/// A page of dead actions, in log order.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // Read by hand, described here for the document.
+pub struct ActionPageQuery {
+    /// The `next_after` of the page before (0: from the start).
+    after: Option<i64>,
+    /// Actions per page, clamped to 1..`http.max_page_size`.
+    limit: Option<u32>,
+}
+
 /// `?after=ID&limit=N`: the dead actions, in log order.
+#[utoipa::path(
+    get,
+    path = "/observers/{name}/_dead_letters",
+    tag = "observers",
+    params(("name" = String, Path, description = "The observer"), ActionPageQuery),
+    responses(
+        (status = 200, description = "Dead actions, oldest first", body = ActionPage),
+        (status = 400, description = "`invalid_parameter`", body = ErrorBody),
+        (status = 404, description = "`unknown_observer`", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`", body = ErrorBody),
+    ),
+)]
 pub async fn list_dead_letters(
     State(app): State<AppState>,
     Path(name): Path<String>,
     RawQuery(query): RawQuery,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ActionPage>, ApiError> {
     let observer = observer(&app, &name)?;
     let mut after = 0i64;
     let mut limit = app.config.default_page_size;
@@ -131,5 +218,8 @@ pub async fn list_dead_letters(
     let next = (dead.len() == limit as usize)
         .then(|| dead.last().map(|a| a.id))
         .flatten();
-    Ok(Json(json!({ "items": dead, "next_after": next })))
+    Ok(Json(ActionPage {
+        items: dead,
+        next_after: next,
+    }))
 }

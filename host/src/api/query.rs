@@ -8,12 +8,16 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::openapi::ErrorBody;
 use super::AppState;
 use crate::consistency::{self, StreamVersion, WaitError};
 use crate::metrics::ProjectionMetrics;
 use crate::runner::Projection;
-use crate::store::{DeadLetter, Document, ListQuery, ParkedStream};
+use crate::runtime::CollectionSpec;
+use crate::source::kafka::PartitionLag;
+use crate::store::{DeadLetter, Document, ListQuery, ParkedStream, ProjectionStatus};
 use serde::Serialize;
+use utoipa::{IntoParams, ToSchema};
 
 /// The read-your-writes parameters, and what is left of the query string.
 #[derive(Default)]
@@ -28,6 +32,53 @@ struct ReadParams {
     /// A version other than the serving one (a rebuild, checked before it goes live).
     version: Option<String>,
     filters: Vec<(String, String)>,
+}
+
+/// Read-your-writes: before answering, wait until the projection has applied these (each is
+/// optional; several combine).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // Read by hand (`ReadParams`), described here for the document.
+pub struct WaitQuery {
+    /// `stream@version`, repeatable: wait until the projection has applied that event (409
+    /// `dead_lettered` if it set it aside).
+    wait_for: Option<Vec<String>>,
+    /// An event's id (the outbox row's `id`), repeatable.
+    wait_for_event: Option<Vec<String>>,
+    /// Wait until the projection has committed this position.
+    min_position: Option<u64>,
+    /// How long to wait before 504: default `http.wait_timeout_ms`, at most
+    /// `http.max_wait_timeout_ms`.
+    timeout_ms: Option<u64>,
+    /// Read this version instead of the serving one (a rebuild, before it goes live).
+    version: Option<String>,
+}
+
+/// A page of a collection, in key order.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct ListPage {
+    /// Documents per page: 1 to `http.max_page_size` (default `http.default_page_size`).
+    #[param(minimum = 1)]
+    limit: Option<u32>,
+    /// The `next_cursor` of the page before.
+    cursor: Option<String>,
+    /// Filters on indexed fields, `field=value` (exact match; every other parameter name is
+    /// taken as a field).
+    #[param(style = Form, explode)]
+    filters: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// A page of dead letters, in position order.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct LetterPage {
+    /// The `next_after` of the page before (0: from the start).
+    after: Option<u64>,
+    /// Letters per page, clamped to 1..`http.max_page_size`.
+    limit: Option<u32>,
 }
 
 fn parse_number<T: std::str::FromStr>(name: &str, value: &str) -> Result<T, ApiError> {
@@ -206,46 +257,113 @@ fn check_collection(projection: &Projection, collection: &str) -> Result<(), Api
     .with("collections", json!(known)))
 }
 
-async fn summary(app: &AppState, projection: &Projection) -> Value {
+/// A projection: where its serving version is, what it has set aside, and a rebuild beside it.
+#[derive(Serialize, ToSchema)]
+pub struct ProjectionSummary {
+    name: String,
+    /// The serving version.
+    version: String,
+    status: ProjectionStatus,
+    error: Option<String>,
+    /// The error it retries after (a database outage), if any.
+    retrying: Option<String>,
+    checkpoint: u64,
+    head: u64,
+    /// Positions behind the head.
+    lag: u64,
+    lag_seconds: f64,
+    /// Empty: every type.
+    event_types: Vec<String>,
+    collections: Vec<CollectionSpec>,
+    /// Null when the store could not be asked.
+    parked_streams: Option<usize>,
+    parked_events: Option<u64>,
+    dead_letters: DeadLetterCounts,
+    /// When other code last replaced the serving version's (ms since the epoch).
+    code_changed_at: Option<i64>,
+    active: VersionSummary,
+    /// A version rebuilt beside the serving one.
+    building: Option<VersionSummary>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DeadLetterCounts {
+    /// Streams parked behind an open dead letter.
+    open: Option<usize>,
+    malformed_since_start: u64,
+    plugin_since_start: u64,
+}
+
+/// One version of a projection: where it is, and for a rebuild how far and how long to go.
+#[derive(Serialize, ToSchema)]
+pub struct VersionSummary {
+    version: String,
+    status: ProjectionStatus,
+    error: Option<String>,
+    checkpoint: u64,
+    head: u64,
+    lag: u64,
+    /// 0 to 1.
+    progress: f64,
+    positions_per_second: f64,
+    /// Null while it has no rate yet.
+    eta_seconds: Option<f64>,
+    /// `auto` or `manual`, for a version being built.
+    cutover: Option<&'static str>,
+    sha256: Option<String>,
+    code_changed_at: Option<i64>,
+    swap_pauses: u64,
+    last_swap_pause_ms: f64,
+    /// When this instance loaded its code (ms since the epoch).
+    loaded_at: Option<i64>,
+}
+
+async fn summary(app: &AppState, projection: &Projection) -> ProjectionSummary {
     let head = *app.source.head().borrow();
     let checkpoint = projection.checkpoint();
     let health = projection.health();
     let descriptor = projection.descriptor();
     // Counted from the store: the same on every instance, whichever runs the projection.
     let parked = app.store.parked(descriptor).await.ok();
-    json!({
-        "name": descriptor.name,
-        "version": descriptor.version,
-        "status": health.status,
-        "error": health.error,
-        "retrying": health.retrying,
-        "checkpoint": checkpoint,
-        "head": head,
-        "lag": head.saturating_sub(checkpoint),
-        "lag_seconds": (projection.lag_seconds() * 1000.0).round() / 1000.0,
-        "event_types": descriptor.event_types,
-        "collections": descriptor.collections,
-        "parked_streams": parked.as_ref().map(Vec::len),
-        "parked_events": parked.as_ref().map(|p| p.iter().map(|s| s.events).sum::<u64>()),
-        "dead_letters": {
-            "open": parked.as_ref().map(Vec::len),
-            "malformed_since_start": ProjectionMetrics::get(&projection.metrics.dead_letters_malformed),
-            "plugin_since_start": ProjectionMetrics::get(&projection.metrics.dead_letters_plugin),
+    ProjectionSummary {
+        name: descriptor.name.clone(),
+        version: descriptor.version.clone(),
+        status: health.status,
+        error: health.error,
+        retrying: health.retrying,
+        checkpoint,
+        head,
+        lag: head.saturating_sub(checkpoint),
+        lag_seconds: (projection.lag_seconds() * 1000.0).round() / 1000.0,
+        event_types: descriptor.event_types.clone(),
+        collections: descriptor.collections.clone(),
+        parked_streams: parked.as_ref().map(Vec::len),
+        parked_events: parked
+            .as_ref()
+            .map(|p| p.iter().map(|s| s.events).sum::<u64>()),
+        dead_letters: DeadLetterCounts {
+            open: parked.as_ref().map(Vec::len),
+            malformed_since_start: ProjectionMetrics::get(
+                &projection.metrics.dead_letters_malformed,
+            ),
+            plugin_since_start: ProjectionMetrics::get(&projection.metrics.dead_letters_plugin),
         },
-        "code_changed_at": app.deploy.loaded().into_iter().find(|l| {
-            l.stored.name == descriptor.name && l.stored.version == descriptor.version
-        }).and_then(|l| l.stored.code_changed_at),
-        "active": version_summary(app, projection, head),
-        "building": app
+        code_changed_at: app
+            .deploy
+            .loaded()
+            .into_iter()
+            .find(|l| l.stored.name == descriptor.name && l.stored.version == descriptor.version)
+            .and_then(|l| l.stored.code_changed_at),
+        active: version_summary(app, projection, head),
+        building: app
             .projections
             .entry(&descriptor.name)
             .and_then(|e| e.building)
             .map(|b| version_summary(app, &b.projection, head)),
-    })
+    }
 }
 
-/// One version of a projection: where it is, and for a rebuild how far and how long to go.
-fn version_summary(app: &AppState, projection: &Projection, head: u64) -> Value {
+fn version_summary(app: &AppState, projection: &Projection, head: u64) -> VersionSummary {
     let checkpoint = projection.checkpoint();
     let health = projection.health();
     let rate = projection.positions_per_second();
@@ -253,28 +371,67 @@ fn version_summary(app: &AppState, projection: &Projection, head: u64) -> Value 
     let loaded = app.deploy.loaded().into_iter().find(|l| {
         l.stored.name == projection.name() && l.stored.version == projection.descriptor().version
     });
-    json!({
-        "version": projection.descriptor().version,
-        "status": health.status,
-        "error": health.error,
-        "checkpoint": checkpoint,
-        "head": head,
-        "lag": left,
-        "progress": (projection.progress_towards(head) * 1000.0).round() / 1000.0,
-        "positions_per_second": (rate * 10.0).round() / 10.0,
-        "eta_seconds": if left == 0 { Some(0.0) } else if rate > 0.0 { Some((left as f64 / rate * 10.0).round() / 10.0) } else { None },
-        "cutover": if projection.is_building() {
-            Some(if app.deploy.manual_cutover(projection.name()) { "manual" } else { "auto" })
-        } else { None },
-        "sha256": loaded.as_ref().map(|l| l.stored.sha256.clone()),
-        "code_changed_at": loaded.as_ref().and_then(|l| l.stored.code_changed_at),
-        "swap_pauses": projection.metrics.swap_pause.count(),
-        "last_swap_pause_ms": ProjectionMetrics::get(&projection.metrics.last_swap_pause_micros) as f64 / 1000.0,
-        "loaded_at": loaded.map(|l| l.loaded_at),
-    })
+    VersionSummary {
+        version: projection.descriptor().version.clone(),
+        status: health.status,
+        error: health.error,
+        checkpoint,
+        head,
+        lag: left,
+        progress: (projection.progress_towards(head) * 1000.0).round() / 1000.0,
+        positions_per_second: (rate * 10.0).round() / 10.0,
+        eta_seconds: if left == 0 {
+            Some(0.0)
+        } else if rate > 0.0 {
+            Some((left as f64 / rate * 10.0).round() / 10.0)
+        } else {
+            None
+        },
+        cutover: projection.is_building().then(|| {
+            if app.deploy.manual_cutover(projection.name()) {
+                "manual"
+            } else {
+                "auto"
+            }
+        }),
+        sha256: loaded.as_ref().map(|l| l.stored.sha256.clone()),
+        code_changed_at: loaded.as_ref().and_then(|l| l.stored.code_changed_at),
+        swap_pauses: projection.metrics.swap_pause.count(),
+        last_swap_pause_ms: ProjectionMetrics::get(&projection.metrics.last_swap_pause_micros)
+            as f64
+            / 1000.0,
+        loaded_at: loaded.map(|l| l.loaded_at),
+    }
 }
 
-pub async fn list_projections(State(app): State<AppState>) -> Json<Value> {
+/// Every projection (observers have their own list), the source's watermark and, with the
+/// Kafka source, its partitions.
+#[derive(Serialize, ToSchema)]
+pub struct ProjectionList {
+    projections: Vec<ProjectionSummary>,
+    /// Null for a source without one; else whether it is held, and by which transaction.
+    #[schema(value_type = Option<Object>)]
+    watermark: Value,
+    kafka: Option<KafkaSummary>,
+}
+
+/// What the Kafka consumer took in, since start, and where each partition is.
+#[derive(Serialize, ToSchema)]
+pub struct KafkaSummary {
+    partitions: Vec<PartitionLag>,
+    events: u64,
+    duplicates: u64,
+    tombstones: u64,
+    bad: u64,
+}
+
+#[utoipa::path(
+    get,
+    path = "/projections",
+    tag = "projections",
+    responses((status = 200, description = "Every projection", body = ProjectionList)),
+)]
+pub async fn list_projections(State(app): State<AppState>) -> Json<ProjectionList> {
     let projections = app.projections.projections();
     let mut all = Vec::with_capacity(projections.len());
     // Observers have a list of their own (`GET /observers`).
@@ -283,15 +440,19 @@ pub async fn list_projections(State(app): State<AppState>) -> Json<Value> {
     }
     let kafka = app.kafka.as_ref().map(|k| {
         let (events, duplicates, tombstones, bad) = k.counts();
-        json!({
-            "partitions": k.partitions(),
-            "events": events,
-            "duplicates": duplicates,
-            "tombstones": tombstones,
-            "bad": bad,
-        })
+        KafkaSummary {
+            partitions: k.partitions(),
+            events,
+            duplicates,
+            tombstones,
+            bad,
+        }
     });
-    Json(json!({ "projections": all, "watermark": watermark(&app), "kafka": kafka }))
+    Json(ProjectionList {
+        projections: all,
+        watermark: watermark(&app),
+        kafka,
+    })
 }
 
 /// The source's watermark: held or not, and by which transaction (null for a source without
@@ -306,34 +467,74 @@ fn watermark(app: &AppState) -> Value {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/projections/{name}",
+    tag = "projections",
+    params(("name" = String, Path, description = "The projection")),
+    responses(
+        (status = 200, description = "The projection", body = ProjectionSummary),
+        (status = 404, description = "`unknown_projection`", body = ErrorBody),
+    ),
+)]
 pub async fn get_projection(
     State(app): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ProjectionSummary>, ApiError> {
     let projection = projection(&app, &name)?;
     Ok(Json(summary(&app, &projection).await))
 }
 
 /// How far a projection has applied one stream.
+#[utoipa::path(
+    get,
+    path = "/projections/{name}/_streams/{stream}",
+    tag = "projections",
+    params(
+        ("name" = String, Path, description = "The projection"),
+        ("stream" = String, Path, description = "The stream"),
+        WaitQuery,
+    ),
+    responses(
+        (status = 200, description = "The stream's last version the projection has applied", body = StreamApplied),
+        (status = 400, description = "`invalid_parameter`", body = ErrorBody),
+        (status = 404, description = "`unknown_projection`, `unknown_version`", body = ErrorBody),
+        (status = 409, description = "`dead_lettered`: an event waited for was set aside", body = ErrorBody),
+        (status = 503, description = "`projection_failed`, `projection_removed`, `store_unavailable`", body = ErrorBody),
+        (status = 504, description = "`wait_timeout`: not applied within `timeout_ms`", body = ErrorBody),
+    ),
+)]
 pub async fn get_stream(
     State(app): State<AppState>,
     Path((name, stream)): Path<(String, String)>,
     RawQuery(query): RawQuery,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<StreamApplied>, ApiError> {
     let params = ReadParams::parse(query.as_deref())?;
     let projection = params.projection(&app, &name)?;
     let projection = params.wait(&app, projection).await?;
     let position = projection.checkpoint();
     let version = app.source.version_at(&stream, position).await?;
-    Ok(Json(json!({
-        "stream": stream,
-        "applied_version": version,
-        "position": position,
-    })))
+    Ok(Json(StreamApplied {
+        stream,
+        applied_version: version,
+        position,
+    }))
 }
 
 /// `GET /projections/{name}/_dead_letters?after=POSITION&limit=N`: the events this projection
 /// set aside, in position order.
+#[utoipa::path(
+    get,
+    path = "/projections/{name}/_dead_letters",
+    tag = "projections",
+    params(("name" = String, Path, description = "The projection or observer"), LetterPage),
+    responses(
+        (status = 200, description = "Dead letters, oldest first; `next_after` is null on the last page", body = Page<DeadLetter>),
+        (status = 400, description = "`invalid_parameter`", body = ErrorBody),
+        (status = 404, description = "`unknown_projection`", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`", body = ErrorBody),
+    ),
+)]
 pub async fn list_dead_letters(
     State(app): State<AppState>,
     Path(name): Path<String>,
@@ -371,6 +572,17 @@ pub async fn list_dead_letters(
 
 /// `GET /projections/{name}/_parked`: the streams held back behind a dead letter, each with
 /// the letter and how many events wait.
+#[utoipa::path(
+    get,
+    path = "/projections/{name}/_parked",
+    tag = "projections",
+    params(("name" = String, Path, description = "The projection or observer")),
+    responses(
+        (status = 200, description = "The streams held back behind a dead letter", body = Page<ParkedStream>),
+        (status = 404, description = "`unknown_projection`", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`", body = ErrorBody),
+    ),
+)]
 pub async fn list_parked(
     State(app): State<AppState>,
     Path(name): Path<String>,
@@ -383,6 +595,25 @@ pub async fn list_parked(
     }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/projections/{name}/{collection}/{key}",
+    tag = "projections",
+    params(
+        ("name" = String, Path, description = "The projection"),
+        ("collection" = String, Path, description = "One of its collections"),
+        ("key" = String, Path, description = "The document's key"),
+        WaitQuery,
+    ),
+    responses(
+        (status = 200, description = "The document, and the position it is at least as fresh as", body = DocumentAt),
+        (status = 400, description = "`invalid_parameter`", body = ErrorBody),
+        (status = 404, description = "`not_found` (with the position read at), `unknown_projection`, `unknown_collection`, `unknown_version`", body = ErrorBody),
+        (status = 409, description = "`dead_lettered`: an event waited for was set aside", body = ErrorBody),
+        (status = 503, description = "`projection_failed`, `projection_removed`, `store_unavailable`", body = ErrorBody),
+        (status = 504, description = "`wait_timeout`: not applied within `timeout_ms`", body = ErrorBody),
+    ),
+)]
 pub async fn get_document(
     State(app): State<AppState>,
     Path((name, collection, key)): Path<(String, String, String)>,
@@ -414,6 +645,25 @@ pub async fn get_document(
     Ok(Json(DocumentAt { doc, position }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/projections/{name}/{collection}",
+    tag = "projections",
+    params(
+        ("name" = String, Path, description = "The projection"),
+        ("collection" = String, Path, description = "One of its collections"),
+        WaitQuery,
+        ListPage,
+    ),
+    responses(
+        (status = 200, description = "A page of documents in key order; `next_cursor` is null on the last page", body = Page<Document>),
+        (status = 400, description = "`invalid_parameter`, `invalid_filter` (not an indexed field)", body = ErrorBody),
+        (status = 404, description = "`unknown_projection`, `unknown_collection`, `unknown_version`", body = ErrorBody),
+        (status = 409, description = "`dead_lettered`: an event waited for was set aside", body = ErrorBody),
+        (status = 503, description = "`projection_failed`, `projection_removed`, `store_unavailable`", body = ErrorBody),
+        (status = 504, description = "`wait_timeout`: not applied within `timeout_ms`", body = ErrorBody),
+    ),
+)]
 pub async fn list_documents(
     State(app): State<AppState>,
     Path((name, collection)): Path<(String, String)>,
@@ -473,7 +723,7 @@ pub async fn list_documents(
 // `1.8446744073709552e19`. Serialized straight to the response, the text goes out as stored.
 
 /// A page of a listing; `None` fields a listing does not have are left out.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct Page<T> {
     items: Vec<T>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -495,8 +745,18 @@ impl<T> Default for Page<T> {
     }
 }
 
+/// How far a projection has applied one stream.
+#[derive(Serialize, ToSchema)]
+pub struct StreamApplied {
+    stream: String,
+    /// Its last version the projection has applied (0: none).
+    applied_version: u64,
+    /// The projection's checkpoint when asked.
+    position: u64,
+}
+
 /// A document and the position it is at least as fresh as.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct DocumentAt {
     #[serde(flatten)]
     doc: Document,

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// A side effect an observer asked for. The host executes it; the guest never does.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ActionKind {
     /// An HTTP request, made by the dispatcher's pooled client.
@@ -82,7 +82,7 @@ pub fn key(observer: &str, event_id: &str, index: u32) -> String {
 }
 
 /// Where a logged action stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ActionState {
     /// Waiting for its (next) attempt.
@@ -116,7 +116,7 @@ impl ActionState {
 }
 
 /// An action as the log holds it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Logged {
     /// Log order: per stream, event order.
     pub id: i64,
@@ -152,7 +152,7 @@ pub struct Update {
 }
 
 /// How many actions of an observer stand where.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, utoipa::ToSchema)]
 pub struct Counts {
     pub pending: u64,
     pub done: u64,

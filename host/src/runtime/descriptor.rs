@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::bindings::projection::projector::plugin::types as wit;
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Descriptor {
     pub name: String,
     pub version: String,
@@ -14,7 +14,7 @@ pub struct Descriptor {
     pub collections: Vec<CollectionSpec>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CollectionSpec {
     pub name: String,
     pub indexes: Vec<String>,

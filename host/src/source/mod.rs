@@ -16,15 +16,22 @@ use tokio::sync::watch;
 use crate::event::Event;
 
 /// An event to append, as `POST /events` takes it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewEvent {
     /// A UUID; generated when absent. Appending an id that exists is a conflict.
+    #[schema(format = Uuid)]
     pub id: Option<String>,
+    /// 1 to 256 bytes, no NUL (checked by [`validate`]).
+    #[schema(min_length = 1, max_length = 256, pattern = "^[^\\x00]*$")]
     pub stream: String,
+    #[schema(min_length = 1, max_length = 128, pattern = "^[^\\x00]*$")]
     pub stream_type: String,
     #[serde(rename = "type")]
+    #[schema(min_length = 1, max_length = 128, pattern = "^[^\\x00]*$")]
     pub event_type: String,
+    /// Any JSON; kept as sent, digit for digit.
+    #[schema(value_type = serde_json::Value)]
     pub payload: Box<RawValue>,
     /// The stream's current version the caller expects (0: the stream must not exist).
     pub expected_version: Option<u64>,
@@ -33,7 +40,7 @@ pub struct NewEvent {
 }
 
 /// Where an appended event landed.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Appended {
     pub id: String,
     pub stream: String,

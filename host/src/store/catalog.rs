@@ -8,7 +8,7 @@ use crate::runtime::Descriptor;
 
 /// One projection version's plugin as the catalog keeps it (its code is read apart, by
 /// [`crate::store::Store::plugin_code`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct StoredPlugin {
     pub name: String,
     pub version: String,

@@ -54,7 +54,7 @@ impl StoreError {
 }
 
 /// One stored document.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Document {
     pub key: String,
     /// How many times the document has been written.
@@ -62,12 +62,13 @@ pub struct Document {
     /// When it was last written, in milliseconds since the Unix epoch.
     pub updated_at: i64,
     #[serde(rename = "document")]
+    #[schema(value_type = serde_json::Value)]
     pub json: Box<serde_json::value::RawValue>,
 }
 
 /// An event a projection could not take, kept with the reason; or an event parked behind one.
 /// (`PartialEq` by hand: [`Event`] has none; its event compares by its JSON.)
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct DeadLetter {
     pub position: u64,
     pub event_id: Option<String>,
@@ -87,6 +88,7 @@ pub struct DeadLetter {
     /// The event itself, to run again on a retry (`None` for a malformed row, which is read
     /// again from the source).
     #[serde(skip)]
+    #[schema(ignore)]
     pub event: Option<Event>,
     /// What operators did to it, oldest first (filled on reads).
     pub actions: Vec<AdminAction>,
@@ -100,7 +102,7 @@ impl DeadLetter {
 }
 
 /// Why an event became a dead letter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LetterKind {
     /// The source could not decode the row.
@@ -130,7 +132,7 @@ impl LetterKind {
 }
 
 /// Where a dead letter stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LetterState {
     /// Set aside; its stream is parked behind it.
@@ -160,7 +162,7 @@ impl LetterState {
 }
 
 /// An operator's action through the admin API, as recorded.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct AdminAction {
     /// `pause`, `resume`, `restart`, `retry`, `skip`, ...
     pub action: String,
@@ -173,7 +175,7 @@ pub struct AdminAction {
 }
 
 /// A stream held back behind a dead letter.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ParkedStream {
     pub stream: String,
     /// The position of the open dead letter it waits behind.
@@ -217,7 +219,7 @@ pub struct ListQuery {
 }
 
 /// A projection's persisted state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ProjectionStatus {
     Running,

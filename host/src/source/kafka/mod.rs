@@ -131,7 +131,7 @@ struct StatsInner {
 }
 
 /// One partition as `/metrics` shows it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct PartitionLag {
     pub topic: String,
     pub partition: i32,

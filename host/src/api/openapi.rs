@@ -1,0 +1,77 @@
+//! The API's contract: an OpenAPI 3.1 document built from the handlers' own `#[utoipa::path]`
+//! attributes and the response types they return, served at `GET /openapi.json`. The routers
+//! register each handler through [`utoipa_axum::routes!`], so a route cannot be served without
+//! being documented, nor documented without being served.
+
+use serde::Serialize;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+/// The parts of the document no handler carries: title, tags, the admin token's scheme and
+/// the error shape every route shares.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "projector",
+        description = "Event-sourcing projections and observers as sandboxed WebAssembly components: append events, read projections with read-your-writes waits, operate the host. Every error is `{\"error\": {\"code\", \"message\", ...}}` with a stable `code`.",
+        license(name = "MIT OR Apache-2.0"),
+    ),
+    tags(
+        (name = "events", description = "Appending to the outbox"),
+        (name = "projections", description = "Read models and how far they are"),
+        (name = "observers", description = "Observers and the actions they decided"),
+        (name = "admin", description = "Operator commands, behind `Authorization: Bearer <admin.token>`"),
+        (name = "operations", description = "Health, metrics, the page and this document"),
+    ),
+    components(schemas(ErrorBody, ErrorDetail)),
+    modifiers(&AdminToken),
+)]
+pub struct ApiDoc;
+
+/// The `admin_token` security scheme the admin routes name.
+struct AdminToken;
+
+impl Modify for AdminToken {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "admin_token",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+/// Every error answer.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// What went wrong: a stable `code` to branch on, a `message` for a person, and details that
+/// depend on the code (`stream`, `position`, `retry_after_s`, `request_id`, ...).
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+/// `GET /openapi.json`: this document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "operations",
+    responses((status = 200, description = "The OpenAPI 3.1 document of this API", content_type = "application/json")),
+)]
+pub async fn document() -> impl axum::response::IntoResponse {
+    // Built once: it depends on the code only, never on the configuration.
+    static DOCUMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        // A tree of strings, maps and numbers: serializing it cannot fail.
+        super::openapi()
+            .to_pretty_json()
+            .expect("the OpenAPI document serializes")
+    });
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        DOCUMENT.as_str(),
+    )
+}
