@@ -1,15 +1,18 @@
 //! The operator's page in a real browser: Debian's chromium, driven through its chromedriver
 //! (both installed by `scripts/browser.sh`; nothing downloads a browser of its own). Each step
-//! saves a screenshot to `target/ui-screenshots/`.
+//! saves a screenshot to `target/ui-screenshots/`. One test times the page's first load, on the
+//! browser's clock, with 51 projections and 10,000 open dead letters.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::json;
 
-use crate::support::{eventually, plugin_set, plugins_dir, repo_root, tempdir, Server};
+use crate::support::{
+    eventually, plugin_path, plugin_set, plugins_dir, repo_root, tempdir, Api, Server,
+};
 
 const TOKEN: &str = "ui-token";
 
@@ -212,4 +215,231 @@ async fn the_page_shows_lag_retries_a_dead_letter_and_runs_a_rebuild() {
     until_text(&client, &format!("{row} td.rebuild"), |t| t == "–").await;
     screenshot(&client, "4-cut-over").await;
     client.close().await.unwrap();
+}
+
+/// The name `account-balance` gives itself in `describe()`, and how many of its copies the
+/// load test runs beside it.
+const BALANCE: &[u8] = b"account-balance";
+const COPIES: usize = 49;
+const POISONED: usize = 10_000;
+
+/// `account-balance.wasm` under another name of the same length: the one occurrence of the
+/// name in the component (the string literal `describe()` returns, in the data segment) is
+/// replaced byte for byte. Equivalent to compiling the plugin with another name (there is no
+/// build-time name knob): the code, offsets and sizes stay the same, so the component is as
+/// valid as the original, and the host loads it like any other plugin.
+fn renamed_account_balance(dir: &Path, name: &str) {
+    assert_eq!(name.len(), BALANCE.len(), "{name}: a same-length name only");
+    let mut wasm = std::fs::read(plugin_path("account-balance")).unwrap();
+    let at: Vec<usize> = wasm
+        .windows(BALANCE.len())
+        .enumerate()
+        .filter(|(_, w)| *w == BALANCE)
+        .map(|(i, _)| i)
+        .collect();
+    assert!(!at.is_empty(), "account-balance.wasm does not name itself");
+    for i in at {
+        wasm[i..i + BALANCE.len()].copy_from_slice(name.as_bytes());
+    }
+    std::fs::write(dir.join(format!("{name}.wasm")), wasm).unwrap();
+}
+
+/// Every projection in `GET /projections`, once each has read up to the head.
+async fn all_caught_up(api: &Api, at_least: usize) -> Result<Vec<serde_json::Value>, String> {
+    let (status, body) = api.get("/projections").await;
+    if status != 200 {
+        return Err(format!("{status}: {body}"));
+    }
+    let list = body["projections"].as_array().cloned().unwrap_or_default();
+    if list.len() < at_least {
+        return Err(format!("{} projections, not {at_least}", list.len()));
+    }
+    for p in &list {
+        if p["status"] != "running" || p["lag"] != 0 {
+            return Err(format!(
+                "{}: {} lag {} {}",
+                p["name"], p["status"], p["lag"], p["error"]
+            ));
+        }
+    }
+    Ok(list)
+}
+
+#[tokio::test]
+async fn the_page_loads_within_a_second_with_50_projections_and_10000_dead_letters() {
+    let started = Instant::now();
+    let plugins = plugin_set(&["account-balance"], &["poison"]);
+    let names: Vec<String> = (1..=COPIES)
+        .map(|n| format!("acct-balance-{n:02}"))
+        .collect();
+    for name in &names {
+        renamed_account_balance(&plugins, name);
+    }
+    let projections = COPIES + 2;
+    // Batches of 50: isolation sets aside at most 50 culprits of one batch before it stops the
+    // projection instead (a plugin failing on every event is a bad deploy, not 10,000 bad
+    // events), and here every event `poison` gets is a culprit.
+    let server = Server::start_with(
+        &plugins,
+        &tempdir("ui-load"),
+        &[
+            ("PROJECTOR_RUNNER__MAX_BATCH_EVENTS", "50"),
+            // Appends go in at once (no backpressure): the test times how long `poison` takes.
+            ("PROJECTOR_RUNNER__MAX_LAG_MS", "0"),
+        ],
+    );
+    let api = server.api();
+    // Every copy loaded under its own name.
+    let list = eventually(Duration::from_secs(30), || all_caught_up(&api, projections)).await;
+    assert_eq!(list.len(), projections, "{list:?}");
+    for name in names
+        .iter()
+        .map(String::as_str)
+        .chain(["account-balance", "poison"])
+    {
+        assert!(
+            list.iter().any(|p| p["name"] == name),
+            "{name} is not served: {list:?}"
+        );
+    }
+
+    // Some accounts, for every account-balance to have documents.
+    let events: Vec<_> = (0..200)
+        .map(|n| json!({"stream": format!("acct-{n}"), "stream_type": "Account", "type": "AccountOpened", "payload": {"owner": "o", "currency": "EUR"}}))
+        .collect();
+    let (status, body) = api.post("/events", &json!({ "events": events })).await;
+    assert_eq!(status, 201, "{body}");
+
+    // 10,000 poisoned events, each on its own stream, of a type only `poison` subscribes to
+    // (it takes every type): each one a dead letter of `poison`, its stream parked.
+    let produce = Instant::now();
+    for chunk in 0..POISONED / 1000 {
+        let events: Vec<_> = (0..1000)
+            .map(|n| json!({"stream": format!("p-{}", chunk * 1000 + n), "stream_type": "T", "type": "Poisoned", "payload": {"poison": "error"}}))
+            .collect();
+        let (status, body) = api.post("/events", &json!({ "events": events })).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let appended = produce.elapsed();
+    eventually(Duration::from_secs(120), || async {
+        let poison = api.projection("poison").await;
+        assert_ne!(poison["status"], "failed", "{poison}");
+        match poison["dead_letters"]["open"].as_u64() {
+            Some(n) if n == POISONED as u64 => Ok(()),
+            other => Err(format!(
+                "poison: {other:?} open dead letters, {} {} lag {}",
+                poison["status"], poison["error"], poison["lag"]
+            )),
+        }
+    })
+    .await;
+    let produced = produce.elapsed();
+    eventually(Duration::from_secs(60), || all_caught_up(&api, projections)).await;
+    println!(
+        "dead_letters={POISONED} appended_ms={} produced_ms={}",
+        appended.as_millis(),
+        produced.as_millis()
+    );
+    // Every one of them listed by the API, page by page.
+    let mut after = 0;
+    let mut letters = 0;
+    loop {
+        let (status, page) = api
+            .get(&format!(
+                "/projections/poison/_dead_letters?limit=1000&after={after}"
+            ))
+            .await;
+        assert_eq!(status, 200, "{page}");
+        for l in page["items"].as_array().unwrap() {
+            assert_eq!(
+                (l["kind"].as_str(), l["state"].as_str()),
+                (Some("plugin"), Some("open")),
+                "{l}"
+            );
+            letters += 1;
+        }
+        match page["next_after"].as_u64() {
+            Some(next) => after = next,
+            None => break,
+        }
+    }
+    assert_eq!(letters, POISONED);
+
+    // The page, from navigation start to its first complete render (`window.__firstRender`,
+    // set by the page once the projections, the dead letters and the rest are on screen),
+    // measured by the browser's own clock.
+    let driver = driver().await;
+    let client = browser(&driver).await;
+    client.goto(&format!("{}/ui", api.base)).await.unwrap();
+    let timing = eventually(Duration::from_secs(30), || async {
+        let value = client
+            .execute(
+                "const n = performance.getEntriesByType('navigation')[0];\
+                 return window.__firstRender == null ? null : {\
+                   render: window.__firstRender, start: n.startTime,\
+                   response: n.responseEnd, dom: n.domContentLoadedEventEnd, load: n.loadEventEnd,\
+                   fetches: performance.getEntriesByType('resource').map((r) =>\
+                     [r.name.replace(location.origin, ''), Math.round(r.startTime), Math.round(r.responseEnd)]) };",
+                vec![],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if value.is_null() {
+            Err("not rendered yet".to_owned())
+        } else {
+            Ok(value)
+        }
+    })
+    .await;
+    let load_ms = timing["render"].as_f64().unwrap() - timing["start"].as_f64().unwrap();
+    println!("ui_load_ms={load_ms:.1} timing={timing}");
+    screenshot(&client, "5-loaded-50-projections-10000-dead-letters").await;
+
+    // What that render showed: every projection, poison's 10,000 open dead letters, and of
+    // them a first page with "More", not all.
+    let rows = client
+        .find_all(Locator::Css("#projections tbody tr"))
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), projections);
+    let open = client
+        .find(Locator::Css(
+            "#projections tr[data-name='poison'] td.letters",
+        ))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(open, POISONED.to_string());
+    let select = client.find(Locator::Id("letters-of")).await.unwrap();
+    assert_eq!(
+        select.prop("value").await.unwrap().as_deref(),
+        Some("p:poison")
+    );
+    let shown = client
+        .find_all(Locator::Css("#letters tbody tr"))
+        .await
+        .unwrap()
+        .len();
+    assert!(
+        (1..=100).contains(&shown),
+        "{shown} dead letters on the page: a first page is expected"
+    );
+    let more = client.find(Locator::Id("letters-more")).await.unwrap();
+    assert!(more.is_displayed().await.unwrap(), "no 'More' button");
+    client
+        .execute(
+            "document.getElementById('letters-of').scrollIntoView();",
+            vec![],
+        )
+        .await
+        .unwrap();
+    screenshot(&client, "6-first-page-of-10000-dead-letters").await;
+    assert!(
+        load_ms < 1000.0,
+        "the page took {load_ms:.0} ms to load with {projections} projections and {POISONED} dead letters"
+    );
+    client.close().await.unwrap();
+    println!("ui_load_test_s={:.1}", started.elapsed().as_secs_f64());
 }
