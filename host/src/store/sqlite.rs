@@ -180,8 +180,13 @@ impl Sqlite {
                     .map_err(|e| open_err(format!("creating {}: {e}", dir.display())))?;
             }
         }
+        // No ping before each acquire: an SQLite connection is a file handle, not a socket that
+        // can drop, and the ping is a hop through sqlx's worker thread on every append, batch
+        // and read (about a tenth of the CPU under live load). What can go wrong with one is
+        // handled where it shows: `after_release` below, and `DbFile`'s checks.
         let write = SqlitePoolOptions::new()
             .max_connections(1)
+            .test_before_acquire(false)
             // A write that failed mid-transaction (disk full, I/O error) can leave the
             // connection believing it is still inside it: SQLite rolled back already, the
             // driver's ROLLBACK then fails, and every later BEGIN would be refused ("non-zero
@@ -210,12 +215,14 @@ impl Sqlite {
         migrate(&write).await?;
         let checkpointer = SqlitePoolOptions::new()
             .max_connections(1)
+            .test_before_acquire(false)
             .connect_with(options.clone())
             .await
             .map_err(|e| open_err(e.to_string()))?;
         let file = Arc::new(DbFile::open(options.get_filename()));
         let read = SqlitePoolOptions::new()
             .max_connections(4)
+            .test_before_acquire(false)
             .connect_with(options.read_only(true))
             .await
             .map_err(|e| open_err(e.to_string()))?;
