@@ -188,6 +188,9 @@ impl ReadParams {
         // Passed is not applied: an event set aside (or parked behind one) is not in the
         // documents, and a reader waiting for it must not take them for its write.
         for (wanted, position) in self.wait_for.iter().zip(positions) {
+            if projection.surely_applied(position) {
+                continue;
+            }
             let letters = app
                 .store
                 .dead_letters(projection.descriptor(), position.saturating_sub(1), 1)
@@ -206,6 +209,9 @@ impl ReadParams {
             }
         }
         for (id, position) in self.wait_for_event.iter().zip(events) {
+            if projection.surely_applied(position) {
+                continue;
+            }
             let letters = app
                 .store
                 .dead_letters(projection.descriptor(), position.saturating_sub(1), 1)

@@ -647,6 +647,9 @@ impl Runner {
             let start = std::time::Instant::now();
             match self.store.commit(self.projection.descriptor(), batch).await {
                 Ok(()) => {
+                    if let Some(last) = batch.dead_letters.iter().map(|l| l.position).max() {
+                        self.projection.lettered(last);
+                    }
                     // Our commit held the outbox's watermark back while it ran.
                     self.source.nudge();
                     let metrics = &self.projection.metrics;

@@ -48,6 +48,12 @@ pub struct Projection {
     /// Where its log starts (before the first event it read, when it started from nothing):
     /// PostgreSQL positions are tokens that start far above 0.
     origin: AtomicU64,
+    /// While this instance runs it: no dead letter of it lies above this position (its
+    /// checkpoint when it started here, raised to each letter it commits since, before the
+    /// commit is published). `u64::MAX` while another instance runs it. A read that waited
+    /// for a later position need not ask the store whether that event was set aside: under
+    /// live load, every read.
+    no_letter_after: AtomicU64,
 }
 
 /// The code a projection runs, how many times it was swapped here, and what the swap pause
@@ -114,7 +120,20 @@ impl Projection {
             started_ms: AtomicU64::new(now_ms()),
             started_at: AtomicU64::new(checkpoint),
             origin: AtomicU64::new(0),
+            no_letter_after: AtomicU64::new(u64::MAX),
         }
+    }
+
+    /// Whether `position` is surely not a dead letter: this instance runs the projection and
+    /// has set aside nothing at or after it. `false` says only "ask the store".
+    pub fn surely_applied(&self, position: u64) -> bool {
+        position > self.no_letter_after.load(Ordering::Acquire)
+    }
+
+    /// A commit of this instance's with dead letters up to `position`: called before the
+    /// commit is published, so a read woken by it sees the letters.
+    pub(crate) fn lettered(&self, position: u64) {
+        self.no_letter_after.fetch_max(position, Ordering::AcqRel);
     }
 
     /// Its lag for backpressure, in ms: as [`Projection::lag_seconds`], counting only events
@@ -322,6 +341,9 @@ impl Projection {
     /// Takes the projection up (again) at `checkpoint`: after a lease is won, the documents
     /// cached before may be stale (another instance ran meanwhile).
     pub(crate) fn resume_at(&self, checkpoint: u64) {
+        // Letters at or below the checkpoint are the store's to tell; from here this instance
+        // sees every new one.
+        self.no_letter_after.store(checkpoint, Ordering::Release);
         self.started_ms.store(now_ms(), Ordering::Relaxed);
         self.started_at.store(checkpoint, Ordering::Relaxed);
         *self
@@ -343,6 +365,8 @@ impl Projection {
 
     /// Another instance runs it: follow its checkpoint so reads that wait still get answered.
     pub(crate) fn follow(&self, checkpoint: u64) {
+        // Before the position moves: the other instance's letters are unknown here.
+        self.no_letter_after.store(u64::MAX, Ordering::Release);
         self.update_health(|h| {
             h.status = ProjectionStatus::Standby;
             h.retrying = None;
@@ -354,6 +378,7 @@ impl Projection {
     /// Another instance holds the lease: what this one read is the other's to apply now, and
     /// its age is not this instance's lag.
     pub(crate) fn stand_by(&self) {
+        self.no_letter_after.store(u64::MAX, Ordering::Release);
         self.unapplied().clear();
     }
 

@@ -654,6 +654,31 @@ async fn a_named_failure_costs_its_stream_only() {
 }
 
 #[tokio::test]
+async fn a_read_skips_the_store_only_for_positions_past_every_letter_this_instance_committed() {
+    // s3@5 (position 44) fails; s3's later events (54, 64, ... 294) park behind it.
+    let run = start(
+        events(10, 30, &[(44, "error")]),
+        OnError::Park,
+        Arc::default(),
+        Scripted::new(),
+    );
+    run.reach(300).await;
+    let p = &run.projection;
+    // A letter, a parked event, and a clean event below the last letter: the store decides.
+    for position in [44, 54, 294, 43, 1] {
+        assert!(!p.surely_applied(position), "{position}");
+    }
+    // Past the last letter this instance committed: no letter there.
+    for position in [295, 300] {
+        assert!(p.surely_applied(position), "{position}");
+    }
+    // Another instance runs it now: its letters are unknown here.
+    p.follow(300);
+    assert!(!p.surely_applied(300));
+    run.stop().await;
+}
+
+#[tokio::test]
 async fn a_limit_hit_on_an_event_is_confirmed_alone_and_an_unnamed_failure_bisected() {
     let run = start(
         events(10, 30, &[(17, "limit"), (128, "unnamed")]),
