@@ -9,7 +9,9 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
 
-use crate::support::{create_database, plugin_set, repo_root, tempdir, Api, Backend, Server};
+use crate::support::{
+    create_database, eventually, plugin_set, repo_root, tempdir, Api, Backend, Server,
+};
 
 fn url(backend: &Backend) -> String {
     backend.url().expect("a PostgreSQL backend").to_owned()
@@ -538,6 +540,16 @@ async fn an_instance_that_loses_its_lease_stands_by_and_nothing_is_applied_twice
     assert_eq!(status, "running");
     let b = Server::start_on(&backend, &plugins, &tempdir("lease-b"), &env);
     let api_b = b.api();
+    // B standing by has prepared the projection: the DDL lock it takes meanwhile (an
+    // advisory transaction lock) is released, and A's lease is the one advisory lock left.
+    eventually(Duration::from_secs(30), || async {
+        let (_, body) = api_b.get("/projections/account-balance").await;
+        match body["status"].as_str() {
+            Some("standby") => Ok(()),
+            _ => Err(format!("B: {body}")),
+        }
+    })
+    .await;
 
     // Cut the session holding A's advisory lock (the only advisory lock in this database).
     let mut admin = PgConnection::connect(&url).await.unwrap();
