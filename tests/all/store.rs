@@ -7,8 +7,8 @@ use projector::runtime::{BatchOutput, CollectionSpec, Descriptor};
 use projector::store::postgres::Postgres;
 use projector::store::sqlite::Sqlite;
 use projector::store::{
-    AdminAction, Batch, DeadLetter, LetterKind, LetterState, ListQuery, ParkedStream, Store,
-    StoreError,
+    AdminAction, Batch, DeadLetter, LetterCounts, LetterKind, LetterState, ListQuery, ParkedStream,
+    Store, StoreError,
 };
 
 use projector::event::Event;
@@ -494,6 +494,12 @@ on_both_stores! {
         assert_eq!(
             store.parked(&descriptor).await.unwrap(),
             [ParkedStream { stream: "s".into(), behind: 5, reason: "not JSON".into(), events: 1 }]
+        );
+        // Counted: both malformed letters are open (the one without a stream parks nothing),
+        // the parked event is not a letter to act on.
+        assert_eq!(
+            store.letter_counts(&descriptor).await.unwrap(),
+            LetterCounts { open: 2, parked_streams: 1, parked_events: 1 }
         );
         let head = store.dead_letter(&descriptor, 5).await.unwrap().unwrap();
         assert_eq!((head.event_id.as_deref(), head.resolved_at, head.plugin_version), (Some("e5"), None, None));

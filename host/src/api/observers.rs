@@ -68,7 +68,7 @@ pub struct ObserverSummary {
     /// Dead actions.
     dead_letters: Option<u64>,
     /// Events its plugin failed on (`/projections/{name}/_dead_letters`).
-    event_dead_letters: Option<usize>,
+    event_dead_letters: Option<u64>,
     delivery: DeliveryConfig,
 }
 
@@ -79,7 +79,7 @@ async fn summary(app: &AppState, observer: &Projection) -> ObserverSummary {
     let descriptor = observer.descriptor();
     // Counted from the store: the same on every instance.
     let counts = app.store.action_counts(&descriptor.name).await.ok();
-    let parked = app.store.parked(descriptor).await.ok();
+    let letters = app.store.letter_counts(descriptor).await.ok();
     let d = &observer.delivery;
     let mut since_start = BTreeMap::new();
     for (k, kind) in ACTION_KINDS.iter().enumerate() {
@@ -107,7 +107,7 @@ async fn summary(app: &AppState, observer: &Projection) -> ObserverSummary {
         attempts_since_start: d.attempts.load(Relaxed),
         since_start,
         dead_letters: counts.map(|c| c.dead),
-        event_dead_letters: parked.as_ref().map(Vec::len),
+        event_dead_letters: letters.map(|l| l.open),
         delivery: app.deploy.delivery_for(&descriptor.name),
     }
 }

@@ -282,7 +282,7 @@ pub struct ProjectionSummary {
     event_types: Vec<String>,
     collections: Vec<CollectionSpec>,
     /// Null when the store could not be asked.
-    parked_streams: Option<usize>,
+    parked_streams: Option<u64>,
     parked_events: Option<u64>,
     dead_letters: DeadLetterCounts,
     /// When other code last replaced the serving version's (ms since the epoch).
@@ -294,8 +294,8 @@ pub struct ProjectionSummary {
 
 #[derive(Serialize, ToSchema)]
 pub struct DeadLetterCounts {
-    /// Streams parked behind an open dead letter.
-    open: Option<usize>,
+    /// Open dead letters to retry or skip (the events parked behind them not counted).
+    open: Option<u64>,
     malformed_since_start: u64,
     plugin_since_start: u64,
 }
@@ -329,8 +329,8 @@ async fn summary(app: &AppState, projection: &Projection) -> ProjectionSummary {
     let checkpoint = projection.checkpoint();
     let health = projection.health();
     let descriptor = projection.descriptor();
-    // Counted from the store: the same on every instance, whichever runs the projection.
-    let parked = app.store.parked(descriptor).await.ok();
+    // Counted by the store: the same on every instance, whichever runs the projection.
+    let counts = app.store.letter_counts(descriptor).await.ok();
     ProjectionSummary {
         name: descriptor.name.clone(),
         version: descriptor.version.clone(),
@@ -343,12 +343,10 @@ async fn summary(app: &AppState, projection: &Projection) -> ProjectionSummary {
         lag_seconds: (projection.lag_seconds() * 1000.0).round() / 1000.0,
         event_types: descriptor.event_types.clone(),
         collections: descriptor.collections.clone(),
-        parked_streams: parked.as_ref().map(Vec::len),
-        parked_events: parked
-            .as_ref()
-            .map(|p| p.iter().map(|s| s.events).sum::<u64>()),
+        parked_streams: counts.map(|c| c.parked_streams),
+        parked_events: counts.map(|c| c.parked_events),
         dead_letters: DeadLetterCounts {
-            open: parked.as_ref().map(Vec::len),
+            open: counts.map(|c| c.open),
             malformed_since_start: ProjectionMetrics::get(
                 &projection.metrics.dead_letters_malformed,
             ),

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 use super::*;
 use crate::control::Reply;
 use crate::runtime::{BatchHandler, CollectionSpec, Descriptor, DocumentReader, Failed};
-use crate::store::{AdminAction, Document, Lease, ListQuery, ParkedStream};
+use crate::store::{AdminAction, Document, Lease, LetterCounts, ListQuery, ParkedStream};
 
 // ---------------------------------------------------------------------------------------------
 // In-memory source
@@ -191,6 +191,19 @@ impl Store for MemStore {
             .into_iter()
             .map(|p| (p.stream, p.behind))
             .collect())
+    }
+    async fn letter_counts(&self, d: &Descriptor) -> Result<LetterCounts, StoreError> {
+        let parked = self.parked(d).await?;
+        let s = self.state.lock().unwrap();
+        Ok(LetterCounts {
+            open: s
+                .letters
+                .values()
+                .filter(|l| l.is_open() && l.parked_behind.is_none())
+                .count() as u64,
+            parked_streams: parked.len() as u64,
+            parked_events: parked.iter().map(|p| p.events).sum(),
+        })
     }
     async fn parked(&self, _: &Descriptor) -> Result<Vec<ParkedStream>, StoreError> {
         let s = self.state.lock().unwrap();

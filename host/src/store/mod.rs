@@ -174,6 +174,18 @@ pub struct AdminAction {
     pub outcome: String,
 }
 
+/// How many dead letters of a projection wait for an operator, and what they hold back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct LetterCounts {
+    /// Open letters an operator can retry or skip (not counting the events parked behind
+    /// them), a malformed row without a stream included.
+    pub open: u64,
+    /// Streams parked behind an open letter.
+    pub parked_streams: u64,
+    /// Events parked behind those letters.
+    pub parked_events: u64,
+}
+
 /// A stream held back behind a dead letter.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ParkedStream {
@@ -320,6 +332,10 @@ pub trait Store: Send + Sync {
 
     /// Parked streams with the letter each waits behind and how many events wait, by stream.
     async fn parked(&self, projection: &Descriptor) -> Result<Vec<ParkedStream>, StoreError>;
+
+    /// The open letters and what they park, counted in the database: a status page asks for
+    /// them every second, and listing 10,000 parked streams to count them would not do.
+    async fn letter_counts(&self, projection: &Descriptor) -> Result<LetterCounts, StoreError>;
 
     /// Dead letters (open or resolved, parked events included) after `after`, in position
     /// order, each with its recorded actions.

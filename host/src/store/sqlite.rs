@@ -17,8 +17,8 @@ use super::fields::{self, FieldValue};
 use super::{
     attach_actions, dead_letter_from_row, document_from_row, event_text, field_column, now_ms,
     parked_from_rows, parked_streams_from_rows, table_name, AdminAction, Batch, DeadLetter,
-    Document, Lease, ListQuery, ParkedStream, ProjectionStatus, Store, StoreError, ACTION_COLUMNS,
-    ANSWERED_COMMANDS_KEPT_MS, LETTER_COLUMNS,
+    Document, Lease, LetterCounts, ListQuery, ParkedStream, ProjectionStatus, Store, StoreError,
+    ACTION_COLUMNS, ANSWERED_COMMANDS_KEPT_MS, LETTER_COLUMNS,
 };
 use super::{catalog_entries, descriptor_json, stored_plugin_from_row, PLUGIN_COLUMNS};
 use super::{counts, logged_from_row, LOGGED_COLUMNS};
@@ -1078,6 +1078,30 @@ impl Store for Sqlite {
         .await
         .map_err(StoreError::db("reading parked streams"))?;
         parked_streams_from_rows(&rows)
+    }
+
+    async fn letter_counts(&self, projection: &Descriptor) -> Result<LetterCounts, StoreError> {
+        let (open, streams, events): (i64, i64, i64) = sqlx::query_as(
+            "SELECT \
+             (SELECT COUNT(*) FROM dead_letters WHERE projection = ?1 AND version = ?2 \
+              AND state = 'open' AND parked_behind IS NULL), \
+             (SELECT COUNT(*) FROM dead_letters WHERE projection = ?1 AND version = ?2 \
+              AND state = 'open' AND parked_behind IS NULL AND stream IS NOT NULL), \
+             (SELECT COUNT(*) FROM dead_letters p WHERE p.projection = ?1 AND p.version = ?2 \
+              AND p.parked_behind IN (SELECT h.position FROM dead_letters h \
+              WHERE h.projection = ?1 AND h.version = ?2 AND h.parked_behind IS NULL \
+              AND h.stream IS NOT NULL AND h.state = 'open'))",
+        )
+        .bind(&projection.name)
+        .bind(&projection.version)
+        .fetch_one(&self.read)
+        .await
+        .map_err(StoreError::db("counting dead letters"))?;
+        Ok(LetterCounts {
+            open: open as u64,
+            parked_streams: streams as u64,
+            parked_events: events as u64,
+        })
     }
 
     async fn dead_letters(
