@@ -23,7 +23,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::ApiError;
-use super::openapi::ErrorBody;
+use super::openapi::{AdminAuth, CommandFailed, ErrorBody};
 use super::AppState;
 use crate::control::{Command, CommandError, Outcome};
 use crate::deploy::{DeployError, Deployed, Loaded};
@@ -237,12 +237,8 @@ fn position(text: &str) -> Result<u64, ApiError> {
     params(("name" = String, Path, description = "The projection")),
     responses(
         (status = 200, description = "Paused: it reads nothing until resumed", body = CommandAnswer),
-        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
-        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
-        (status = 404, description = "`unknown_projection`, `unknown_observer`, `unknown_dead_letter`", body = ErrorBody),
-        (status = 409, description = "`wrong_state`, `dead_letter_resolved`, `parked_behind`, `projection_failed`", body = ErrorBody),
-        (status = 503, description = "`unavailable`", body = ErrorBody),
-        (status = 504, description = "`command_timeout`", body = ErrorBody),
+        AdminAuth,
+        CommandFailed,
     ),
 )]
 async fn pause(
@@ -260,12 +256,8 @@ async fn pause(
     params(("name" = String, Path, description = "The projection")),
     responses(
         (status = 200, description = "Running again", body = CommandAnswer),
-        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
-        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
-        (status = 404, description = "`unknown_projection`, `unknown_observer`, `unknown_dead_letter`", body = ErrorBody),
-        (status = 409, description = "`wrong_state`, `dead_letter_resolved`, `parked_behind`, `projection_failed`", body = ErrorBody),
-        (status = 503, description = "`unavailable`", body = ErrorBody),
-        (status = 504, description = "`command_timeout`", body = ErrorBody),
+        AdminAuth,
+        CommandFailed,
     ),
 )]
 async fn resume(
@@ -283,12 +275,8 @@ async fn resume(
     params(("name" = String, Path, description = "The projection")),
     responses(
         (status = 200, description = "Restarted from its checkpoint", body = CommandAnswer),
-        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
-        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
-        (status = 404, description = "`unknown_projection`, `unknown_observer`, `unknown_dead_letter`", body = ErrorBody),
-        (status = 409, description = "`wrong_state`, `dead_letter_resolved`, `parked_behind`, `projection_failed`", body = ErrorBody),
-        (status = 503, description = "`unavailable`", body = ErrorBody),
-        (status = 504, description = "`command_timeout`", body = ErrorBody),
+        AdminAuth,
+        CommandFailed,
     ),
 )]
 async fn restart(
@@ -306,12 +294,8 @@ async fn restart(
     params(("name" = String, Path, description = "The projection"), ("position" = String, Path, description = "The dead letter's `position`")),
     responses(
         (status = 200, description = "Run again; its parked stream follows", body = CommandAnswer),
-        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
-        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
-        (status = 404, description = "`unknown_projection`, `unknown_observer`, `unknown_dead_letter`", body = ErrorBody),
-        (status = 409, description = "`wrong_state`, `dead_letter_resolved`, `parked_behind`, `projection_failed`", body = ErrorBody),
-        (status = 503, description = "`unavailable`", body = ErrorBody),
-        (status = 504, description = "`command_timeout`", body = ErrorBody),
+        AdminAuth,
+        CommandFailed,
         (status = 400, description = "`invalid_position`", body = ErrorBody),
     ),
 )]
@@ -331,12 +315,8 @@ async fn retry(
     params(("name" = String, Path, description = "The projection"), ("position" = String, Path, description = "The dead letter's `position`")),
     responses(
         (status = 200, description = "Passed over; its parked stream goes on", body = CommandAnswer),
-        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
-        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
-        (status = 404, description = "`unknown_projection`, `unknown_observer`, `unknown_dead_letter`", body = ErrorBody),
-        (status = 409, description = "`wrong_state`, `dead_letter_resolved`, `parked_behind`, `projection_failed`", body = ErrorBody),
-        (status = 503, description = "`unavailable`", body = ErrorBody),
-        (status = 504, description = "`command_timeout`", body = ErrorBody),
+        AdminAuth,
+        CommandFailed,
         (status = 400, description = "`invalid_position`", body = ErrorBody),
     ),
 )]
@@ -356,12 +336,8 @@ async fn skip(
     params(("name" = String, Path, description = "The observer")),
     responses(
         (status = 200, description = "Paused: it observes nothing until resumed", body = CommandAnswer),
-        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
-        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
-        (status = 404, description = "`unknown_projection`, `unknown_observer`, `unknown_dead_letter`", body = ErrorBody),
-        (status = 409, description = "`wrong_state`, `dead_letter_resolved`, `parked_behind`, `projection_failed`", body = ErrorBody),
-        (status = 503, description = "`unavailable`", body = ErrorBody),
-        (status = 504, description = "`command_timeout`", body = ErrorBody),
+        AdminAuth,
+        CommandFailed,
     ),
 )]
 async fn pause_observer(
@@ -380,12 +356,8 @@ async fn pause_observer(
     params(("name" = String, Path, description = "The observer")),
     responses(
         (status = 200, description = "Running again", body = CommandAnswer),
-        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
-        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
-        (status = 404, description = "`unknown_projection`, `unknown_observer`, `unknown_dead_letter`", body = ErrorBody),
-        (status = 409, description = "`wrong_state`, `dead_letter_resolved`, `parked_behind`, `projection_failed`", body = ErrorBody),
-        (status = 503, description = "`unavailable`", body = ErrorBody),
-        (status = 504, description = "`command_timeout`", body = ErrorBody),
+        AdminAuth,
+        CommandFailed,
     ),
 )]
 async fn resume_observer(
@@ -404,12 +376,8 @@ async fn resume_observer(
     params(("name" = String, Path, description = "The observer")),
     responses(
         (status = 200, description = "Restarted from its checkpoint", body = CommandAnswer),
-        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
-        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
-        (status = 404, description = "`unknown_projection`, `unknown_observer`, `unknown_dead_letter`", body = ErrorBody),
-        (status = 409, description = "`wrong_state`, `dead_letter_resolved`, `parked_behind`, `projection_failed`", body = ErrorBody),
-        (status = 503, description = "`unavailable`", body = ErrorBody),
-        (status = 504, description = "`command_timeout`", body = ErrorBody),
+        AdminAuth,
+        CommandFailed,
     ),
 )]
 async fn restart_observer(
@@ -430,12 +398,8 @@ async fn restart_observer(
     params(("name" = String, Path, description = "The observer"), ("position" = Option<u64>, Query, description = "Observe the events after this position again (default 0)")),
     responses(
         (status = 200, description = "Reset", body = CommandAnswer),
-        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
-        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
-        (status = 404, description = "`unknown_projection`, `unknown_observer`, `unknown_dead_letter`", body = ErrorBody),
-        (status = 409, description = "`wrong_state`, `dead_letter_resolved`, `parked_behind`, `projection_failed`", body = ErrorBody),
-        (status = 503, description = "`unavailable`", body = ErrorBody),
-        (status = 504, description = "`command_timeout`", body = ErrorBody),
+        AdminAuth,
+        CommandFailed,
         (status = 400, description = "`invalid_position`, `invalid_parameter`", body = ErrorBody),
     ),
 )]
@@ -466,8 +430,7 @@ async fn reset_observer(
     params(("name" = String, Path, description = "The observer"), ("id" = String, Path, description = "The dead action's `id`")),
     responses(
         (status = 200, description = "Delivered again from its first attempt; its stream's waiting actions follow", body = ActionAnswer),
-        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
-        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
+        AdminAuth,
         (status = 400, description = "`invalid_id`", body = ErrorBody),
         (status = 404, description = "`unknown_observer`, `unknown_dead_letter`", body = ErrorBody),
         (status = 409, description = "`not_dead`: only a dead action can be retried or skipped", body = ErrorBody),
@@ -489,8 +452,7 @@ async fn retry_action(
     params(("name" = String, Path, description = "The observer"), ("id" = String, Path, description = "The dead action's `id`")),
     responses(
         (status = 200, description = "Skipped; its stream's waiting actions go on", body = ActionAnswer),
-        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
-        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
+        AdminAuth,
         (status = 400, description = "`invalid_id`", body = ErrorBody),
         (status = 404, description = "`unknown_observer`, `unknown_dead_letter`", body = ErrorBody),
         (status = 409, description = "`not_dead`: only a dead action can be retried or skipped", body = ErrorBody),
@@ -600,8 +562,7 @@ fn query_params(
         (status = 201, description = "`created`: a new projection or observer", body = Deployed),
         (status = 202, description = "`rebuilding`: a new version builds beside the serving one", body = Deployed),
         (status = 400, description = "`invalid_parameter`, `unreadable_body`", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
-        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
+        AdminAuth,
         (status = 409, description = "`shape_changed` (bump the version to rebuild), `world_changed`, `rebuild_running`", body = ErrorBody),
         (status = 413, description = "`plugin_too_large`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`: send `application/wasm`", body = ErrorBody),
@@ -676,8 +637,7 @@ async fn upload(
     security(("admin_token" = [])),
     responses(
         (status = 200, description = "Each loaded plugin: name, world, contract, version, sha256, when loaded", body = PluginList),
-        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
-        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
+        AdminAuth,
     ),
 )]
 async fn list_plugins(State(app): State<AppState>) -> Json<PluginList> {
@@ -702,8 +662,7 @@ async fn list_plugins(State(app): State<AppState>) -> Json<PluginList> {
         (status = 200, description = "Cut over: `version` serves", body = Deployed),
         (status = 202, description = "An older version catches up from its checkpoint, then cuts over", body = Deployed),
         (status = 400, description = "`invalid_parameter`", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
-        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
+        AdminAuth,
         (status = 404, description = "`unknown_projection`, `unknown_version`", body = ErrorBody),
         (status = 409, description = "`rebuild_running`, `active_version`", body = ErrorBody),
         (status = 503, description = "`store_unavailable`, `unavailable`", body = ErrorBody),
@@ -740,8 +699,7 @@ async fn activate(
     params(("name" = String, Path, description = "The projection")),
     responses(
         (status = 202, description = "The serving version rebuilds beside itself (as `V~rN`)", body = Deployed),
-        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
-        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
+        AdminAuth,
         (status = 404, description = "`unknown_projection`", body = ErrorBody),
         (status = 409, description = "`rebuild_running`", body = ErrorBody),
         (status = 503, description = "`store_unavailable`, `unavailable`", body = ErrorBody),
@@ -767,8 +725,7 @@ async fn rebuild(
     ),
     responses(
         (status = 200, description = "Its tables dropped", body = Dropped),
-        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
-        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
+        AdminAuth,
         (status = 404, description = "`unknown_projection`, `unknown_version`", body = ErrorBody),
         (status = 409, description = "`active_version`, `rebuild_running`", body = ErrorBody),
         (status = 503, description = "`store_unavailable`, `unavailable`", body = ErrorBody),
@@ -794,8 +751,7 @@ async fn drop_version(
     params(("name" = String, Path, description = "The projection or observer")),
     responses(
         (status = 200, description = "Removed, with every version's tables", body = Removed),
-        (status = 401, description = "`unauthorized`: no or a wrong token", body = ErrorBody),
-        (status = 403, description = "`admin_disabled`: no `admin.token` configured", body = ErrorBody),
+        AdminAuth,
         (status = 404, description = "`unknown_projection`", body = ErrorBody),
         (status = 503, description = "`store_unavailable`, `unavailable`", body = ErrorBody),
     ),

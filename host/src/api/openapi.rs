@@ -5,7 +5,7 @@
 
 use serde::Serialize;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
-use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa::{IntoResponses, Modify, OpenApi, ToSchema};
 
 /// The parts of the document no handler carries: title, tags, the admin token's scheme and
 /// the error shape every route shares.
@@ -53,6 +53,52 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     pub code: String,
     pub message: String,
+}
+
+/// The answers of every admin route without the token it needs.
+#[derive(IntoResponses)]
+#[allow(dead_code)] // Described for the document; `admin::authorize` answers them.
+pub enum AdminAuth {
+    /// `unauthorized`: no or a wrong token
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// `admin_disabled`: no `admin.token` configured
+    #[response(status = 403)]
+    Disabled(ErrorBody),
+}
+
+/// How a command sent to a projection's or an observer's runner can fail.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum CommandFailed {
+    /// `unknown_projection`, `unknown_observer`, `unknown_dead_letter`
+    #[response(status = 404)]
+    Unknown(ErrorBody),
+    /// `wrong_state`, `dead_letter_resolved`, `parked_behind`, `projection_failed`
+    #[response(status = 409)]
+    Refused(ErrorBody),
+    /// `unavailable`
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
+    /// `command_timeout`
+    #[response(status = 504)]
+    Timeout(ErrorBody),
+}
+
+/// How a read that waits (`wait_for`, `wait_for_event`, `min_position`) can end besides its
+/// answer.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum WaitFailed {
+    /// `dead_lettered`: an event waited for was set aside
+    #[response(status = 409)]
+    DeadLettered(ErrorBody),
+    /// `projection_failed`, `projection_removed`, `store_unavailable`
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
+    /// `wait_timeout`: not applied within `timeout_ms`
+    #[response(status = 504)]
+    Timeout(ErrorBody),
 }
 
 /// `GET /openapi.json`: this document.

@@ -8,7 +8,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::openapi::ErrorBody;
+use super::openapi::{ErrorBody, WaitFailed};
 use super::AppState;
 use crate::consistency::{self, StreamVersion, WaitError};
 use crate::metrics::ProjectionMetrics;
@@ -503,9 +503,7 @@ pub async fn get_projection(
         (status = 200, description = "The stream's last version the projection has applied", body = StreamApplied),
         (status = 400, description = "`invalid_parameter`", body = ErrorBody),
         (status = 404, description = "`unknown_projection`, `unknown_version`", body = ErrorBody),
-        (status = 409, description = "`dead_lettered`: an event waited for was set aside", body = ErrorBody),
-        (status = 503, description = "`projection_failed`, `projection_removed`, `store_unavailable`", body = ErrorBody),
-        (status = 504, description = "`wait_timeout`: not applied within `timeout_ms`", body = ErrorBody),
+        WaitFailed,
     ),
 )]
 pub async fn get_stream(
@@ -613,9 +611,7 @@ pub async fn list_parked(
         (status = 200, description = "The document, and the position it is at least as fresh as", body = DocumentAt),
         (status = 400, description = "`invalid_parameter`", body = ErrorBody),
         (status = 404, description = "`not_found` (with the position read at), `unknown_projection`, `unknown_collection`, `unknown_version`", body = ErrorBody),
-        (status = 409, description = "`dead_lettered`: an event waited for was set aside", body = ErrorBody),
-        (status = 503, description = "`projection_failed`, `projection_removed`, `store_unavailable`", body = ErrorBody),
-        (status = 504, description = "`wait_timeout`: not applied within `timeout_ms`", body = ErrorBody),
+        WaitFailed,
     ),
 )]
 pub async fn get_document(
@@ -663,9 +659,7 @@ pub async fn get_document(
         (status = 200, description = "A page of documents in key order; `next_cursor` is null on the last page", body = Page<Document>),
         (status = 400, description = "`invalid_parameter`, `invalid_filter` (not an indexed field)", body = ErrorBody),
         (status = 404, description = "`unknown_projection`, `unknown_collection`, `unknown_version`", body = ErrorBody),
-        (status = 409, description = "`dead_lettered`: an event waited for was set aside", body = ErrorBody),
-        (status = 503, description = "`projection_failed`, `projection_removed`, `store_unavailable`", body = ErrorBody),
-        (status = 504, description = "`wait_timeout`: not applied within `timeout_ms`", body = ErrorBody),
+        WaitFailed,
     ),
 )]
 pub async fn list_documents(
