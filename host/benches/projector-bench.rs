@@ -2948,6 +2948,13 @@ async fn scenario_ryw_herd() {
 
 #[tokio::main]
 async fn main() {
+    // The in-process server's log, on stderr, when asked for (`RUST_LOG=projector=info`).
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     if let Some(dir) = std::env::var_os(HERD_SERVE_ENV) {
         herd_server(dir.into()).await;
         return;
