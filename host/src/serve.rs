@@ -152,7 +152,6 @@ pub async fn serve(
         let db = Postgres::open(&url, &config.postgres).await?;
         // With Kafka the log is the host's own table, never the outbox Debezium reads.
         let log = if kafka {
-            crate::source::kafka::postgres::prepare(&db).await?;
             crate::source::kafka::postgres::log_config(&config.postgres.schema)
         } else {
             config.outbox.clone()
@@ -160,6 +159,7 @@ pub async fn serve(
         tracing::info!(database = %redact(&url), log = %log.table, "using PostgreSQL");
         let outbox = Arc::new(PgOutbox::open(db.clone(), &log).await?);
         if kafka {
+            crate::source::kafka::postgres::prepare(&db).await?;
             let (started, task) =
                 KafkaSource::start(&config.kafka, outbox.clone(), stop_rx.clone())?;
             consuming = Some((started.stats, task));

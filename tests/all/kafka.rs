@@ -96,9 +96,11 @@ fn debezium(stream: &str, id: &str, event_type: &str, payload: &Value) -> Out {
     }
 }
 
-async fn produce(producer: &FutureProducer, topic: &str, messages: &[Out]) {
+/// Produces `messages` in order: the partition each landed in, in the same order.
+async fn produce(producer: &FutureProducer, topic: &str, messages: &[Out]) -> Vec<i32> {
     // Enqueued at once (the producer batches them), then every delivery awaited; when the
     // local queue is full, the oldest delivery is awaited to make room.
+    let mut partitions = Vec::with_capacity(messages.len());
     let mut deliveries = std::collections::VecDeque::with_capacity(messages.len());
     for m in messages {
         let mut headers = OwnedHeaders::new();
@@ -126,22 +128,25 @@ async fn produce(producer: &FutureProducer, topic: &str, messages: &[Out]) {
                     let oldest = deliveries
                         .pop_front()
                         .unwrap_or_else(|| panic!("cannot enqueue with nothing in flight: {err}"));
-                    delivered(oldest).await;
+                    partitions.push(delivered(oldest).await);
                 }
             }
         }
     }
     for delivery in deliveries {
-        delivered(delivery).await;
+        partitions.push(delivered(delivery).await);
     }
+    partitions
 }
 
-async fn delivered(delivery: rdkafka::producer::DeliveryFuture) {
+/// The partition the message landed in.
+async fn delivered(delivery: rdkafka::producer::DeliveryFuture) -> i32 {
     delivery
         .await
         .expect("delivery reported")
         .map_err(|(e, _)| e)
-        .expect("produced");
+        .expect("produced")
+        .partition
 }
 
 /// Waits until every partition is taken into the log (lag 0) and the log holds `events`
@@ -382,6 +387,105 @@ async fn a_bad_message_is_dead_lettered_with_where_it_was_and_its_stream_parked(
     assert_eq!(letter["stream"], "acct-1");
     let (_, parked) = api.get(&format!("/projections/{NAME}/_parked")).await;
     assert_eq!(parked["items"][0]["stream"], "acct-1", "{parked}");
+}
+
+/// Lag per partition is exact: the projection paused after applying some of the messages,
+/// `projector_kafka_lag_messages` and `GET /projections/{p}` both say produced − applied for
+/// each partition, counting applied from the read model itself; 0 again once resumed.
+async fn a_projections_lag_per_partition_is_produced_minus_applied(backend) {
+    let setup = Setup::new();
+    let mut env = setup.env();
+    env.push(("PROJECTOR_ADMIN__TOKEN", crate::isolation::TOKEN.into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let server = Server::start_on(
+        &backend,
+        &plugin_set(&[NAME], &[]),
+        &tempdir("kafka-lag"),
+        &env,
+    );
+    let api = server.api();
+    let p = producer();
+    let accounts = 100;
+    let (first, _) = opened_then_deposits(accounts, 500, 5);
+    let mut landed = produce(&p, &setup.topic, &first).await;
+    // The account each message went to: its partition.
+    let mut partition_of: BTreeMap<String, i32> = BTreeMap::new();
+    for (m, partition) in first.iter().zip(&landed) {
+        partition_of.insert(m.key.clone().unwrap(), *partition);
+    }
+    all_taken(&api, 500).await;
+    let (status, body) = crate::isolation::admin(&api, &format!("/admin/projections/{NAME}/pause")).await;
+    assert_eq!(status, 200, "{body}");
+    eventually(Duration::from_secs(30), || async {
+        let (_, s) = api.get(&format!("/projections/{NAME}")).await;
+        (s["status"] == "paused").then_some(()).ok_or(s.to_string())
+    })
+    .await;
+    let (more, _) = opened_then_deposits(accounts, 600, 7);
+    landed.extend(produce(&p, &setup.topic, &more[accounts..]).await);
+    // Every message taken into the log; the projection stays where it paused.
+    eventually(Duration::from_secs(60), || async {
+        let (_, all) = api.get("/projections").await;
+        let events = all["kafka"]["events"].as_u64().unwrap_or(0);
+        let partitions = all["kafka"]["partitions"].as_array().cloned().unwrap_or_default();
+        let lag: i64 = partitions.iter().map(|p| p["lag"].as_i64().unwrap_or(1)).sum();
+        (events == 1000 && lag == 0).then_some(()).ok_or(all["kafka"].to_string())
+    })
+    .await;
+    let mut produced: BTreeMap<i32, i64> = BTreeMap::new();
+    for partition in &landed {
+        *produced.entry(*partition).or_default() += 1;
+    }
+    let mut applied: BTreeMap<i32, i64> = BTreeMap::new();
+    for (account, partition) in &partition_of {
+        let (status, doc) = read(&api, &format!("/projections/{NAME}/accounts/{account}")).await;
+        assert_eq!(status, 200, "{account}: {doc}");
+        // Its opening and each deposit.
+        *applied.entry(*partition).or_default() += 1 + doc["document"]["tx_count"].as_i64().unwrap();
+    }
+    let expected: BTreeMap<i32, i64> = produced
+        .iter()
+        .map(|(partition, n)| (*partition, n - applied.get(partition).copied().unwrap_or(0)))
+        .collect();
+    assert_eq!(expected.values().sum::<i64>(), 500, "produced {produced:?}, applied {applied:?}");
+    let lags = || async {
+        let (_, summary) = api.get(&format!("/projections/{NAME}")).await;
+        let from_summary: BTreeMap<i32, i64> = summary["partitions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|p| (p["partition"].as_i64().unwrap() as i32, p["lag"].as_i64().unwrap_or(-1)))
+            .collect();
+        let (_, metrics) = api.get_text("/metrics").await;
+        let needle = format!("projector_kafka_lag_messages{{projection=\"{NAME}\",topic=\"{}\",partition=\"", setup.topic);
+        let from_metrics: BTreeMap<i32, i64> = metrics
+            .lines()
+            .filter_map(|line| line.strip_prefix(needle.as_str()))
+            .filter_map(|rest| {
+                let (partition, value) = rest.split_once("\"} ")?;
+                Some((partition.parse().ok()?, value.trim().parse().ok()?))
+            })
+            .collect();
+        (from_summary, from_metrics)
+    };
+    eventually(Duration::from_secs(30), || async {
+        let (from_summary, from_metrics) = lags().await;
+        (from_summary == expected && from_metrics == expected)
+            .then_some(())
+            .ok_or(format!("expected {expected:?}; GET /projections/{NAME}: {from_summary:?}; /metrics: {from_metrics:?}"))
+    })
+    .await;
+    let (status, body) = crate::isolation::admin(&api, &format!("/admin/projections/{NAME}/resume")).await;
+    assert_eq!(status, 200, "{body}");
+    eventually(Duration::from_secs(60), || async {
+        let (from_summary, from_metrics) = lags().await;
+        let zero: BTreeMap<i32, i64> = expected.keys().map(|p| (*p, 0)).collect();
+        (from_summary == zero && from_metrics == zero)
+            .then_some(())
+            .ok_or(format!("{from_summary:?} {from_metrics:?}"))
+    })
+    .await;
 }
 
 /// Debezium re-sends after a crash: the same events under new offsets are applied once.

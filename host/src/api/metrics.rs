@@ -230,16 +230,35 @@ pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
         }
         let _ = writeln!(
             out,
-            "# HELP projector_kafka_lag_messages A partition's high watermark minus the next offset this instance takes into the log (partitions this instance holds)."
+            "# HELP projector_kafka_ingest_lag_messages A partition's high watermark minus the next offset this instance takes into the log (partitions this instance holds)."
         );
-        let _ = writeln!(out, "# TYPE projector_kafka_lag_messages gauge");
+        let _ = writeln!(out, "# TYPE projector_kafka_ingest_lag_messages gauge");
         for p in kafka.partitions() {
             let Some(lag) = p.lag else { continue };
             let _ = writeln!(
                 out,
-                "projector_kafka_lag_messages{{topic=\"{}\",partition=\"{}\"}} {lag}",
+                "projector_kafka_ingest_lag_messages{{topic=\"{}\",partition=\"{}\"}} {lag}",
                 p.topic, p.partition
             );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP projector_kafka_lag_messages A partition's high watermark minus the next offset the projection (or observer) applies, for the partitions this instance holds."
+        );
+        let _ = writeln!(out, "# TYPE projector_kafka_lag_messages gauge");
+        for projection in &projections {
+            let name = projection.name();
+            let Ok(partitions) = kafka.applied(projection.checkpoint()).await else {
+                continue;
+            };
+            for p in partitions {
+                let Some(lag) = p.lag else { continue };
+                let _ = writeln!(
+                    out,
+                    "projector_kafka_lag_messages{{projection=\"{name}\",topic=\"{}\",partition=\"{}\"}} {lag}",
+                    p.topic, p.partition
+                );
+            }
         }
     }
     observers(&mut out, &projections);

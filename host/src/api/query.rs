@@ -290,6 +290,11 @@ pub struct ProjectionSummary {
     active: VersionSummary,
     /// A version rebuilt beside the serving one.
     building: Option<VersionSummary>,
+    /// With the Kafka source: where the serving version stands in each partition this
+    /// instance holds (`next_offset`: the next message it applies; `lag`: the messages from
+    /// there to the high watermark).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partitions: Option<Vec<PartitionLag>>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -331,6 +336,10 @@ async fn summary(app: &AppState, projection: &Projection) -> ProjectionSummary {
     let descriptor = projection.descriptor();
     // Counted by the store: the same on every instance, whichever runs the projection.
     let counts = app.store.letter_counts(descriptor).await.ok();
+    let partitions = match &app.kafka {
+        Some(kafka) => kafka.applied(checkpoint).await.ok(),
+        None => None,
+    };
     ProjectionSummary {
         name: descriptor.name.clone(),
         version: descriptor.version.clone(),
@@ -364,6 +373,7 @@ async fn summary(app: &AppState, projection: &Projection) -> ProjectionSummary {
             .entry(&descriptor.name)
             .and_then(|e| e.building)
             .map(|b| version_summary(app, &b.projection, head)),
+        partitions,
     }
 }
 

@@ -55,6 +55,15 @@ impl SqliteOutbox {
         super::kafka::sqlite::offsets(&self.db, group).await
     }
 
+    /// Where a projection at `checkpoint` stands in each partition `group` has taken.
+    pub async fn applied_offsets(
+        &self,
+        group: &str,
+        checkpoint: u64,
+    ) -> Result<HashMap<(String, i32), i64>, SourceError> {
+        super::kafka::sqlite::applied_offsets(&self.db, group, checkpoint).await
+    }
+
     pub async fn new(db: Sqlite) -> Result<Self, SourceError> {
         let head = read_head(&db).await?;
         let head = Arc::new(watch::Sender::new(head));

@@ -103,8 +103,8 @@ const WARN_EVERY: Duration = Duration::from_secs(30);
 /// Tries of an append that keeps losing races for its streams' next versions.
 const MAX_APPEND_ATTEMPTS: u64 = 20;
 
-/// Serialises outbox DDL across instances (the same key as the store's).
-const DDL_LOCK: i64 = 0x7072_6f6a_6464_6c00;
+/// Outbox DDL takes the store's lock: instances starting together do not race.
+use crate::store::postgres::DDL_LOCK;
 
 fn db_err(context: &str) -> impl FnOnce(sqlx::Error) -> SourceError + '_ {
     move |source| SourceError::Database {

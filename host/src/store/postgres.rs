@@ -59,7 +59,8 @@ const MIGRATIONS: &[(i64, &str)] = &[
 const LEASE_CHECK: Duration = Duration::from_secs(1);
 
 /// Serialises DDL across instances starting at once (`CREATE ... IF NOT EXISTS` races).
-const DDL_LOCK: i64 = 0x7072_6f6a_6464_6c00; // "projddl\0"
+/// The advisory lock every DDL of the host takes, so instances starting together do not race.
+pub(crate) const DDL_LOCK: i64 = 0x7072_6f6a_6464_6c00; // "projddl\0"
 
 #[derive(Clone)]
 pub struct Postgres {

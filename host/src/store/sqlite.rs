@@ -45,6 +45,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         7,
         include_str!("../../../migrations/sqlite/0007_code_changed.sql"),
     ),
+    (
+        8,
+        include_str!("../../../migrations/sqlite/0008_kafka_rows.sql"),
+    ),
 ];
 
 /// Rows per multi-row statement: large enough that a batch of 1000 documents is a handful of

@@ -51,6 +51,72 @@ pub trait KafkaLog: Send + Sync {
     async fn ingest(&self, group: &str, batch: &Batch) -> Result<Written, SourceError>;
     /// The next offset of every partition `group` has taken.
     async fn kafka_offsets(&self, group: &str) -> Result<HashMap<(String, i32), i64>, SourceError>;
+    /// Where a projection whose checkpoint is `checkpoint` stands in each partition `group`
+    /// has taken: see [`PartitionRows::next_to_apply`].
+    async fn applied_offsets(
+        &self,
+        group: &str,
+        checkpoint: u64,
+    ) -> Result<HashMap<(String, i32), i64>, SourceError>;
+}
+
+/// What the log holds of one partition, as seen from a checkpoint: enough to say how far a
+/// projection at that checkpoint has come in the partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PartitionRows {
+    /// The next offset the consumer takes into the log.
+    pub taken_to: i64,
+    /// The position of the partition's newest row, if it has any.
+    pub newest: Option<i64>,
+    /// The position and offset of its newest row at or below the checkpoint.
+    pub applied: Option<(i64, i64)>,
+    /// The offset of its oldest row.
+    pub first_offset: Option<i64>,
+}
+
+/// A row of the stores' `applied_offsets` query: topic, partition, the partition's next offset
+/// taken, its newest row's position, its newest row's position and offset at or below the
+/// checkpoint, its oldest row's offset.
+pub(crate) type AppliedRow = (
+    String,
+    i32,
+    i64,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+);
+
+/// Each partition's next offset to apply, from the stores' `applied_offsets` rows.
+pub(crate) fn next_to_apply(rows: Vec<AppliedRow>) -> HashMap<(String, i32), i64> {
+    rows.into_iter()
+        .map(
+            |(topic, partition, taken_to, newest, position, offset, first_offset)| {
+                let rows = PartitionRows {
+                    taken_to,
+                    newest,
+                    applied: position.zip(offset),
+                    first_offset,
+                };
+                ((topic, partition), rows.next_to_apply())
+            },
+        )
+        .collect()
+}
+
+impl PartitionRows {
+    /// The first offset of the partition a projection at the checkpoint has not passed: the
+    /// one after the newest row it has applied; everything the consumer took once that row is
+    /// the partition's newest (tombstones and re-sent duplicates after it make no rows); the
+    /// oldest row's while it has applied none.
+    pub fn next_to_apply(&self) -> i64 {
+        match (self.newest, self.applied) {
+            (None, _) => self.taken_to,
+            (Some(newest), Some((position, _))) if position >= newest => self.taken_to,
+            (Some(_), Some((_, offset))) => offset + 1,
+            (Some(_), None) => self.first_offset.unwrap_or(0),
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -61,6 +127,13 @@ impl KafkaLog for SqliteOutbox {
     async fn kafka_offsets(&self, group: &str) -> Result<HashMap<(String, i32), i64>, SourceError> {
         SqliteOutbox::kafka_offsets(self, group).await
     }
+    async fn applied_offsets(
+        &self,
+        group: &str,
+        checkpoint: u64,
+    ) -> Result<HashMap<(String, i32), i64>, SourceError> {
+        SqliteOutbox::applied_offsets(self, group, checkpoint).await
+    }
 }
 
 #[async_trait::async_trait]
@@ -70,6 +143,13 @@ impl KafkaLog for PgOutbox {
     }
     async fn kafka_offsets(&self, group: &str) -> Result<HashMap<(String, i32), i64>, SourceError> {
         postgres::offsets(self.db(), group).await
+    }
+    async fn applied_offsets(
+        &self,
+        group: &str,
+        checkpoint: u64,
+    ) -> Result<HashMap<(String, i32), i64>, SourceError> {
+        postgres::applied_offsets(self.db(), group, checkpoint).await
     }
 }
 
@@ -114,9 +194,10 @@ pub struct Written {
 }
 
 /// Counters and per-partition positions, for `/metrics` and `GET /projections`.
-#[derive(Debug, Default)]
 pub struct KafkaStats {
     inner: Mutex<StatsInner>,
+    log: Arc<dyn KafkaLog>,
+    group: String,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -142,6 +223,14 @@ pub struct PartitionLag {
 }
 
 impl KafkaStats {
+    fn new(log: Arc<dyn KafkaLog>, group: String) -> Self {
+        Self {
+            inner: Mutex::default(),
+            log,
+            group,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, StatsInner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -169,6 +258,26 @@ impl KafkaStats {
             .collect();
         all.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
         all
+    }
+
+    /// Where a projection whose checkpoint is `checkpoint` stands in each partition this
+    /// instance holds: the next offset it applies, the partition's high watermark, and the
+    /// messages between (exact: each log row keeps its offset). A partition another member
+    /// holds is that member's to report: only the holder knows its watermark.
+    pub async fn applied(&self, checkpoint: u64) -> Result<Vec<PartitionLag>, SourceError> {
+        let applied = self.log.applied_offsets(&self.group, checkpoint).await?;
+        Ok(self
+            .partitions()
+            .into_iter()
+            .filter_map(|held| {
+                let next = *applied.get(&(held.topic.clone(), held.partition))?;
+                Some(PartitionLag {
+                    lag: held.high_watermark.map(|high| (high - next).max(0)),
+                    next_offset: next,
+                    ..held
+                })
+            })
+            .collect())
     }
 }
 
@@ -316,7 +425,7 @@ impl KafkaSource {
         shutdown: watch::Receiver<bool>,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), KafkaError> {
         let rules = Rules::new(config).map_err(KafkaError::Settings)?;
-        let stats = Arc::new(KafkaStats::default());
+        let stats = Arc::new(KafkaStats::new(outbox.clone(), config.group_id.clone()));
         let assignment = Arc::new(Mutex::new(Assignment::default()));
         let context = Context {
             outbox: outbox.clone(),
@@ -552,7 +661,11 @@ fn record(
 /// One row of the log a batch writes: an event, or a message kept as malformed (`payload`
 /// `None`, the reason in the marker header).
 #[derive(Debug)]
-pub(crate) struct LogRow {
+pub(crate) struct LogRow<'a> {
+    /// The message it was made of: where a projection that applied it stands in the partition.
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
     pub id: String,
     pub stream: String,
     pub stream_type: String,
@@ -592,12 +705,12 @@ pub(crate) fn touched(batch: &Batch, id_of: impl Fn(&str) -> String) -> (Vec<Str
 /// holds (both updated as rows are planned): each event id once, a version from its header
 /// (one not above the stream's newest is a re-sent event) or the stream's next. Store-neutral:
 /// the stores differ only in their SQL.
-pub(crate) fn plan(
-    batch: &Batch,
+pub(crate) fn plan<'a>(
+    batch: &'a Batch,
     versions: &mut HashMap<String, u64>,
     seen: &mut HashSet<String>,
     id_of: impl Fn(&str) -> String,
-) -> (Vec<LogRow>, Written) {
+) -> (Vec<LogRow<'a>>, Written) {
     let mut written = Written::default();
     let mut rows = Vec::with_capacity(batch.messages.len());
     for message in &batch.messages {
@@ -622,6 +735,9 @@ pub(crate) fn plan(
                 *current = version;
                 let headers: Vec<(&String, &String)> = e.headers.iter().collect();
                 rows.push(LogRow {
+                    topic: &message.topic,
+                    partition: message.partition,
+                    offset: message.offset,
                     id,
                     stream: e.stream.clone(),
                     stream_type: e.stream_type.clone(),
@@ -654,6 +770,9 @@ pub(crate) fn plan(
                 let current = versions.entry(stream.clone()).or_insert(0);
                 *current += 1;
                 rows.push(LogRow {
+                    topic: &message.topic,
+                    partition: message.partition,
+                    offset: message.offset,
                     id,
                     stream,
                     stream_type: String::new(),
@@ -669,4 +788,37 @@ pub(crate) fn plan(
         }
     }
     (rows, written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PartitionRows;
+
+    fn rows(newest: Option<i64>, applied: Option<(i64, i64)>) -> PartitionRows {
+        PartitionRows {
+            taken_to: 50,
+            newest,
+            applied,
+            first_offset: Some(3),
+        }
+    }
+
+    #[test]
+    fn a_projection_stands_after_the_newest_row_it_applied() {
+        // Rows at positions 10 (offset 7) and 20 (offset 12); the checkpoint passed the first.
+        assert_eq!(rows(Some(20), Some((10, 7))).next_to_apply(), 8);
+    }
+
+    #[test]
+    fn past_the_partitions_newest_row_everything_taken_is_passed() {
+        // Tombstones and re-sent duplicates after offset 12 make no rows: passed with it.
+        assert_eq!(rows(Some(20), Some((20, 12))).next_to_apply(), 50);
+        // A partition of tombstones only.
+        assert_eq!(rows(None, None).next_to_apply(), 50);
+    }
+
+    #[test]
+    fn before_its_first_row_a_projection_stands_at_that_rows_offset() {
+        assert_eq!(rows(Some(20), None).next_to_apply(), 3);
+    }
 }

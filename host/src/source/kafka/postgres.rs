@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 
 use sha2::{Digest, Sha256};
 
-use super::{plan, touched, Batch, Written};
+use super::{next_to_apply, plan, touched, AppliedRow, Batch, Written};
 use crate::config::OutboxConfig;
 use crate::source::pg_outbox::PgOutbox;
 use crate::source::{Source, SourceError};
@@ -33,19 +33,45 @@ pub fn log_config(schema: &str) -> OutboxConfig {
     }
 }
 
-/// The offsets table, created if missing.
+/// The offsets table, created if missing, and the log's columns naming the message each row
+/// was made of (see the SQLite migration `0008_kafka_rows.sql`). After the log table exists.
 pub(crate) async fn prepare(db: &Postgres) -> Result<(), SourceError> {
     let schema = db.schema();
-    sqlx::query(&format!(
-        "CREATE TABLE IF NOT EXISTS {schema}.kafka_offsets (\
-         group_id text NOT NULL, topic text NOT NULL, partition integer NOT NULL, \
-         next_offset bigint NOT NULL, updated_at bigint NOT NULL, \
-         PRIMARY KEY (group_id, topic, partition))"
-    ))
-    .execute(&db.pool)
-    .await
-    .map_err(db_err("creating the Kafka offsets table"))?;
-    Ok(())
+    let mut tx = db
+        .pool
+        .begin()
+        .await
+        .map_err(db_err("preparing the Kafka tables"))?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(crate::store::postgres::DDL_LOCK)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err("locking for DDL"))?;
+    for ddl in [
+        format!(
+            "CREATE TABLE IF NOT EXISTS {schema}.kafka_offsets (\
+             group_id text NOT NULL, topic text NOT NULL, partition integer NOT NULL, \
+             next_offset bigint NOT NULL, updated_at bigint NOT NULL, \
+             PRIMARY KEY (group_id, topic, partition))"
+        ),
+        format!(
+            "ALTER TABLE {schema}.kafka_log ADD COLUMN IF NOT EXISTS kafka_topic text, \
+             ADD COLUMN IF NOT EXISTS kafka_partition integer, \
+             ADD COLUMN IF NOT EXISTS kafka_offset bigint"
+        ),
+        format!(
+            "CREATE INDEX IF NOT EXISTS kafka_log_partition ON {schema}.kafka_log \
+             (kafka_topic, kafka_partition, position) WHERE kafka_topic IS NOT NULL"
+        ),
+    ] {
+        sqlx::query(&ddl)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err("creating the Kafka tables"))?;
+    }
+    tx.commit()
+        .await
+        .map_err(db_err("creating the Kafka tables"))
 }
 
 pub(crate) async fn offsets(
@@ -64,6 +90,34 @@ pub(crate) async fn offsets(
         .into_iter()
         .map(|(topic, partition, next)| ((topic, partition), next))
         .collect())
+}
+
+/// What the log holds of each partition `group` has taken, seen from `checkpoint` (as on
+/// SQLite: four lookups a partition on the `kafka_log_partition` index).
+pub(crate) async fn applied_offsets(
+    db: &Postgres,
+    group: &str,
+    checkpoint: u64,
+) -> Result<HashMap<(String, i32), i64>, SourceError> {
+    let schema = db.schema();
+    let of_partition = format!(
+        "FROM {schema}.kafka_log o WHERE o.kafka_topic = k.topic AND o.kafka_partition = k.partition"
+    );
+    let rows: Vec<AppliedRow> =
+        sqlx::query_as(&format!(
+            "SELECT k.topic, k.partition, k.next_offset, \
+             (SELECT MAX(o.position) {of_partition}), \
+             (SELECT MAX(o.position) {of_partition} AND o.position <= $2), \
+             (SELECT o.kafka_offset {of_partition} AND o.position <= $2 ORDER BY o.position DESC LIMIT 1), \
+             (SELECT o.kafka_offset {of_partition} ORDER BY o.position LIMIT 1) \
+             FROM {schema}.kafka_offsets k WHERE k.group_id = $1"
+        ))
+        .bind(group)
+        .bind(checkpoint as i64)
+        .fetch_all(&db.pool)
+        .await
+        .map_err(db_err("reading where a projection stands in the Kafka partitions"))?;
+    Ok(next_to_apply(rows))
 }
 
 /// The log's id column is a `uuid` (as Debezium's outbox): an id that is not one is mapped to
@@ -160,12 +214,17 @@ pub(crate) async fn write(
     let c_version: Vec<i64> = rows.iter().map(|r| r.version as i64).collect();
     let c_headers: Vec<&str> = rows.iter().map(|r| r.headers.as_str()).collect();
     let c_ts: Vec<i64> = rows.iter().map(|r| r.timestamp_ms).collect();
+    let c_topic: Vec<&str> = rows.iter().map(|r| r.topic).collect();
+    let c_partition: Vec<i32> = rows.iter().map(|r| r.partition).collect();
+    let c_offset: Vec<i64> = rows.iter().map(|r| r.offset).collect();
     if !c_id.is_empty() {
         sqlx::query(&format!(
-            "INSERT INTO {table} (id, aggregatetype, aggregateid, type, payload, version, headers, created_at) \
-             SELECT i, st, s, ty, p::json, v, h::jsonb, to_timestamp(ts / 1000.0) \
+            "INSERT INTO {table} (id, aggregatetype, aggregateid, type, payload, version, headers, created_at, \
+             kafka_topic, kafka_partition, kafka_offset) \
+             SELECT i, st, s, ty, p::json, v, h::jsonb, to_timestamp(ts / 1000.0), kt, kp, ko \
              FROM UNNEST($1::text[]::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], \
-             $7::text[], $8::bigint[]) WITH ORDINALITY AS u(i, st, s, ty, p, v, h, ts, n) ORDER BY n"
+             $7::text[], $8::bigint[], $9::text[], $10::integer[], $11::bigint[]) \
+             WITH ORDINALITY AS u(i, st, s, ty, p, v, h, ts, kt, kp, ko, n) ORDER BY n"
         ))
         .bind(&c_id)
         .bind(&c_type_of_stream)
@@ -175,6 +234,9 @@ pub(crate) async fn write(
         .bind(&c_version)
         .bind(&c_headers)
         .bind(&c_ts)
+        .bind(&c_topic)
+        .bind(&c_partition)
+        .bind(&c_offset)
         .execute(&mut *tx)
         .await
         .map_err(db_err("writing Kafka messages to the log"))?;

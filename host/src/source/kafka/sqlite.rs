@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use sqlx::{QueryBuilder, Row};
 use tokio::sync::watch;
 
-use super::{plan, touched, Batch, Written};
+use super::{next_to_apply, plan, touched, AppliedRow, Batch, Written};
 use crate::source::SourceError;
 use crate::store::now_ms;
 use crate::store::sqlite::Sqlite;
@@ -38,6 +38,32 @@ pub(crate) async fn offsets(
         .into_iter()
         .map(|(topic, partition, next)| ((topic, partition as i32), next))
         .collect())
+}
+
+/// What the log holds of each partition `group` has taken, seen from `checkpoint`: four
+/// lookups a partition on the `outbox_kafka_partition` index.
+pub(crate) async fn applied_offsets(
+    db: &Sqlite,
+    group: &str,
+    checkpoint: u64,
+) -> Result<HashMap<(String, i32), i64>, SourceError> {
+    const OF_PARTITION: &str =
+        "FROM outbox o WHERE o.kafka_topic = k.topic AND o.kafka_partition = k.partition";
+    let rows: Vec<AppliedRow> =
+        sqlx::query_as(&format!(
+            "SELECT k.topic, k.partition, k.next_offset, \
+             (SELECT MAX(o.position) {OF_PARTITION}), \
+             (SELECT MAX(o.position) {OF_PARTITION} AND o.position <= ?2), \
+             (SELECT o.kafka_offset {OF_PARTITION} AND o.position <= ?2 ORDER BY o.position DESC LIMIT 1), \
+             (SELECT o.kafka_offset {OF_PARTITION} ORDER BY o.position LIMIT 1) \
+             FROM kafka_offsets k WHERE k.group_id = ?1"
+        ))
+        .bind(group)
+        .bind(checkpoint as i64)
+        .fetch_all(&db.read)
+        .await
+        .map_err(db_err("reading where a projection stands in the Kafka partitions"))?;
+    Ok(next_to_apply(rows))
 }
 
 pub(crate) async fn write(
@@ -117,7 +143,8 @@ pub(crate) async fn write(
     let mut last = None;
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
         let mut sql = QueryBuilder::new(
-            "INSERT INTO outbox (id, stream, stream_type, event_type, version, payload, headers, timestamp_ms) ",
+            "INSERT INTO outbox (id, stream, stream_type, event_type, version, payload, headers, timestamp_ms, \
+             kafka_topic, kafka_partition, kafka_offset) ",
         );
         sql.push_values(chunk, |mut row, r| {
             row.push_bind(r.id.as_str())
@@ -129,7 +156,10 @@ pub(crate) async fn write(
                 // reports it, with the marker header's reason.
                 .push_bind(r.payload.clone().unwrap_or_else(|| "!".to_owned()))
                 .push_bind(r.headers.as_str())
-                .push_bind(r.timestamp_ms);
+                .push_bind(r.timestamp_ms)
+                .push_bind(r.topic)
+                .push_bind(r.partition)
+                .push_bind(r.offset);
         });
         sql.push(" RETURNING position");
         let positions: Vec<i64> = sql
