@@ -2,8 +2,10 @@
 //! (`scripts/kafka-test-broker.sh`), with `serve` in-process on SQLite and account-balance.
 //!
 //! - `kafka-catchup`: `BENCH_KAFKA_EVENTS` (200,000) messages over 10,000 streams in 4
-//!   partitions produced first, then the server started: time until the projection has applied
-//!   them all (log written and projected), events/s. Target ≥ 200,000.
+//!   partitions produced first, then the server started: time from the first message in the
+//!   log until the projection has applied them all (log written and projected), events/s;
+//!   the group join before it is printed apart (`join_secs`, and `evps_with_join`). Target
+//!   ≥ 200,000.
 //! - `kafka-live`: `BENCH_KAFKA_RATE` (1,000) events/s produced for `BENCH_KAFKA_SECS` (10) s,
 //!   open loop; each event read back with `wait_for_event` right after its produce ack: ack →
 //!   queryable p50/p99 (target p99 ≤ 10 ms).
@@ -197,6 +199,10 @@ pub async fn catchup() {
         let base = format!("http://{}", addr.await.expect("the server's address"));
         let http = reqwest::Client::new();
         let mut taken_at = None;
+        // The group join (the broker holds the first JoinGroup about half the session
+        // timeout: KAFKA.md) is timed apart: the rate is the catch-up's, from the first
+        // message in the log.
+        let mut first_at = None;
         loop {
             let all: serde_json::Value = http
                 .get(format!("{base}/projections"))
@@ -207,6 +213,9 @@ pub async fn catchup() {
                 .await
                 .unwrap();
             let taken = all["kafka"]["events"].as_u64().unwrap_or(0);
+            if taken > 0 && first_at.is_none() {
+                first_at = Some(start.elapsed());
+            }
             if taken >= events as u64 && taken_at.is_none() {
                 taken_at = Some(start.elapsed());
             }
@@ -216,18 +225,21 @@ pub async fn catchup() {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let secs = start.elapsed().as_secs_f64();
-        let log_secs = taken_at.map_or(secs, |t| t.as_secs_f64());
+        let total = start.elapsed().as_secs_f64();
+        let join = first_at.map_or(0.0, |t| t.as_secs_f64());
+        let log_secs = taken_at.map_or(total, |t| t.as_secs_f64()) - join;
         report(
-        "kafka-catchup",
-        events,
-        secs,
-        &mut [],
-        &format!(
-            "log_evps={:.0} streams={streams} partitions=4 (from the server's start: group join included)",
-            events as f64 / log_secs
-        ),
-    );
+            "kafka-catchup",
+            events,
+            total - join,
+            &mut [],
+            &format!(
+                "log_evps={:.0} join_secs={join:.2} evps_with_join={:.0} streams={streams} partitions=4 \
+                 (from the first message in the log; join_secs: the server's start to it)",
+                events as f64 / log_secs,
+                events as f64 / total
+            ),
+        );
         let _ = stop.send(true);
     };
     let (served, ()) = tokio::join!(server, client);
