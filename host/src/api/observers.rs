@@ -14,12 +14,12 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::ApiError;
 use super::openapi::ErrorBody;
+use super::query::RunnerState;
 use super::AppState;
 use crate::config::DeliveryConfig;
 use crate::metrics::{ACTION_KINDS, DELIVERY_OUTCOMES};
 use crate::observer::{ActionState, Counts, Logged};
 use crate::runner::Projection;
-use crate::store::ProjectionStatus;
 
 /// The observer named `name`, or a 404 listing those there are.
 pub(super) fn observer(app: &AppState, name: &str) -> Result<Arc<Projection>, ApiError> {
@@ -47,15 +47,8 @@ pub(super) fn observer(app: &AppState, name: &str) -> Result<Arc<Projection>, Ap
 /// An observer: where it is in the log, and how delivering what it decided goes.
 #[derive(Serialize, ToSchema)]
 pub struct ObserverSummary {
-    name: String,
-    version: String,
-    status: ProjectionStatus,
-    error: Option<String>,
-    retrying: Option<String>,
-    checkpoint: u64,
-    head: u64,
-    lag: u64,
-    event_types: Vec<String>,
+    #[serde(flatten)]
+    state: RunnerState,
     /// Actions by state, from the log (null when the store could not be asked).
     actions: Option<Counts>,
     in_flight: u64,
@@ -74,8 +67,6 @@ pub struct ObserverSummary {
 
 async fn summary(app: &AppState, observer: &Projection) -> ObserverSummary {
     let head = *app.source.head().borrow();
-    let checkpoint = observer.checkpoint();
-    let health = observer.health();
     let descriptor = observer.descriptor();
     // Counted from the store: the same on every instance.
     let counts = app.store.action_counts(&descriptor.name).await.ok();
@@ -91,15 +82,7 @@ async fn summary(app: &AppState, observer: &Projection) -> ObserverSummary {
         since_start.insert((*kind).to_owned(), outcomes);
     }
     ObserverSummary {
-        name: descriptor.name.clone(),
-        version: descriptor.version.clone(),
-        status: health.status,
-        error: health.error,
-        retrying: health.retrying,
-        checkpoint,
-        head,
-        lag: head.saturating_sub(checkpoint),
-        event_types: descriptor.event_types.clone(),
+        state: RunnerState::of(observer, head),
         actions: counts,
         in_flight: d.in_flight.load(Relaxed),
         queued: d.queued.load(Relaxed),

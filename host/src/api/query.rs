@@ -263,9 +263,9 @@ fn check_collection(projection: &Projection, collection: &str) -> Result<(), Api
     .with("collections", json!(known)))
 }
 
-/// A projection: where its serving version is, what it has set aside, and a rebuild beside it.
+/// Where a runner's serving version is: what projections and observers show alike.
 #[derive(Serialize, ToSchema)]
-pub struct ProjectionSummary {
+pub struct RunnerState {
     name: String,
     /// The serving version.
     version: String,
@@ -280,6 +280,33 @@ pub struct ProjectionSummary {
     lag_seconds: f64,
     /// Empty: every type.
     event_types: Vec<String>,
+}
+
+impl RunnerState {
+    pub fn of(runner: &Projection, head: u64) -> Self {
+        let checkpoint = runner.checkpoint();
+        let health = runner.health();
+        let descriptor = runner.descriptor();
+        Self {
+            name: descriptor.name.clone(),
+            version: descriptor.version.clone(),
+            status: health.status,
+            error: health.error,
+            retrying: health.retrying,
+            checkpoint,
+            head,
+            lag: head.saturating_sub(checkpoint),
+            lag_seconds: (runner.lag_seconds() * 1000.0).round() / 1000.0,
+            event_types: descriptor.event_types.clone(),
+        }
+    }
+}
+
+/// A projection: where its serving version is, what it has set aside, and a rebuild beside it.
+#[derive(Serialize, ToSchema)]
+pub struct ProjectionSummary {
+    #[serde(flatten)]
+    state: RunnerState,
     collections: Vec<CollectionSpec>,
     /// Null when the store could not be asked.
     parked_streams: Option<u64>,
@@ -331,26 +358,16 @@ pub struct VersionSummary {
 
 async fn summary(app: &AppState, projection: &Projection) -> ProjectionSummary {
     let head = *app.source.head().borrow();
-    let checkpoint = projection.checkpoint();
-    let health = projection.health();
+    let state = RunnerState::of(projection, head);
     let descriptor = projection.descriptor();
     // Counted by the store: the same on every instance, whichever runs the projection.
     let counts = app.store.letter_counts(descriptor).await.ok();
     let partitions = match &app.kafka {
-        Some(kafka) => kafka.applied(checkpoint).await.ok(),
+        Some(kafka) => kafka.applied(state.checkpoint).await.ok(),
         None => None,
     };
     ProjectionSummary {
-        name: descriptor.name.clone(),
-        version: descriptor.version.clone(),
-        status: health.status,
-        error: health.error,
-        retrying: health.retrying,
-        checkpoint,
-        head,
-        lag: head.saturating_sub(checkpoint),
-        lag_seconds: (projection.lag_seconds() * 1000.0).round() / 1000.0,
-        event_types: descriptor.event_types.clone(),
+        state,
         collections: descriptor.collections.clone(),
         parked_streams: counts.map(|c| c.parked_streams),
         parked_events: counts.map(|c| c.parked_events),
