@@ -142,7 +142,15 @@ fn server(
     let mut config = Config::load(None, Vec::new()).unwrap();
     config.listen = "127.0.0.1:0".into();
     config.data_dir = dir;
-    config.plugins.dir = root().join("target/plugins");
+    // The projection alone (the plugins folder also holds an observer, which would compete
+    // for the same write lock).
+    let plugins = tempdir("kafka-plugins");
+    std::fs::copy(
+        root().join("target/plugins/account-balance.wasm"),
+        plugins.join("account-balance.wasm"),
+    )
+    .expect("target/plugins/account-balance.wasm (bash scripts/build-plugins.sh)");
+    config.plugins.dir = plugins;
     config.source.kind = SourceKind::Kafka;
     config.kafka.brokers = broker.to_owned();
     config.kafka.topics = topic.to_owned();
