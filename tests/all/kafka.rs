@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use fantoccini::Locator;
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -391,7 +392,8 @@ async fn a_bad_message_is_dead_lettered_with_where_it_was_and_its_stream_parked(
 
 /// Lag per partition is exact: the projection paused after applying some of the messages,
 /// `projector_kafka_lag_messages` and `GET /projections/{p}` both say produced − applied for
-/// each partition, counting applied from the read model itself; 0 again once resumed.
+/// each partition, counting applied from the read model itself, and the page (in chromium)
+/// shows it; 0 again once resumed.
 async fn a_projections_lag_per_partition_is_produced_minus_applied(backend) {
     let setup = Setup::new();
     let mut env = setup.env();
@@ -476,6 +478,37 @@ async fn a_projections_lag_per_partition_is_produced_minus_applied(backend) {
             .ok_or(format!("expected {expected:?}; GET /projections/{NAME}: {from_summary:?}; /metrics: {from_metrics:?}"))
     })
     .await;
+    // The operator's page shows the same: a row for each partition the projection reads.
+    let driver = crate::ui::driver().await;
+    let client = crate::ui::browser(&driver).await;
+    client.goto(&format!("{}/ui", api.base)).await.unwrap();
+    let rows = format!("#partitions tr[data-reader='{NAME}']");
+    eventually(Duration::from_secs(30), || async {
+        let mut shown: BTreeMap<i32, i64> = BTreeMap::new();
+        let found = client.find_all(Locator::Css(&rows)).await.map_err(|e| e.to_string())?;
+        for row in found {
+            let mut cells = Vec::new();
+            for cell in row.find_all(Locator::Css("td")).await.map_err(|e| e.to_string())? {
+                cells.push(cell.text().await.map_err(|e| e.to_string())?);
+            }
+            // Reader, topic, partition, next offset, high watermark, lag.
+            let (Some(partition), Some(lag)) = (cells.get(2), cells.get(5)) else {
+                return Err(format!("a row of {cells:?}"));
+            };
+            shown.insert(
+                partition.parse().map_err(|e| format!("{partition:?}: {e}"))?,
+                lag.parse().map_err(|e| format!("{lag:?}: {e}"))?,
+            );
+        }
+        (shown == expected).then_some(()).ok_or(format!("the page shows {shown:?}, expected {expected:?}"))
+    })
+    .await;
+    let store = match &backend {
+        Backend::Sqlite => "sqlite",
+        Backend::Postgres { .. } => "postgres",
+    };
+    crate::ui::screenshot(&client, &format!("kafka-partitions-{store}")).await;
+    client.close().await.unwrap();
     let (status, body) = crate::isolation::admin(&api, &format!("/admin/projections/{NAME}/resume")).await;
     assert_eq!(status, 200, "{body}");
     eventually(Duration::from_secs(60), || async {

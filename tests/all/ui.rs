@@ -17,7 +17,7 @@ use crate::support::{
 const TOKEN: &str = "ui-token";
 
 /// chromedriver on a free port, killed with the test.
-struct Driver {
+pub(crate) struct Driver {
     child: Child,
     url: String,
 }
@@ -41,7 +41,7 @@ fn program(names: &[&str]) -> PathBuf {
     panic!("none of {names:?} is installed: run `bash scripts/browser.sh` (scripts/test.sh does)")
 }
 
-async fn driver() -> Driver {
+pub(crate) async fn driver() -> Driver {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -64,7 +64,7 @@ async fn driver() -> Driver {
     Driver { child, url }
 }
 
-async fn browser(driver: &Driver) -> Client {
+pub(crate) async fn browser(driver: &Driver) -> Client {
     let mut caps = serde_json::Map::new();
     caps.insert(
         "goog:chromeOptions".into(),
@@ -80,7 +80,7 @@ async fn browser(driver: &Driver) -> Client {
         .expect("a chromium session")
 }
 
-async fn screenshot(client: &Client, step: &str) {
+pub(crate) async fn screenshot(client: &Client, step: &str) {
     let dir = repo_root().join("target/ui-screenshots");
     std::fs::create_dir_all(&dir).unwrap();
     let png = client.screenshot().await.expect("screenshot");
