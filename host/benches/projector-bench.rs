@@ -50,7 +50,8 @@
 //! `PROJECTOR_*` settings in the environment apply to the server of these three.
 //! `observer`: the `relay` observer delivering one webhook per event to a local receiver (see
 //! `benches/scenarios/observer.rs`); needs `target/plugins/fixtures/relay.wasm`.
-//! `kafka` (`kafka-catchup`, `kafka-live`, `kafka-ryw`; by name only): the Kafka source against
+//! `kafka` (`kafka-catchup`, `kafka-live`, `kafka-ryw`; by name only; `kafka-consume`, the
+//! catch-up's ceiling, by its own name only): the Kafka source against
 //! a tansu broker the bench starts (see `benches/scenarios/kafka.rs`).
 //! `catchup-python`: the catch-up of `catchup` with the Python account-balance
 //! (`plugins/account-balance-py`, componentize-py), printed beside `catch-up-wasm`.
@@ -3051,6 +3052,10 @@ async fn main() {
     }
     // Kafka: by name only (`kafka` for the three), as the bench starts a broker of its own.
     let wants_kafka = |s: &str| args.iter().any(|a| a == s || a == "kafka");
+    if args.iter().any(|a| a == "kafka-consume") {
+        println!("\n## kafka-consume (bare consumer + decode, the ceiling of kafka-catchup)");
+        kafka::consume().await;
+    }
     if wants_kafka("kafka-catchup") {
         println!("\n## Kafka catch-up into SQLite");
         kafka::catchup().await;

@@ -3,6 +3,7 @@
 //! An environment variable names a setting by its path with `__` between sections:
 //! `PROJECTOR_LISTEN`, `PROJECTOR_RUNNER__MAX_BATCH_EVENTS`, `PROJECTOR_LIMITS__DEADLINE_MS`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -237,6 +238,35 @@ pub struct KafkaConfig {
     pub version_header: String,
     /// Most messages written in one transaction.
     pub max_batch_messages: usize,
+    /// librdkafka consumer properties passed through as they are (`security.protocol`,
+    /// `sasl.*`, `ssl.*`, fetch tuning). Those projector sets itself are refused
+    /// (`KafkaConfig::RESERVED`).
+    pub options: BTreeMap<String, String>,
+}
+
+const OFFSETS_IN_THE_DATABASE: &str =
+    "offsets live in the database, committed with each batch; a partition without one starts at its beginning";
+
+impl KafkaConfig {
+    /// Consumer properties the source sets itself, and why.
+    pub const RESERVED: &'static [(&'static str, &'static str)] = &[
+        ("bootstrap.servers", "use kafka.brokers"),
+        ("metadata.broker.list", "use kafka.brokers"),
+        ("group.id", "use kafka.group_id"),
+        ("session.timeout.ms", "use kafka.session_timeout_ms"),
+        ("fetch.wait.max.ms", "use kafka.fetch_wait_ms"),
+        ("enable.auto.commit", OFFSETS_IN_THE_DATABASE),
+        ("enable.auto.offset.store", OFFSETS_IN_THE_DATABASE),
+        ("auto.offset.reset", OFFSETS_IN_THE_DATABASE),
+        (
+            "partition.assignment.strategy",
+            "partitions are assigned incrementally (cooperative-sticky)",
+        ),
+        (
+            "statistics.interval.ms",
+            "the lag metrics come from librdkafka's statistics, every second",
+        ),
+    ];
 }
 
 impl Default for KafkaConfig {
@@ -252,6 +282,7 @@ impl Default for KafkaConfig {
             topic_prefix: "outbox.event.".into(),
             version_header: String::new(),
             max_batch_messages: 5000,
+            options: BTreeMap::new(),
         }
     }
 }
@@ -528,6 +559,22 @@ impl Config {
                 reason,
             };
             let keys: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+            // librdkafka's properties are open-ended: `PROJECTOR_KAFKA__OPTIONS__SASL_USERNAME`
+            // sets `sasl.username` (no property has an underscore).
+            if let [section, options, property] = keys.as_slice() {
+                if section == "kafka" && options == "options" {
+                    if let Some(toml::Value::Table(table)) = merged
+                        .get_mut("kafka")
+                        .and_then(|kafka| kafka.get_mut("options"))
+                    {
+                        table.insert(
+                            property.replace('_', "."),
+                            toml::Value::String(value.clone()),
+                        );
+                        continue;
+                    }
+                }
+            }
             let slot = keys
                 .iter()
                 .try_fold(&mut merged, |node, key| node.get_mut(key.as_str()))
@@ -586,6 +633,13 @@ impl Config {
         for (name, value) in positive {
             if value == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be above 0")));
+            }
+        }
+        for (key, reason) in KafkaConfig::RESERVED {
+            if self.kafka.options.contains_key(*key) {
+                return Err(ConfigError::Invalid(format!(
+                    "kafka.options.\"{key}\" is set by projector: {reason}"
+                )));
             }
         }
         for (name, d) in &self.observers {
@@ -725,6 +779,52 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect()
+    }
+
+    #[test]
+    fn kafka_options_pass_through_from_the_file_and_the_environment_but_not_reserved_ones() {
+        let dir =
+            std::env::temp_dir().join(format!("projector-config-options-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("projector.toml");
+        std::fs::write(
+            &file,
+            "[kafka.options]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.username\" = \"file\"\n",
+        )
+        .unwrap();
+        let config = Config::load(
+            Some(&file),
+            env(&[
+                ("PROJECTOR_KAFKA__OPTIONS__SASL_USERNAME", "env"),
+                ("PROJECTOR_KAFKA__OPTIONS__FETCH_QUEUE_BACKOFF_MS", "5"),
+            ]),
+        )
+        .unwrap();
+        let options: Vec<(&str, &str)> = config
+            .kafka
+            .options
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            options,
+            [
+                ("fetch.queue.backoff.ms", "5"),
+                ("sasl.username", "env"),
+                ("security.protocol", "SASL_SSL"),
+            ]
+        );
+        let err = Config::load(
+            None,
+            env(&[("PROJECTOR_KAFKA__OPTIONS__ENABLE_AUTO_COMMIT", "true")]),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("kafka.options.\"enable.auto.commit\" is set by projector"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -641,6 +641,40 @@ async fn appends_over_http_are_refused_when_events_come_from_kafka() {
     assert_eq!(body["error"]["code"], "source_is_kafka");
 }
 
+/// `kafka.options` reach librdkafka as they are: one it does not know stops the start with
+/// an error naming it, instead of a consumer running without the setting (TLS, SASL).
+#[tokio::test]
+async fn a_kafka_option_librdkafka_does_not_know_stops_the_start_and_is_named() {
+    let setup = Setup::new();
+    let data = tempdir("kafka-options");
+    let stderr = data.join("stderr");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_projector"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .arg("--plugins")
+        .arg(plugin_set(&[NAME], &[]))
+        .envs(setup.env())
+        .env("PROJECTOR_KAFKA__OPTIONS__SASL_MECHANISMZ", "PLAIN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr).expect("create the stderr file"));
+    let mut child = command.spawn().expect("start projector");
+    let status = eventually(Duration::from_secs(30), || {
+        let status = child
+            .try_wait()
+            .expect("the server's status")
+            .ok_or_else(|| "the server is still running".to_owned());
+        async move { status }
+    })
+    .await;
+    let log = std::fs::read_to_string(&stderr).unwrap_or_default();
+    assert!(!status.success(), "the server exited with {status}: {log}");
+    assert!(
+        log.contains("sasl.mechanismz"),
+        "the error names the property: {log}"
+    );
+}
+
 /// Scale-out on PostgreSQL: two instances in one group share the partitions; one is killed
 /// mid-catch-up (its partitions move to the other within the session timeout), a third joins;
 /// the read model ends exact.

@@ -66,7 +66,6 @@ impl Events {
     }
 }
 
-/// A fresh folder under the system temp dir.
 /// Polls `check` until it answers `Ok`, and returns that; panics with its last `Err` after
 /// `within`. Waiting on state, not on time: a slow machine only makes it poll longer.
 pub async fn eventually<T, F, Fut>(within: std::time::Duration, mut check: F) -> T
@@ -86,6 +85,7 @@ where
     }
 }
 
+/// A fresh folder under the system temp dir.
 pub fn tempdir(prefix: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("projector-{prefix}-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).expect("create temp dir");

@@ -6,6 +6,12 @@
 //!   log until the projection has applied them all (log written and projected), events/s;
 //!   the group join before it is printed apart (`join_secs`, and `evps_with_join`). Target
 //!   ≥ 200,000.
+//! - `kafka-consume`: the same messages read by a bare consumer and decoded, nothing written:
+//!   the ceiling of `kafka-catchup` on this broker and machine.
+//!
+//! `PROJECTOR_*` settings apply to the server and the bare consumer (`kafka.options` as
+//! `PROJECTOR_KAFKA__OPTIONS__FETCH_QUEUE_BACKOFF_MS=…`); `BENCH_KAFKA_PRODUCER`
+//! (`key=value,…`) sets librdkafka options of the bench's producer.
 //! - `kafka-live`: `BENCH_KAFKA_RATE` (1,000) events/s produced for `BENCH_KAFKA_SECS` (10) s,
 //!   open loop; each event read back with `wait_for_event` right after its produce ack: ack →
 //!   queryable p50/p99 (target p99 ≤ 10 ms).
@@ -66,11 +72,24 @@ impl Drop for Broker {
     }
 }
 
+/// librdkafka settings from `name` (`key=value,key=value`) over `config`: how the bench's
+/// producer batches (Debezium's, Kafka Connect's, differ).
+fn overrides(mut config: ClientConfig, name: &str) -> ClientConfig {
+    for pair in std::env::var(name).unwrap_or_default().split(',') {
+        if let Some((key, value)) = pair.split_once('=') {
+            config.set(key.trim(), value.trim());
+        }
+    }
+    config
+}
+
 fn producer(broker: &str) -> FutureProducer {
-    ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", broker)
         .set("linger.ms", "1")
-        .set("queue.buffering.max.messages", "1000000")
+        .set("queue.buffering.max.messages", "1000000");
+    overrides(config, "BENCH_KAFKA_PRODUCER")
         .create()
         .expect("a producer")
 }
@@ -139,7 +158,8 @@ fn server(
     watch::Sender<bool>,
 ) {
     let dir = tempdir("kafka");
-    let mut config = Config::load(None, Vec::new()).unwrap();
+    // `PROJECTOR_*` settings in the environment apply (`PROJECTOR_KAFKA__OPTIONS__…`).
+    let mut config = Config::load(None, std::env::vars()).unwrap();
     config.listen = "127.0.0.1:0".into();
     config.data_dir = dir;
     // The projection alone (the plugins folder also holds an observer, which would compete
@@ -172,12 +192,8 @@ fn server(
     (future, addr_rx, stop)
 }
 
-pub async fn catchup() {
-    let broker = Broker::start();
-    let events = env_usize("BENCH_KAFKA_EVENTS", 200_000);
-    let streams = 10_000.min(events / 2).max(1);
-    let topic = "outbox.event.Account";
-    let p = producer(&broker.address);
+/// The catch-up's messages: `streams` accounts opened, then deposits round-robin.
+fn catchup_records(events: usize, streams: usize) -> Vec<(String, String, String, String)> {
     let mut records = Vec::with_capacity(events);
     for s in 0..streams {
         records.push((
@@ -195,12 +211,122 @@ pub async fn catchup() {
             value(json!({"amount": 1})),
         ));
     }
+    records
+}
+
+/// Produces the catch-up's messages into `topic`.
+async fn produce_catchup(broker: &Broker, topic: &str, events: usize, streams: usize) {
+    let p = producer(&broker.address);
     let produced = Instant::now();
-    produce_all(&p, records, topic).await;
+    produce_all(&p, catchup_records(events, streams), topic).await;
     println!(
         "produced {events} messages in {:.1} s",
         produced.elapsed().as_secs_f64()
     );
+}
+
+/// `kafka-consume`: the ceiling under `kafka-catchup`, the catch-up's messages read by a bare
+/// consumer with the source's settings and decoded by its rules, nothing written: how fast
+/// this broker on this machine hands them out, and the cores it takes meanwhile.
+pub async fn consume() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message as _};
+    let broker = Broker::start();
+    let events = env_usize("BENCH_KAFKA_EVENTS", 200_000);
+    let streams = 10_000.min(events / 2).max(1);
+    let topic = "outbox.event.Account";
+    produce_catchup(&broker, topic, events, streams).await;
+    let defaults = Config::load(None, std::env::vars()).unwrap().kafka;
+    let rules = projector::source::kafka::decode::Rules::new(&defaults).unwrap();
+    let mut config = ClientConfig::new();
+    for (key, value) in &defaults.options {
+        config.set(key, value);
+    }
+    config
+        .set("bootstrap.servers", &broker.address)
+        .set("group.id", "bench-consume")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("session.timeout.ms", "6000")
+        .set("fetch.wait.max.ms", defaults.fetch_wait_ms.to_string());
+    let consumer: BaseConsumer = config.create().expect("a consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let joined = Instant::now();
+    let (read, decoded, secs, join, cpu_process, cpu_machine) =
+        tokio::task::spawn_blocking(move || {
+            let (mut read, mut decoded) = (0usize, 0usize);
+            let mut first = None;
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while read < events && Instant::now() < deadline {
+                let Some(m) = consumer.poll(Duration::from_millis(100)) else {
+                    continue;
+                };
+                let m = m.expect("a message");
+                if first.is_none() {
+                    first = Some((Instant::now(), super::cpu_secs(), super::machine_jiffies()));
+                }
+                read += 1;
+                let headers = m
+                    .headers()
+                    .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
+                    .unwrap_or_default();
+                let message = projector::source::kafka::decode::Message {
+                    topic: m.topic(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key(),
+                    value: m.payload(),
+                    headers,
+                    timestamp_ms: m.timestamp().to_millis(),
+                };
+                if matches!(
+                    rules.decode(&message),
+                    projector::source::kafka::decode::Decoding::Event(_)
+                ) {
+                    decoded += 1;
+                }
+            }
+            let (at, cpu, (busy, total)) = first.expect("no message arrived");
+            let (busy2, total2) = super::machine_jiffies();
+            let secs = at.elapsed().as_secs_f64();
+            let machine = if total2 > total {
+                (busy2 - busy) / (total2 - total)
+                    * std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
+            } else {
+                0.0
+            };
+            (
+                read,
+                decoded,
+                secs,
+                (at - joined).as_secs_f64(),
+                (super::cpu_secs() - cpu) / secs,
+                machine,
+            )
+        })
+        .await
+        .expect("the consumer thread");
+    report(
+        "kafka-consume",
+        read,
+        secs,
+        &mut [],
+        &format!(
+            "decoded={decoded} join_secs={join:.2} cpu_process={cpu_process:.2} \
+             cpu_machine={cpu_machine:.2} (bare consumer + decode, nothing written: the ceiling \
+             of kafka-catchup; cores from the first message; the rest of cpu_machine is the broker)"
+        ),
+    );
+}
+
+pub async fn catchup() {
+    let broker = Broker::start();
+    let events = env_usize("BENCH_KAFKA_EVENTS", 200_000);
+    let streams = 10_000.min(events / 2).max(1);
+    let topic = "outbox.event.Account";
+    produce_catchup(&broker, topic, events, streams).await;
     let start = Instant::now();
     let (server, addr, stop) = server(&broker.address, topic, "bench-catchup");
     let client = async move {

@@ -434,7 +434,14 @@ impl KafkaSource {
             assignment: assignment.clone(),
             stats: stats.clone(),
         };
-        let consumer: StreamConsumer<Context> = ClientConfig::new()
+        let mut client = ClientConfig::new();
+        // A topic created after the subscription (the first event of a new aggregate type) is
+        // found within a second, not librdkafka's default 5 minutes.
+        client.set("topic.metadata.refresh.interval.ms", "1000");
+        for (key, value) in &config.options {
+            client.set(key, value);
+        }
+        let consumer: StreamConsumer<Context> = client
             .set("bootstrap.servers", &config.brokers)
             .set("group.id", &config.group_id)
             .set("enable.auto.commit", "false")
@@ -444,9 +451,6 @@ impl KafkaSource {
             .set("session.timeout.ms", config.session_timeout_ms.to_string())
             .set("fetch.wait.max.ms", config.fetch_wait_ms.to_string())
             .set("statistics.interval.ms", "1000")
-            // A topic created after the subscription (the first event of a new aggregate type)
-            // is found within a second, not librdkafka's default 5 minutes.
-            .set("topic.metadata.refresh.interval.ms", "1000")
             .create_with_context(context)?;
         let topics: Vec<&str> = config
             .topics
