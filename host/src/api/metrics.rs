@@ -44,7 +44,7 @@ pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
     let _ = writeln!(out, "projector_watermark_held_seconds {held:.3}");
     type Reading = fn(&crate::runner::Projection, u64) -> String;
     let projections = app.projections.projections();
-    let families: [(&str, &str, &str, Reading); 16] = [
+    let families: [(&str, &str, &str, Reading); 15] = [
         (
             "projector_checkpoint_position",
             "gauge",
@@ -56,12 +56,6 @@ pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
             "gauge",
             "Head position minus checkpoint.",
             |p, head| head.saturating_sub(p.checkpoint()).to_string(),
-        ),
-        (
-            "projector_lag_seconds",
-            "gauge",
-            "Age of the oldest event read but not yet applied (0: everything read is applied).",
-            |p, _| format!("{:.3}", p.lag_seconds()),
         ),
         (
             "projector_projection_up",
@@ -153,6 +147,20 @@ pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
                 read(projection, head)
             );
         }
+    }
+    // Apart: a paused or failed projection's lag is looked up in the source.
+    let _ = writeln!(
+        out,
+        "# HELP projector_lag_seconds Age of the oldest event not applied yet, read or not (0: none)."
+    );
+    let _ = writeln!(out, "# TYPE projector_lag_seconds gauge");
+    for projection in &projections {
+        let _ = writeln!(
+            out,
+            "projector_lag_seconds{{projection=\"{}\"}} {:.3}",
+            projection.name(),
+            projection.lag_seconds_behind(app.source.as_ref()).await
+        );
     }
     let _ = writeln!(
         out,

@@ -82,7 +82,7 @@ async fn summary(app: &AppState, observer: &Projection) -> ObserverSummary {
         since_start.insert((*kind).to_owned(), outcomes);
     }
     ObserverSummary {
-        state: RunnerState::of(observer, head),
+        state: RunnerState::of(observer, head, app.source.as_ref()).await,
         actions: counts,
         in_flight: d.in_flight.load(Relaxed),
         queued: d.queued.load(Relaxed),

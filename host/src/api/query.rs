@@ -277,13 +277,14 @@ pub struct RunnerState {
     head: u64,
     /// Positions behind the head.
     lag: u64,
+    /// The age of the oldest event not applied yet, read or not (0: none).
     lag_seconds: f64,
     /// Empty: every type.
     event_types: Vec<String>,
 }
 
 impl RunnerState {
-    pub fn of(runner: &Projection, head: u64) -> Self {
+    pub async fn of(runner: &Projection, head: u64, source: &dyn crate::source::Source) -> Self {
         let checkpoint = runner.checkpoint();
         let health = runner.health();
         let descriptor = runner.descriptor();
@@ -296,7 +297,7 @@ impl RunnerState {
             checkpoint,
             head,
             lag: head.saturating_sub(checkpoint),
-            lag_seconds: (runner.lag_seconds() * 1000.0).round() / 1000.0,
+            lag_seconds: (runner.lag_seconds_behind(source).await * 1000.0).round() / 1000.0,
             event_types: descriptor.event_types.clone(),
         }
     }
@@ -358,7 +359,7 @@ pub struct VersionSummary {
 
 async fn summary(app: &AppState, projection: &Projection) -> ProjectionSummary {
     let head = *app.source.head().borrow();
-    let state = RunnerState::of(projection, head);
+    let state = RunnerState::of(projection, head, app.source.as_ref()).await;
     let descriptor = projection.descriptor();
     // Counted by the store: the same on every instance, whichever runs the projection.
     let counts = app.store.letter_counts(descriptor).await.ok();

@@ -181,6 +181,37 @@ impl Projection {
         })
     }
 
+    /// [`Projection::lag_seconds`] for an operator: the age of the oldest event it has not
+    /// applied, read or not. A paused or failed projection reads nothing, so its next event is
+    /// looked up in `source` (one read of one event); a running one knows from what it read.
+    /// Where the lookup fails, what it knows.
+    pub async fn lag_seconds_behind(&self, source: &dyn crate::source::Source) -> f64 {
+        let known = self.lag_seconds();
+        let checkpoint = self.checkpoint();
+        if known > 0.0
+            || !matches!(
+                self.status(),
+                ProjectionStatus::Paused | ProjectionStatus::Failed
+            )
+            || checkpoint >= *source.head().borrow()
+        {
+            return known;
+        }
+        match source.read(checkpoint, 1, usize::MAX).await {
+            // A source without timestamps (0) tells no age.
+            Ok(events) => events
+                .first()
+                .filter(|next| next.timestamp_ms > 0)
+                .map_or(known, |next| {
+                    now_ms().saturating_sub(next.timestamp_ms) as f64 / 1000.0
+                }),
+            Err(err) => {
+                tracing::debug!(projection = %self.descriptor().name, error = %err, "cannot read the next event for the lag");
+                known
+            }
+        }
+    }
+
     pub(super) fn unapplied(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, u64)>> {
         self.unapplied
             .lock()

@@ -577,6 +577,7 @@ async fn consume(
         }
         batch.partitions = ranges.into_values().collect();
         loop {
+            let started = std::time::Instant::now();
             match outbox.ingest(&group, &batch).await {
                 Ok(written) if !written.fenced.is_empty() => {
                     tracing::warn!(fenced = ?written.fenced, "partitions moved by another member: seeking to the database's offsets");
@@ -584,6 +585,12 @@ async fn consume(
                     break;
                 }
                 Ok(written) => {
+                    tracing::debug!(
+                        messages = batch.messages.len(),
+                        partitions = batch.partitions.len(),
+                        write_ms = started.elapsed().as_secs_f64() * 1000.0,
+                        "Kafka batch written to the log"
+                    );
                     backoff = Duration::from_millis(50);
                     record(&consumer, &stats, &batch, &written);
                     break;
