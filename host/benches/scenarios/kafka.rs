@@ -7,7 +7,9 @@
 //!   the group join before it is printed apart (`join_secs`, and `evps_with_join`). Target
 //!   ≥ 200,000.
 //! - `kafka-consume`: the same messages read by a bare consumer and decoded, nothing written:
-//!   the ceiling of `kafka-catchup` on this broker and machine.
+//!   the ceiling of `kafka-catchup` on this broker and machine; then `kafka-live`'s rate
+//!   produced to it: produce ack → the bare consumer has the message, the ceiling of
+//!   `kafka-live` (`kafka-consume-live`).
 //!
 //! `PROJECTOR_*` settings apply to the server and the bare consumer (`kafka.options` as
 //! `PROJECTOR_KAFKA__OPTIONS__FETCH_QUEUE_BACKOFF_MS=…`); `BENCH_KAFKA_PRODUCER`
@@ -254,49 +256,49 @@ pub async fn consume() {
     let consumer: BaseConsumer = config.create().expect("a consumer");
     consumer.subscribe(&[topic]).expect("subscribe");
     let joined = Instant::now();
-    let (read, decoded, secs, join, cpu_process, cpu_machine) =
-        tokio::task::spawn_blocking(move || {
-            let (mut read, mut decoded) = (0usize, 0usize);
-            let mut first = None;
-            let deadline = Instant::now() + Duration::from_secs(300);
-            while read < events && Instant::now() < deadline {
-                let Some(m) = consumer.poll(Duration::from_millis(100)) else {
-                    continue;
-                };
-                let m = m.expect("a message");
-                if first.is_none() {
-                    first = Some((Instant::now(), super::cpu_secs(), super::machine_jiffies()));
-                }
-                read += 1;
-                let headers = m
-                    .headers()
-                    .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
-                    .unwrap_or_default();
-                let message = projector::source::kafka::decode::Message {
-                    topic: m.topic(),
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key(),
-                    value: m.payload(),
-                    headers,
-                    timestamp_ms: m.timestamp().to_millis(),
-                };
-                if matches!(
-                    rules.decode(&message),
-                    projector::source::kafka::decode::Decoding::Event(_)
-                ) {
-                    decoded += 1;
-                }
-            }
-            let (at, cpu, (busy, total)) = first.expect("no message arrived");
-            let (busy2, total2) = super::machine_jiffies();
-            let secs = at.elapsed().as_secs_f64();
-            let machine = if total2 > total {
-                (busy2 - busy) / (total2 - total)
-                    * std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
-            } else {
-                0.0
+    let (read, consumer) = tokio::task::spawn_blocking(move || {
+        let (mut read, mut decoded) = (0usize, 0usize);
+        let mut first = None;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while read < events && Instant::now() < deadline {
+            let Some(m) = consumer.poll(Duration::from_millis(100)) else {
+                continue;
             };
+            let m = m.expect("a message");
+            if first.is_none() {
+                first = Some((Instant::now(), super::cpu_secs(), super::machine_jiffies()));
+            }
+            read += 1;
+            let headers = m
+                .headers()
+                .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
+                .unwrap_or_default();
+            let message = projector::source::kafka::decode::Message {
+                topic: m.topic(),
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key(),
+                value: m.payload(),
+                headers,
+                timestamp_ms: m.timestamp().to_millis(),
+            };
+            if matches!(
+                rules.decode(&message),
+                projector::source::kafka::decode::Decoding::Event(_)
+            ) {
+                decoded += 1;
+            }
+        }
+        let (at, cpu, (busy, total)) = first.expect("no message arrived");
+        let (busy2, total2) = super::machine_jiffies();
+        let secs = at.elapsed().as_secs_f64();
+        let machine = if total2 > total {
+            (busy2 - busy) / (total2 - total)
+                * std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
+        } else {
+            0.0
+        };
+        (
             (
                 read,
                 decoded,
@@ -304,10 +306,13 @@ pub async fn consume() {
                 (at - joined).as_secs_f64(),
                 (super::cpu_secs() - cpu) / secs,
                 machine,
-            )
-        })
-        .await
-        .expect("the consumer thread");
+            ),
+            consumer,
+        )
+    })
+    .await
+    .expect("the consumer thread");
+    let (read, decoded, secs, join, cpu_process, cpu_machine) = read;
     report(
         "kafka-consume",
         read,
@@ -317,6 +322,78 @@ pub async fn consume() {
             "decoded={decoded} join_secs={join:.2} cpu_process={cpu_process:.2} \
              cpu_machine={cpu_machine:.2} (bare consumer + decode, nothing written: the ceiling \
              of kafka-catchup; cores from the first message; the rest of cpu_machine is the broker)"
+        ),
+    );
+
+    // Live: the ceiling under kafka-live, produce ack -> the bare consumer has the message.
+    let rate = env_usize("BENCH_KAFKA_RATE", 1000);
+    let total = rate * env_usize("BENCH_KAFKA_SECS", 10);
+    let received = std::thread::spawn(move || {
+        let mut at = std::collections::HashMap::with_capacity(total);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while at.len() < total && Instant::now() < deadline {
+            let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) else {
+                continue;
+            };
+            let id = m.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == "id")
+                    .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+            });
+            if let Some(id) = id {
+                at.insert(id, Instant::now());
+            }
+        }
+        at
+    });
+    let p = producer(&broker.address);
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = Instant::now();
+    let mut acks = Vec::with_capacity(total);
+    for n in 0..total {
+        tokio::time::sleep_until((start + interval * n as u32).into()).await;
+        let p = p.clone();
+        acks.push(tokio::spawn(async move {
+            let id = uuid::Uuid::new_v4().to_string();
+            let stream = format!("acct-{}", n % 100);
+            let v = value(json!({"amount": 1}));
+            p.send(
+                record(topic, &stream, &id, "Deposited", &v),
+                Duration::from_secs(30),
+            )
+            .await
+            .ok()
+            .map(|_| (id, Instant::now()))
+        }));
+    }
+    let mut acked = Vec::with_capacity(total);
+    for a in acks {
+        if let Some(pair) = a.await.ok().flatten() {
+            acked.push(pair);
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let received = tokio::task::spawn_blocking(move || received.join())
+        .await
+        .expect("the consumer thread")
+        .expect("the consumer thread");
+    let mut latencies: Vec<f64> = acked
+        .iter()
+        .filter_map(|(id, ack)| {
+            received
+                .get(id)
+                .map(|got| got.saturating_duration_since(*ack).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    let missing = acked.len() - latencies.len();
+    report(
+        "kafka-consume-live",
+        total,
+        elapsed,
+        &mut latencies,
+        &format!(
+            "rate={rate} missing={missing} (produce ack -> a bare consumer has it: the ceiling of \
+             kafka-live; 0 when it came before the ack)"
         ),
     );
 }

@@ -477,15 +477,6 @@ impl KafkaSource {
     }
 }
 
-/// How long the loop waits for one more message before writing what it has.
-const LINGER: Duration = Duration::from_millis(2);
-
-/// How long a batch may gather at most, from its first message: at a steady live rate every
-/// next message comes within `LINGER`, and without a bound the batch would wait until full
-/// (at 1,000 events/s, seconds). Messages already fetched come in microseconds: a catch-up
-/// still fills its batches.
-const GATHER: Duration = Duration::from_millis(5);
-
 #[allow(clippy::too_many_arguments)]
 async fn consume(
     consumer: StreamConsumer<Context>,
@@ -499,8 +490,10 @@ async fn consume(
 ) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        // The first message waits as long as it takes; the rest of a batch only while they
-        // are already there.
+        // The first message waits as long as it takes; the rest of a batch are those already
+        // fetched. No lingering for more: while a batch is written the next one gathers in
+        // librdkafka's queue, so a catch-up finds its batches full and a live message waits for
+        // nothing but the write before it.
         let first = tokio::select! {
             message = consumer.recv() => message,
             changed = shutdown.changed() => {
@@ -510,10 +503,9 @@ async fn consume(
         };
         let mut batch = Batch::default();
         let mut pending = vec![first];
-        let gathered = tokio::time::Instant::now() + GATHER;
-        while batch.messages.len() + pending.len() < max_batch {
-            let wait = (tokio::time::Instant::now() + LINGER).min(gathered);
-            match tokio::time::timeout_at(wait, consumer.recv()).await {
+        while pending.len() < max_batch {
+            // A zero timeout polls once: a message already fetched is ready.
+            match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
                 Ok(message) => pending.push(message),
                 Err(_) => break,
             }
