@@ -216,15 +216,21 @@ fn catchup_records(events: usize, streams: usize) -> Vec<(String, String, String
     records
 }
 
-/// Produces the catch-up's messages into `topic`.
-async fn produce_catchup(broker: &Broker, topic: &str, events: usize, streams: usize) {
+const TOPIC: &str = "outbox.event.Account";
+
+/// A broker holding the catch-up's messages in `TOPIC`: it, the messages, the streams.
+async fn catchup_broker() -> (Broker, usize, usize) {
+    let broker = Broker::start();
+    let events = env_usize("BENCH_KAFKA_EVENTS", 200_000);
+    let streams = 10_000.min(events / 2).max(1);
     let p = producer(&broker.address);
     let produced = Instant::now();
-    produce_all(&p, catchup_records(events, streams), topic).await;
+    produce_all(&p, catchup_records(events, streams), TOPIC).await;
     println!(
         "produced {events} messages in {:.1} s",
         produced.elapsed().as_secs_f64()
     );
+    (broker, events, streams)
 }
 
 /// `kafka-consume`: the ceiling under `kafka-catchup`, the catch-up's messages read by a bare
@@ -233,11 +239,8 @@ async fn produce_catchup(broker: &Broker, topic: &str, events: usize, streams: u
 pub async fn consume() {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::{Headers, Message as _};
-    let broker = Broker::start();
-    let events = env_usize("BENCH_KAFKA_EVENTS", 200_000);
-    let streams = 10_000.min(events / 2).max(1);
-    let topic = "outbox.event.Account";
-    produce_catchup(&broker, topic, events, streams).await;
+    let (broker, events, _) = catchup_broker().await;
+    let topic = TOPIC;
     let defaults = Config::load(None, std::env::vars()).unwrap().kafka;
     let rules = projector::source::kafka::decode::Rules::new(&defaults).unwrap();
     let mut config = ClientConfig::new();
@@ -399,11 +402,8 @@ pub async fn consume() {
 }
 
 pub async fn catchup() {
-    let broker = Broker::start();
-    let events = env_usize("BENCH_KAFKA_EVENTS", 200_000);
-    let streams = 10_000.min(events / 2).max(1);
-    let topic = "outbox.event.Account";
-    produce_catchup(&broker, topic, events, streams).await;
+    let (broker, events, streams) = catchup_broker().await;
+    let topic = TOPIC;
     let start = Instant::now();
     let (server, addr, stop) = server(&broker.address, topic, "bench-catchup");
     let client = async move {
@@ -461,7 +461,7 @@ pub async fn live() {
     let broker = Broker::start();
     let rate = env_usize("BENCH_KAFKA_RATE", 1000);
     let secs = env_usize("BENCH_KAFKA_SECS", 10);
-    let topic = "outbox.event.Account";
+    let topic = TOPIC;
     let p = producer(&broker.address);
     // The topic and its partitions exist before the server subscribes.
     produce_all(
@@ -553,7 +553,7 @@ pub async fn live() {
 
 pub async fn ryw() {
     let broker = Broker::start();
-    let topic = "outbox.event.Account";
+    let topic = TOPIC;
     let p = producer(&broker.address);
     // Creates the topic before the server subscribes.
     produce_all(
