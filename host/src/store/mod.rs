@@ -186,6 +186,17 @@ pub struct LetterCounts {
     pub parked_events: u64,
 }
 
+impl From<(i64, i64, i64)> for LetterCounts {
+    /// The three counts as both stores' query returns them: open, parked streams, parked events.
+    fn from((open, streams, events): (i64, i64, i64)) -> Self {
+        Self {
+            open: open as u64,
+            parked_streams: streams as u64,
+            parked_events: events as u64,
+        }
+    }
+}
+
 /// A stream held back behind a dead letter.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ParkedStream {

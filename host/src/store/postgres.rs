@@ -970,7 +970,7 @@ impl Store for Postgres {
 
     async fn letter_counts(&self, projection: &Descriptor) -> Result<LetterCounts, StoreError> {
         let schema = &self.schema;
-        let (open, streams, events): (i64, i64, i64) = sqlx::query_as(&format!(
+        let counts: (i64, i64, i64) = sqlx::query_as(&format!(
             "SELECT \
              (SELECT COUNT(*) FROM {schema}.dead_letters WHERE projection = $1 AND version = $2 \
               AND state = 'open' AND parked_behind IS NULL), \
@@ -986,11 +986,7 @@ impl Store for Postgres {
         .fetch_one(&self.pool)
         .await
         .map_err(StoreError::db("counting dead letters"))?;
-        Ok(LetterCounts {
-            open: open as u64,
-            parked_streams: streams as u64,
-            parked_events: events as u64,
-        })
+        Ok(counts.into())
     }
 
     async fn dead_letters(

@@ -1085,7 +1085,7 @@ impl Store for Sqlite {
     }
 
     async fn letter_counts(&self, projection: &Descriptor) -> Result<LetterCounts, StoreError> {
-        let (open, streams, events): (i64, i64, i64) = sqlx::query_as(
+        let counts: (i64, i64, i64) = sqlx::query_as(
             "SELECT \
              (SELECT COUNT(*) FROM dead_letters WHERE projection = ?1 AND version = ?2 \
               AND state = 'open' AND parked_behind IS NULL), \
@@ -1101,11 +1101,7 @@ impl Store for Sqlite {
         .fetch_one(&self.read)
         .await
         .map_err(StoreError::db("counting dead letters"))?;
-        Ok(LetterCounts {
-            open: open as u64,
-            parked_streams: streams as u64,
-            parked_events: events as u64,
-        })
+        Ok(counts.into())
     }
 
     async fn dead_letters(
