@@ -18,7 +18,7 @@ RUN rustup target add wasm32-wasip2 \
 
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
+ && apt-get install -y --no-install-recommends ca-certificates libssl3 \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/projector /usr/local/bin/projector
 COPY --from=build /out/plugins /plugins

@@ -5,5 +5,6 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+bash scripts/host-deps.sh
 bash scripts/build-plugins.sh
 exec cargo run --release --quiet -p projector -- serve "$@"

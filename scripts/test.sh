@@ -6,6 +6,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
+bash scripts/host-deps.sh
 bash scripts/build-plugins.sh
 
 echo "== plugin crates, natively (cargo test) =="

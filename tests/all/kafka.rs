@@ -641,6 +641,94 @@ async fn appends_over_http_are_refused_when_events_come_from_kafka() {
     assert_eq!(body["error"]["code"], "source_is_kafka");
 }
 
+/// Producers compress (Kafka Connect's `producer.compression.type`, a topic's
+/// `compression.type`): messages in batches compressed with each codec Kafka has are all read
+/// and applied.
+#[tokio::test]
+async fn messages_compressed_with_every_kafka_codec_are_applied() {
+    let setup = Setup::new();
+    let server = setup.server(
+        &Backend::Sqlite,
+        &tempdir("kafka-codecs"),
+        &plugin_set(&[NAME], &[]),
+    );
+    let api = server.api();
+    let codecs = ["gzip", "snappy", "lz4", "zstd"];
+    for (n, codec) in codecs.iter().enumerate() {
+        let p: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", broker())
+            .set("linger.ms", "5")
+            .set("compression.type", *codec)
+            .create()
+            .unwrap_or_else(|e| panic!("a {codec} producer: {e}"));
+        let stream = format!("acct-{codec}");
+        let mut messages = vec![debezium(
+            &stream,
+            &id(),
+            "AccountOpened",
+            &json!({"owner": codec, "currency": "EUR"}),
+        )];
+        for _ in 0..=n {
+            messages.push(debezium(
+                &stream,
+                &id(),
+                "Deposited",
+                &json!({"amount": 10}),
+            ));
+        }
+        produce(&p, &setup.topic, &messages).await;
+    }
+    let events: usize = (1..=codecs.len()).map(|n| n + 1).sum();
+    let head = all_taken(&api, events as u64).await;
+    for (n, codec) in codecs.iter().enumerate() {
+        let (status, doc) = read(
+            &api,
+            &format!(
+                "/projections/{NAME}/accounts/acct-{codec}?min_position={head}&timeout_ms=30000"
+            ),
+        )
+        .await;
+        assert_eq!(status, 200, "{codec}: {doc}");
+        assert_eq!(doc["document"]["owner"], *codec, "{doc}");
+        assert_eq!(doc["document"]["balance"], 10 * (n + 1), "{codec}: {doc}");
+    }
+}
+
+/// The consumer is built with TLS and SASL: a `SASL_SSL` configuration with SCRAM (which
+/// needs OpenSSL) starts and serves, where a build without them stops at the start.
+#[tokio::test]
+async fn a_tls_and_sasl_configuration_is_accepted() {
+    let setup = Setup::new();
+    let mut env = setup.env();
+    env.extend([
+        (
+            "PROJECTOR_KAFKA__OPTIONS__SECURITY_PROTOCOL",
+            "SASL_SSL".to_owned(),
+        ),
+        (
+            "PROJECTOR_KAFKA__OPTIONS__SASL_MECHANISMS",
+            "SCRAM-SHA-512".to_owned(),
+        ),
+        (
+            "PROJECTOR_KAFKA__OPTIONS__SASL_USERNAME",
+            "projector".to_owned(),
+        ),
+        (
+            "PROJECTOR_KAFKA__OPTIONS__SASL_PASSWORD",
+            "secret".to_owned(),
+        ),
+    ]);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let server = Server::start_on(
+        &Backend::Sqlite,
+        &plugin_set(&[NAME], &[]),
+        &tempdir("kafka-tls"),
+        &env,
+    );
+    let (status, body) = server.api().get("/healthz").await;
+    assert_eq!(status, 200, "{body}");
+}
+
 /// `kafka.options` reach librdkafka as they are: one it does not know stops the start with
 /// an error naming it, instead of a consumer running without the setting (TLS, SASL).
 #[tokio::test]
