@@ -31,11 +31,8 @@ find_bindir() {
 
 bindir="$(find_bindir || true)"
 if [[ -z "$bindir" ]]; then
-  echo "pg-test-cluster: no PostgreSQL server binaries found; installing postgresql with apt" >&2
-  sudo_cmd=""
-  [[ "$(id -u)" -ne 0 ]] && sudo_cmd="sudo"
-  $sudo_cmd apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq postgresql >&2
+  echo "pg-test-cluster: no PostgreSQL server binaries found" >&2
+  bash "$(dirname "${BASH_SOURCE[0]}")/apt-install.sh" pg-test-cluster postgresql
   bindir="$(find_bindir)"
 fi
 

@@ -23,13 +23,9 @@ if [[ ! -f "$venv/.installed" ]]; then
   rm -rf "$venv"
   # A fresh Debian has python3 without its venv module (or no python3 at all): install them
   # as the PostgreSQL script installs postgresql.
+  # Best effort: the venv step below says what to do when it is still missing.
   if ! "$python" -m venv --help >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-    echo "python-tool: installing python3-venv with apt-get" >&2
-    sudo_cmd=""
-    if [[ "$(id -u)" != 0 ]] && command -v sudo >/dev/null 2>&1; then sudo_cmd="sudo"; fi
-    $sudo_cmd apt-get install -y -qq python3 python3-venv >/dev/null 2>&1 ||
-      { $sudo_cmd apt-get update -qq >/dev/null 2>&1 &&
-        $sudo_cmd apt-get install -y -qq python3 python3-venv >/dev/null 2>&1; } || true
+    bash "$(dirname "${BASH_SOURCE[0]}")/apt-install.sh" python-tool python3 python3-venv || true
   fi
   if ! "$python" -m venv "$venv" >&2; then
     rm -rf "$venv"
