@@ -20,6 +20,9 @@ pub struct Progress {
     /// This version no longer serves reads (another version took over, or it was removed):
     /// a read waiting on it looks up the one that serves now.
     pub retired: bool,
+    /// Batches committed with observer actions in them: what wakes the dispatcher, which
+    /// need not read the action log after a batch that logged none.
+    pub action_batches: u64,
 }
 
 /// A stream version a reader wants to see applied: `stream@version`.

@@ -370,6 +370,14 @@ impl Watermark {
         *self.hold.lock().unwrap_or_else(|e| e.into_inner()) = hold;
     }
 
+    /// Whether committed rows wait behind an open transaction.
+    pub fn is_held(&self) -> bool {
+        self.hold
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
     pub fn hold(&self) -> Option<WatermarkHold> {
         self.hold.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }

@@ -63,9 +63,19 @@ on_both_stores! {
             matches!(again, Err(StoreError::Fenced { expected: 0, .. })),
             "{again:?}"
         );
+        let mut delete = BatchOutput::default();
+        delete.writes.entry("c".into()).or_default().insert("k".into(), None);
+        let fenced_delete = Batch { output: &delete, from: 0, to: 11, durable: true, ..Default::default() };
+        let again = store.commit(&descriptor, &fenced_delete).await;
+        assert!(matches!(again, Err(StoreError::Fenced { expected: 0, .. })), "{again:?}");
         let doc = store.document(&descriptor, "c", "k").await.unwrap().unwrap();
-        assert_eq!(doc.version, 1, "the fenced batch wrote nothing");
+        assert_eq!(doc.version, 1, "the fenced batches wrote nothing");
         assert_eq!(store.checkpoint(&descriptor).await.unwrap(), 10);
+        // The same delete from the checkpoint that holds goes through.
+        let delete_from_10 = Batch { output: &delete, from: 10, to: 11, durable: true, ..Default::default() };
+        store.commit(&descriptor, &delete_from_10).await.unwrap();
+        assert!(store.document(&descriptor, "c", "k").await.unwrap().is_none());
+        assert_eq!(store.checkpoint(&descriptor).await.unwrap(), 11);
     }
 
     /// Names at the limits of what a plugin may declare still get tables and indexes of

@@ -160,6 +160,7 @@ impl Dispatcher {
     /// finished and written first.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let mut committed = self.observer.progress();
+        let mut seen_action_batches = committed.borrow_and_update().action_batches;
         let nudged = self.observer.nudged();
         let mut q = Queues::default();
         let mut flying: JoinSet<Finished> = JoinSet::new();
@@ -249,7 +250,9 @@ impl Dispatcher {
                     }
                 }
                 changed = committed.changed() => {
-                    if changed.is_ok() {
+                    let action_batches = committed.borrow_and_update().action_batches;
+                    if changed.is_ok() && action_batches != seen_action_batches {
+                        seen_action_batches = action_batches;
                         q.drained = false;
                     }
                 }

@@ -280,6 +280,10 @@ impl Runner {
                 Some(events) if !events.is_empty() => events,
                 // Caught up: commit what is pending without another read first.
                 Some(_) if p.pending.is_some() => Vec::new(),
+                // Nothing past what is handled has been announced: no read (a round trip to
+                // the database, two on PostgreSQL) until the head moves. While failing, the
+                // read is the probe that clears the error, so it is made.
+                _ if *head.borrow_and_update() <= p.handled_to && !p.backoff.failing => Vec::new(),
                 _ => {
                     // Marked seen before reading, so an append after the read still wakes us.
                     head.borrow_and_update();
@@ -342,8 +346,11 @@ impl Runner {
                     None => None,
                 }
             };
+            let announced = *head.borrow();
             let read_next = async {
                 match last {
+                    // At the head: the next read waits for an announcement.
+                    Some(last) if announced <= last => None,
                     Some(last) => self.read(last).await.ok(),
                     None => None,
                 }
@@ -630,9 +637,11 @@ impl Runner {
         };
         self.commit_batch(&value, backoff, shutdown).await?;
         self.projection.applied_to(batch.last);
+        let actions = !batch.output.actions.is_empty();
         self.projection.progress.update(|p| {
             p.position = batch.last;
             p.failed = false;
+            p.action_batches += u64::from(actions);
         });
         Ok(())
     }

@@ -390,6 +390,8 @@ impl Projection {
                 position: checkpoint,
                 failed: false,
                 retired: p.retired,
+                // The dispatcher reads the action log again after a restart.
+                action_batches: p.action_batches + 1,
             }
         });
     }

@@ -163,6 +163,8 @@ pub struct PgOutbox {
     wake: Arc<Notify>,
     /// Group commit: see [`write`].
     appends: Appends,
+    /// The payload of this instance's notifications, which its own listener passes over.
+    tag: String,
     /// Dropped with the outbox: its watcher and listener then end and free their connections.
     _closed: watch::Sender<()>,
 }
@@ -190,12 +192,12 @@ impl PgOutbox {
         refresh(&db, &sql.bound, &sql.head, &limit, &head).await?;
         let sql = Arc::new(sql);
         let wake = Arc::new(Notify::new());
+        let announce = (!config.notify_trigger).then(|| Arc::new(Notify::new()));
         let appender = Arc::new(Appender {
-            db: db.clone(),
             sql: sql.clone(),
-            channel: channel.clone(),
             wake: wake.clone(),
-            notify_after_append: !config.notify_trigger,
+            db: db.clone(),
+            announce: announce.clone(),
         });
         let appends = Appends::start(move |group| {
             let appender = appender.clone();
@@ -212,10 +214,39 @@ impl PgOutbox {
             ))),
             wake,
             appends,
+            tag: uuid::Uuid::new_v4().to_string(),
             _closed: watch::Sender::new(()),
         };
         outbox.watch(Duration::from_millis(config.poll_interval_ms), role);
+        if let Some(announce) = announce {
+            outbox.announce(announce);
+        }
         Ok(outbox)
+    }
+
+    /// Tells the other instances of appends (when no trigger does): one notification for
+    /// whatever appends were made since the last one went out, sent beside the appends rather
+    /// than in their round trips, so an append is answered (and this instance's projections
+    /// woken) without waiting for it.
+    fn announce(&self, appended: Arc<Notify>) {
+        let (db, channel, own) = (self.db.clone(), self.channel.clone(), self.tag.clone());
+        let mut closed = self._closed.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = appended.notified() => {}
+                    _ = closed.changed() => break,
+                }
+                if let Err(err) = sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(&channel)
+                    .bind(&own)
+                    .execute(&db.pool)
+                    .await
+                {
+                    tracing::warn!(error = %err, "notifying other instances of an append failed");
+                }
+            }
+        });
     }
 
     /// Keeps `head` at the newest safe position: on every notification, on a slow poll, and
@@ -224,7 +255,12 @@ impl PgOutbox {
     fn watch(&self, poll: Duration, role: String) {
         let notified = self.wake.clone();
         let head = Arc::downgrade(&self.head);
-        let listening = listen(self.db.clone(), self.channel.clone(), notified.clone());
+        let listening = listen(
+            self.db.clone(),
+            self.channel.clone(),
+            self.tag.clone(),
+            notified.clone(),
+        );
         let mut closed = self._closed.subscribe();
         tokio::spawn(async move {
             tokio::select! {
@@ -271,9 +307,10 @@ impl PgOutbox {
     }
 }
 
-/// Forwards notifications on `channel` to `notified`; reconnects on its own after an outage
-/// (and then wakes the watcher, since notifications may have been missed).
-async fn listen(db: Postgres, channel: String, notified: Arc<Notify>) {
+/// Forwards notifications on `channel` to `notified`, except this instance's own (payload
+/// `own`: its appends wake the watcher directly); reconnects on its own after an outage (and
+/// then wakes the watcher, since notifications may have been missed).
+async fn listen(db: Postgres, channel: String, own: String, notified: Arc<Notify>) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let mut listener = match PgListener::connect_with(&db.pool).await {
@@ -295,6 +332,7 @@ async fn listen(db: Postgres, channel: String, notified: Arc<Notify>) {
         loop {
             // `try_recv` returns None when the connection drops; the next call reconnects.
             match listener.try_recv().await {
+                Ok(Some(n)) if n.payload() == own => {}
                 Ok(Some(_)) => notified.notify_one(),
                 Ok(None) => {
                     tracing::warn!("outbox notification connection lost; reconnecting");
@@ -1315,7 +1353,12 @@ impl Source for PgOutbox {
     }
 
     fn nudge(&self) {
-        self.wake.notify_one();
+        // Only a hold the commit may have caused is worth a look now; otherwise the head is
+        // as fresh as the last append or notification left it (a read of it per batch was a
+        // sixth of the statements of a live load).
+        if self.watermark.is_held() {
+            self.wake.notify_one();
+        }
     }
 
     fn watermark(&self) -> Option<&Watermark> {
@@ -1480,11 +1523,10 @@ async fn write(appender: &Appender, group: Vec<Request>) {
 struct Appender {
     db: Postgres,
     sql: Arc<Statements>,
-    channel: String,
     /// Wakes the head watcher (after this instance's own appends).
     wake: Arc<Notify>,
-    /// No trigger announces inserts: appends notify themselves.
-    notify_after_append: bool,
+    /// When no trigger announces inserts: wakes the task that tells the other instances.
+    announce: Option<Arc<Notify>>,
 }
 
 impl Appender {
@@ -1587,18 +1629,11 @@ impl Appender {
                 }
             }
         };
-        if self.notify_after_append {
-            // No trigger announces inserts: tell the other instances.
-            if let Err(err) = sqlx::query("SELECT pg_notify($1, '')")
-                .bind(&self.channel)
-                .execute(&self.db.pool)
-                .await
-            {
-                tracing::warn!(error = %err, "notifying other instances of an append failed");
-            }
-        }
-        // This instance's runners need not wait for the notification's round trip.
+        // This instance's runners need not wait for the other instances' notification.
         self.wake.notify_one();
+        if let Some(announce) = &self.announce {
+            announce.notify_one();
+        }
         let mut returned = Vec::with_capacity(rows.len());
         for row in rows {
             let id: String = row.try_get(0).map_err(db_err("appending events"))?;

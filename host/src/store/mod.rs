@@ -232,6 +232,18 @@ pub struct Batch<'a> {
     pub durable: bool,
 }
 
+impl Batch<'_> {
+    /// Documents and the checkpoint's move alone: no dead-letter bookkeeping, no operator's
+    /// or observer's actions to record.
+    pub fn only_documents(&self) -> bool {
+        self.dead_letters.is_empty()
+            && self.released.is_empty()
+            && self.resolved.is_none()
+            && self.actions.is_empty()
+            && self.output.actions.is_empty()
+    }
+}
+
 /// A page of a collection: equality filters on indexed fields, key order, keyset pagination.
 #[derive(Debug, Clone, Default)]
 pub struct ListQuery {
