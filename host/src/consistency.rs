@@ -166,6 +166,46 @@ struct AppendsState {
     /// Each awaited version's slot, shared by the reads waiting for it: `None` until its
     /// position is known. A slot goes when its last reader does.
     waiting: HashMap<String, HashMap<u64, Slot>>,
+    /// The versions this process appended lately.
+    recent: Recent,
+}
+
+/// Streams remembered per generation by [`Recent`].
+const RECENT_STREAMS: usize = 65_536;
+
+/// The newest version this process appended to each stream it wrote lately, and its position:
+/// a read that waits for its own write (append, 201, read with `wait_for`) is answered
+/// without a lookup in the outbox. Two generations of at most [`RECENT_STREAMS`] streams each,
+/// the older dropped when the newer fills. A position, once appended, never changes.
+#[derive(Default)]
+struct Recent {
+    current: HashMap<String, (u64, u64)>,
+    previous: HashMap<String, (u64, u64)>,
+}
+
+impl Recent {
+    fn note(&mut self, stream: &str, version: u64, position: u64) {
+        match self.current.get_mut(stream) {
+            Some(entry) => *entry = (version, position),
+            None => {
+                if self.current.len() >= RECENT_STREAMS {
+                    self.previous = std::mem::take(&mut self.current);
+                }
+                self.current.insert(stream.to_owned(), (version, position));
+            }
+        }
+    }
+
+    fn position(&self, stream: &str, version: u64) -> Option<u64> {
+        [&self.current, &self.previous]
+            .into_iter()
+            .find_map(|generation| {
+                generation
+                    .get(stream)
+                    .filter(|(v, _)| *v == version)
+                    .map(|(_, position)| *position)
+            })
+    }
 }
 
 struct Slot {
@@ -208,7 +248,7 @@ impl Appends {
             source,
             state: Mutex::new(AppendsState {
                 matched,
-                waiting: HashMap::new(),
+                ..AppendsState::default()
             }),
         });
         tokio::spawn(watch_head(Arc::downgrade(&inner), head));
@@ -219,6 +259,9 @@ impl Appends {
     /// append returned.
     pub fn appended(&self, events: &[Appended]) {
         let mut state = self.inner.state();
+        for e in events {
+            state.recent.note(&e.stream, e.version, e.position);
+        }
         if state.waiting.is_empty() {
             return;
         }
@@ -236,6 +279,14 @@ impl Appends {
         // Filed before the lookup: an event appended between the two resolves the slot.
         let mut waiter = self.file(wanted);
         if let Some(position) = *waiter.slot.borrow() {
+            return Ok(position);
+        }
+        let recent = self
+            .inner
+            .state()
+            .recent
+            .position(&wanted.stream, wanted.version);
+        if let Some(position) = recent {
             return Ok(position);
         }
         // Once per read, for what came before it was filed.
@@ -741,6 +792,48 @@ mod tests {
         for w in &waiters {
             w.abort();
         }
+    }
+
+    #[tokio::test]
+    async fn a_read_of_a_version_this_process_appended_lately_looks_nothing_up() {
+        let source = Counting::new(false);
+        let appends = Appends::new(source.clone());
+        source.write(&[("a", 1), ("a", 2), ("b", 1)]);
+        let appended = |stream: &str, version, position| Appended {
+            id: format!("{stream}-{version}"),
+            stream: stream.into(),
+            version,
+            position,
+        };
+        appends.appended(&[appended("a", 1, 1), appended("a", 2, 2)]);
+        assert_eq!(appends.position_of(&sv("a", 2), later()).await.unwrap(), 2);
+        assert_eq!(source.calls(), (0, 0, 0), "the newest appended version");
+        // An older version of the stream, or one another writer appended: looked up.
+        assert_eq!(appends.position_of(&sv("a", 1), later()).await.unwrap(), 1);
+        assert_eq!(appends.position_of(&sv("b", 1), later()).await.unwrap(), 3);
+        assert_eq!(source.calls(), (2, 0, 0));
+        assert_eq!(appends.awaited(), 0);
+    }
+
+    #[test]
+    fn recent_versions_are_bounded_to_two_generations() {
+        let mut recent = Recent::default();
+        for n in 0..RECENT_STREAMS as u64 * 2 + 1 {
+            recent.note(&format!("s-{n}"), 1, n + 1);
+        }
+        assert_eq!(recent.current.len(), 1);
+        assert_eq!(recent.previous.len(), RECENT_STREAMS);
+        // The first generation is gone; the second is still answered.
+        assert_eq!(recent.position("s-0", 1), None);
+        assert_eq!(
+            recent.position(&format!("s-{}", RECENT_STREAMS), 1),
+            Some(RECENT_STREAMS as u64 + 1)
+        );
+        assert_eq!(
+            recent.position(&format!("s-{}", RECENT_STREAMS * 2), 2),
+            None,
+            "another version"
+        );
     }
 
     #[tokio::test]
