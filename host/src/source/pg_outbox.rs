@@ -1354,8 +1354,8 @@ impl Source for PgOutbox {
 
     fn nudge(&self) {
         // Only a hold the commit may have caused is worth a look now; otherwise the head is
-        // as fresh as the last append or notification left it (a read of it per batch was a
-        // sixth of the statements of a live load).
+        // as fresh as the last append or notification left it, and a look would cost a
+        // statement per batch.
         if self.watermark.is_held() {
             self.wake.notify_one();
         }

@@ -191,9 +191,6 @@ impl Postgres {
 }
 
 impl Postgres {
-    /// A batch's dead-letter bookkeeping, in its transaction: released rows removed, letters
-    /// written (replacing any at the same position), a resolved letter's state, operators'
-    /// actions. No statement for what the batch does not carry.
     /// A durable batch that carries documents alone, in one statement (so its own
     /// transaction): the checkpoint's move first, and every write conditional on it, so a
     /// fenced batch writes nothing. One round trip where BEGIN, the writes, the move and
@@ -261,6 +258,9 @@ impl Postgres {
         Ok(())
     }
 
+    /// A batch's dead-letter bookkeeping, in its transaction: released rows removed, letters
+    /// written (replacing any at the same position), a resolved letter's state, operators'
+    /// actions. No statement for what the batch does not carry.
     async fn write_letters(
         &self,
         tx: &mut PgConnection,
