@@ -540,16 +540,19 @@ async fn an_instance_that_loses_its_lease_stands_by_and_nothing_is_applied_twice
     assert_eq!(status, "running");
     let b = Server::start_on(&backend, &plugins, &tempdir("lease-b"), &env);
     let api_b = b.api();
-    // B standing by has prepared the projection: the DDL lock it takes meanwhile (an
-    // advisory transaction lock) is released, and A's lease is the one advisory lock left.
-    eventually(Duration::from_secs(30), || async {
-        let (_, body) = api_b.get("/projections/account-balance").await;
-        match body["status"].as_str() {
-            Some("standby") => Ok(()),
-            _ => Err(format!("B: {body}")),
-        }
-    })
-    .await;
+    // B and the writer (which runs what the catalog holds, once its poll has seen it) standing
+    // by have each prepared the projection: the DDL lock they take meanwhile (an advisory
+    // transaction lock) is released, and A's lease is the one advisory lock left.
+    for (who, api) in [("B", &api_b), ("writer", &api_w)] {
+        eventually(Duration::from_secs(30), || async {
+            let (_, body) = api.get("/projections/account-balance").await;
+            match body["status"].as_str() {
+                Some("standby") => Ok(()),
+                _ => Err(format!("{who}: {body}")),
+            }
+        })
+        .await;
+    }
 
     // Cut the session holding A's advisory lock (the only advisory lock in this database).
     let mut admin = PgConnection::connect(&url).await.unwrap();
