@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use rusqlite::types::ValueRef;
+use rusqlite::OptionalExtension;
 use serde_json::value::RawValue;
 use sqlx::{QueryBuilder, Row};
 use tokio::sync::watch;
@@ -14,20 +16,24 @@ use super::{validate, AppendError, Appended, NewEvent, Placed, Source, SourceErr
 use crate::consistency::StreamVersion;
 use crate::event::Event;
 use crate::store::now_ms;
+use crate::store::sqlite::lent::{self, DbError};
 use crate::store::sqlite::Sqlite;
 
 /// How often the head is re-read in case another process wrote to the file. Appends through
 /// this process wake runners at once; this is only the fallback.
 const FALLBACK_POLL: Duration = Duration::from_secs(1);
 
-/// Rows or values per multi-row statement (8 binds a row: well under SQLite's bind limit).
-const ROWS_PER_STATEMENT: usize = 500;
-
 pub struct SqliteOutbox {
     db: Sqlite,
     head: Arc<watch::Sender<u64>>,
     /// Group commit: see [`write`].
     appends: Appends,
+}
+
+impl DbError for SourceError {
+    fn db(context: &str, source: sqlx::Error) -> Self {
+        db_err(context)(source)
+    }
 }
 
 fn db_err(context: &str) -> impl FnOnce(sqlx::Error) -> SourceError + '_ {
@@ -412,14 +418,28 @@ async fn write_group(
     group: &[Request],
 ) -> Result<(Outcomes, Option<u64>), SourceError> {
     let now = now_ms();
-    let mut tx = db
-        .write
-        // IMMEDIATE: take the write lock before reading versions, so another process's
-        // append cannot slip in between the check and the insert.
-        .begin_with("BEGIN IMMEDIATE")
-        .await
-        .map_err(db_err("beginning an append"))?;
-    // Current versions of every stream in the group, a few statements for the lot.
+    // IMMEDIATE: the write lock is taken before versions are read, so another process's append
+    // cannot slip in between the check and the insert.
+    let written = lent::immediate(&db.write, false, "appending events", |tx| {
+        write_rows(tx, group, now)
+    })
+    .await?;
+    if written.1.is_some() {
+        // Acknowledged only if the file it went to is still the database's: an append to a
+        // deleted file would be lost at the next start.
+        db.check_file()?;
+    }
+    Ok(written)
+}
+
+/// [`write_group`]'s statements, in its transaction.
+fn write_rows(
+    tx: &rusqlite::Connection,
+    group: &[Request],
+    now: i64,
+) -> Result<(Outcomes, Option<u64>), SourceError> {
+    // Current versions of every stream in the group: in-process, one prepared statement
+    // stepped per stream is cheaper than parsing a statement that lists them all.
     let mut streams: Vec<&str> = group
         .iter()
         .flat_map(|r| r.events.iter().map(|e| e.stream.as_str()))
@@ -429,33 +449,24 @@ async fn write_group(
     let mut versions: HashMap<&str, u64> = HashMap::new();
     // Streams whose newest version is not a whole number: requests touching them are refused.
     let mut broken: HashMap<&str, String> = HashMap::new();
-    for chunk in streams.chunks(ROWS_PER_STATEMENT) {
-        let mut sql =
-            QueryBuilder::new("SELECT stream, MAX(version) FROM outbox WHERE stream IN (");
-        let mut list = sql.separated(", ");
-        for stream in chunk {
-            list.push_bind(*stream);
-        }
-        sql.push(") GROUP BY stream");
-        let rows = sql
-            .build()
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_err("reading stream versions"))?;
-        for row in rows {
-            let stream: String = row.try_get(0).map_err(db_err("reading stream versions"))?;
-            let Some(s) = chunk.iter().find(|s| **s == stream) else {
-                continue;
-            };
-            // Another writer may have stored anything in the column: a version that is
-            // not a whole number names its row rather than panicking the append.
-            match row.try_get::<i64, _>(1) {
-                Ok(version) if version >= 0 => {
-                    versions.insert(s, version as u64);
-                }
-                _ => {
-                    broken.insert(s, String::new());
-                }
+    let read = |e| SourceError::sqlite("reading stream versions")(e);
+    let mut newest = tx
+        .prepare("SELECT MAX(version) FROM outbox WHERE stream = ?")
+        .map_err(read)?;
+    for stream in streams {
+        let mut rows = newest.query([stream]).map_err(read)?;
+        let Some(row) = rows.next().map_err(read)? else {
+            continue;
+        };
+        // Another writer may have stored anything in the column: a version that is not a
+        // whole number names its row rather than panicking the append.
+        match row.get_ref(0).map_err(read)? {
+            ValueRef::Null => {}
+            ValueRef::Integer(version) if version >= 0 => {
+                versions.insert(stream, version as u64);
+            }
+            _ => {
+                broken.insert(stream, String::new());
             }
         }
     }
@@ -465,20 +476,15 @@ async fn write_group(
         .flat_map(|r| r.events.iter().filter_map(|e| e.id.as_deref()))
         .collect();
     let mut taken: HashSet<String> = HashSet::new();
-    for chunk in given.chunks(ROWS_PER_STATEMENT) {
-        let mut sql = QueryBuilder::new("SELECT id FROM outbox WHERE id IN (");
-        let mut list = sql.separated(", ");
-        for id in chunk {
-            list.push_bind(*id);
-        }
-        sql.push(")");
-        for row in sql
-            .build()
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_err("checking event ids"))?
-        {
-            taken.insert(row.try_get(0).map_err(db_err("checking event ids"))?);
+    if !given.is_empty() {
+        let read = |e| SourceError::sqlite("checking event ids")(e);
+        let mut exists = tx
+            .prepare("SELECT 1 FROM outbox WHERE id = ?")
+            .map_err(read)?;
+        for id in given {
+            if exists.exists([id]).map_err(read)? {
+                taken.insert(id.to_owned());
+            }
         }
     }
     // Each request in arrival order against the versions the requests before it left.
@@ -504,7 +510,7 @@ async fn write_group(
                 outcomes.push(None);
             }
             Err(Refusal::BrokenStream(stream)) => {
-                let err = bad_version(&mut tx, stream).await;
+                let err = bad_version(tx, stream);
                 outcomes.push(Some(Err(err.into())));
             }
             Err(Refusal::Append(err)) => outcomes.push(Some(Err(err))),
@@ -512,53 +518,36 @@ async fn write_group(
     }
     let mut appended: Vec<Vec<Appended>> = group.iter().map(|_| Vec::new()).collect();
     let mut last = None;
-    let mut at = 0;
-    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-        let mut sql = QueryBuilder::new(
-            "INSERT INTO outbox (id, stream, stream_type, event_type, version, payload, headers, timestamp_ms) ",
-        );
-        sql.push_values(chunk, |mut row, (id, version, headers, event)| {
-            row.push_bind(id.as_str())
-                .push_bind(event.stream.as_str())
-                .push_bind(event.stream_type.as_str())
-                .push_bind(event.event_type.as_str())
-                .push_bind(*version as i64)
-                .push_bind(event.payload.get())
-                .push_bind(headers.as_str())
-                .push_bind(now);
-        });
-        sql.push(" RETURNING position");
-        let positions = sql
-            .build()
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_err("appending events"))?;
-        // RETURNING's row order is unspecified; positions are assigned in VALUES order.
-        let mut positions: Vec<i64> = positions
-            .iter()
-            .map(|r| r.try_get(0))
-            .collect::<Result<_, _>>()
-            .map_err(db_err("appending events"))?;
-        positions.sort_unstable();
-        for ((id, version, _, event), position) in chunk.iter().zip(positions) {
-            appended[owner[at]].push(Appended {
+    if !rows.is_empty() {
+        let append = |e| SourceError::sqlite("appending events")(e);
+        let mut insert = tx
+            .prepare(
+                "INSERT INTO outbox (id, stream, stream_type, event_type, version, payload, \
+                 headers, timestamp_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING position",
+            )
+            .map_err(append)?;
+        for ((id, version, headers, event), owner) in rows.iter().zip(owner) {
+            let args = [
+                lent::text(id.as_str()),
+                lent::text(event.stream.as_str()),
+                lent::text(event.stream_type.as_str()),
+                lent::text(event.event_type.as_str()),
+                lent::int(*version as i64),
+                lent::text(event.payload.get()),
+                lent::text(headers.as_str()),
+                lent::int(now),
+            ];
+            let position: i64 = insert
+                .query_row(rusqlite::params_from_iter(&args), |row| row.get(0))
+                .map_err(append)?;
+            appended[owner].push(Appended {
                 id: id.clone(),
                 stream: event.stream.clone(),
                 version: *version,
                 position: position as u64,
             });
             last = Some(position as u64);
-            at += 1;
         }
-    }
-    if rows.is_empty() {
-        // Every request was refused: nothing to commit.
-        drop(tx);
-    } else {
-        tx.commit().await.map_err(db_err("committing an append"))?;
-        // Acknowledged only if the file it went to is still the database's: an append to a
-        // deleted file would be lost at the next start.
-        db.check_file()?;
     }
     let outcomes = outcomes
         .into_iter()
@@ -619,16 +608,25 @@ fn check<'a>(
 
 /// The error for a stream whose newest version is not a whole number: the first such row
 /// of the stream, named by position and id.
-async fn bad_version(tx: &mut sqlx::SqliteConnection, stream: &str) -> SourceError {
-    let row = sqlx::query(
-        "SELECT position, id, event_type, quote(version), typeof(version) FROM outbox \
-         WHERE stream = ? AND NOT (typeof(version) = 'integer' AND version >= 0) \
-         ORDER BY position LIMIT 1",
-    )
-    .bind(stream)
-    .fetch_optional(&mut *tx)
-    .await;
-    let row = match row {
+fn bad_version(tx: &rusqlite::Connection, stream: &str) -> SourceError {
+    let row = tx
+        .query_row(
+            "SELECT position, id, event_type, quote(version), typeof(version) FROM outbox \
+             WHERE stream = ? AND NOT (typeof(version) = 'integer' AND version >= 0) \
+             ORDER BY position LIMIT 1",
+            [stream],
+            |row| {
+                Ok((
+                    row.get::<_, i64>(0).unwrap_or_default(),
+                    row.get::<_, String>(1).ok(),
+                    row.get::<_, String>(2).ok(),
+                    row.get::<_, String>(3).unwrap_or_default(),
+                    row.get::<_, String>(4).unwrap_or_default(),
+                ))
+            },
+        )
+        .optional();
+    let (position, id, event_type, value, kind) = match row {
         Ok(Some(row)) => row,
         Ok(None) => {
             return SourceError::Setup(format!(
@@ -636,22 +634,17 @@ async fn bad_version(tx: &mut sqlx::SqliteConnection, stream: &str) -> SourceErr
                  it has such a version"
             ))
         }
-        Err(source) => {
-            return SourceError::Database {
-                context: format!("finding the row with a bad version in stream {stream}"),
-                source,
-            }
+        Err(err) => {
+            return SourceError::sqlite(&format!(
+                "finding the row with a bad version in stream {stream}"
+            ))(err)
         }
     };
-    let (value, kind) = (
-        row.try_get::<String, _>(3).unwrap_or_default(),
-        row.try_get::<String, _>(4).unwrap_or_default(),
-    );
     SourceError::Malformed {
-        position: row.try_get::<i64, _>(0).unwrap_or_default() as u64,
-        id: row.try_get(1).ok(),
+        position: position as u64,
+        id,
         stream: Some(stream.to_owned()),
-        event_type: row.try_get(2).ok(),
+        event_type,
         reason: format!(
             "its version {value} ({kind}) is not a whole number, so stream {stream} cannot be \
              appended to until the row is repaired"

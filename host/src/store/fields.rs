@@ -31,6 +31,19 @@ pub(crate) enum FieldValue<'a> {
     Text(Cow<'a, str>),
 }
 
+impl FieldValue<'_> {
+    /// As an argument of a statement on the SQLite store's lent handle.
+    pub(crate) fn to_sql_output(&self) -> rusqlite::types::ToSqlOutput<'_> {
+        use rusqlite::types::{ToSqlOutput, Value, ValueRef};
+        match self {
+            Self::Null => ToSqlOutput::Owned(Value::Null),
+            Self::Integer(n) => ToSqlOutput::Owned(Value::Integer(*n)),
+            Self::Real(x) => ToSqlOutput::Owned(Value::Real(*x)),
+            Self::Text(text) => ToSqlOutput::Borrowed(ValueRef::Text(text.as_bytes())),
+        }
+    }
+}
+
 /// The values of `fields` (dotted paths, as declared) in the JSON document `doc`, in the
 /// order of `fields`.
 pub(crate) fn extract<'a>(

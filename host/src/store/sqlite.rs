@@ -25,6 +25,14 @@ use super::{counts, logged_from_row, LOGGED_COLUMNS};
 use crate::observer::{ActionState, Counts, Logged, Update};
 use crate::runtime::Descriptor;
 
+pub(crate) mod lent;
+
+use lent::{Args, DbError};
+use rusqlite::types::ToSqlOutput;
+
+/// Documents in a batch above which its transaction leaves the runtime's worker thread.
+const HEAVY_BATCH: usize = 256;
+
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../../migrations/sqlite/0001_init.sql")),
     (
@@ -331,61 +339,69 @@ struct Put<'a> {
     values: Vec<FieldValue<'a>>,
 }
 
-/// One multi-row upsert of `rows` into `table`; returns how many rows it inserted or updated.
+/// Writes `rows` into `table`, one prepared statement stepped per row: in-process, a row is a
+/// few microseconds, and a statement prepared once per shape and transaction costs less than
+/// parsing one multi-row statement per batch.
 ///
-/// Without `changing_fields`, existing rows are updated only where every field column already
-/// holds the new value, and the columns are not set: SQLite then leaves every index alone.
-/// With it, only the rows whose field values differ are updated, columns included (what the
-/// first statement skipped).
-async fn upsert(
-    tx: &mut sqlx::SqliteConnection,
+/// Most updates leave the indexed fields as they were: the first statement writes a row only
+/// where every field column already holds the new value (or the row is new), without setting
+/// the columns, so SQLite leaves every index alone. A row it skipped (its fields changed) is
+/// written by a second statement that sets the columns too.
+fn upsert(
+    db: &rusqlite::Connection,
     table: &str,
     columns: &[String],
     rows: &[Put<'_>],
     now: i64,
-    changing_fields: bool,
-) -> Result<u64, StoreError> {
-    let mut sql = QueryBuilder::new(format!(
-        "INSERT INTO \"{table}\" (key, doc, version, updated_at"
-    ));
-    for column in columns {
-        sql.push(", ").push(column);
-    }
-    sql.push(") ");
-    sql.push_values(rows, |mut row, put| {
-        row.push_bind(put.key)
-            .push_bind(put.doc)
-            .push("1")
-            .push_bind(now);
-        for value in &put.values {
-            row.push_bind(value);
+) -> Result<(), StoreError> {
+    let statement = |changing_fields: bool| {
+        let mut sql = format!("INSERT INTO \"{table}\" (key, doc, version, updated_at");
+        for column in columns {
+            sql.push_str(", ");
+            sql.push_str(column);
         }
-    });
-    sql.push(format!(
-        " ON CONFLICT(key) DO UPDATE SET doc = excluded.doc, \
-         version = \"{table}\".version + 1, updated_at = excluded.updated_at"
-    ));
-    if !columns.is_empty() {
-        let same: Vec<String> = columns
-            .iter()
-            .map(|c| format!("\"{table}\".{c} IS excluded.{c}"))
-            .collect();
-        let same = same.join(" AND ");
-        if changing_fields {
-            for column in columns {
-                sql.push(format!(", {column} = excluded.{column}"));
+        sql.push_str(&format!(
+            ") VALUES (?, ?, 1, ?{}) ON CONFLICT(key) DO UPDATE SET doc = excluded.doc, \
+             version = \"{table}\".version + 1, updated_at = excluded.updated_at",
+            ", ?".repeat(columns.len())
+        ));
+        if !columns.is_empty() {
+            let same: Vec<String> = columns
+                .iter()
+                .map(|c| format!("\"{table}\".{c} IS excluded.{c}"))
+                .collect();
+            let same = same.join(" AND ");
+            if changing_fields {
+                for column in columns {
+                    sql.push_str(&format!(", {column} = excluded.{column}"));
+                }
+                sql.push_str(&format!(" WHERE NOT ({same})"));
+            } else {
+                sql.push_str(&format!(" WHERE {same}"));
             }
-            sql.push(format!(" WHERE NOT ({same})"));
-        } else {
-            sql.push(format!(" WHERE {same}"));
+        }
+        sql
+    };
+    let context = format!("writing documents to {table}");
+    let failed = || StoreError::sqlite(&context);
+    let mut same = db.prepare(&statement(false)).map_err(failed())?;
+    let mut changing = None;
+    let mut args: Args<'_> = Vec::with_capacity(3 + columns.len());
+    for put in rows {
+        args.clear();
+        args.extend([lent::text(put.key), lent::text(put.doc), lent::int(now)]);
+        args.extend(put.values.iter().map(FieldValue::to_sql_output));
+        let params = rusqlite::params_from_iter(&args);
+        if same.execute(params.clone()).map_err(failed())? == 0 {
+            if changing.is_none() {
+                changing = Some(db.prepare(&statement(true)).map_err(failed())?);
+            }
+            if let Some(changing) = changing.as_mut() {
+                changing.execute(params).map_err(failed())?;
+            }
         }
     }
-    let done = sql
-        .build()
-        .execute(&mut *tx)
-        .await
-        .map_err(StoreError::db(format!("writing documents to {table}")))?;
-    Ok(done.rows_affected())
+    Ok(())
 }
 
 /// Brings a read-model table's field columns in line with the declared fields: a table made
@@ -464,113 +480,115 @@ async fn execute_all(
     Ok(())
 }
 
+impl DbError for StoreError {
+    fn db(context: &str, source: sqlx::Error) -> Self {
+        Self::db(context)(source)
+    }
+}
+
 /// A stored document as JSON text: written as text, or as JSONB by earlier versions.
 const DOC_JSON: &str = "iif(typeof(doc) = 'text', doc, json(doc))";
 
 /// A batch's dead-letter bookkeeping, in its transaction: released rows removed, letters
 /// written (replacing any at the same position), a resolved letter's state, operators'
 /// actions. No statement for what the batch does not carry.
-async fn write_letters(
-    tx: &mut sqlx::SqliteConnection,
+fn write_letters(
+    db: &rusqlite::Connection,
     projection: &Descriptor,
     batch: &Batch<'_>,
     now: i64,
 ) -> Result<(), StoreError> {
+    let (name, version) = (projection.name.as_str(), projection.version.as_str());
     for chunk in batch.released.chunks(ROWS_PER_STATEMENT) {
-        let mut sql = QueryBuilder::new("DELETE FROM dead_letters WHERE projection = ");
-        sql.push_bind(&projection.name)
-            .push(" AND version = ")
-            .push_bind(&projection.version)
-            .push(" AND position IN (");
-        let mut positions = sql.separated(", ");
-        for position in chunk {
-            positions.push_bind(*position as i64);
-        }
-        sql.push(")");
-        sql.build()
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::db("releasing parked events"))?;
+        let sql = format!(
+            "DELETE FROM dead_letters WHERE projection = ? AND version = ? AND position IN ({})",
+            lent::placeholders(chunk.len())
+        );
+        let mut args: Args<'_> = vec![lent::text(name), lent::text(version)];
+        args.extend(chunk.iter().map(|p| lent::int(*p as i64)));
+        lent::execute::<StoreError>(db, &sql, &args, "releasing parked events")?;
     }
     for chunk in batch.dead_letters.chunks(ROWS_PER_STATEMENT / 2) {
         let events: Vec<Option<String>> = chunk.iter().map(event_text).collect();
-        let mut sql = QueryBuilder::new(
+        let sql = format!(
             "INSERT INTO dead_letters (projection, version, position, event_id, stream, reason, \
-             parked_behind, kind, state, resolved_at, plugin_version, event, created_at) ",
-        );
-        sql.push_values(chunk.iter().zip(&events), |mut row, (letter, event)| {
-            row.push_bind(&projection.name)
-                .push_bind(&projection.version)
-                .push_bind(letter.position as i64)
-                .push_bind(letter.event_id.as_deref())
-                .push_bind(letter.stream.as_deref())
-                .push_bind(letter.reason.as_str())
-                .push_bind(letter.parked_behind.map(|p| p as i64))
-                .push_bind(letter.kind.as_str())
-                .push_bind(letter.state.as_str())
-                .push_bind(letter.resolved_at)
-                .push_bind(letter.plugin_version.as_deref())
-                .push_bind(event.as_deref())
-                .push_bind(now);
-        });
-        sql.push(
-            " ON CONFLICT (projection, version, position) DO UPDATE SET \
+             parked_behind, kind, state, resolved_at, plugin_version, event, created_at) \
+             VALUES {} ON CONFLICT (projection, version, position) DO UPDATE SET \
              event_id = excluded.event_id, stream = excluded.stream, reason = excluded.reason, \
              parked_behind = excluded.parked_behind, kind = excluded.kind, \
              state = excluded.state, resolved_at = excluded.resolved_at, \
              plugin_version = excluded.plugin_version, event = excluded.event",
+            lent::values(&format!("({})", lent::placeholders(13)), chunk.len())
         );
-        sql.build()
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::db("writing dead letters"))?;
+        let mut args: Args<'_> = Vec::with_capacity(chunk.len() * 13);
+        for (letter, event) in chunk.iter().zip(&events) {
+            args.extend([
+                lent::text(name),
+                lent::text(version),
+                lent::int(letter.position as i64),
+                lent::text(letter.event_id.as_deref()),
+                lent::text(letter.stream.as_deref()),
+                lent::text(letter.reason.as_str()),
+                lent::int(letter.parked_behind.map(|p| p as i64)),
+                lent::text(letter.kind.as_str()),
+                lent::text(letter.state.as_str()),
+                lent::int(letter.resolved_at),
+                lent::text(letter.plugin_version.as_deref()),
+                lent::text(event.as_deref()),
+                lent::int(now),
+            ]);
+        }
+        lent::execute::<StoreError>(db, &sql, &args, "writing dead letters")?;
     }
     if let Some((position, state)) = batch.resolved {
-        let resolved = sqlx::query(
+        let resolved = lent::execute::<StoreError>(
+            db,
             "UPDATE dead_letters SET state = ?, resolved_at = ? \
              WHERE projection = ? AND version = ? AND position = ? AND state = 'open'",
-        )
-        .bind(state.as_str())
-        .bind(now)
-        .bind(&projection.name)
-        .bind(&projection.version)
-        .bind(position as i64)
-        .execute(&mut *tx)
-        .await
-        .map_err(StoreError::db("resolving a dead letter"))?;
+            &[
+                lent::text(state.as_str()),
+                lent::int(now),
+                lent::text(name),
+                lent::text(version),
+                lent::int(position as i64),
+            ],
+            "resolving a dead letter",
+        )?;
         // Resolved meanwhile (by another instance): this one's view is stale.
-        if resolved.rows_affected() != 1 {
+        if resolved != 1 {
             return Err(StoreError::Fenced {
                 projection: projection.name.clone(),
                 expected: batch.from,
             });
         }
     }
-    insert_actions(tx, projection, batch.actions).await
+    insert_actions(db, projection, batch.actions)
 }
 
 /// Records operators' actions.
-async fn insert_actions(
-    conn: &mut sqlx::SqliteConnection,
+fn insert_actions(
+    db: &rusqlite::Connection,
     projection: &Descriptor,
     actions: &[AdminAction],
 ) -> Result<(), StoreError> {
     for chunk in actions.chunks(ROWS_PER_STATEMENT / 2) {
-        let mut sql = QueryBuilder::new(
-            "INSERT INTO admin_actions (projection, version, target, action, at, outcome) ",
+        let sql = format!(
+            "INSERT INTO admin_actions (projection, version, target, action, at, outcome) \
+             VALUES {}",
+            lent::values("(?, ?, ?, ?, ?, ?)", chunk.len())
         );
-        sql.push_values(chunk, |mut row, action| {
-            row.push_bind(&projection.name)
-                .push_bind(&projection.version)
-                .push_bind(action.target.map(|p| p as i64))
-                .push_bind(action.action.as_str())
-                .push_bind(action.at)
-                .push_bind(action.outcome.as_str());
-        });
-        sql.build()
-            .execute(&mut *conn)
-            .await
-            .map_err(StoreError::db("recording admin actions"))?;
+        let mut args: Args<'_> = Vec::with_capacity(chunk.len() * 6);
+        for action in chunk {
+            args.extend([
+                lent::text(projection.name.as_str()),
+                lent::text(projection.version.as_str()),
+                lent::int(action.target.map(|p| p as i64)),
+                lent::text(action.action.as_str()),
+                lent::int(action.at),
+                lent::text(action.outcome.as_str()),
+            ]);
+        }
+        lent::execute::<StoreError>(db, &sql, &args, "recording admin actions")?;
     }
     Ok(())
 }
@@ -961,15 +979,9 @@ impl Store for Sqlite {
         } = *batch;
         let now = now_ms();
         self.check_file()?;
-        let mut tx = self
-            .write
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(StoreError::db("beginning a batch"))?;
-        write_letters(&mut tx, projection, batch, now).await?;
-        log_actions(&mut tx, projection, &output.actions, now).await?;
+        // Documents are validated and their fields extracted before the write lock is taken.
+        let mut tables = Vec::with_capacity(output.writes.len());
         for (collection, writes) in &output.writes {
-            let table = table_name(projection, collection);
             let fields = projection
                 .collection(collection)
                 .map(|c| c.fields())
@@ -992,51 +1004,46 @@ impl Store for Sqlite {
                 let values = fields::extract(doc, &fields).map_err(|e| invalid(e.to_string()))?;
                 puts.push(Put { key, doc, values });
             }
-            let rows = (MAX_BINDS / (3 + columns.len())).clamp(1, ROWS_PER_STATEMENT);
-            for chunk in puts.chunks(rows) {
-                // Most updates leave the indexed fields as they were: those rows (and new
-                // ones) are written without setting the field columns, so no index entry is
-                // touched. Rows whose fields changed are skipped here and updated by a second
-                // statement only when there are any.
-                let written = upsert(&mut tx, &table, &columns, chunk, now, false).await?;
-                if written < chunk.len() as u64 {
-                    upsert(&mut tx, &table, &columns, chunk, now, true).await?;
-                }
-            }
-            for chunk in deletes.chunks(ROWS_PER_STATEMENT) {
-                let mut sql = QueryBuilder::new(format!("DELETE FROM \"{table}\" WHERE key IN ("));
-                let mut keys = sql.separated(", ");
-                for key in chunk {
-                    keys.push_bind(*key);
-                }
-                sql.push(")");
-                sql.build()
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(StoreError::db(format!("deleting documents from {table}")))?;
-            }
+            tables.push((table_name(projection, collection), columns, puts, deletes));
         }
-        let moved = sqlx::query(
-            "UPDATE checkpoints SET position = ?, updated_at = ? \
-             WHERE projection = ? AND version = ? AND position = ?",
-        )
-        .bind(to as i64)
-        .bind(now)
-        .bind(&projection.name)
-        .bind(&projection.version)
-        .bind(from as i64)
-        .execute(&mut *tx)
+        let heavy = output.writes.values().map(|w| w.len()).sum::<usize>() > HEAVY_BATCH;
+        lent::immediate(&self.write, heavy, "committing a batch", |db| {
+            write_letters(db, projection, batch, now)?;
+            log_actions(db, projection, &output.actions, now)?;
+            for (table, columns, puts, deletes) in &tables {
+                upsert(db, table, columns, puts, now)?;
+                if !deletes.is_empty() {
+                    let context = format!("deleting documents from {table}");
+                    let mut delete = db
+                        .prepare(&format!("DELETE FROM \"{table}\" WHERE key = ?"))
+                        .map_err(StoreError::sqlite(&context))?;
+                    for key in deletes {
+                        delete.execute([key]).map_err(StoreError::sqlite(&context))?;
+                    }
+                }
+            }
+            let moved = lent::execute::<StoreError>(
+                db,
+                "UPDATE checkpoints SET position = ?, updated_at = ? \
+                 WHERE projection = ? AND version = ? AND position = ?",
+                &[
+                    lent::int(to as i64),
+                    lent::int(now),
+                    lent::text(projection.name.as_str()),
+                    lent::text(projection.version.as_str()),
+                    lent::int(from as i64),
+                ],
+                "moving the checkpoint",
+            )?;
+            if moved != 1 {
+                return Err(StoreError::Fenced {
+                    projection: projection.name.clone(),
+                    expected: from,
+                });
+            }
+            Ok(())
+        })
         .await
-        .map_err(StoreError::db("moving the checkpoint"))?;
-        if moved.rows_affected() != 1 {
-            return Err(StoreError::Fenced {
-                projection: projection.name.clone(),
-                expected: from,
-            });
-        }
-        tx.commit()
-            .await
-            .map_err(StoreError::db("committing a batch"))
     }
 
     async fn checkpoint(&self, projection: &Descriptor) -> Result<u64, StoreError> {
@@ -1155,12 +1162,10 @@ impl Store for Sqlite {
         projection: &Descriptor,
         action: &AdminAction,
     ) -> Result<(), StoreError> {
-        let mut conn = self
-            .write
-            .acquire()
-            .await
-            .map_err(StoreError::db("recording an admin action"))?;
-        insert_actions(&mut conn, projection, std::slice::from_ref(action)).await
+        lent::immediate(&self.write, false, "recording an admin action", |db| {
+            insert_actions(db, projection, std::slice::from_ref(action))
+        })
+        .await
     }
 
     async fn paused(&self, projection: &str) -> Result<bool, StoreError> {
@@ -1529,35 +1534,36 @@ impl Store for Sqlite {
 
 /// Logs a batch's decided actions in its transaction; an action whose key is logged already
 /// (decided again by a replay) is passed over.
-async fn log_actions(
-    tx: &mut sqlx::SqliteConnection,
+fn log_actions(
+    db: &rusqlite::Connection,
     observer: &Descriptor,
     actions: &[crate::observer::Decided],
     now: i64,
 ) -> Result<(), StoreError> {
     const COLUMNS: usize = 10;
     for chunk in actions.chunks(MAX_BINDS / COLUMNS) {
-        let mut sql = QueryBuilder::new(
+        let sql = format!(
             "INSERT INTO observer_actions (observer, event_id, idx, stream, position, kind, \
-             spec, body, created_at, updated_at) ",
+             spec, body, created_at, updated_at) VALUES {} \
+             ON CONFLICT (observer, event_id, idx) DO NOTHING",
+            lent::values(&format!("({})", lent::placeholders(COLUMNS)), chunk.len())
         );
-        sql.push_values(chunk, |mut row, a| {
-            row.push_bind(&observer.name)
-                .push_bind(&a.event_id)
-                .push_bind(i64::from(a.index))
-                .push_bind(&a.stream)
-                .push_bind(a.position as i64)
-                .push_bind(a.kind.as_str())
-                .push_bind(a.kind.spec())
-                .push_bind(a.kind.body())
-                .push_bind(now)
-                .push_bind(now);
-        });
-        sql.push(" ON CONFLICT (observer, event_id, idx) DO NOTHING");
-        sql.build()
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::db("logging observer actions"))?;
+        let mut args: Args<'_> = Vec::with_capacity(chunk.len() * COLUMNS);
+        for a in chunk {
+            args.extend([
+                lent::text(observer.name.as_str()),
+                lent::text(a.event_id.as_str()),
+                lent::int(i64::from(a.index)),
+                lent::text(a.stream.as_str()),
+                lent::int(a.position as i64),
+                lent::text(a.kind.as_str()),
+                ToSqlOutput::from(a.kind.spec()),
+                ToSqlOutput::from(a.kind.body()),
+                lent::int(now),
+                lent::int(now),
+            ]);
+        }
+        lent::execute::<StoreError>(db, &sql, &args, "logging observer actions")?;
     }
     Ok(())
 }

@@ -1,0 +1,208 @@
+//! Write transactions run on the handle of sqlx's write connection, on the calling thread.
+//!
+//! sqlx runs every SQLite statement on the connection's own worker thread: each statement is a
+//! round trip between threads, two context switches. A batch's commit is five to ten statements
+//! and an append group's about as many, so under live load most of the CPU went to switching
+//! threads (measured: ~45 context switches per append, 60% of samples in the kernel). Here a
+//! whole transaction borrows the connection's handle once (`lock_handle`: the worker waits on a
+//! lock until it is given back) and runs its statements through rusqlite directly.
+
+use std::fmt;
+
+use rusqlite::types::{ToSqlOutput, Value, ValueRef};
+use rusqlite::{Connection, TransactionBehavior};
+use sqlx::error::{DatabaseError, ErrorKind};
+use sqlx::SqlitePool;
+
+/// A statement's arguments, borrowed where they can be.
+pub(crate) type Args<'a> = Vec<ToSqlOutput<'a>>;
+
+/// A text argument, or NULL.
+pub(crate) fn text<'a>(value: impl Into<Option<&'a str>>) -> ToSqlOutput<'a> {
+    match value.into() {
+        Some(text) => ToSqlOutput::Borrowed(ValueRef::Text(text.as_bytes())),
+        None => ToSqlOutput::Owned(Value::Null),
+    }
+}
+
+/// An integer argument, or NULL.
+pub(crate) fn int<'a>(value: impl Into<Option<i64>>) -> ToSqlOutput<'a> {
+    value
+        .into()
+        .map_or(ToSqlOutput::Owned(Value::Null), ToSqlOutput::from)
+}
+
+/// Runs one statement (prepared once per transaction) with `args`; the rows it changed.
+pub(crate) fn execute<E: DbError>(
+    db: &Connection,
+    sql: &str,
+    args: &[ToSqlOutput<'_>],
+    context: &str,
+) -> Result<usize, E> {
+    db.prepare_cached(sql)
+        .and_then(|mut statement| statement.execute(rusqlite::params_from_iter(args)))
+        .map_err(E::sqlite(context))
+}
+
+/// `rows` copies of `row` (`"(?, ?, 1)"`), for a multi-row `VALUES`.
+pub(crate) fn values(row: &str, rows: usize) -> String {
+    let mut sql = String::with_capacity((row.len() + 2) * rows);
+    for i in 0..rows {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(row);
+    }
+    sql
+}
+
+/// `n` placeholders, comma-separated, for an `IN (…)` list.
+pub(crate) fn placeholders(n: usize) -> String {
+    values("?", n)
+}
+
+/// An error type that can say a database statement failed, and in what.
+pub(crate) trait DbError {
+    fn db(context: &str, source: sqlx::Error) -> Self;
+
+    /// A statement on the lent handle failed.
+    fn sqlite(context: &str) -> impl FnOnce(rusqlite::Error) -> Self
+    where
+        Self: Sized,
+    {
+        move |err| Self::db(context, as_sqlx(err))
+    }
+}
+
+/// Runs `work` in one `BEGIN IMMEDIATE` transaction on `pool`'s connection and commits it;
+/// rolled back if `work` fails. `context` names the transaction in the errors of taking the
+/// handle, beginning and committing; `work` names its own statements.
+///
+/// The statements run on this thread: a large transaction (`heavy`, a catch-up batch) moves
+/// off the runtime's worker first (`block_in_place`), so reads are not held up behind it.
+pub(crate) async fn immediate<R, E: DbError>(
+    pool: &SqlitePool,
+    heavy: bool,
+    context: &str,
+    work: impl FnOnce(&Connection) -> Result<R, E>,
+) -> Result<R, E> {
+    let mut conn = pool.acquire().await.map_err(|e| E::db(context, e))?;
+    let mut handle = conn.lock_handle().await.map_err(|e| E::db(context, e))?;
+    let raw = handle.as_raw_handle().as_ptr();
+    let run = || {
+        // SAFETY: `raw` is the open connection sqlx lent us: its worker thread waits on the
+        // handle's lock until `handle` drops, so nothing else uses it meanwhile, and it outlives
+        // `db`. `from_handle` does not take ownership: dropping `db` does not close it.
+        let mut db = match unsafe { Connection::from_handle(raw) } {
+            Ok(db) => db,
+            Err(e) => return (Err(E::sqlite(context)(e)), true),
+        };
+        let outcome = match db.transaction_with_behavior(TransactionBehavior::Immediate) {
+            Ok(tx) => match work(&tx) {
+                Ok(value) => tx.commit().map(|()| value).map_err(E::sqlite(context)),
+                Err(err) => {
+                    let _ = tx.rollback();
+                    Err(err)
+                }
+            },
+            Err(e) => Err(E::sqlite(context)(e)),
+        };
+        // A failed COMMIT can leave SQLite inside the transaction, and sqlx's bookkeeping
+        // does not see transactions begun here: the handle must go back in autocommit.
+        if !db.is_autocommit() {
+            let _ = db.execute_batch("ROLLBACK");
+        }
+        (outcome, db.is_autocommit())
+    };
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|rt| rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    let (outcome, clean) = if heavy && multi_thread {
+        tokio::task::block_in_place(run)
+    } else {
+        run()
+    };
+    drop(handle);
+    if !clean {
+        tracing::warn!(
+            "replacing the database's write connection: a failed write left it inside a \
+             transaction it cannot leave"
+        );
+        conn.close_on_drop();
+    }
+    outcome
+}
+
+/// rusqlite's error as sqlx's, so the store's and the outbox's error types (and everything
+/// that matches on them: retries, answers) stay as they are.
+pub(crate) fn as_sqlx(err: rusqlite::Error) -> sqlx::Error {
+    sqlx::Error::Database(Box::new(SqliteError(err)))
+}
+
+/// rusqlite's error as a [`DatabaseError`].
+#[derive(Debug)]
+struct SqliteError(rusqlite::Error);
+
+impl fmt::Display for SqliteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for SqliteError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl DatabaseError for SqliteError {
+    fn message(&self) -> &str {
+        match &self.0 {
+            rusqlite::Error::SqliteFailure(_, Some(message)) => message,
+            _ => "SQLite error",
+        }
+    }
+
+    fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+        match &self.0 {
+            rusqlite::Error::SqliteFailure(e, _) => Some(e.extended_code.to_string().into()),
+            _ => None,
+        }
+    }
+
+    fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        self
+    }
+
+    fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+        self
+    }
+
+    fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+        self
+    }
+
+    fn kind(&self) -> ErrorKind {
+        match &self.0 {
+            rusqlite::Error::SqliteFailure(e, _) => match e.extended_code {
+                rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                | rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY => ErrorKind::UniqueViolation,
+                rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY => ErrorKind::ForeignKeyViolation,
+                rusqlite::ffi::SQLITE_CONSTRAINT_NOTNULL => ErrorKind::NotNullViolation,
+                rusqlite::ffi::SQLITE_CONSTRAINT_CHECK => ErrorKind::CheckViolation,
+                _ => ErrorKind::Other,
+            },
+            _ => ErrorKind::Other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_repeat_the_row() {
+        assert_eq!(values("(?, 1)", 3), "(?, 1), (?, 1), (?, 1)");
+        assert_eq!(placeholders(2), "?, ?");
+    }
+}
