@@ -1018,7 +1018,9 @@ impl Store for Sqlite {
                         .prepare(&format!("DELETE FROM \"{table}\" WHERE key = ?"))
                         .map_err(StoreError::sqlite(&context))?;
                     for key in deletes {
-                        delete.execute([key]).map_err(StoreError::sqlite(&context))?;
+                        delete
+                            .execute([key])
+                            .map_err(StoreError::sqlite(&context))?;
                     }
                 }
             }
