@@ -728,6 +728,9 @@ impl Deployer {
                 self.swap_if_new(building, code);
             }
         }
+        if let Some(building) = &next.building {
+            building.projection.deliver_through(&next.active.projection);
+        }
         self.registry.set(name, next);
         Ok(())
     }

@@ -643,6 +643,9 @@ impl Runner {
             p.failed = false;
             p.action_batches += u64::from(actions);
         });
+        if actions {
+            self.projection.wake_serving_dispatcher();
+        }
         Ok(())
     }
 

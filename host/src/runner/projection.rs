@@ -30,6 +30,9 @@ pub struct Projection {
     pub delivery: crate::metrics::DeliveryMetrics,
     /// Wakes an observer's dispatcher: an operator retried or skipped a dead action.
     nudge: Arc<tokio::sync::Notify>,
+    /// While building: the serving version, whose dispatcher delivers the actions this one
+    /// logs (see [`Projection::wake_serving_dispatcher`]).
+    delivered_by: Mutex<std::sync::Weak<Projection>>,
     /// Whether its plugin is an observer (a swap keeps the world).
     observer: bool,
     /// What it has committed, and the reads waiting for it.
@@ -95,6 +98,7 @@ impl Projection {
             observer: plugin.is_observer(),
             delivery: Default::default(),
             nudge: Arc::default(),
+            delivered_by: Mutex::default(),
             plugin: RwLock::new(Plugged {
                 handler: plugin,
                 generation: 0,
@@ -308,6 +312,32 @@ impl Projection {
 
     pub(crate) fn set_building(&self, building: bool) {
         self.building.store(building, Ordering::Relaxed);
+    }
+
+    /// While this version is built beside `serving`, the actions it logs are delivered by
+    /// `serving`'s dispatcher.
+    pub(crate) fn deliver_through(&self, serving: &Arc<Projection>) {
+        *self
+            .delivered_by
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::downgrade(serving);
+    }
+
+    /// A batch of this version that logged observer actions committed. Its own dispatcher
+    /// sees that in its progress (`action_batches`); while it is being built, the serving
+    /// version's dispatcher delivers those actions, and is told here.
+    pub(crate) fn wake_serving_dispatcher(&self) {
+        if !self.is_building() {
+            return;
+        }
+        let serving = self
+            .delivered_by
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .upgrade();
+        if let Some(serving) = serving {
+            serving.progress.update(|p| p.action_batches += 1);
+        }
     }
 
     /// This version stopped serving (another took over, or it was removed): reads waiting on

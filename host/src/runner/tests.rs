@@ -953,3 +953,25 @@ async fn a_paused_runner_reads_nothing_until_resumed() {
     assert_complete(&run, 5, 10, &[]);
     run.stop().await;
 }
+
+/// A version being rebuilt logs actions that the serving version's dispatcher delivers: its
+/// action batches count in the serving version's progress, which that dispatcher watches, and
+/// once it serves, only in its own.
+#[test]
+fn a_rebuilds_logged_actions_wake_the_serving_versions_dispatcher() {
+    let serving = Arc::new(Projection::new(Scripted::new(), 0));
+    let building = Arc::new(Projection::new(Scripted::new(), 0));
+    building.set_building(true);
+    building.deliver_through(&serving);
+    let watched = serving.progress();
+    let before = watched.borrow().action_batches;
+    building.wake_serving_dispatcher();
+    assert_eq!(watched.borrow().action_batches, before + 1);
+    building.set_building(false);
+    building.wake_serving_dispatcher();
+    assert_eq!(
+        watched.borrow().action_batches,
+        before + 1,
+        "it serves itself now"
+    );
+}
