@@ -367,7 +367,20 @@ async fn a_standby_instance_takes_over_when_the_active_one_is_killed() {
     // (a server process) each time.
     let url = backend.url().unwrap();
     let mut conn = PgConnection::connect(url).await.unwrap();
-    let before = sessions(&mut conn).await;
+    // A session reaches `pg_stat_database` up to a second after it opens (this connection's
+    // own, or one an instance opened just before): the window starts once the count holds
+    // still, so it counts only what opens in it.
+    let mut before = sessions(&mut conn).await;
+    let settle = Instant::now() + Duration::from_secs(10);
+    loop {
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let now = sessions(&mut conn).await;
+        let still = now == before;
+        before = now;
+        if still || Instant::now() > settle {
+            break;
+        }
+    }
     tokio::time::sleep(Duration::from_millis(2000)).await;
     let after = sessions(&mut conn).await;
     assert_eq!(
