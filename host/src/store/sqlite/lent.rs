@@ -2,7 +2,7 @@
 //!
 //! sqlx runs every SQLite statement on the connection's own worker thread: each statement is a
 //! round trip between threads, two context switches. A batch's commit is five to ten statements
-//! and an append group's about as many, so under live load most of the CPU went to switching
+//! and an append group's about as many, so under live load much of the CPU went to switching
 //! threads (measured: ~45 context switches per append, 60% of samples in the kernel). Here a
 //! whole transaction borrows the connection's handle once (`lock_handle`: the worker waits on a
 //! lock until it is given back) and runs its statements through rusqlite directly.
@@ -199,6 +199,58 @@ impl DatabaseError for SqliteError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug)]
+    struct Failed(String);
+
+    impl DbError for Failed {
+        fn db(context: &str, source: sqlx::Error) -> Self {
+            Self(format!("{context}: {source}"))
+        }
+    }
+
+    async fn count(pool: &SqlitePool) -> i64 {
+        sqlx::query_scalar("SELECT COUNT(*) FROM t")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    }
+
+    /// What a failed transaction wrote is rolled back, its error names the statement, and the
+    /// connection goes back to sqlx usable: its own transactions and the next lent one work.
+    #[tokio::test]
+    async fn a_failed_transaction_leaves_nothing_and_the_connection_usable() {
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE t (x INTEGER PRIMARY KEY)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let err = immediate(&pool, false, "test", |db| {
+            execute::<Failed>(db, "INSERT INTO t VALUES (?)", &[int(1)], "first insert")?;
+            execute::<Failed>(db, "INSERT INTO t VALUES (?)", &[int(1)], "second insert")
+        })
+        .await
+        .unwrap_err();
+        assert!(err.0.starts_with("second insert: "), "{err:?}");
+        assert!(err.0.contains("UNIQUE"), "{err:?}");
+        assert_eq!(count(&pool).await, 0, "the first insert is rolled back");
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("INSERT INTO t VALUES (2)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let changed = immediate(&pool, false, "test", |db| {
+            execute::<Failed>(db, "INSERT INTO t VALUES (?)", &[int(3)], "insert")
+        })
+        .await
+        .unwrap();
+        assert_eq!((changed, count(&pool).await), (1, 2));
+    }
 
     #[test]
     fn values_repeat_the_row() {
