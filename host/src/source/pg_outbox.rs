@@ -97,6 +97,11 @@ const ROW_BITS: u32 = 20;
 const HELD_FIRST: Duration = Duration::from_millis(2);
 const HELD_MAX: Duration = Duration::from_millis(100);
 
+/// In an append's INSERT: names this instance (`$8`, its tag) as the transaction's origin, for
+/// the notify trigger's payload. The instance's own listener then skips the echo of its own
+/// appends (their rows already woke the watcher), which would cost a head read each.
+const ORIGIN: &str = "set_config('projector.origin', $8::text, true) <> ''";
+
 /// Shortest pause between two warnings about one hold.
 const WARN_EVERY: Duration = Duration::from_secs(30);
 
@@ -191,6 +196,7 @@ impl PgOutbox {
         let head = Arc::new(watch::Sender::new(0));
         refresh(&db, &sql.bound, &sql.head, &limit, &head).await?;
         let sql = Arc::new(sql);
+        let tag = uuid::Uuid::new_v4().to_string();
         let wake = Arc::new(Notify::new());
         let announce = (!config.notify_trigger).then(|| Arc::new(Notify::new()));
         let appender = Arc::new(Appender {
@@ -198,6 +204,7 @@ impl PgOutbox {
             wake: wake.clone(),
             db: db.clone(),
             announce: announce.clone(),
+            origin: tag.clone(),
         });
         let appends = Appends::start(move |group| {
             let appender = appender.clone();
@@ -214,7 +221,7 @@ impl PgOutbox {
             ))),
             wake,
             appends,
-            tag: uuid::Uuid::new_v4().to_string(),
+            tag,
             _closed: watch::Sender::new(()),
         };
         outbox.watch(Duration::from_millis(config.poll_interval_ms), role);
@@ -804,7 +811,8 @@ async fn prepare(db: &Postgres, c: &OutboxConfig) -> Result<Columns, SourceError
            RETURN NEW; \
          END $fn$; \
          CREATE OR REPLACE FUNCTION {notify_fn}() RETURNS trigger LANGUAGE plpgsql AS $fn$ \
-         BEGIN PERFORM pg_notify('{channel}', ''); RETURN NULL; END $fn$;",
+         BEGIN PERFORM pg_notify('{channel}', coalesce(current_setting('projector.origin', true), '')); \
+         RETURN NULL; END $fn$;",
         max_rows = 1u64 << ROW_BITS,
         max_rows_1 = (1u64 << ROW_BITS) - 1,
         max_xid = 1u64 << (63 - ROW_BITS),
@@ -1079,7 +1087,7 @@ fn statements(c: &OutboxConfig, columns: &Columns, database_oid: i64) -> Stateme
                  AS version FROM u JOIN cur ON cur.s = u.s) \
                  INSERT INTO {t} ({}, {version}) SELECT {}, {version_value} FROM numbered \
                  WHERE NOT EXISTS (SELECT 1 FROM numbered WHERE e IS NOT NULL AND e <> version - 1) \
-                 ORDER BY n RETURNING {id}::text, {pos}, {version}::bigint",
+                 AND {ORIGIN} ORDER BY n RETURNING {id}::text, {pos}, {version}::bigint",
                 insert_columns.join(", "),
                 selected.join(", "),
             )
@@ -1087,7 +1095,7 @@ fn statements(c: &OutboxConfig, columns: &Columns, database_oid: i64) -> Stateme
             format!(
                 "INSERT INTO {t} ({}) SELECT {} FROM UNNEST($1::{id_array}, $2::text[], \
                  $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[]) WITH ORDINALITY \
-                 AS u(i, st, s, ty, p, e, h, n) ORDER BY n RETURNING {id}::text, {pos}, NULL::bigint",
+                 AS u(i, st, s, ty, p, e, h, n) WHERE {ORIGIN} ORDER BY n RETURNING {id}::text, {pos}, NULL::bigint",
                 insert_columns.join(", "),
                 selected.join(", "),
             )
@@ -1527,6 +1535,8 @@ struct Appender {
     wake: Arc<Notify>,
     /// When no trigger announces inserts: wakes the task that tells the other instances.
     announce: Option<Arc<Notify>>,
+    /// This instance's tag: see [`ORIGIN`].
+    origin: String,
 }
 
 impl Appender {
@@ -1582,6 +1592,7 @@ impl Appender {
                     .bind(&payloads)
                     .bind(&expected)
                     .bind(&headers)
+                    .bind(&self.origin)
             };
             let inserted = if locked {
                 self.insert_locked(&streams, insert()).await
@@ -1851,6 +1862,39 @@ mod tests {
         let message = err.to_string();
         assert!(message.contains(&id), "{message}");
         assert!(message.contains("committed"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn the_trigger_names_this_instance_in_its_own_appends_notification_only() {
+        let Some(db) = fresh_database().await else {
+            return;
+        };
+        let outbox = PgOutbox::open(db.clone(), &OutboxConfig::default())
+            .await
+            .unwrap();
+        let mut listener = PgListener::connect_with(&db.pool).await.unwrap();
+        listener.listen(&outbox.channel).await.unwrap();
+        async fn next(listener: &mut PgListener) -> String {
+            tokio::time::timeout(Duration::from_secs(10), listener.recv())
+                .await
+                .expect("a notification within 10 s")
+                .unwrap()
+                .payload()
+                .to_owned()
+        }
+        // Its own append: the instance's listener can tell it apart and skip it.
+        outbox.append(vec![new_event("a")]).await.unwrap();
+        assert_eq!(next(&mut listener).await, outbox.tag);
+        // Another writer's insert (the setting is local to an append's transaction, so it
+        // never leaks into a later one on the same connection): every instance must wake.
+        sqlx::query(
+            "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) \
+             VALUES (gen_random_uuid(), 'T', 'b', 'Happened', '{}')",
+        )
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(next(&mut listener).await, "");
     }
 
     #[tokio::test]
