@@ -627,7 +627,7 @@ impl Runner {
         backoff: &mut Backoff,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), RunEnd> {
-        let value = Batch {
+        let mut value = Batch {
             output: &batch.output,
             dead_letters: &batch.dead_letters,
             from: batch.from,
@@ -635,6 +635,9 @@ impl Runner {
             durable,
             ..Batch::default()
         };
+        // No need to wait for the flush of a checkpoint's move alone: losing it loses nothing
+        // a reader saw (the documents are the same before and after it).
+        value.durable &= !value.moves_only_the_checkpoint();
         self.commit_batch(&value, backoff, shutdown).await?;
         self.projection.applied_to(batch.last);
         let actions = !batch.output.actions.is_empty();

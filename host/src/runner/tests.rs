@@ -81,6 +81,8 @@ struct MemState {
     actions: Vec<AdminAction>,
     paused: bool,
     commits: usize,
+    /// Each commit's checkpoint and whether it asked to be durable.
+    durable: Vec<(u64, bool)>,
 }
 
 #[derive(Default)]
@@ -152,6 +154,7 @@ impl Store for MemStore {
             return Err(db_error());
         }
         let mut s = self.state.lock().unwrap();
+        s.durable.push((batch.to, batch.durable));
         if s.checkpoint != batch.from {
             return Err(StoreError::Fenced {
                 projection: projection.name.clone(),
@@ -460,6 +463,9 @@ impl BatchHandler for Scripted {
                     events,
                 });
             }
+            if payload["ignore"] == json!(true) {
+                continue;
+            }
             let doc = match mine.get(&e.stream) {
                 Some(doc) => doc.clone(),
                 None => match docs.get("streams", &e.stream).unwrap() {
@@ -517,6 +523,7 @@ fn events(streams: u64, per_stream: u64, bad: &[(u64, &str)]) -> Vec<Event> {
 }
 
 struct Running {
+    source: Arc<MemSource>,
     store: Arc<MemStore>,
     plugin: Arc<Scripted>,
     projection: Arc<Projection>,
@@ -533,6 +540,7 @@ fn start(
 ) -> Running {
     let source = MemSource::new(events);
     let checkpoint = store.state.lock().unwrap().checkpoint;
+    let source_of_run = source.clone();
     let projection = Arc::new(Projection::new(plugin.clone(), checkpoint));
     projection.resume_at(checkpoint);
     let runner = Runner::new(
@@ -549,6 +557,7 @@ fn start(
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(runner.run_commanded(stopped, Arc::new(tokio::sync::Mutex::new(rx))));
     Running {
+        source: source_of_run,
         store,
         plugin,
         projection,
@@ -629,6 +638,29 @@ fn assert_complete(run: &Running, streams: u64, per_stream: u64, parked: &[&str]
             "{stream}"
         );
     }
+}
+
+#[tokio::test]
+async fn at_the_head_a_batch_that_writes_documents_is_durable_and_one_that_moves_only_the_checkpoint_is_not(
+) {
+    let run = start(
+        events(2, 2, &[]),
+        OnError::Park,
+        Arc::default(),
+        Scripted::new(),
+    );
+    run.reach(4).await;
+    // An event the projection writes nothing for, appended once the runner is at the head.
+    run.source
+        .events
+        .lock()
+        .unwrap()
+        .push(event(5, "s0", 3, json!({"ignore": true})));
+    run.source.head.send_replace(5);
+    run.reach(5).await;
+    let durable = run.store.state.lock().unwrap().durable.clone();
+    assert_eq!(durable, [(4, true), (5, false)]);
+    assert_eq!(run.stop().await, RunEnd::Stopped);
 }
 
 #[tokio::test]

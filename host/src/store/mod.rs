@@ -226,9 +226,11 @@ pub struct Batch<'a> {
     /// The checkpoint the batch follows, and the one it moves to (equal for a retry/skip).
     pub from: u64,
     pub to: u64,
-    /// `false` lets a store return before the commit is flushed (a catch-up batch with more
-    /// behind it: a crash can only lose such batches whole, and they are projected again); a
-    /// batch that reaches the head, where readers wait, is always durable.
+    /// `false` lets a store return before the commit is flushed: a crash can only lose such
+    /// batches whole, with every batch after them, and they are projected again. The runner
+    /// clears it for a catch-up batch with more behind it, and for a batch that moves the
+    /// checkpoint alone; a batch that reaches the head with anything to write, where readers
+    /// wait, is durable.
     pub durable: bool,
 }
 
@@ -241,6 +243,12 @@ impl Batch<'_> {
             && self.resolved.is_none()
             && self.actions.is_empty()
             && self.output.actions.is_empty()
+    }
+
+    /// Nothing but the checkpoint's move: events an observer decided no action for, or that
+    /// a projection writes nothing for. Handled again after a crash, they write nothing again.
+    pub fn moves_only_the_checkpoint(&self) -> bool {
+        self.only_documents() && self.output.documents() == 0
     }
 }
 

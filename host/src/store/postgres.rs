@@ -68,8 +68,11 @@ pub struct Postgres {
     options: PgConnectOptions,
     /// The schema of the catalog and read models, quoted.
     schema: String,
-    /// `SET LOCAL synchronous_commit = ...` for batch commits (validated by the config).
+    /// `SET LOCAL synchronous_commit = ...` for batch commits that need not be durable
+    /// (validated by the config).
     commit_setting: String,
+    /// The same setting's value alone.
+    lazy_commit: String,
     /// Per projection, the session a standby tries the lease on: kept between tries, so
     /// standing by costs no new connection (a server process each) every poll.
     lease_candidates: Arc<Mutex<HashMap<String, PgConnection>>>,
@@ -100,6 +103,7 @@ impl Postgres {
                 "SET LOCAL synchronous_commit = {}",
                 config.synchronous_commit
             ),
+            lazy_commit: config.synchronous_commit.clone(),
             lease_candidates: Arc::default(),
         };
         db.migrate().await?;
@@ -191,10 +195,11 @@ impl Postgres {
 }
 
 impl Postgres {
-    /// A durable batch that carries documents alone, in one statement (so its own
-    /// transaction): the checkpoint's move first, and every write conditional on it, so a
-    /// fenced batch writes nothing. One round trip where BEGIN, the writes, the move and
-    /// COMMIT take four: the path of every batch that reaches the head, where readers wait.
+    /// A batch that carries documents alone, in one statement (so its own transaction): the
+    /// checkpoint's move first, and every write conditional on it, so a fenced batch writes
+    /// nothing. One round trip where BEGIN, the writes, the move and COMMIT take four: the
+    /// path of every batch that reaches the head, where readers wait. A batch that need not
+    /// be durable sets `synchronous_commit` for its own transaction in the same statement.
     async fn commit_documents(
         &self,
         projection: &Descriptor,
@@ -230,7 +235,14 @@ impl Postgres {
             }
             splits.push(split);
         }
-        sql.push_str(" SELECT COUNT(*) FROM moved");
+        if batch.durable {
+            sql.push_str(" SELECT COUNT(*) FROM moved");
+        } else {
+            sql.push_str(&format!(
+                " SELECT COUNT(*) FROM moved, \
+                 (SELECT set_config('synchronous_commit', ${next}, true)) AS lazy"
+            ));
+        }
         let mut query = sqlx::query_scalar::<_, i64>(&sql)
             .bind(batch.to as i64)
             .bind(now)
@@ -244,6 +256,9 @@ impl Postgres {
             if !split.deletes.is_empty() {
                 query = query.bind(&split.deletes);
             }
+        }
+        if !batch.durable {
+            query = query.bind(&self.lazy_commit);
         }
         let moved = query
             .fetch_one(&self.pool)
@@ -917,7 +932,7 @@ impl Store for Postgres {
             ..
         } = *batch;
         let now = now_ms();
-        if durable && batch.only_documents() {
+        if batch.only_documents() {
             return self.commit_documents(projection, batch, now).await;
         }
         // One round trip for both.
