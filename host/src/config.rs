@@ -413,8 +413,9 @@ pub struct PostgresConfig {
     /// How long a request waits for a free connection before failing.
     pub acquire_timeout_ms: u64,
     /// `synchronous_commit` of catch-up batch commits, those with more events already read
-    /// behind them (a batch that reaches the head, where readers wait, and outbox appends use
-    /// the database's own setting). `off` is safe here: a batch's documents and checkpoint
+    /// behind them, and of batches that move only the checkpoint (a batch that reaches the
+    /// head with anything to write, where readers wait, and outbox appends use the database's
+    /// own setting). `off` is safe here: a batch's documents and checkpoint
     /// commit together, so a database crash can only lose the newest batches whole, and they
     /// are projected again from the outbox.
     pub synchronous_commit: String,
