@@ -412,6 +412,17 @@ pub enum KafkaError {
     Client(#[from] rdkafka::error::KafkaError),
 }
 
+/// A property librdkafka refused, named without its value: rdkafka's own message ends with
+/// the value, and a misspelt secret (`sasl.pasword`) would reach the log.
+fn without_value(err: rdkafka::error::KafkaError) -> KafkaError {
+    match err {
+        rdkafka::error::KafkaError::ClientConfig(_, reason, key, _) => {
+            KafkaError::Settings(format!("kafka.options: {reason} (property `{key}`)"))
+        }
+        other => KafkaError::Client(other),
+    }
+}
+
 /// The consuming side, started by `serve` with `source.kind = "kafka"`.
 pub struct KafkaSource {
     pub stats: Arc<KafkaStats>,
@@ -451,7 +462,8 @@ impl KafkaSource {
             .set("session.timeout.ms", config.session_timeout_ms.to_string())
             .set("fetch.wait.max.ms", config.fetch_wait_ms.to_string())
             .set("statistics.interval.ms", "1000")
-            .create_with_context(context)?;
+            .create_with_context(context)
+            .map_err(without_value)?;
         let topics: Vec<&str> = config
             .topics
             .split(',')
