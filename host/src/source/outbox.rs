@@ -115,72 +115,66 @@ async fn read_head(db: &Sqlite) -> Result<u64, SourceError> {
     Ok(head as u64)
 }
 
-impl SqliteOutbox {
-    /// The fast path: SQLite packs the batch into one JSON array, so one value crosses from
-    /// sqlx's worker thread instead of every column of every row (which cost as much as all the
-    /// read-model writes of a catch-up).
-    async fn read_packed(&self, after: u64, max_events: usize) -> Result<Vec<Event>, sqlx::Error> {
-        let packed: String = sqlx::query_scalar(
-            "SELECT json_group_array(json_array(position, id, stream, stream_type, event_type, \
-             version, json(payload), json(headers), timestamp_ms) ORDER BY position) \
-             FROM (SELECT * FROM outbox WHERE position > ? ORDER BY position LIMIT ?)",
-        )
-        .bind(after as i64)
-        .bind(max_events as i64)
-        .fetch_one(&self.db.read)
-        .await?;
-        let rows: Vec<PackedEvent> =
-            serde_json::from_str(&packed).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
-        Ok(rows
-            .into_iter()
-            .map(|p| Event {
-                position: p.0,
-                id: p.1,
-                stream: p.2,
-                stream_type: p.3,
-                event_type: p.4,
-                version: p.5,
-                payload: p.6,
-                headers: p.7,
-                timestamp_ms: p.8,
-            })
-            .collect())
-    }
+/// Events past this many behind the head make a read heavy: it leaves the runtime's worker.
+const HEAVY_READ: u64 = 256;
 
-    /// Row by row: used to name the row when the packed read fails on a malformed one.
-    async fn read_rows(&self, after: u64, max_events: usize) -> Result<Vec<Event>, SourceError> {
-        let rows = sqlx::query(
-            "SELECT position, id, stream, stream_type, event_type, version, payload, headers, timestamp_ms \
-             FROM outbox WHERE position > ? ORDER BY position LIMIT ?",
-        )
-        .bind(after as i64)
-        .bind(max_events as i64)
-        .fetch_all(&self.db.read)
-        .await
-        .map_err(db_err("reading the outbox"))?;
-        let mut events = Vec::with_capacity(rows.len());
-        for row in rows {
-            match event_from_row(&row) {
-                Ok(event) => events.push(event),
-                // Good rows before it go out first; then it is reported alone.
-                Err(SourceError::Malformed { .. }) if !events.is_empty() => break,
-                Err(err) => return Err(err),
+impl SqliteOutbox {
+    /// Up to `max_events` after `after`, in order, on a lent read connection (see
+    /// [`lent::read`]). A malformed row ends the read: the good rows before it go out first,
+    /// then it is reported alone, named.
+    async fn read_events(&self, after: u64, max_events: usize) -> Result<Vec<Event>, SourceError> {
+        let heavy = self.head.borrow().saturating_sub(after) > HEAVY_READ;
+        lent::read(&self.db.read, heavy, "reading the outbox", |db| {
+            let mut statement = db
+                .prepare(
+                    "SELECT position, id, stream, stream_type, event_type, version, payload, \
+                     headers, timestamp_ms FROM outbox WHERE position > ? ORDER BY position LIMIT ?",
+                )
+                .map_err(SourceError::sqlite("reading the outbox"))?;
+            let mut rows = statement
+                .query((after as i64, max_events as i64))
+                .map_err(SourceError::sqlite("reading the outbox"))?;
+            let mut events = Vec::with_capacity(max_events.min(4096));
+            while let Some(row) = rows
+                .next()
+                .map_err(SourceError::sqlite("reading the outbox"))?
+            {
+                match event_from_row(row) {
+                    Ok(event) => events.push(event),
+                    Err(SourceError::Malformed { .. }) if !events.is_empty() => break,
+                    Err(err) => return Err(err),
+                }
             }
-        }
-        Ok(events)
+            Ok(events)
+        })
+        .await
     }
 }
 
 /// One outbox row; another process may have written any SQLite type in any column: no
 /// panics here.
-fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Event, SourceError> {
-    let position = row
-        .try_get::<i64, _>(0)
-        .map_err(db_err("reading an outbox position"))? as u64;
-    let id = row.try_get::<String, _>(1).ok();
-    let stream = row.try_get::<String, _>(2).ok();
+fn event_from_row(row: &rusqlite::Row<'_>) -> Result<Event, SourceError> {
+    let position = match row.get_ref(0) {
+        Ok(ValueRef::Integer(position)) => position as u64,
+        Ok(other) => {
+            let reason = format!("the position is {:?}, not an integer", other.data_type());
+            return Err(db_err("reading an outbox position")(sqlx::Error::Decode(
+                reason.into(),
+            )));
+        }
+        Err(e) => return Err(SourceError::sqlite("reading an outbox position")(e)),
+    };
+    let text_at = |i: usize| match row.get_ref(i) {
+        Ok(ValueRef::Text(text)) => {
+            std::str::from_utf8(text).map_err(|e| format!("column {i} is not UTF-8 text: {e}"))
+        }
+        Ok(other) => Err(format!("column {i} is not text: {:?}", other.data_type())),
+        Err(e) => Err(format!("column {i}: {e}")),
+    };
+    let id = text_at(1).ok().map(str::to_owned);
+    let stream = text_at(2).ok().map(str::to_owned);
     // No type (a Kafka message whose type could not be read): every projection sets it aside.
-    let event_type = row.try_get::<String, _>(4).ok().filter(|t| !t.is_empty());
+    let event_type = text_at(4).ok().filter(|t| !t.is_empty()).map(str::to_owned);
     let malformed = |reason: String| SourceError::Malformed {
         position,
         id: id.clone(),
@@ -188,15 +182,16 @@ fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Event, SourceError> {
         event_type: event_type.clone(),
         reason,
     };
-    let text = |i: usize| {
-        row.try_get::<String, _>(i)
-            .map_err(|e| malformed(format!("column {i} is not text: {e}")))
+    let text = |i: usize| text_at(i).map_err(&malformed);
+    let int = |i: usize| match row.get_ref(i) {
+        Ok(ValueRef::Integer(n)) => Ok(n),
+        Ok(other) => Err(malformed(format!(
+            "column {i} is not an integer: {:?}",
+            other.data_type()
+        ))),
+        Err(e) => Err(malformed(format!("column {i}: {e}"))),
     };
-    let int = |i: usize| {
-        row.try_get::<i64, _>(i)
-            .map_err(|e| malformed(format!("column {i} is not an integer: {e}")))
-    };
-    let headers: Vec<(String, String)> = serde_json::from_str(&text(7)?)
+    let headers: Vec<(String, String)> = serde_json::from_str(text(7)?)
         .map_err(|e| malformed(format!("headers are not a list of pairs: {e}")))?;
     // A Kafka message no event could be made of, kept with why (see `source::kafka`).
     if let Some((_, reason)) = headers
@@ -205,34 +200,20 @@ fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Event, SourceError> {
     {
         return Err(malformed(reason.clone()));
     }
-    let payload = RawValue::from_string(text(6)?)
+    let payload = RawValue::from_string(text(6)?.to_owned())
         .map_err(|e| malformed(format!("payload is not JSON: {e}")))?;
     Ok(Event {
         position,
-        id: text(1)?,
-        stream: text(2)?,
-        stream_type: text(3)?,
-        event_type: text(4)?,
+        id: text(1)?.to_owned(),
+        stream: text(2)?.to_owned(),
+        stream_type: text(3)?.to_owned(),
+        event_type: text(4)?.to_owned(),
         version: int(5)? as u64,
         payload,
         headers,
         timestamp_ms: int(8)? as u64,
     })
 }
-
-/// One event as `read_packed` gets it: the columns of the outbox, in order.
-#[derive(serde::Deserialize)]
-struct PackedEvent(
-    u64,
-    String,
-    String,
-    String,
-    String,
-    u64,
-    Box<RawValue>,
-    Vec<(String, String)>,
-    u64,
-);
 
 #[async_trait]
 impl Source for SqliteOutbox {
@@ -242,11 +223,7 @@ impl Source for SqliteOutbox {
         max_events: usize,
         max_bytes: usize,
     ) -> Result<Vec<Event>, SourceError> {
-        let mut events = match self.read_packed(after, max_events).await {
-            Ok(events) => events,
-            // Find and name the offending row (or report the database error).
-            Err(_) => self.read_rows(after, max_events).await?,
-        };
+        let mut events = self.read_events(after, max_events).await?;
         let mut bytes = 0;
         if let Some(cut) = events.iter().position(|e| {
             bytes += e.size_hint();
@@ -792,49 +769,39 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_packed_read_returns_exactly_what_the_row_read_does() {
+    async fn a_read_returns_the_events_as_appended_in_order_after_the_position_asked() {
         let (_db, outbox) = outbox().await;
-        outbox
+        let payloads = [
+            r#"{"x": 1, "nested": {"y": [1, 2.5, null]}, "s": "é\"\\n"}"#,
+            "[]",
+            "42",
+        ];
+        let appended = outbox
             .append(vec![
-                event(
-                    "a",
-                    r#"{"x": 1, "nested": {"y": [1, 2.5, null]}, "s": "é\"\\n"}"#,
-                ),
-                event("b", "[]"),
-                event("a", "42"),
+                event("a", payloads[0]),
+                event("b", payloads[1]),
+                event("a", payloads[2]),
             ])
             .await
             .unwrap();
-        let packed = outbox.read_packed(0, 10).await.unwrap();
-        let rows = outbox.read_rows(0, 10).await.unwrap();
-        assert_eq!(packed.len(), 3);
-        for (p, r) in packed.iter().zip(&rows) {
+        let read = outbox.read(0, 10, usize::MAX).await.unwrap();
+        assert_eq!(read.len(), 3);
+        for ((e, a), payload) in read.iter().zip(&appended).zip(payloads) {
             assert_eq!(
-                (
-                    &p.id,
-                    &p.stream,
-                    p.version,
-                    p.position,
-                    &p.headers,
-                    p.timestamp_ms
-                ),
-                (
-                    &r.id,
-                    &r.stream,
-                    r.version,
-                    r.position,
-                    &r.headers,
-                    r.timestamp_ms
-                )
+                (&e.id, &e.stream, e.version, e.position),
+                (&a.id, &a.stream, a.version, a.position)
             );
-            let (pv, rv): (serde_json::Value, serde_json::Value) = (
-                serde_json::from_str(p.payload.get()).unwrap(),
-                serde_json::from_str(r.payload.get()).unwrap(),
+            assert_eq!(e.stream_type, "T");
+            assert_eq!(e.event_type, "Happened");
+            let (got, sent): (serde_json::Value, serde_json::Value) = (
+                serde_json::from_str(e.payload.get()).unwrap(),
+                serde_json::from_str(payload).unwrap(),
             );
-            assert_eq!(pv, rv);
+            assert_eq!(got, sent);
+            assert!(e.timestamp_ms > 0);
         }
-        assert_eq!(packed[2].version, 2, "second event of stream a");
-        assert_eq!(packed[0].headers, [("trace".to_owned(), "t-1".to_owned())]);
+        assert_eq!(read[2].version, 2, "second event of stream a");
+        assert_eq!(read[0].headers, [("trace".to_owned(), "t-1".to_owned())]);
         // `after` and the limit are honoured.
         let tail = outbox.read(1, 1, usize::MAX).await.unwrap();
         assert_eq!(tail.len(), 1);

@@ -1,11 +1,14 @@
-//! Write transactions run on the handle of sqlx's write connection, on the calling thread.
+//! Write transactions, and the outbox reads of runners, run on the handle of one of sqlx's
+//! connections, on the calling thread.
 //!
 //! sqlx runs every SQLite statement on the connection's own worker thread: each statement is a
 //! round trip between threads, two context switches. A batch's commit is five to ten statements
 //! and an append group's about as many, so under live load much of the CPU went to switching
 //! threads (measured: ~45 context switches per append, 60% of samples in the kernel). Here a
 //! whole transaction borrows the connection's handle once (`lock_handle`: the worker waits on a
-//! lock until it is given back) and runs its statements through rusqlite directly.
+//! lock until it is given back) and runs its statements through rusqlite directly. A read of
+//! thousands of events likewise takes its rows on this thread, instead of SQLite packing them
+//! into one JSON text for the hop and serde parsing it again (a third of a catch-up's CPU).
 
 use std::fmt;
 
@@ -86,17 +89,7 @@ pub(crate) async fn immediate<R, E: DbError>(
     context: &str,
     work: impl FnOnce(&Connection) -> Result<R, E>,
 ) -> Result<R, E> {
-    let mut conn = pool.acquire().await.map_err(|e| E::db(context, e))?;
-    let mut handle = conn.lock_handle().await.map_err(|e| E::db(context, e))?;
-    let raw = handle.as_raw_handle().as_ptr();
-    let run = || {
-        // SAFETY: `raw` is the open connection sqlx lent us: its worker thread waits on the
-        // handle's lock until `handle` drops, so nothing else uses it meanwhile, and it outlives
-        // `db`. `from_handle` does not take ownership: dropping `db` does not close it.
-        let mut db = match unsafe { Connection::from_handle(raw) } {
-            Ok(db) => db,
-            Err(e) => return (Err(E::sqlite(context)(e)), true),
-        };
+    lend(pool, heavy, context, |db| {
         let outcome = match db.transaction_with_behavior(TransactionBehavior::Immediate) {
             Ok(tx) => match work(&tx) {
                 Ok(value) => tx.commit().map(|()| value).map_err(E::sqlite(context)),
@@ -112,6 +105,44 @@ pub(crate) async fn immediate<R, E: DbError>(
         if !db.is_autocommit() {
             let _ = db.execute_batch("ROLLBACK");
         }
+        outcome
+    })
+    .await
+}
+
+/// Runs `work`'s reads on one of `pool`'s connections, lent as in [`immediate`] but outside
+/// any transaction (each statement reads one snapshot). Rows then reach `work` on this thread,
+/// not through a channel from sqlx's worker: a catch-up batch is thousands of them.
+pub(crate) async fn read<R, E: DbError>(
+    pool: &SqlitePool,
+    heavy: bool,
+    context: &str,
+    work: impl FnOnce(&Connection) -> Result<R, E>,
+) -> Result<R, E> {
+    lend(pool, heavy, context, |db| work(db)).await
+}
+
+/// Lends `pool`'s connection's handle to `work` as a rusqlite connection, on this thread (off
+/// the runtime's worker first when `heavy`). A handle given back inside a transaction it
+/// cannot leave is replaced.
+async fn lend<R, E: DbError>(
+    pool: &SqlitePool,
+    heavy: bool,
+    context: &str,
+    work: impl FnOnce(&mut Connection) -> Result<R, E>,
+) -> Result<R, E> {
+    let mut conn = pool.acquire().await.map_err(|e| E::db(context, e))?;
+    let mut handle = conn.lock_handle().await.map_err(|e| E::db(context, e))?;
+    let raw = handle.as_raw_handle().as_ptr();
+    let run = || {
+        // SAFETY: `raw` is the open connection sqlx lent us: its worker thread waits on the
+        // handle's lock until `handle` drops, so nothing else uses it meanwhile, and it outlives
+        // `db`. `from_handle` does not take ownership: dropping `db` does not close it.
+        let mut db = match unsafe { Connection::from_handle(raw) } {
+            Ok(db) => db,
+            Err(e) => return (Err(E::sqlite(context)(e)), true),
+        };
+        let outcome = work(&mut db);
         (outcome, db.is_autocommit())
     };
     let multi_thread = tokio::runtime::Handle::try_current()
@@ -124,7 +155,7 @@ pub(crate) async fn immediate<R, E: DbError>(
     drop(handle);
     if !clean {
         tracing::warn!(
-            "replacing the database's write connection: a failed write left it inside a \
+            "replacing a database connection: a failed statement left it inside a \
              transaction it cannot leave"
         );
         conn.close_on_drop();
