@@ -171,15 +171,15 @@ fn event_from_row(row: &rusqlite::Row<'_>) -> Result<Event, SourceError> {
         Ok(other) => Err(format!("column {i} is not text: {:?}", other.data_type())),
         Err(e) => Err(format!("column {i}: {e}")),
     };
-    let id = text_at(1).ok().map(str::to_owned);
-    let stream = text_at(2).ok().map(str::to_owned);
-    // No type (a Kafka message whose type could not be read): every projection sets it aside.
-    let event_type = text_at(4).ok().filter(|t| !t.is_empty()).map(str::to_owned);
+    // What names a malformed row is copied only when one is found: a good row's strings are
+    // copied once, into its event.
     let malformed = |reason: String| SourceError::Malformed {
         position,
-        id: id.clone(),
-        stream: stream.clone(),
-        event_type: event_type.clone(),
+        id: text_at(1).ok().map(str::to_owned),
+        stream: text_at(2).ok().map(str::to_owned),
+        // No type (a Kafka message whose type could not be read): every projection sets it
+        // aside.
+        event_type: text_at(4).ok().filter(|t| !t.is_empty()).map(str::to_owned),
         reason,
     };
     let text = |i: usize| text_at(i).map_err(&malformed);
