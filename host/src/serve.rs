@@ -106,7 +106,7 @@ fn check_duplicates(runtime: &Runtime, files: &[PathBuf]) -> Result<(), ServeErr
 fn sqlite_folder(url: &str) -> Option<PathBuf> {
     use sqlx::sqlite::SqliteConnectOptions;
     use std::str::FromStr;
-    if url.contains(":memory:") || url.contains("mode=memory") {
+    if crate::store::sqlite::in_memory(url) {
         return None;
     }
     // An unparsable URL is Sqlite::open's to report, with its own message.

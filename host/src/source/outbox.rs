@@ -119,12 +119,12 @@ async fn read_head(db: &Sqlite) -> Result<u64, SourceError> {
 const HEAVY_READ: u64 = 256;
 
 impl SqliteOutbox {
-    /// Up to `max_events` after `after`, in order, on a lent read connection (see
-    /// [`lent::read`]). A malformed row ends the read: the good rows before it go out first,
+    /// Up to `max_events` after `after`, in order, on one of the store's own read connections
+    /// (see [`crate::store::sqlite::readers`]). A malformed row ends the read: the good rows before it go out first,
     /// then it is reported alone, named.
     async fn read_events(&self, after: u64, max_events: usize) -> Result<Vec<Event>, SourceError> {
         let heavy = self.head.borrow().saturating_sub(after) > HEAVY_READ;
-        lent::read(&self.db.read, heavy, "reading the outbox", |db| {
+        self.db.readers.read(heavy, "reading the outbox", |db| {
             let mut statement = db
                 .prepare(
                     "SELECT position, id, stream, stream_type, event_type, version, payload, \

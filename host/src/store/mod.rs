@@ -642,8 +642,21 @@ where
     for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
     let err = || StoreError::db("reading a document");
-    let key: String = row.try_get(0).map_err(err())?;
-    let json: String = row.try_get(1).map_err(err())?;
+    document(
+        row.try_get(0).map_err(err())?,
+        row.try_get(1).map_err(err())?,
+        row.try_get(2).map_err(err())?,
+        row.try_get(3).map_err(err())?,
+    )
+}
+
+/// A document read as its key, its JSON text, its version and when it was last written.
+pub(crate) fn document(
+    key: String,
+    json: String,
+    version: i64,
+    updated_at: i64,
+) -> Result<Document, StoreError> {
     let json = serde_json::value::RawValue::from_string(json).map_err(|e| {
         StoreError::InvalidDocument {
             projection: String::new(),
@@ -655,8 +668,8 @@ where
     Ok(Document {
         key,
         json,
-        version: row.try_get(2).map_err(err())?,
-        updated_at: row.try_get(3).map_err(err())?,
+        version,
+        updated_at,
     })
 }
 

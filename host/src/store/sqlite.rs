@@ -26,8 +26,10 @@ use crate::observer::{ActionState, Counts, Logged, Update};
 use crate::runtime::Descriptor;
 
 pub(crate) mod lent;
+pub(crate) mod readers;
 
 use lent::{Args, DbError};
+use readers::Readers;
 use rusqlite::types::ToSqlOutput;
 
 /// Documents in a batch above which its transaction leaves the runtime's worker thread.
@@ -78,6 +80,8 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
 pub struct Sqlite {
     pub(crate) write: SqlitePool,
     pub(crate) read: SqlitePool,
+    /// The hot reads' connections.
+    pub(crate) readers: Arc<Readers>,
     /// Folds the WAL into the database, off the write path.
     checkpointer: SqlitePool,
     file: Arc<DbFile>,
@@ -166,6 +170,11 @@ fn open_copy(path: &Path) -> Option<String> {
     None
 }
 
+/// Whether `url` names an in-memory database (one no other connection or process can open).
+pub(crate) fn in_memory(url: &str) -> bool {
+    url.contains(":memory:") || url.contains("mode=memory")
+}
+
 impl Sqlite {
     /// Opens (creating if needed) the database at `url` (`sqlite://path/to/file.db`) and
     /// brings its schema up to date.
@@ -235,9 +244,15 @@ impl Sqlite {
         let read = SqlitePoolOptions::new()
             .max_connections(4)
             .test_before_acquire(false)
-            .connect_with(options.read_only(true))
+            .connect_with(options.clone().read_only(true))
             .await
             .map_err(|e| open_err(e.to_string()))?;
+        let readers = Arc::new(if in_memory(url) {
+            Readers::lent(read.clone())
+        } else {
+            Readers::open(options.get_filename().to_owned(), 4)
+                .map_err(|e| open_err(format!("opening a read connection: {e}")))?
+        });
         let (watched, pool) = (Arc::downgrade(&file), checkpointer.clone());
         tokio::spawn(async move {
             // PASSIVE: copies what no reader still needs, never blocks the writer.
@@ -273,6 +288,7 @@ impl Sqlite {
         Ok(Self {
             write,
             read,
+            readers,
             checkpointer,
             file,
         })
@@ -292,6 +308,7 @@ impl Sqlite {
             .execute(&self.write)
             .await
             .map_err(StoreError::db("checkpointing the WAL"))?;
+        self.readers.close();
         self.checkpointer.close().await;
         self.write.close().await;
         self.read.close().await;
@@ -488,6 +505,17 @@ impl DbError for StoreError {
 
 /// A stored document as JSON text: written as text, or as JSONB by earlier versions.
 const DOC_JSON: &str = "iif(typeof(doc) = 'text', doc, json(doc))";
+
+/// A document from a row of `SELECT key, {DOC_JSON}, version, updated_at`.
+fn document_from_sqlite(row: &rusqlite::Row<'_>, context: &str) -> Result<Document, StoreError> {
+    let column = |e| StoreError::sqlite(context)(e);
+    super::document(
+        row.get(0).map_err(column)?,
+        row.get(1).map_err(column)?,
+        row.get(2).map_err(column)?,
+        row.get(3).map_err(column)?,
+    )
+}
 
 /// A batch's dead-letter bookkeeping, in its transaction: released rows removed, letters
 /// written (replacing any at the same position), a resolved letter's state, operators'
@@ -1277,14 +1305,23 @@ impl Store for Sqlite {
         key: &str,
     ) -> Result<Option<Document>, StoreError> {
         let table = table_name(projection, collection);
-        let row = sqlx::query(&format!(
-            "SELECT key, {DOC_JSON}, version, updated_at FROM \"{table}\" WHERE key = ?"
-        ))
-        .bind(key)
-        .fetch_optional(&self.read)
-        .await
-        .map_err(StoreError::db(format!("reading {table}")))?;
-        row.as_ref().map(document_from_row).transpose()
+        let context = format!("reading {table}");
+        let sql =
+            format!("SELECT key, {DOC_JSON}, version, updated_at FROM \"{table}\" WHERE key = ?");
+        self.readers
+            .read(false, &context, |db| {
+                let mut statement = db
+                    .prepare_cached(&sql)
+                    .map_err(StoreError::sqlite(&context))?;
+                let mut rows = statement
+                    .query([key])
+                    .map_err(StoreError::sqlite(&context))?;
+                match rows.next().map_err(StoreError::sqlite(&context))? {
+                    Some(row) => document_from_sqlite(row, &context).map(Some),
+                    None => Ok(None),
+                }
+            })
+            .await
     }
 
     async fn documents(
@@ -1294,26 +1331,26 @@ impl Store for Sqlite {
         keys: &[&str],
     ) -> Result<Vec<Document>, StoreError> {
         let table = table_name(projection, collection);
-        let mut found = Vec::new();
-        for chunk in keys.chunks(ROWS_PER_STATEMENT) {
-            let mut sql = QueryBuilder::new(format!(
-                "SELECT key, {DOC_JSON}, version, updated_at FROM \"{table}\" WHERE key IN ("
-            ));
-            let mut list = sql.separated(", ");
-            for key in chunk {
-                list.push_bind(*key);
-            }
-            sql.push(")");
-            let rows = sql
-                .build()
-                .fetch_all(&self.read)
-                .await
-                .map_err(StoreError::db(format!("reading {table}")))?;
-            for row in &rows {
-                found.push(document_from_row(row)?);
-            }
-        }
-        Ok(found)
+        let context = format!("reading {table}");
+        self.readers
+            .read(keys.len() > HEAVY_BATCH, &context, |db| {
+                let mut found = Vec::new();
+                for chunk in keys.chunks(ROWS_PER_STATEMENT) {
+                    let sql = format!(
+                        "SELECT key, {DOC_JSON}, version, updated_at FROM \"{table}\" WHERE key IN ({})",
+                        lent::placeholders(chunk.len())
+                    );
+                    let mut statement = db.prepare_cached(&sql).map_err(StoreError::sqlite(&context))?;
+                    let mut rows = statement
+                        .query(rusqlite::params_from_iter(chunk))
+                        .map_err(StoreError::sqlite(&context))?;
+                    while let Some(row) = rows.next().map_err(StoreError::sqlite(&context))? {
+                        found.push(document_from_sqlite(row, &context)?);
+                    }
+                }
+                Ok(found)
+            })
+            .await
     }
 
     async fn list(

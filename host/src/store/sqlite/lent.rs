@@ -1,14 +1,12 @@
-//! Write transactions, and the outbox reads of runners, run on the handle of one of sqlx's
-//! connections, on the calling thread.
+//! Write transactions run on the handle of sqlx's write connection, on the calling thread.
+//! (The hot reads run on connections of the store's own: [`super::readers`].)
 //!
 //! sqlx runs every SQLite statement on the connection's own worker thread: each statement is a
 //! round trip between threads, two context switches. A batch's commit is five to ten statements
 //! and an append group's about as many, so under live load much of the CPU went to switching
 //! threads (measured: ~45 context switches per append, 60% of samples in the kernel). Here a
 //! whole transaction borrows the connection's handle once (`lock_handle`: the worker waits on a
-//! lock until it is given back) and runs its statements through rusqlite directly. A read of
-//! thousands of events likewise takes its rows on this thread, instead of SQLite packing them
-//! into one JSON text for the hop and serde parsing it again (a third of a catch-up's CPU).
+//! lock until it is given back) and runs its statements through rusqlite directly.
 
 use std::fmt;
 
@@ -111,8 +109,8 @@ pub(crate) async fn immediate<R, E: DbError>(
 }
 
 /// Runs `work`'s reads on one of `pool`'s connections, lent as in [`immediate`] but outside
-/// any transaction (each statement reads one snapshot). Rows then reach `work` on this thread,
-/// not through a channel from sqlx's worker: a catch-up batch is thousands of them.
+/// any transaction (each statement reads one snapshot): the reads of an in-memory database,
+/// which the store cannot open connections of its own on.
 pub(crate) async fn read<R, E: DbError>(
     pool: &SqlitePool,
     heavy: bool,
@@ -145,13 +143,7 @@ async fn lend<R, E: DbError>(
         let outcome = work(&mut db);
         (outcome, db.is_autocommit())
     };
-    let multi_thread = tokio::runtime::Handle::try_current()
-        .is_ok_and(|rt| rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-    let (outcome, clean) = if heavy && multi_thread {
-        tokio::task::block_in_place(run)
-    } else {
-        run()
-    };
+    let (outcome, clean) = on_this_thread(heavy, run);
     drop(handle);
     if !clean {
         tracing::warn!(
@@ -161,6 +153,18 @@ async fn lend<R, E: DbError>(
         conn.close_on_drop();
     }
     outcome
+}
+
+/// Runs `run` here; when `heavy`, off the runtime's worker first (`block_in_place`), so the
+/// tasks queued on it are not held up behind a catch-up batch.
+pub(crate) fn on_this_thread<R>(heavy: bool, run: impl FnOnce() -> R) -> R {
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|rt| rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if heavy && multi_thread {
+        tokio::task::block_in_place(run)
+    } else {
+        run()
+    }
 }
 
 /// rusqlite's error as sqlx's, so the store's and the outbox's error types (and everything
