@@ -397,10 +397,10 @@ async fn write_group(
     let now = now_ms();
     // IMMEDIATE: the write lock is taken before versions are read, so another process's append
     // cannot slip in between the check and the insert.
-    let written = lent::immediate(&db.write, false, "appending events", |tx| {
-        write_rows(tx, group, now)
-    })
-    .await?;
+    let written = db
+        .writer
+        .immediate(false, "appending events", |tx| write_rows(tx, group, now))
+        .await?;
     if written.1.is_some() {
         // Acknowledged only if the file it went to is still the database's: an append to a
         // deleted file would be lost at the next start.

@@ -27,10 +27,12 @@ use crate::runtime::Descriptor;
 
 pub(crate) mod lent;
 pub(crate) mod readers;
+pub(crate) mod writer;
 
 use lent::{Args, DbError};
 use readers::Readers;
 use rusqlite::types::ToSqlOutput;
+use writer::Writer;
 
 /// Documents in a batch above which its transaction leaves the runtime's worker thread.
 const HEAVY_BATCH: usize = 256;
@@ -78,7 +80,10 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
 /// The two pools over one SQLite file.
 #[derive(Clone)]
 pub struct Sqlite {
+    /// sqlx's write connection, for all but the hot path's writes.
     pub(crate) write: SqlitePool,
+    /// The hot path's write connection: appends and batch commits.
+    pub(crate) writer: Arc<Writer>,
     pub(crate) read: SqlitePool,
     /// The hot reads' connections.
     pub(crate) readers: Arc<Readers>,
@@ -208,6 +213,8 @@ impl Sqlite {
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .test_before_acquire(false)
+            // It shares the write lock with the hot path's connection (see `writer`).
+            .after_connect(|conn, _| Box::pin(lent::wait_for_lock_on(conn)))
             // A write that failed mid-transaction (disk full, I/O error) can leave the
             // connection believing it is still inside it: SQLite rolled back already, the
             // driver's ROLLBACK then fails, and every later BEGIN would be refused ("non-zero
@@ -247,12 +254,18 @@ impl Sqlite {
             .connect_with(options.clone().read_only(true))
             .await
             .map_err(|e| open_err(e.to_string()))?;
-        let readers = Arc::new(if in_memory(url) {
-            Readers::lent(read.clone())
+        let (readers, writer) = if in_memory(url) {
+            (Readers::lent(read.clone()), Writer::lent(write.clone()))
         } else {
-            Readers::open(options.get_filename().to_owned(), 4)
-                .map_err(|e| open_err(format!("opening a read connection: {e}")))?
-        });
+            let path = options.get_filename().to_owned();
+            (
+                Readers::open(path.clone(), 4)
+                    .map_err(|e| open_err(format!("opening a read connection: {e}")))?,
+                Writer::open(path)
+                    .map_err(|e| open_err(format!("opening the write connection: {e}")))?,
+            )
+        };
+        let (readers, writer) = (Arc::new(readers), Arc::new(writer));
         let (watched, pool) = (Arc::downgrade(&file), checkpointer.clone());
         tokio::spawn(async move {
             // PASSIVE: copies what no reader still needs, never blocks the writer.
@@ -287,6 +300,7 @@ impl Sqlite {
         });
         Ok(Self {
             write,
+            writer,
             read,
             readers,
             checkpointer,
@@ -309,6 +323,7 @@ impl Sqlite {
             .await
             .map_err(StoreError::db("checkpointing the WAL"))?;
         self.readers.close();
+        self.writer.close().await;
         self.checkpointer.close().await;
         self.write.close().await;
         self.read.close().await;
@@ -942,9 +957,11 @@ impl Store for Sqlite {
     }
 
     async fn prepare(&self, projection: &Descriptor) -> Result<u64, StoreError> {
+        // Immediate: it reads before it writes, and the hot path writes beside it on another
+        // connection (see `writer`).
         let mut tx = self
             .write
-            .begin()
+            .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(StoreError::db("preparing a projection version"))?;
         for collection in &projection.collections {
@@ -1035,45 +1052,46 @@ impl Store for Sqlite {
             tables.push((table_name(projection, collection), columns, puts, deletes));
         }
         let heavy = output.writes.values().map(|w| w.len()).sum::<usize>() > HEAVY_BATCH;
-        lent::immediate(&self.write, heavy, "committing a batch", |db| {
-            write_letters(db, projection, batch, now)?;
-            log_actions(db, projection, &output.actions, now)?;
-            for (table, columns, puts, deletes) in &tables {
-                upsert(db, table, columns, puts, now)?;
-                if !deletes.is_empty() {
-                    let context = format!("deleting documents from {table}");
-                    let mut delete = db
-                        .prepare(&format!("DELETE FROM \"{table}\" WHERE key = ?"))
-                        .map_err(StoreError::sqlite(&context))?;
-                    for key in deletes {
-                        delete
-                            .execute([key])
+        self.writer
+            .immediate(heavy, "committing a batch", |db| {
+                write_letters(db, projection, batch, now)?;
+                log_actions(db, projection, &output.actions, now)?;
+                for (table, columns, puts, deletes) in &tables {
+                    upsert(db, table, columns, puts, now)?;
+                    if !deletes.is_empty() {
+                        let context = format!("deleting documents from {table}");
+                        let mut delete = db
+                            .prepare(&format!("DELETE FROM \"{table}\" WHERE key = ?"))
                             .map_err(StoreError::sqlite(&context))?;
+                        for key in deletes {
+                            delete
+                                .execute([key])
+                                .map_err(StoreError::sqlite(&context))?;
+                        }
                     }
                 }
-            }
-            let moved = lent::execute::<StoreError>(
-                db,
-                "UPDATE checkpoints SET position = ?, updated_at = ? \
+                let moved = lent::execute::<StoreError>(
+                    db,
+                    "UPDATE checkpoints SET position = ?, updated_at = ? \
                  WHERE projection = ? AND version = ? AND position = ?",
-                &[
-                    lent::int(to as i64),
-                    lent::int(now),
-                    lent::text(projection.name.as_str()),
-                    lent::text(projection.version.as_str()),
-                    lent::int(from as i64),
-                ],
-                "moving the checkpoint",
-            )?;
-            if moved != 1 {
-                return Err(StoreError::Fenced {
-                    projection: projection.name.clone(),
-                    expected: from,
-                });
-            }
-            Ok(())
-        })
-        .await
+                    &[
+                        lent::int(to as i64),
+                        lent::int(now),
+                        lent::text(projection.name.as_str()),
+                        lent::text(projection.version.as_str()),
+                        lent::int(from as i64),
+                    ],
+                    "moving the checkpoint",
+                )?;
+                if moved != 1 {
+                    return Err(StoreError::Fenced {
+                        projection: projection.name.clone(),
+                        expected: from,
+                    });
+                }
+                Ok(())
+            })
+            .await
     }
 
     async fn checkpoint(&self, projection: &Descriptor) -> Result<u64, StoreError> {
@@ -1192,10 +1210,11 @@ impl Store for Sqlite {
         projection: &Descriptor,
         action: &AdminAction,
     ) -> Result<(), StoreError> {
-        lent::immediate(&self.write, false, "recording an admin action", |db| {
-            insert_actions(db, projection, std::slice::from_ref(action))
-        })
-        .await
+        self.writer
+            .immediate(false, "recording an admin action", |db| {
+                insert_actions(db, projection, std::slice::from_ref(action))
+            })
+            .await
     }
 
     async fn paused(&self, projection: &str) -> Result<bool, StoreError> {

@@ -1,12 +1,13 @@
-//! Write transactions run on the handle of sqlx's write connection, on the calling thread.
-//! (The hot reads run on connections of the store's own: [`super::readers`].)
+//! Statements run through rusqlite on the calling thread, not on sqlx's worker thread: the
+//! helpers for them (arguments, a transaction, errors), and the lending of an sqlx connection's
+//! handle, which an in-memory database's writes and hot reads use. A file's use connections of
+//! the store's own instead ([`super::writer`], [`super::readers`]): lending wakes sqlx's worker.
 //!
 //! sqlx runs every SQLite statement on the connection's own worker thread: each statement is a
 //! round trip between threads, two context switches. A batch's commit is five to ten statements
 //! and an append group's about as many, so under live load much of the CPU went to switching
 //! threads (measured: ~45 context switches per append, 60% of samples in the kernel). Here a
-//! whole transaction borrows the connection's handle once (`lock_handle`: the worker waits on a
-//! lock until it is given back) and runs its statements through rusqlite directly.
+//! whole transaction runs its statements through rusqlite directly.
 
 use std::fmt;
 
@@ -75,37 +76,42 @@ pub(crate) trait DbError {
     }
 }
 
-/// Runs `work` in one `BEGIN IMMEDIATE` transaction on `pool`'s connection and commits it;
-/// rolled back if `work` fails. `context` names the transaction in the errors of taking the
-/// handle, beginning and committing; `work` names its own statements.
-///
-/// The statements run on this thread: a large transaction (`heavy`, a catch-up batch) moves
-/// off the runtime's worker first (`block_in_place`), so reads are not held up behind it.
+/// Runs `work` in one `BEGIN IMMEDIATE` transaction on `pool`'s connection and commits it:
+/// the writes of an in-memory database, which the store cannot open a connection of its own
+/// on (see [`super::writer`]). As [`transaction`] otherwise.
 pub(crate) async fn immediate<R, E: DbError>(
     pool: &SqlitePool,
     heavy: bool,
     context: &str,
     work: impl FnOnce(&Connection) -> Result<R, E>,
 ) -> Result<R, E> {
-    lend(pool, heavy, context, |db| {
-        let outcome = match db.transaction_with_behavior(TransactionBehavior::Immediate) {
-            Ok(tx) => match work(&tx) {
-                Ok(value) => tx.commit().map(|()| value).map_err(E::sqlite(context)),
-                Err(err) => {
-                    let _ = tx.rollback();
-                    Err(err)
-                }
-            },
-            Err(e) => Err(E::sqlite(context)(e)),
-        };
-        // A failed COMMIT can leave SQLite inside the transaction, and sqlx's bookkeeping
-        // does not see transactions begun here: the handle must go back in autocommit.
-        if !db.is_autocommit() {
-            let _ = db.execute_batch("ROLLBACK");
-        }
-        outcome
-    })
-    .await
+    lend(pool, heavy, context, |db| transaction(db, context, work)).await
+}
+
+/// Runs `work` in one `BEGIN IMMEDIATE` transaction on `db` and commits it; rolled back if
+/// `work` fails. `context` names the transaction in the errors of beginning and committing;
+/// `work` names its own statements. `db` is left in autocommit mode if it can be: a failed
+/// COMMIT can leave SQLite inside the transaction, and whoever uses the connection next (sqlx,
+/// whose bookkeeping does not see transactions begun here) must not find it there.
+pub(crate) fn transaction<R, E: DbError>(
+    db: &mut Connection,
+    context: &str,
+    work: impl FnOnce(&Connection) -> Result<R, E>,
+) -> Result<R, E> {
+    let outcome = match db.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => match work(&tx) {
+            Ok(value) => tx.commit().map(|()| value).map_err(E::sqlite(context)),
+            Err(err) => {
+                let _ = tx.rollback();
+                Err(err)
+            }
+        },
+        Err(e) => Err(E::sqlite(context)(e)),
+    };
+    if !db.is_autocommit() {
+        let _ = db.execute_batch("ROLLBACK");
+    }
+    outcome
 }
 
 /// Runs `work`'s reads on one of `pool`'s connections, lent as in [`immediate`] but outside
@@ -165,6 +171,28 @@ pub(crate) fn on_this_thread<R>(heavy: bool, run: impl FnOnce() -> R) -> R {
     } else {
         run()
     }
+}
+
+/// How a write connection waits for SQLite's write lock while the other holds it (the store
+/// has two: see [`super::writer`]): in steps of 100 µs, for about 10 s in all. SQLite's own
+/// handler (`busy_timeout`) sleeps 1, 2, 5, 10… ms, far longer than either holds the lock.
+pub(crate) fn wait_for_lock(tries: i32) -> bool {
+    const STEP: std::time::Duration = std::time::Duration::from_micros(100);
+    if tries >= 100_000 {
+        return false;
+    }
+    std::thread::sleep(STEP);
+    true
+}
+
+/// Makes one of sqlx's write connections wait for the lock as [`wait_for_lock`] does.
+pub(crate) async fn wait_for_lock_on(conn: &mut sqlx::SqliteConnection) -> Result<(), sqlx::Error> {
+    let mut handle = conn.lock_handle().await?;
+    // SAFETY: as in `lend`: the handle is lent to us until `handle` drops, and `from_handle`
+    // does not take ownership (dropping `db` leaves it open).
+    let db =
+        unsafe { Connection::from_handle(handle.as_raw_handle().as_ptr()) }.map_err(as_sqlx)?;
+    db.busy_handler(Some(wait_for_lock)).map_err(as_sqlx)
 }
 
 /// rusqlite's error as sqlx's, so the store's and the outbox's error types (and everything
