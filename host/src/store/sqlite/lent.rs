@@ -260,16 +260,41 @@ impl DatabaseError for SqliteError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 
+    /// A store error for the tests: its context and its source, as text.
     #[derive(Debug)]
-    struct Failed(String);
+    pub(crate) struct Failed(pub(crate) String);
 
     impl DbError for Failed {
         fn db(context: &str, source: sqlx::Error) -> Self {
             Self(format!("{context}: {source}"))
         }
+    }
+
+    /// A fresh WAL database file with a table `t (x INTEGER PRIMARY KEY, side TEXT)`, and sqlx's
+    /// write connection on it set up as the store's.
+    pub(crate) async fn wal_file() -> (std::path::PathBuf, SqlitePool) {
+        let dir = std::env::temp_dir().join(format!("projector-sqlite-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.db");
+        let options = SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .after_connect(|conn, _| Box::pin(wait_for_lock_on(conn)))
+            .connect_with(options)
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE t (x INTEGER PRIMARY KEY, side TEXT)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        (path, pool)
     }
 
     async fn count(pool: &SqlitePool) -> i64 {

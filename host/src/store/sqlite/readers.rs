@@ -109,35 +109,11 @@ fn open(path: &PathBuf) -> rusqlite::Result<Connection> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
-
-    #[derive(Debug)]
-    struct Failed(String);
-
-    impl DbError for Failed {
-        fn db(context: &str, source: sqlx::Error) -> Self {
-            Self(format!("{context}: {source}"))
-        }
-    }
+    use crate::store::sqlite::lent::tests::{wal_file, Failed};
 
     /// A WAL database written through sqlx, and `n` readers of our own on its file.
     async fn database(n: usize) -> (SqlitePool, Readers) {
-        let dir = std::env::temp_dir().join(format!("projector-readers-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("r.db");
-        let options = SqliteConnectOptions::new()
-            .filename(&path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal);
-        let pool = sqlx::sqlite::SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options)
-            .await
-            .unwrap();
-        sqlx::query("CREATE TABLE t (x INTEGER PRIMARY KEY)")
-            .execute(&pool)
-            .await
-            .unwrap();
+        let (path, pool) = wal_file().await;
         (pool, Readers::open(path, n).unwrap())
     }
 
@@ -155,13 +131,13 @@ mod tests {
     #[tokio::test]
     async fn a_read_sees_what_was_committed_and_nothing_uncommitted() {
         let (pool, readers) = database(2).await;
-        sqlx::query("INSERT INTO t VALUES (1), (2)")
+        sqlx::query("INSERT INTO t (x) VALUES (1), (2)")
             .execute(&pool)
             .await
             .unwrap();
         assert_eq!(count(&readers).await, 2);
         let mut tx = pool.begin().await.unwrap();
-        sqlx::query("INSERT INTO t VALUES (3)")
+        sqlx::query("INSERT INTO t (x) VALUES (3)")
             .execute(&mut *tx)
             .await
             .unwrap();

@@ -111,36 +111,11 @@ fn open(path: &Path) -> rusqlite::Result<Connection> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
-
-    #[derive(Debug)]
-    struct Failed(String);
-
-    impl DbError for Failed {
-        fn db(context: &str, source: sqlx::Error) -> Self {
-            Self(format!("{context}: {source}"))
-        }
-    }
+    use crate::store::sqlite::lent::tests::{wal_file, Failed};
 
     /// A WAL database with sqlx's write connection set up as the store's, and our writer.
     async fn database() -> (SqlitePool, Writer) {
-        let dir = std::env::temp_dir().join(format!("projector-writer-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("w.db");
-        let options = SqliteConnectOptions::new()
-            .filename(&path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .after_connect(|conn, _| Box::pin(lent::wait_for_lock_on(conn)))
-            .connect_with(options)
-            .await
-            .unwrap();
-        sqlx::query("CREATE TABLE t (x INTEGER PRIMARY KEY, side TEXT NOT NULL)")
-            .execute(&pool)
-            .await
-            .unwrap();
+        let (path, pool) = wal_file().await;
         (pool, Writer::open(path).unwrap())
     }
 
