@@ -5,12 +5,13 @@
 
 use std::collections::{HashMap, HashSet};
 
-use sqlx::{QueryBuilder, Row};
+use rusqlite::OptionalExtension;
 use tokio::sync::watch;
 
 use super::{next_to_apply, plan, touched, AppliedRow, Batch, Written};
 use crate::source::SourceError;
 use crate::store::now_ms;
+use crate::store::sqlite::lent::{self, Args, DbError};
 use crate::store::sqlite::Sqlite;
 
 const ROWS_PER_STATEMENT: usize = 500;
@@ -66,6 +67,9 @@ pub(crate) async fn applied_offsets(
     Ok(next_to_apply(rows))
 }
 
+/// Takes `batch` into the outbox in one transaction on the store's write connection (see
+/// [`crate::store::sqlite::writer`]): the projections' commits write on it too, so the two
+/// take turns instead of contending for SQLite's lock.
 pub(crate) async fn write(
     db: &Sqlite,
     head: &watch::Sender<u64>,
@@ -73,121 +77,12 @@ pub(crate) async fn write(
     batch: &Batch,
 ) -> Result<Written, SourceError> {
     db.check_file()?;
-    let mut tx = db
-        .write
-        .begin_with("BEGIN IMMEDIATE")
-        .await
-        .map_err(db_err("beginning a Kafka batch"))?;
-    // The fence: every partition must still be where this consumer found it.
-    let mut fenced = Vec::new();
-    for range in &batch.partitions {
-        let stored: Option<i64> = sqlx::query_scalar(
-            "SELECT next_offset FROM kafka_offsets WHERE group_id = ? AND topic = ? AND partition = ?",
-        )
-        .bind(group)
-        .bind(&range.topic)
-        .bind(range.partition)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db_err("reading a Kafka offset"))?;
-        if let Some(stored) = stored.filter(|stored| *stored != range.from) {
-            fenced.push((range.topic.clone(), range.partition, stored));
-        }
-    }
-    if !fenced.is_empty() {
-        return Ok(Written {
-            fenced,
-            ..Written::default()
-        });
-    }
-    // Current versions of the streams, and which ids exist already.
-    let (streams, ids) = touched(batch, str::to_owned);
-    let mut versions: HashMap<String, u64> = HashMap::new();
-    for chunk in streams.chunks(ROWS_PER_STATEMENT) {
-        let mut sql =
-            QueryBuilder::new("SELECT stream, MAX(version) FROM outbox WHERE stream IN (");
-        let mut list = sql.separated(", ");
-        for stream in chunk {
-            list.push_bind(stream.as_str());
-        }
-        sql.push(") GROUP BY stream");
-        for row in sql
-            .build()
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_err("reading stream versions"))?
-        {
-            let stream: String = row.try_get(0).map_err(db_err("reading stream versions"))?;
-            let version = row.try_get::<i64, _>(1).unwrap_or(0).max(0) as u64;
-            versions.insert(stream, version);
-        }
-    }
-    let mut seen: HashSet<String> = HashSet::new();
-    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-        let mut sql = QueryBuilder::new("SELECT id FROM outbox WHERE id IN (");
-        let mut list = sql.separated(", ");
-        for id in chunk {
-            list.push_bind(id.as_str());
-        }
-        sql.push(")");
-        for row in sql
-            .build()
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_err("checking event ids"))?
-        {
-            seen.insert(row.try_get(0).map_err(db_err("checking event ids"))?);
-        }
-    }
-    let (rows, written) = plan(batch, &mut versions, &mut seen, str::to_owned);
-    let mut last = None;
-    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-        let mut sql = QueryBuilder::new(
-            "INSERT INTO outbox (id, stream, stream_type, event_type, version, payload, headers, timestamp_ms, \
-             kafka_topic, kafka_partition, kafka_offset) ",
-        );
-        sql.push_values(chunk, |mut row, r| {
-            row.push_bind(r.id.as_str())
-                .push_bind(r.stream.as_str())
-                .push_bind(r.stream_type.as_str())
-                .push_bind(r.event_type.as_str())
-                .push_bind(r.version as i64)
-                // Not JSON on purpose for a malformed row: the reader reads it alone and
-                // reports it, with the marker header's reason.
-                .push_bind(r.payload.clone().unwrap_or_else(|| "!".to_owned()))
-                .push_bind(r.headers.as_str())
-                .push_bind(r.timestamp_ms)
-                .push_bind(r.topic)
-                .push_bind(r.partition)
-                .push_bind(r.offset);
-        });
-        sql.push(" RETURNING position");
-        let positions: Vec<i64> = sql
-            .build_query_scalar()
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_err("writing Kafka messages to the outbox"))?;
-        last = positions.into_iter().max().or(last);
-    }
-    let now = now_ms();
-    for range in &batch.partitions {
-        sqlx::query(
-            "INSERT INTO kafka_offsets (group_id, topic, partition, next_offset, updated_at) \
-             VALUES (?, ?, ?, ?, ?) ON CONFLICT (group_id, topic, partition) \
-             DO UPDATE SET next_offset = excluded.next_offset, updated_at = excluded.updated_at",
-        )
-        .bind(group)
-        .bind(&range.topic)
-        .bind(range.partition)
-        .bind(range.to)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err("moving a Kafka offset"))?;
-    }
-    tx.commit()
-        .await
-        .map_err(db_err("committing a Kafka batch"))?;
+    let (written, last) = db
+        .writer
+        .immediate(false, "writing a Kafka batch", |tx| {
+            write_batch(tx, group, batch)
+        })
+        .await?;
     if let Some(last) = last {
         head.send_if_modified(|h| {
             let moved = last as u64 > *h;
@@ -196,4 +91,124 @@ pub(crate) async fn write(
         });
     }
     Ok(written)
+}
+
+/// The statements of [`write`]: what was written, and the last position written.
+fn write_batch(
+    tx: &rusqlite::Connection,
+    group: &str,
+    batch: &Batch,
+) -> Result<(Written, Option<i64>), SourceError> {
+    let failed = |context: &'static str| SourceError::sqlite(context);
+    // The fence: every partition must still be where this consumer found it.
+    let mut fenced = Vec::new();
+    for range in &batch.partitions {
+        let stored: Option<i64> = tx
+            .prepare_cached(
+                "SELECT next_offset FROM kafka_offsets WHERE group_id = ? AND topic = ? AND partition = ?",
+            )
+            .and_then(|mut s| {
+                s.query_row((group, range.topic.as_str(), range.partition), |r| r.get(0))
+                    .optional()
+            })
+            .map_err(failed("reading a Kafka offset"))?;
+        if let Some(stored) = stored.filter(|stored| *stored != range.from) {
+            fenced.push((range.topic.clone(), range.partition, stored));
+        }
+    }
+    if !fenced.is_empty() {
+        let written = Written {
+            fenced,
+            ..Written::default()
+        };
+        return Ok((written, None));
+    }
+    // Current versions of the streams, and which ids exist already.
+    let (streams, ids) = touched(batch, str::to_owned);
+    let mut versions: HashMap<String, u64> = HashMap::new();
+    for chunk in streams.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "SELECT stream, MAX(version) FROM outbox WHERE stream IN ({}) GROUP BY stream",
+            lent::placeholders(chunk.len())
+        );
+        let context = "reading stream versions";
+        let mut statement = tx.prepare_cached(&sql).map_err(failed(context))?;
+        let mut rows = statement
+            .query(rusqlite::params_from_iter(chunk))
+            .map_err(failed(context))?;
+        while let Some(row) = rows.next().map_err(failed(context))? {
+            let stream: String = row.get(0).map_err(failed(context))?;
+            let version = row.get::<_, i64>(1).unwrap_or(0).max(0) as u64;
+            versions.insert(stream, version);
+        }
+    }
+    let mut seen: HashSet<String> = HashSet::new();
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "SELECT id FROM outbox WHERE id IN ({})",
+            lent::placeholders(chunk.len())
+        );
+        let context = "checking event ids";
+        let mut statement = tx.prepare_cached(&sql).map_err(failed(context))?;
+        let mut rows = statement
+            .query(rusqlite::params_from_iter(chunk))
+            .map_err(failed(context))?;
+        while let Some(row) = rows.next().map_err(failed(context))? {
+            seen.insert(row.get(0).map_err(failed(context))?);
+        }
+    }
+    let (rows, written) = plan(batch, &mut versions, &mut seen, str::to_owned);
+    let mut last = None;
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO outbox (id, stream, stream_type, event_type, version, payload, headers, \
+             timestamp_ms, kafka_topic, kafka_partition, kafka_offset) VALUES {} RETURNING position",
+            lent::values(&format!("({})", lent::placeholders(11)), chunk.len())
+        );
+        let mut args: Args<'_> = Vec::with_capacity(chunk.len() * 11);
+        for r in chunk {
+            args.extend([
+                lent::text(r.id.as_str()),
+                lent::text(r.stream.as_str()),
+                lent::text(r.stream_type.as_str()),
+                lent::text(r.event_type.as_str()),
+                lent::int(r.version as i64),
+                // Not JSON on purpose for a malformed row: the reader reads it alone and
+                // reports it, with the marker header's reason.
+                lent::text(r.payload.as_deref().unwrap_or("!")),
+                lent::text(r.headers.as_str()),
+                lent::int(r.timestamp_ms),
+                lent::text(r.topic),
+                lent::int(i64::from(r.partition)),
+                lent::int(r.offset),
+            ]);
+        }
+        let context = "writing Kafka messages to the outbox";
+        let mut statement = tx.prepare_cached(&sql).map_err(failed(context))?;
+        let mut positions = statement
+            .query(rusqlite::params_from_iter(&args))
+            .map_err(failed(context))?;
+        while let Some(row) = positions.next().map_err(failed(context))? {
+            let position: i64 = row.get(0).map_err(failed(context))?;
+            last = Some(last.map_or(position, |l: i64| l.max(position)));
+        }
+    }
+    let now = now_ms();
+    for range in &batch.partitions {
+        lent::execute::<SourceError>(
+            tx,
+            "INSERT INTO kafka_offsets (group_id, topic, partition, next_offset, updated_at) \
+             VALUES (?, ?, ?, ?, ?) ON CONFLICT (group_id, topic, partition) \
+             DO UPDATE SET next_offset = excluded.next_offset, updated_at = excluded.updated_at",
+            &[
+                lent::text(group),
+                lent::text(range.topic.as_str()),
+                lent::int(i64::from(range.partition)),
+                lent::int(range.to),
+                lent::int(now),
+            ],
+            "moving a Kafka offset",
+        )?;
+    }
+    Ok((written, last))
 }

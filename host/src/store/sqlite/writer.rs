@@ -1,5 +1,5 @@
-//! Write transactions on the hot path (an append group, a batch's commit) run on a write
-//! connection the store opens itself, on the calling thread.
+//! Write transactions on the hot path (an append group, a batch's commit, a Kafka batch taken
+//! into the outbox) run on a write connection the store opens itself, on the calling thread.
 //!
 //! Lending sqlx's write connection ([`super::lent`]) wakes its worker thread twice a
 //! transaction, and under live load there are two such transactions an append. sqlx keeps its
