@@ -1359,13 +1359,11 @@ impl Store for Sqlite {
                         "SELECT key, {DOC_JSON}, version, updated_at FROM \"{table}\" WHERE key IN ({})",
                         lent::placeholders(chunk.len())
                     );
-                    let mut statement = db.prepare_cached(&sql).map_err(StoreError::sqlite(&context))?;
-                    let mut rows = statement
-                        .query(rusqlite::params_from_iter(chunk))
-                        .map_err(StoreError::sqlite(&context))?;
-                    while let Some(row) = rows.next().map_err(StoreError::sqlite(&context))? {
+                    let args = rusqlite::params_from_iter(chunk);
+                    lent::for_each_row::<StoreError>(db, &sql, args, &context, |row| {
                         found.push(document_from_sqlite(row, &context)?);
-                    }
+                        Ok(())
+                    })?;
                 }
                 Ok(found)
             })

@@ -131,16 +131,13 @@ fn write_batch(
             "SELECT stream, MAX(version) FROM outbox WHERE stream IN ({}) GROUP BY stream",
             lent::placeholders(chunk.len())
         );
-        let context = "reading stream versions";
-        let mut statement = tx.prepare_cached(&sql).map_err(failed(context))?;
-        let mut rows = statement
-            .query(rusqlite::params_from_iter(chunk))
-            .map_err(failed(context))?;
-        while let Some(row) = rows.next().map_err(failed(context))? {
-            let stream: String = row.get(0).map_err(failed(context))?;
+        let args = rusqlite::params_from_iter(chunk);
+        lent::for_each_row::<SourceError>(tx, &sql, args, "reading stream versions", |row| {
+            let stream: String = row.get(0).map_err(failed("reading stream versions"))?;
             let version = row.get::<_, i64>(1).unwrap_or(0).max(0) as u64;
             versions.insert(stream, version);
-        }
+            Ok(())
+        })?;
     }
     let mut seen: HashSet<String> = HashSet::new();
     for chunk in ids.chunks(ROWS_PER_STATEMENT) {
@@ -148,14 +145,11 @@ fn write_batch(
             "SELECT id FROM outbox WHERE id IN ({})",
             lent::placeholders(chunk.len())
         );
-        let context = "checking event ids";
-        let mut statement = tx.prepare_cached(&sql).map_err(failed(context))?;
-        let mut rows = statement
-            .query(rusqlite::params_from_iter(chunk))
-            .map_err(failed(context))?;
-        while let Some(row) = rows.next().map_err(failed(context))? {
-            seen.insert(row.get(0).map_err(failed(context))?);
-        }
+        let args = rusqlite::params_from_iter(chunk);
+        lent::for_each_row::<SourceError>(tx, &sql, args, "checking event ids", |row| {
+            seen.insert(row.get(0).map_err(failed("checking event ids"))?);
+            Ok(())
+        })?;
     }
     let (rows, written) = plan(batch, &mut versions, &mut seen, str::to_owned);
     let mut last = None;
@@ -184,14 +178,12 @@ fn write_batch(
             ]);
         }
         let context = "writing Kafka messages to the outbox";
-        let mut statement = tx.prepare_cached(&sql).map_err(failed(context))?;
-        let mut positions = statement
-            .query(rusqlite::params_from_iter(&args))
-            .map_err(failed(context))?;
-        while let Some(row) = positions.next().map_err(failed(context))? {
+        let args = rusqlite::params_from_iter(&args);
+        lent::for_each_row::<SourceError>(tx, &sql, args, context, |row| {
             let position: i64 = row.get(0).map_err(failed(context))?;
             last = Some(last.map_or(position, |l: i64| l.max(position)));
-        }
+            Ok(())
+        })?;
     }
     let now = now_ms();
     for range in &batch.partitions {

@@ -46,6 +46,23 @@ pub(crate) fn execute<E: DbError>(
         .map_err(E::sqlite(context))
 }
 
+/// Runs the query `sql` (prepared once per connection) with `args`, handing each row to
+/// `each`; the first error ends it.
+pub(crate) fn for_each_row<E: DbError>(
+    db: &Connection,
+    sql: &str,
+    args: impl rusqlite::Params,
+    context: &str,
+    mut each: impl FnMut(&rusqlite::Row<'_>) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut statement = db.prepare_cached(sql).map_err(E::sqlite(context))?;
+    let mut rows = statement.query(args).map_err(E::sqlite(context))?;
+    while let Some(row) = rows.next().map_err(E::sqlite(context))? {
+        each(row)?;
+    }
+    Ok(())
+}
+
 /// `rows` copies of `row` (`"(?, ?, 1)"`), for a multi-row `VALUES`.
 pub(crate) fn values(row: &str, rows: usize) -> String {
     let mut sql = String::with_capacity((row.len() + 2) * rows);
